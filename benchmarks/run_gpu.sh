@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build, GPU tests, memcheck, benchmarks.
+# Usage: bash benchmarks/run_gpu.sh [build] [test] [memcheck] [bench] [bench-quick]
+# Logs go to $OUT (or ./out when OUT is unset).
+set -uo pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+stages=${*:-build test memcheck bench}
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv; python3 -c "import torch,sys;print(sys.version);print('torch',torch.__version__,torch.version.cuda)"; nvcc --version | tail -1; } 2>&1 | tee "$OUT/env.log"
+for s in $stages; do
+  case $s in
+  build)
+    t0=$(date +%s)
+    # the image's default g++ wrapper links its own libstdc++ statically into _C.so,
+    # which breaks torch's error formatting: build with the system compiler
+    CC=/usr/bin/gcc CXX=/usr/bin/g++ KVSPARSE_CUDA=1 KVSPARSE_CUDA_ARCH=${KVSPARSE_CUDA_ARCH:-90} MAX_JOBS=16 \
+      python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
+      || { tail -60 "$OUT/build.log"; echo BUILD FAILED; exit 1; }
+    python3 -c "import kvsparse; print('kvsparse cuda:', kvsparse.has_cuda())"
+    echo "build: $(( $(date +%s) - t0 )) s" ;;
+  test)
+    python3 -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
+  memcheck)
+    timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      python3 -m pytest -q -m gpu tests/test_quest.py -p no:cacheprovider >"$OUT/memcheck.log" 2>&1
+    echo "memcheck exit: $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -5 ;;
+  bench)
+    python3 benchmarks/bench_quest.py --out "$OUT" 2>&1 | tee "$OUT/bench_quest.log" | grep -v "^|" | tail -5 ;;
+  bench-quick)
+    python3 benchmarks/bench_quest.py --quick --no-cpu --out "$OUT" 2>&1 | tee "$OUT/bench_quest.log" | tail -30 ;;
+  esac
+done

@@ -1,0 +1,204 @@
+"""Quest: query-aware page selection for sparse decode attention.
+
+The KV cache of every sequence is cut into pages of ``page_size`` consecutive
+tokens: page ``p`` holds tokens ``[p*P, min((p+1)*P, len))`` and a sequence of
+length ``len`` has ``ceil(len / P)`` pages; pages past that are *empty*. For
+every page Quest keeps the channel-wise minimum and maximum of the keys
+(``kmin``/``kmax``). At decode time it bounds each page's attention logit by
+``sum_d max(q_d * kmin_d, q_d * kmax_d)``, keeps the best pages within a token
+budget (always including the last, partially filled page) and runs exact
+attention over the kept tokens only.
+
+Shapes (all tensors contiguous, on one device):
+
+==========  =========================  =======================================
+q           [B, H, D]                  decode query, float32/float16/bfloat16
+k, v        [B, Hkv, cap, D]           KV cache, same dtype as q
+kmin, kmax  [B, Hkv, max_pages, D]     page metadata, same dtype as k;
+                                       max_pages = ceil(cap / page_size)
+seq_lens    [B] int32                  valid tokens per sequence, in [0, cap]
+scores      [B, Hs, max_pages] float32 Hs = Hkv ("group") or H ("head")
+page_idx    [B, Hs, n_sel] int32       selected pages, ascending, -1 padded
+==========  =========================  =======================================
+
+``H`` must be a multiple of ``Hkv`` (grouped-query attention): query head ``h``
+reads KV head ``h // (H // Hkv)``. Head dim ``D`` must be a multiple of 8 up to
+256 on CPU, and 64 or 128 on CUDA.
+
+On CPU the values of ``seq_lens``/``start_lens``/``page_idx`` are validated; on
+CUDA they are trusted (checking them would need a host sync and break CUDA
+graphs) and the kernels clamp them.
+"""
+import math
+
+import torch
+
+from . import _ops
+
+__all__ = [
+    "page_metadata",
+    "update_metadata",
+    "page_scores",
+    "select_pages",
+    "sparse_attention",
+    "attention",
+]
+
+_MODES = ("group", "head")
+
+
+def _group_flag(mode):
+    if not isinstance(mode, str) or mode not in _MODES:
+        raise ValueError(f"kvsparse: mode must be 'group' or 'head', got {mode!r}")
+    return mode == "group"
+
+
+def _scale(q, scale):
+    if scale is None:
+        if q.dim() < 1 or q.shape[-1] == 0:
+            raise ValueError(f"kvsparse: q must be [B, H, D] with D > 0, got shape {tuple(q.shape)}")
+        return 1.0 / math.sqrt(q.shape[-1])
+    return float(scale)
+
+
+def page_metadata(k, seq_lens, page_size=16):
+    """Build the per-page key min/max metadata of a whole KV cache.
+
+    Args:
+        k: keys ``[B, Hkv, cap, D]``, float32/float16/bfloat16.
+        seq_lens: ``[B]`` int32, valid tokens per sequence (``0 <= len <= cap``).
+        page_size: tokens per page ``P`` (>= 1).
+
+    Returns:
+        ``(kmin, kmax)``, each ``[B, Hkv, ceil(cap / P), D]`` in ``k``'s dtype:
+        the channel-wise min / max of ``k`` over the valid tokens of each page
+        (the last page of a sequence may be partial; only tokens ``< len``
+        count). Pages with no valid token (at or past ``ceil(len / P)``) are
+        zeros.
+    """
+    return _ops.ops.quest_page_metadata(k, seq_lens, int(page_size))
+
+
+def update_metadata(k, kmin, kmax, start_lens, seq_lens, page_size=16):
+    """Update ``kmin``/``kmax`` in place after tokens were appended to the cache.
+
+    The tokens ``[start_lens[b], seq_lens[b])`` of sequence ``b`` are new.
+    Only the pages they touch (from page ``start_lens[b] // P`` on) are
+    recomputed from ``k``, and the empty pages after them are zeroed; earlier
+    pages are left as they are. After the call ``kmin``/``kmax`` equal what
+    :func:`page_metadata` would return for ``seq_lens`` (provided they were
+    up to date for ``start_lens``).
+
+    Args:
+        k: keys ``[B, Hkv, cap, D]`` already holding the new tokens.
+        kmin, kmax: ``[B, Hkv, ceil(cap / P), D]``, same dtype as ``k``;
+            modified in place.
+        start_lens: ``[B]`` int32, lengths before the append
+            (``0 <= start_lens[b] <= seq_lens[b]``).
+        seq_lens: ``[B]`` int32, lengths after the append (``<= cap``).
+        page_size: tokens per page ``P``.
+
+    Returns:
+        None.
+    """
+    _ops.ops.quest_update_metadata(k, kmin, kmax, start_lens, seq_lens, int(page_size))
+
+
+def page_scores(q, kmin, kmax, seq_lens, page_size=16, mode="group"):
+    """Quest upper-bound score of every page.
+
+    ``score[b, h, p] = sum_d max(q[b,h,d] * kmin[b,hk,p,d], q[b,h,d] * kmax[b,hk,p,d])``
+    with ``hk = h // (H // Hkv)``, accumulated in float32. Empty pages
+    (``p >= ceil(seq_lens[b] / P)``) score ``-inf``.
+
+    Args:
+        q: query ``[B, H, D]``.
+        kmin, kmax: page metadata ``[B, Hkv, max_pages, D]``, q's dtype.
+        seq_lens: ``[B]`` int32 (``<= max_pages * P``).
+        page_size: tokens per page ``P``.
+        mode: ``"head"``: one row per query head (``Hs = H``); ``"group"``:
+            one row per KV head (``Hs = Hkv``), the sum of the scores of the
+            ``H // Hkv`` query heads sharing it (empty pages stay ``-inf``).
+
+    Returns:
+        float32 ``[B, Hs, max_pages]``.
+    """
+    return _ops.ops.quest_page_scores(q, kmin, kmax, seq_lens, int(page_size), _group_flag(mode))
+
+
+def select_pages(scores, seq_lens, page_size=16, token_budget=2048):
+    """Choose the pages to attend to from their scores.
+
+    With ``n_sel = min(token_budget // P, max_pages)`` and
+    ``np = ceil(seq_lens[b] / P)``, for each row ``(b, r)``:
+    if ``np <= n_sel`` all pages ``0 .. np-1`` are kept; otherwise the last
+    page ``np-1`` plus the ``n_sel - 1`` highest-scoring pages among
+    ``0 .. np-2`` (ties go to the lower page index).
+
+    Args:
+        scores: float32 ``[B, Hs, max_pages]`` (from :func:`page_scores`).
+        seq_lens: ``[B]`` int32 (``<= max_pages * P``).
+        page_size: tokens per page ``P``.
+        token_budget: tokens to keep per row (>= ``page_size``).
+
+    Returns:
+        int32 ``[B, Hs, n_sel]``: kept page indices in ascending order, the
+        rest of the row ``-1`` (a sequence of length 0 gives a row of ``-1``).
+    """
+    return _ops.ops.quest_select_pages(scores, seq_lens, int(page_size), int(token_budget))
+
+
+def sparse_attention(q, k, v, page_idx, seq_lens, page_size=16, scale=None):
+    """Exact decode attention restricted to selected pages.
+
+    ``out[b,h] = softmax_t(scale * q[b,h] . k[b,hk,t]) @ v[b,hk,t]`` over the
+    tokens ``t`` of the pages in ``page_idx[b, r(h)]`` (``-1`` entries skipped,
+    tokens ``t >= seq_lens[b]`` masked), where ``r(h) = h`` when
+    ``page_idx`` has ``H`` rows and ``h // (H // Hkv)`` when it has ``Hkv``
+    rows. Accumulates in float32 with a numerically stable softmax; a row
+    that sees no token gives zeros.
+
+    Args:
+        q: ``[B, H, D]``.
+        k, v: ``[B, Hkv, cap, D]``, q's dtype.
+        page_idx: int32 ``[B, Hs, n_sel]``, ``Hs`` in ``{H, Hkv}``; each value
+            ``-1`` or in ``[0, ceil(cap / P))``.
+        seq_lens: ``[B]`` int32 in ``[0, cap]``.
+        page_size: tokens per page ``P``.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[B, H, D]`` in q's dtype.
+    """
+    return _ops.ops.quest_sparse_attention(q, k, v, page_idx, seq_lens, int(page_size), _scale(q, scale))
+
+
+def attention(q, k, v, kmin, kmax, seq_lens, page_size=16, token_budget=2048, mode="group", scale=None):
+    """Fused Quest decode attention: scores, selection and sparse attention.
+
+    Same result as ``sparse_attention(q, k, v, select_pages(page_scores(q,
+    kmin, kmax, seq_lens, page_size, mode), seq_lens, page_size,
+    token_budget), seq_lens, page_size, scale)`` without materialising the
+    intermediates. When ``token_budget >= seq_lens[b]`` every page is kept and
+    the result is dense attention over the valid prefix.
+
+    Args:
+        q: ``[B, H, D]``.
+        k, v: ``[B, Hkv, cap, D]``, q's dtype.
+        kmin, kmax: ``[B, Hkv, ceil(cap / P), D]``, q's dtype, up to date for
+            ``seq_lens`` (see :func:`page_metadata`, :func:`update_metadata`).
+        seq_lens: ``[B]`` int32 in ``[0, cap]``.
+        page_size: tokens per page ``P``.
+        token_budget: tokens attended per row (>= ``page_size``); the number of
+            pages kept is ``min(token_budget // P, ceil(cap / P))``.
+        mode: ``"group"`` (one page set per KV head) or ``"head"`` (one per
+            query head).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[B, H, D]`` in q's dtype.
+    """
+    group = _group_flag(mode)
+    return _ops.ops.quest_attention(
+        q, k, v, kmin, kmax, seq_lens, int(page_size), int(token_budget), group, _scale(q, scale)
+    )
