@@ -20,9 +20,9 @@ for s in $stages; do
     python3 -c "import kvsparse; print('kvsparse cuda:', kvsparse.has_cuda())"
     echo "build: $(( $(date +%s) - t0 )) s" ;;
   test)
-    python3 -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
+    python3 -m pytest -q ${TESTS:-tests} -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
   memcheck)
-    timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    timeout ${MEMCHECK_TIMEOUT:-400} compute-sanitizer --tool memcheck --error-exitcode 9 \
       python3 -m pytest -q -m gpu tests/test_quest.py -p no:cacheprovider >"$OUT/memcheck.log" 2>&1
     echo "memcheck exit: $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -5 ;;
   bench)
