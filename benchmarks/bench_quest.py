@@ -99,6 +99,15 @@ def time_eager(fns, reps=30, warmup=5):
     return statistics.median(ts) / len(fns)
 
 
+def n_copies(S, Hkv, D, budget, elem=2):
+    """Cache copies to rotate over so that neither dense (all of K and V) nor
+    Quest (metadata + selected pages) can serve repeated calls from the 50 MB
+    L2: at least 512 MiB of K/V and 256 MiB of Quest reads across the copies."""
+    kv = 2 * S * Hkv * D * elem
+    sparse = 2 * Hkv * (S // P) * D * elem + 2 * Hkv * budget * D * elem
+    return max(1, math.ceil((512 << 20) / kv), math.ceil((256 << 20) / sparse))
+
+
 def torch_quest(q, k, v, kmin, kmax, length, budget, group=True):
     """Plain-PyTorch Quest for one sequence of `length` tokens (B=1)."""
     B, H, D = q.shape
@@ -143,7 +152,7 @@ def gpu_table(quick=False):
     for Hkv in (32, 8):
         for S in lens:
             kv_bytes = 2 * S * Hkv * D * 2
-            nbuf = max(1, math.ceil((512 << 20) / kv_bytes))  # > 10x L2 across copies
+            nbuf = n_copies(S, Hkv, D, min(b for b in budgets if b < S))
             R = max(nbuf, 8)
             torch.manual_seed(S + Hkv)
             bufs = []

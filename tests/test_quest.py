@@ -552,3 +552,20 @@ def test_cuda_matches_cpu_kernels():
     o = quest.attention(q, k, v, kmin, kmax, sl, P, 96)
     o_c = quest.attention(q.cuda(), k.cuda(), v.cuda(), kmin_c, kmax_c, sl.cuda(), P, 96)
     _assert_close(o_c, o.double(), torch.float16, "cuda vs cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and kvsparse built with CUDA")
+@pytest.mark.parametrize("max_pages", [700, 1900, 3000, 7000, 12000, 20000])
+def test_cuda_select_large_matches_cpu(max_pages):
+    """The GPU selection has a register-resident path per size class (up to 16K
+    candidate pages) and a streaming path beyond: all must pick what the CPU picks."""
+    g = torch.Generator().manual_seed(max_pages)
+    B, Hs, Pg = 2, 3, 1
+    scores = torch.randn(B, Hs, max_pages, generator=g)
+    scores[0, 0, 10:60] = 2.5  # exact ties straddling the threshold
+    lens = torch.tensor([max_pages, max_pages * 2 // 3 + 1], dtype=torch.int32)
+    for budget in (1, 64, 1000):
+        want = quest.select_pages(scores, lens, Pg, budget)
+        got = quest.select_pages(scores.cuda(), lens.cuda(), Pg, budget)
+        assert torch.equal(got.cpu(), want), f"budget {budget}"

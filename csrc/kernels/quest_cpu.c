@@ -52,13 +52,20 @@ static inline float ks_bound(const float *q, const float *lo, const float *hi, i
 
 #define KS_MD_CHUNK 256
 
+/* Work (in multiply-adds or element visits) below which a kernel runs on the
+ * calling thread: forking a team costs tens of microseconds, more when the
+ * cores are busy, which is more than a decode-sized step takes serially. */
+#define KS_PAR_MIN ((int64_t)1 << 17)
+
 void ks_quest_metadata_cpu(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
                            int64_t D, const int32_t *start_lens, const int32_t *seq_lens,
                            int64_t page_size, int64_t max_pages, void *kmin, void *kmax)
 {
     const int64_t P = page_size;
     int64_t b, h, p;
-#pragma omp parallel for collapse(3) schedule(static)
+    /* a full build touches every token; an append only a page or two per head */
+    const int64_t work = start_lens ? B * Hkv * max_pages : B * Hkv * max_pages * P * D;
+#pragma omp parallel for collapse(3) schedule(static) if (work >= KS_PAR_MIN)
     for (b = 0; b < B; b++)
         for (h = 0; h < Hkv; h++)
             for (p = 0; p < max_pages; p++) {
@@ -111,7 +118,7 @@ static float *ks_q_to_f32(const void *q, ks_dtype dt, int64_t n)
     int64_t r, chunk = 4096, nchunks = (n + chunk - 1) / chunk;
     if (!qf)
         return NULL;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= KS_PAR_MIN)
     for (r = 0; r < nchunks; r++) {
         int64_t s = r * chunk, e = s + chunk < n ? s + chunk : n;
         ks_load_row(ks_cptr(q, dt, s), dt, e - s, qf + s);
@@ -126,7 +133,7 @@ static void ks_scores_impl(const float *qf, const void *kmin, const void *kmax, 
 {
     const int64_t G = H / Hkv;
     int64_t b, hk, p;
-#pragma omp parallel
+#pragma omp parallel if (B * H * max_pages * D >= KS_PAR_MIN)
     {
         float *lo = NULL, *hi = NULL;
         if (dt != KS_F32) {
@@ -246,7 +253,7 @@ void ks_quest_select_cpu(const float *scores, int64_t B, int64_t Hs, int64_t max
                          int32_t *page_idx)
 {
     int64_t b, r;
-#pragma omp parallel
+#pragma omp parallel if (B * Hs * max_pages * 8 >= KS_PAR_MIN)
     {
         int32_t *heap = (int32_t *)malloc((size_t)(n_sel > 0 ? n_sel : 1) * sizeof(int32_t));
 #pragma omp for collapse(2) schedule(static)
@@ -308,7 +315,7 @@ void ks_quest_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dt
     const int64_t G = H / Hkv, P = page_size;
     const int64_t nh = (Hs == H) ? 1 : G; /* query heads per selection row */
     int64_t b, r;
-#pragma omp parallel
+#pragma omp parallel if (B * H * n_sel * P * D * 2 >= KS_PAR_MIN)
     {
         /* qf, acc: nh*D each; kbuf, vbuf: D each; sbuf: nh*P; m, l: nh each */
         float *buf = (float *)malloc((size_t)(2 * nh * D + 2 * D + nh * P + 2 * nh) *

@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <math_constants.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "quest.h"
 
@@ -27,6 +28,16 @@ constexpr float kLog2e = 1.4426950408889634f;
 // ---------------------------------------------------------------- loads ----
 template <typename T> struct Vec8;
 template <> struct Vec8<float> {
+  struct Raw { float4 a, b; };
+  static __device__ __forceinline__ void load_raw(const float *p, Raw &r) {
+    r.a = __ldg(reinterpret_cast<const float4 *>(p));
+    r.b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
+  }
+  static __device__ __forceinline__ void zero_raw(Raw &r) { r.a = r.b = make_float4(0.f, 0.f, 0.f, 0.f); }
+  static __device__ __forceinline__ void cvt(const Raw &r, float f[8]) {
+    f[0] = r.a.x; f[1] = r.a.y; f[2] = r.a.z; f[3] = r.a.w;
+    f[4] = r.b.x; f[5] = r.b.y; f[6] = r.b.z; f[7] = r.b.w;
+  }
   static __device__ __forceinline__ void load(const float *p, float f[8]) {
     float4 a = __ldg(reinterpret_cast<const float4 *>(p));
     float4 b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
@@ -39,6 +50,19 @@ template <> struct Vec8<float> {
   }
 };
 template <> struct Vec8<__half> {
+  typedef uint4 Raw;
+  static __device__ __forceinline__ void load_raw(const __half *p, Raw &r) {
+    r = __ldg(reinterpret_cast<const uint4 *>(p));
+  }
+  static __device__ __forceinline__ void zero_raw(Raw &r) { r = make_uint4(0, 0, 0, 0); }
+  static __device__ __forceinline__ void cvt(const Raw &r, float f[8]) {
+    const __half2 *h = reinterpret_cast<const __half2 *>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float2 x = __half22float2(h[i]);
+      f[2 * i] = x.x; f[2 * i + 1] = x.y;
+    }
+  }
   static __device__ __forceinline__ void load(const __half *p, float f[8]) {
     uint4 u = __ldg(reinterpret_cast<const uint4 *>(p));
     const __half2 *h = reinterpret_cast<const __half2 *>(&u);
@@ -57,6 +81,19 @@ template <> struct Vec8<__half> {
   }
 };
 template <> struct Vec8<__nv_bfloat16> {
+  typedef uint4 Raw;
+  static __device__ __forceinline__ void load_raw(const __nv_bfloat16 *p, Raw &r) {
+    r = __ldg(reinterpret_cast<const uint4 *>(p));
+  }
+  static __device__ __forceinline__ void zero_raw(Raw &r) { r = make_uint4(0, 0, 0, 0); }
+  static __device__ __forceinline__ void cvt(const Raw &r, float f[8]) {
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float2 x = __bfloat1622float2(h[i]);
+      f[2 * i] = x.x; f[2 * i + 1] = x.y;
+    }
+  }
   static __device__ __forceinline__ void load(const __nv_bfloat16 *p, float f[8]) {
     uint4 u = __ldg(reinterpret_cast<const uint4 *>(p));
     const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&u);
@@ -85,6 +122,21 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 }
 
 __device__ __forceinline__ int n_pages_of(int len, int P) { return (len + P - 1) / P; }
+
+// Programmatic dependent launch (Hopper): a kernel launched with the PDL
+// attribute may start while its predecessor is still running; it must wait
+// here before reading what the predecessor writes. Without the attribute (or
+// below sm_90) both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 __device__ __forceinline__ int clamp_len(const int32_t *seq_lens, int b, int64_t cap) {
   int len = seq_lens[b];
@@ -133,7 +185,9 @@ __global__ void metadata_kernel(const T *__restrict__ k, int64_t cap, const int3
 // --------------------------------------------------------------- scores ----
 // One thread block covers SC_PAGES_PER_BLOCK pages of one (b, kv head).
 constexpr int SC_THREADS = 256;
-constexpr int SC_PPT = 4;  // pages per thread
+// pages per thread, their min/max loads all in flight together (8 for 16-bit
+// types was tried: the compiler then needs ~175 registers and occupancy drops)
+template <typename T> __host__ __device__ constexpr int sc_ppt() { return 4; }
 
 template <typename T, int D, int MAXG>
 __global__ void __launch_bounds__(SC_THREADS)
@@ -157,28 +211,34 @@ scores_kernel(const T *__restrict__ q, const T *__restrict__ kmin, const T *__re
       for (int i = 0; i < 8; ++i) qv[g][i] = 0.f;
     }
   }
+  constexpr int SC_PPT = sc_ppt<T>();
   const int p0 = blockIdx.x * (PPS * SC_PPT) + sub;
   const size_t meta_row = ((size_t)b * Hkv + hk) * max_pages;
-  float mn[SC_PPT][8], mx[SC_PPT][8];
+  typename Vec8<T>::Raw mnr[SC_PPT], mxr[SC_PPT];
 #pragma unroll
   for (int j = 0; j < SC_PPT; ++j) {
     const int p = p0 + j * PPS;
     if (p < np) {
-      Vec8<T>::load(kmin + (meta_row + p) * D + lane_c * 8, mn[j]);
-      Vec8<T>::load(kmax + (meta_row + p) * D + lane_c * 8, mx[j]);
+      Vec8<T>::load_raw(kmin + (meta_row + p) * D + lane_c * 8, mnr[j]);
+      Vec8<T>::load_raw(kmax + (meta_row + p) * D + lane_c * 8, mxr[j]);
+    } else {
+      Vec8<T>::zero_raw(mnr[j]);
+      Vec8<T>::zero_raw(mxr[j]);
     }
   }
+  pdl_launch_dependents();  // the selection may get ready while pages are scored
 #pragma unroll
   for (int j = 0; j < SC_PPT; ++j) {
     const int p = p0 + j * PPS;
     float part[MAXG];
+    float mn[8], mx[8];
+    Vec8<T>::cvt(mnr[j], mn);
+    Vec8<T>::cvt(mxr[j], mx);
 #pragma unroll
     for (int g = 0; g < MAXG; ++g) {
       float s = 0.f;
-      if (p < np) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) s += fmaxf(qv[g][i] * mn[j][i], qv[g][i] * mx[j][i]);
-      }
+      for (int i = 0; i < 8; ++i) s += fmaxf(qv[g][i] * mn[i], qv[g][i] * mx[i]);
       part[g] = s;
     }
     if (group_mode) {
@@ -248,6 +308,7 @@ select_kernel(const float *__restrict__ scores, int max_pages, const int32_t *se
   const int b = blockIdx.y, r = blockIdx.x, Hs = gridDim.x;
   const size_t row = (size_t)b * Hs + r;
   if (counters && threadIdx.x == 0) counters[row] = 0;  // for the attention that follows
+  pdl_wait();  // scores come from the previous kernel
   const float *sc = scores + row * max_pages;
   int32_t *out = page_idx + row * n_sel;
   const int len = clamp_len(seq_lens, b, cap);
@@ -257,6 +318,7 @@ select_kernel(const float *__restrict__ scores, int max_pages, const int32_t *se
     for (int i = threadIdx.x; i < n_sel; i += blockDim.x) out[i] = i < np ? i : -1;
     return;
   }
+  pdl_launch_dependents();
   const int m = np - 1;       // candidates 0..m-1; page m is always taken
   const int K = n_sel - 1;    // how many candidates to take (K < m)
   if (threadIdx.x == 0) out[n_sel - 1] = m;
@@ -268,9 +330,22 @@ select_kernel(const float *__restrict__ scores, int max_pages, const int32_t *se
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < m; i += blockDim.x) {
-      uint32_t key = order_key(sc[i]);
-      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xFF], 1);
+    // warp-aggregated histogram: scores of similar magnitude share their top
+    // bits, so plain shared atomics would serialise on one or two bins
+    for (int base = 0; base < m; base += blockDim.x) {
+      const int i = base + threadIdx.x;
+      bool act = false;
+      int bin = 0;
+      if (i < m) {
+        const uint32_t key = order_key(sc[i]);
+        act = (key & mask) == prefix;
+        bin = (key >> shift) & 0xFF;
+      }
+      const unsigned am = __ballot_sync(0xffffffffu, act);
+      if (act) {
+        const unsigned peers = __match_any_sync(am, bin);
+        if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+      }
     }
     __syncthreads();
     // suffix sums over bins: thread t < 256 handles bin 255 - t
@@ -306,6 +381,147 @@ select_kernel(const float *__restrict__ scores, int max_pages, const int32_t *se
   }
 }
 
+// Register-resident variant for up to SEL_THREADS * ITEMS candidate pages:
+// every score is read once (all loads in flight together), and the four
+// radix passes and the compaction run from registers. Thread t owns the
+// contiguous candidates [t*ITEMS, (t+1)*ITEMS), so one block scan of per-thread
+// counts yields positions in index order.
+template <int ITEMS>
+__global__ void __launch_bounds__(SEL_THREADS)
+select_reg_kernel(const float *__restrict__ scores, int max_pages, const int32_t *seq_lens, int P,
+                  int64_t cap, int n_sel, int32_t *__restrict__ page_idx, int *counters) {
+  __shared__ int hist[256];
+  __shared__ int scan_smem[64];
+  __shared__ uint32_t s_prefix;
+  __shared__ int s_need;
+  const int b = blockIdx.y, r = blockIdx.x, Hs = gridDim.x;
+  const size_t row = (size_t)b * Hs + r;
+  if (counters && threadIdx.x == 0) counters[row] = 0;  // for the attention that follows
+  pdl_wait();  // scores come from the previous kernel
+  const float *sc = scores + row * max_pages;
+  int32_t *out = page_idx + row * n_sel;
+  const int len = clamp_len(seq_lens, b, cap);
+  const int np = n_pages_of(len, P);
+  if (np <= n_sel) {
+    for (int i = threadIdx.x; i < n_sel; i += blockDim.x) out[i] = i < np ? i : -1;
+    return;
+  }
+  const int m = np - 1, K = n_sel - 1;
+  if (threadIdx.x == 0) out[n_sel - 1] = m;
+  if (K == 0) return;
+  const int i0 = threadIdx.x * ITEMS;
+  uint32_t key[ITEMS];
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) key[j] = (i0 + j < m) ? order_key(__ldg(sc + i0 + j)) : 0u;
+  pdl_launch_dependents();
+
+  uint32_t prefix = 0, mask = 0;
+  int need = K;
+  const int lane = threadIdx.x & 31;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < ITEMS; ++j) {
+      const bool act = (i0 + j < m) && (key[j] & mask) == prefix;
+      const int bin = (key[j] >> shift) & 0xFF;
+      const unsigned am = __ballot_sync(0xffffffffu, act);
+      if (act) {
+        const unsigned peers = __match_any_sync(am, bin);
+        if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+      }
+    }
+    __syncthreads();
+    const int t = threadIdx.x;
+    const int v = t < 256 ? hist[255 - t] : 0;
+    int total;
+    const int excl = block_exclusive_scan(v, scan_smem, &total);
+    if (t < 256 && excl < need && excl + v >= need) {
+      s_prefix = prefix | ((uint32_t)(255 - t) << shift);
+      s_need = need - excl;
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    need = s_need;
+    mask |= 0xFFu << shift;
+  }
+  int n_eq = 0;
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) n_eq += (i0 + j < m && key[j] == prefix) ? 1 : 0;
+  int tot;
+  int eq_rank = block_exclusive_scan(n_eq, scan_smem, &tot);
+  int take_flags = 0, n_take = 0;
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) {
+    const bool valid = i0 + j < m;
+    const bool eq = valid && key[j] == prefix;
+    const bool take = valid && (key[j] > prefix || (eq && eq_rank < need));
+    eq_rank += eq ? 1 : 0;
+    if (take) { take_flags |= 1 << j; ++n_take; }
+  }
+  int pos = block_exclusive_scan(n_take, scan_smem, &tot);
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j)
+    if (take_flags & (1 << j)) out[pos++] = i0 + j;
+}
+
+// Launch with the PDL attribute where the device supports it (sm_90+).
+// KVSPARSE_NO_PDL=1 in the environment turns it off (for A/B timing).
+bool pdl_enabled() {
+  static int env = -1;
+  if (env < 0) {
+    const char *e = getenv("KVSPARSE_NO_PDL");
+    env = (e && e[0] && e[0] != '0') ? 0 : 1;
+  }
+  if (!env) return false;
+  static int cache[64] = {0};  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (!cache[dev]) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cache[dev] = major >= 9 ? 2 : 1;
+  }
+  return cache[dev] == 2;
+}
+
+template <typename... KArgs, typename... Args>
+void launch_kernel(bool pdl, void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t st,
+                   Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
+
+// Picks the register-resident select for up to 16K candidate pages, else the
+// general one that streams the scores from L2 on every pass.
+void launch_select(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
+                   const int32_t *seq_lens, int64_t P, int64_t cap, int64_t n_sel, int32_t *pidx,
+                   int *counters, cudaStream_t st, bool pdl) {
+  dim3 grid((unsigned)Hs, (unsigned)B);
+  const int64_t m = max_pages;  // upper bound on the candidates of any row
+#define KS_SEL(IT)                                                                           \
+  launch_kernel(pdl, select_reg_kernel<IT>, grid, dim3(SEL_THREADS), st, scores, (int)max_pages,  \
+                seq_lens, (int)P, cap, (int)n_sel, pidx, counters)
+  if (m <= SEL_THREADS * 1) KS_SEL(1);
+  else if (m <= SEL_THREADS * 2) KS_SEL(2);
+  else if (m <= SEL_THREADS * 4) KS_SEL(4);
+  else if (m <= SEL_THREADS * 8) KS_SEL(8);
+  else if (m <= SEL_THREADS * 16) KS_SEL(16);
+  else
+    launch_kernel(pdl, select_kernel, grid, dim3(SEL_THREADS), st, scores, (int)max_pages,
+                  seq_lens, (int)P, cap, (int)n_sel, pidx, counters);
+#undef KS_SEL
+}
+
 // ------------------------------------------------------------ attention ----
 constexpr int AT_WARPS = 4;
 constexpr int AT_U = 4;  // load steps in flight per warp
@@ -318,6 +534,8 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
             float *__restrict__ part, int *counters, T *__restrict__ out) {
   constexpr int LPT = D / 8;        // lanes per token
   constexpr int TPS = 32 / LPT;     // tokens per warp step
+  // load steps in flight: 16 tokens of fp16/bf16 (a whole default page at D=128)
+  constexpr int U = (sizeof(T) == 2 && MAXG <= 4) ? 8 : AT_U;
   const int b = blockIdx.z, r = blockIdx.y, Hs = gridDim.y, split = blockIdx.x;
   const int nsplit = gridDim.x;
   const int G = H / Hkv;
@@ -349,6 +567,7 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
   }
 
   const size_t kv_base = ((size_t)b * Hkv + hk) * cap;
+  pdl_wait();  // page indices and counters come from the selection kernel
   const int32_t *pidx = page_idx + ((size_t)b * Hs + r) * n_sel;
   const int e_begin = split * pages_per_split;
   const int e_end = min(n_sel, e_begin + pages_per_split);
@@ -357,35 +576,42 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
     if (p < 0) continue;
     const int t_begin = p * P;
     const int t_end = min(t_begin + P, len);
-    for (int t0 = t_begin; t0 < t_end; t0 += TPS * AT_U) {
-      float kx[AT_U][8], vx[AT_U][8];
+    for (int t0 = t_begin; t0 < t_end; t0 += TPS * U) {
+      // issue every K and V load of this chunk before the first use
+      typename Vec8<T>::Raw kr[U], vr[U];
 #pragma unroll
-      for (int u = 0; u < AT_U; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int t = t0 + u * TPS + sub;
         if (t < t_end) {
-          Vec8<T>::load(k + (kv_base + t) * D + c * 8, kx[u]);
-          Vec8<T>::load(v + (kv_base + t) * D + c * 8, vx[u]);
+          Vec8<T>::load_raw(k + (kv_base + t) * D + c * 8, kr[u]);
+          Vec8<T>::load_raw(v + (kv_base + t) * D + c * 8, vr[u]);
         } else {
+          Vec8<T>::zero_raw(kr[u]);
+          Vec8<T>::zero_raw(vr[u]);
+        }
+      }
+      float s[MAXG][U];
 #pragma unroll
-          for (int i = 0; i < 8; ++i) kx[u][i] = vx[u][i] = 0.f;
+      for (int u = 0; u < U; ++u) {
+        float kx[8];
+        Vec8<T>::cvt(kr[u], kx);
+        const int t = t0 + u * TPS + sub;
+#pragma unroll
+        for (int g = 0; g < MAXG; ++g) {
+          float d = 0.f;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) d = fmaf(qv[g][i], kx[i], d);
+#pragma unroll
+          for (int o = LPT / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+          s[g][u] = t < t_end ? d : -CUDART_INF_F;
         }
       }
 #pragma unroll
       for (int g = 0; g < MAXG; ++g) {
         if (g >= qh) break;
-        float s[AT_U];
         float smax = -CUDART_INF_F;
 #pragma unroll
-        for (int u = 0; u < AT_U; ++u) {
-          float d = 0.f;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) d = fmaf(qv[g][i], kx[u][i], d);
-#pragma unroll
-          for (int o = LPT / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-          const int t = t0 + u * TPS + sub;
-          s[u] = t < t_end ? d : -CUDART_INF_F;
-          smax = fmaxf(smax, s[u]);
-        }
+        for (int u = 0; u < U; ++u) smax = fmaxf(smax, s[g][u]);
         const float mnew = fmaxf(mrun[g], smax);
         if (mnew == -CUDART_INF_F) continue;  // nothing valid yet
         const float corr = exp2f(mrun[g] - mnew);
@@ -393,11 +619,13 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[g][i] *= corr;
 #pragma unroll
-        for (int u = 0; u < AT_U; ++u) {
-          const float pr = exp2f(s[u] - mnew);
+        for (int u = 0; u < U; ++u) {
+          const float pr = exp2f(s[g][u] - mnew);
           lrun[g] += pr;
+          float vx[8];
+          Vec8<T>::cvt(vr[u], vx);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(pr, vx[u][i], acc[g][i]);
+          for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(pr, vx[i], acc[g][i]);
         }
         mrun[g] = mnew;
       }
@@ -474,28 +702,71 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
   if (!s_last) return;
   __threadfence();
   const float *row_part = part + ((size_t)b * Hs + r) * nsplit * (size_t)MAXG * (D + 2);
-  for (int idx = threadIdx.x; idx < qh * D; idx += blockDim.x) {
-    const int g = idx / D, d = idx % D;
+  constexpr int MAXS = 64;  // splits merged through shared memory at a time
+  __shared__ float s_w[MAXS][MAXG];
+  __shared__ float s_M[MAXG];
+  // global max per query head (each warp computes it; thread 0 stores it)
+  for (int g = 0; g < qh; ++g) {
     float M = -CUDART_INF_F;
-    for (int s = 0; s < nsplit; ++s)
-      M = fmaxf(M, __ldcg(row_part + ((size_t)s * MAXG + g) * (D + 2) + D));
-    float L = 0.f, A = 0.f;
-    if (M != -CUDART_INF_F) {
-      for (int s = 0; s < nsplit; ++s) {
-        const float *ps = row_part + ((size_t)s * MAXG + g) * (D + 2);
-        const float ms = __ldcg(ps + D);
-        if (ms == -CUDART_INF_F) continue;
-        const float cw = exp2f(ms - M);
-        L += __ldcg(ps + D + 1) * cw;
-        A += __ldcg(ps + d) * cw;
+    for (int sp = lane; sp < nsplit; sp += 32)
+      M = fmaxf(M, __ldcg(row_part + ((size_t)sp * MAXG + g) * (D + 2) + D));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    if (threadIdx.x == 0) s_M[g] = M;
+  }
+  __syncthreads();
+  // weights of the splits, chunk by chunk; every thread accumulates its
+  // (g, d) outputs (at most MAXG of them: blockDim * MAXG >= qh * D)
+  __shared__ float s_L[MAXG];
+  if (threadIdx.x < MAXG) s_L[threadIdx.x] = 0.f;
+  float A[MAXG];
+#pragma unroll
+  for (int it = 0; it < MAXG; ++it) A[it] = 0.f;
+  for (int c0 = 0; c0 < nsplit; c0 += MAXS) {
+    const int nc = min(MAXS, nsplit - c0);
+    __syncthreads();
+    for (int i = threadIdx.x; i < nc * qh; i += blockDim.x) {
+      const int sp = i / qh, gg = i % qh;
+      const float *ps = row_part + ((size_t)(c0 + sp) * MAXG + gg) * (D + 2);
+      const float ms = __ldcg(ps + D);
+      s_w[sp][gg] = (ms == -CUDART_INF_F) ? 0.f : exp2f(ms - s_M[gg]);
+    }
+    __syncthreads();
+    if (threadIdx.x < qh) {
+      float L = 0.f;
+      for (int sp = 0; sp < nc; ++sp)
+        L = fmaf(s_w[sp][threadIdx.x],
+                 __ldcg(row_part + ((size_t)(c0 + sp) * MAXG + threadIdx.x) * (D + 2) + D + 1), L);
+      s_L[threadIdx.x] += L;
+    }
+#pragma unroll
+    for (int it = 0; it < MAXG; ++it) {
+      const int idx = it * blockDim.x + threadIdx.x;
+      if (idx < qh * D) {
+        const int g = idx / D, d = idx % D;
+        float acc_it = 0.f;
+#pragma unroll 8
+        for (int sp = 0; sp < nc; ++sp)
+          acc_it = fmaf(s_w[sp][g], __ldcg(row_part + ((size_t)(c0 + sp) * MAXG + g) * (D + 2) + d), acc_it);
+        A[it] += acc_it;
       }
     }
-    out[((size_t)b * H + h0 + g) * D + d] = from_float<T>(L > 0.f ? A / L : 0.f);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int it = 0; it < MAXG; ++it) {
+    const int idx = it * blockDim.x + threadIdx.x;
+    if (idx < qh * D) {
+      const int g = idx / D, d = idx % D;
+      const float L = s_L[g];
+      out[((size_t)b * H + h0 + g) * D + d] = from_float<T>(L > 0.f ? A[it] / L : 0.f);
+    }
   }
   if (threadIdx.x == 0) counters[(size_t)b * Hs + r] = 0;  // ready for reuse
 }
 
 // ---------------------------------------------------------- dispatching ----
+
 int maxg_bucket(int g) { return g <= 1 ? 1 : g <= 2 ? 2 : g <= 4 ? 4 : g <= 8 ? 8 : 16; }
 
 int attn_pages_per_split(int64_t B, int64_t Hs, int64_t n_sel) {
@@ -512,16 +783,16 @@ template <typename T, int D>
 int launch_attn_t(const void *q, const void *k, const void *v, int64_t B, int64_t H, int64_t Hkv,
                   int64_t cap, const int32_t *page_idx, int64_t Hs, int64_t n_sel,
                   const int32_t *seq_lens, int64_t P, float scale, float *part, int *counters,
-                  void *out, cudaStream_t st) {
+                  void *out, cudaStream_t st, bool pdl) {
   const int qh = (Hs == H) ? 1 : (int)(H / Hkv);
   const int pps = attn_pages_per_split(B, Hs, n_sel);
   const int nsplit = (int)((n_sel + pps - 1) / pps);
   dim3 grid(nsplit, (unsigned)Hs, (unsigned)B);
   const float sl = scale * kLog2e;
 #define KS_ATTN(MG)                                                                            \
-  attn_kernel<T, D, MG><<<grid, AT_WARPS * 32, 0, st>>>(                                       \
-      (const T *)q, (const T *)k, (const T *)v, (int)H, (int)Hkv, cap, page_idx, (int)n_sel,   \
-      seq_lens, (int)P, sl, pps, part, counters, (T *)out)
+  launch_kernel(pdl, attn_kernel<T, D, MG>, grid, dim3(AT_WARPS * 32), st, (const T *)q,       \
+                (const T *)k, (const T *)v, (int)H, (int)Hkv, cap, page_idx, (int)n_sel,       \
+                seq_lens, (int)P, sl, pps, part, counters, (T *)out)
   switch (maxg_bucket(qh)) {
     case 1: KS_ATTN(1); break;
     case 2: KS_ATTN(2); break;
@@ -537,13 +808,13 @@ template <typename T>
 int launch_attn(int64_t D, const void *q, const void *k, const void *v, int64_t B, int64_t H,
                 int64_t Hkv, int64_t cap, const int32_t *page_idx, int64_t Hs, int64_t n_sel,
                 const int32_t *seq_lens, int64_t P, float scale, float *part, int *counters,
-                void *out, cudaStream_t st) {
+                void *out, cudaStream_t st, bool pdl) {
   if (D == 64)
     return launch_attn_t<T, 64>(q, k, v, B, H, Hkv, cap, page_idx, Hs, n_sel, seq_lens, P, scale,
-                                part, counters, out, st);
+                                part, counters, out, st, pdl);
   if (D == 128)
     return launch_attn_t<T, 128>(q, k, v, B, H, Hkv, cap, page_idx, Hs, n_sel, seq_lens, P, scale,
-                                 part, counters, out, st);
+                                 part, counters, out, st, pdl);
   return (int)cudaErrorInvalidValue;
 }
 
@@ -551,7 +822,7 @@ template <typename T, int D>
 int launch_scores_t(const void *q, const void *kmin, const void *kmax, int64_t B, int64_t H,
                     int64_t Hkv, int64_t max_pages, const int32_t *seq_lens, int64_t P,
                     int64_t cap, int group_mode, float *scores, cudaStream_t st) {
-  constexpr int PPB = (SC_THREADS / (D / 8)) * SC_PPT;
+  constexpr int PPB = (SC_THREADS / (D / 8)) * sc_ppt<T>();
   const int G = (int)(H / Hkv);
   dim3 grid((unsigned)((max_pages + PPB - 1) / PPB), (unsigned)Hkv, (unsigned)B);
 #define KS_SC(MG)                                                                              \
@@ -634,10 +905,8 @@ int ks_quest_select_cuda(const float *scores, int64_t B, int64_t Hs, int64_t max
                          const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
                          int32_t *page_idx, void *stream) {
   if (B == 0 || Hs == 0 || n_sel == 0) return 0;
-  dim3 grid((unsigned)Hs, (unsigned)B);
-  select_kernel<<<grid, SEL_THREADS, 0, (cudaStream_t)stream>>>(
-      scores, (int)max_pages, seq_lens, (int)page_size, max_pages * page_size, (int)n_sel,
-      page_idx, nullptr);
+  launch_select(scores, B, Hs, max_pages, seq_lens, page_size, max_pages * page_size, n_sel,
+                page_idx, nullptr, (cudaStream_t)stream, false);
   return (int)cudaGetLastError();
 }
 
@@ -663,7 +932,7 @@ int ks_quest_sparse_attn_cuda(const void *q, const void *k, const void *v, ks_dt
   cudaError_t e = cudaMemsetAsync(counters, 0, (size_t)B * Hs * sizeof(int), st);
   if (e != cudaSuccess) return (int)e;
   return KS_DISPATCH(dt, launch_attn, D, q, k, v, B, H, Hkv, cap, page_idx, Hs, n_sel, seq_lens,
-                     page_size, scale, part, counters, out, st);
+                     page_size, scale, part, counters, out, st, false);
 }
 
 size_t ks_quest_decode_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t D,
@@ -694,13 +963,12 @@ int ks_quest_decode_cuda(const void *q, const void *k, const void *v, const void
   int rc = KS_DISPATCH(dt, launch_scores, D, q, kmin, kmax, B, H, Hkv, max_pages, seq_lens,
                        page_size, cap, group_mode, scores, st);
   if (rc) return rc;
-  dim3 grid((unsigned)Hs, (unsigned)B);
-  select_kernel<<<grid, SEL_THREADS, 0, st>>>(scores, (int)max_pages, seq_lens, (int)page_size,
-                                              cap, (int)n_sel, pidx, counters);
+  const bool pdl = pdl_enabled();
+  launch_select(scores, B, Hs, max_pages, seq_lens, page_size, cap, n_sel, pidx, counters, st, pdl);
   rc = (int)cudaGetLastError();
   if (rc) return rc;
   return KS_DISPATCH(dt, launch_attn, D, q, k, v, B, H, Hkv, cap, pidx, Hs, n_sel, seq_lens,
-                     page_size, scale, part, counters, out, st);
+                     page_size, scale, part, counters, out, st, pdl);
 }
 
 }  // extern "C"

@@ -14,9 +14,36 @@ __version__ = "0.1.0"
 __all__ = ["quest", "has_cuda", "__version__"]
 
 
+
 def has_cuda() -> bool:
     """True when the CUDA kernels were compiled into ``kvsparse._C``.
 
     (Whether a GPU is present at run time is ``torch.cuda.is_available()``.)
     """
     return _ops.with_cuda
+
+
+from . import config  # noqa: F401,E402
+from .config import QuestConfig, make_config  # noqa: E402
+
+# Hugging Face integration (needs transformers): imported on first use, so
+# that `import kvsparse` works without transformers installed.
+_LAZY = {
+    "patch": "hf", "unpatch": "hf", "patched": "hf", "make_cache": "hf",
+    "QuestCache": "cache", "hf": None, "cache": None, "models": None,
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        sub = _LAZY[name]
+        mod = importlib.import_module(f".{sub or name}", __name__)
+        value = mod if sub is None else getattr(mod, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ += ["QuestConfig", "make_config", "patch", "unpatch", "patched", "make_cache", "QuestCache", "models"]

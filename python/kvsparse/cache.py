@@ -1,0 +1,418 @@
+"""A Hugging Face ``Cache`` holding the KV cache in the layout of the Quest ops.
+
+Each layer keeps
+
+* ``keys`` / ``values``: ``[B, Hkv, capacity, D]`` buffers, contiguous;
+* ``seq_lens``: int32 ``[B]`` on the device, the number of valid tokens of
+  each sequence; sequence ``b`` occupies slots ``[0, seq_lens[b])``;
+* ``kmin`` / ``kmax``: ``[B, Hkv, ceil(capacity / P), D]``, the Quest page
+  metadata, updated incrementally (only the touched pages) on each append.
+
+Left padding: at prefill the tokens of each sequence that are not padding are
+stored compacted at the front of its buffer (the keys already carry their
+rotary position, and attention does not depend on the order of the keys), so
+padding is never attended afterwards and ``seq_lens[b]`` counts real tokens.
+Decode appends each sequence's new token at slot ``seq_lens[b]`` (a scatter
+with tensor indices: no host synchronisation) and increments ``seq_lens``.
+
+Two layer kinds:
+
+* :class:`QuestDynamicLayer` (``max_cache_len=None``): buffers grow in chunks
+  of ``chunk_size`` tokens, doubling the capacity when full; never a
+  per-token concatenation of the whole cache.
+* :class:`QuestStaticLayer` (``max_cache_len=N``): buffers allocated once
+  (static shapes and addresses, ``is_compileable = True``), as transformers'
+  ``StaticLayer``; the decode step can run under ``torch.compile``.
+
+Prefill protocol (with the patched attention of :mod:`kvsparse.hf`): for a
+multi-token update the layer only records the new key/value states
+(``pending``) and returns them unchanged, so that the model's dense attention
+runs on exactly what it would have seen without the patch; the attention
+function then calls :meth:`QuestCacheLayer.commit` with the per-token
+validity read from the attention mask, which compacts the tokens into the
+buffers and updates the metadata. A pending prefill that was never committed
+is committed as "all tokens valid" by the next update.
+
+Use this cache only with a model patched by :func:`kvsparse.patch`: its
+decode ``update`` returns the whole buffers, whose valid part is described by
+``seq_lens`` rather than by the attention mask.
+"""
+import warnings
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import quest
+from .config import QuestConfig
+
+__all__ = ["QuestCacheLayer", "QuestDynamicLayer", "QuestStaticLayer", "QuestCache", "cache_geometry"]
+
+
+def _round_up(x, m):
+    return (x + m - 1) // m * m
+
+
+def _is_compiling():
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return False
+
+
+class QuestCacheLayer(CacheLayerMixin):
+    """Shared logic of the Quest cache layers (see the module docstring)."""
+
+    is_sliding = False
+    is_croppable = False
+    is_compileable = False
+
+    def __init__(self, page_size=16, chunk_size=256, **kwargs):
+        super().__init__()
+        if page_size < 1:
+            raise ValueError(f"kvsparse: page_size must be >= 1, got {page_size}")
+        self.page_size = int(page_size)
+        self.chunk_size = _round_up(max(int(chunk_size), 1), self.page_size)
+        self.capacity = 0
+        self.seq_lens = None
+        self.kmin = None
+        self.kmax = None
+        self.pending = None
+        #: number of buffer (re)allocations, for tests and diagnostics
+        self.num_allocations = 0
+
+    def __repr__(self):
+        return f"{type(self).__name__}(page_size={self.page_size}, capacity={self.capacity})"
+
+    # ----------------------------------------------------------------- setup
+    def lazy_initialization(self, key_states, value_states):
+        if key_states.shape[-1] != value_states.shape[-1]:
+            raise ValueError(
+                "kvsparse: keys and values must have the same head dim, got "
+                f"{key_states.shape[-1]} and {value_states.shape[-1]}"
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.head_dim = key_states.shape[-1]
+        self.seq_lens = torch.zeros(self.batch_size, dtype=torch.int32, device=self.device)
+        self.is_initialized = True
+
+    def _allocate(self, capacity):
+        """(Re)allocate the buffers at ``capacity`` tokens, keeping the content."""
+        B, H, D = self.batch_size, self.num_heads, self.head_dim
+        pages = -(-capacity // self.page_size)
+        keys = torch.zeros((B, H, capacity, D), dtype=self.dtype, device=self.device)
+        values = torch.zeros_like(keys)
+        kmin = torch.zeros((B, H, pages, D), dtype=self.dtype, device=self.device)
+        kmax = torch.zeros_like(kmin)
+        if self.capacity > 0:
+            old_cap, old_pages = self.capacity, self.kmin.shape[2]
+            keys[:, :, :old_cap].copy_(self.keys)
+            values[:, :, :old_cap].copy_(self.values)
+            kmin[:, :, :old_pages].copy_(self.kmin)
+            kmax[:, :, :old_pages].copy_(self.kmax)
+        self.keys, self.values, self.kmin, self.kmax = keys, values, kmin, kmax
+        self.capacity = capacity
+        self.num_allocations += 1
+
+    # ---------------------------------------------------------------- lengths
+    def tokens_seen(self):
+        """Host int: token columns processed so far, padding included (an upper
+        bound of ``seq_lens``). May synchronise (static layers)."""
+        raise NotImplementedError
+
+    def _advance(self, n):
+        raise NotImplementedError
+
+    def _reserve(self, needed):
+        """Make room for ``needed`` tokens per sequence (host-side decision)."""
+        raise NotImplementedError
+
+    def _reserve_decode(self):
+        """Make room for one more token per sequence, without synchronising."""
+        raise NotImplementedError
+
+    @property
+    def num_pages(self):
+        return 0 if self.kmin is None else self.kmin.shape[2]
+
+    # ---------------------------------------------------------------- update
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.pending is not None:
+            warnings.warn(
+                "kvsparse: a QuestCache prefill was never committed: is the model patched "
+                "(kvsparse.patch)? Treating every token as valid.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.commit(None)
+        if key_states.shape[-2] == 1:
+            return self._append_one(key_states, value_states)
+        # Multi-token update (prefill): record it; the attention function
+        # commits it with the validity of each token.
+        self.pending = (key_states, value_states)
+        return key_states, value_states
+
+    def _append_one(self, key_states, value_states):
+        """Decode: append one token per sequence at slot ``seq_lens[b]``."""
+        self._reserve_decode()
+        B, H, _, D = key_states.shape
+        pos = self.seq_lens.to(torch.int64)
+        if self.is_compileable:
+            # never write out of bounds (a full static cache overwrites its last slot)
+            pos = pos.clamp(max=self.capacity - 1)
+        idx = pos.view(B, 1, 1, 1).expand(B, H, 1, D)
+        # the cache is inference-only: never keep autograd history in the buffers
+        self.keys.scatter_(2, idx, key_states.detach().to(self.dtype))
+        self.values.scatter_(2, idx, value_states.detach().to(self.dtype))
+        new_lens = self.seq_lens + 1
+        if self.is_compileable:
+            new_lens = new_lens.clamp(max=self.capacity)
+        quest.update_metadata(self.keys, self.kmin, self.kmax, self.seq_lens, new_lens, self.page_size)
+        self.seq_lens.copy_(new_lens)
+        self._advance(1)
+        return self.keys, self.values
+
+    def commit(self, valid=None):
+        """Store the pending multi-token update, compacting out invalid tokens.
+
+        Args:
+            valid: ``None`` (every token is valid) or bool ``[B, L]``, True
+                for the tokens to keep (not padding).
+
+        Returns:
+            ``(start_lens, seen_before)``: int32 ``[B]`` lengths before the
+            append (a copy) and the host int :meth:`tokens_seen` before it.
+            Without a pending update: a no-op returning the current values.
+        """
+        if self.pending is None:  # nothing pending (e.g. a one-token update): no-op
+            if not self.is_initialized:
+                raise RuntimeError("kvsparse: commit() on an empty cache layer")
+            return self.seq_lens.clone(), self.tokens_seen()
+        k, v = self.pending
+        self.pending = None
+        B, H, L, D = k.shape
+        seen = self.tokens_seen()
+        self._reserve(seen + L)
+        k = k.detach().to(self.dtype)
+        v = v.detach().to(self.dtype)
+        if valid is None:
+            counts = torch.full((B,), L, dtype=torch.int32, device=self.device)
+        else:
+            valid = valid.to(device=self.device, dtype=torch.bool)
+            if valid.shape != (B, L):
+                raise ValueError(f"kvsparse: valid must be [{B}, {L}], got {tuple(valid.shape)}")
+            # stable sort: the valid tokens first, in their original order
+            order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+            gidx = order.view(B, 1, L, 1).expand(B, H, L, D)
+            k = k.gather(2, gidx)
+            v = v.gather(2, gidx)
+            counts = valid.sum(dim=1, dtype=torch.int32)
+        start = self.seq_lens.clone()
+        if seen == 0:
+            self.keys[:, :, :L].copy_(k)
+            self.values[:, :, :L].copy_(v)
+        else:
+            # slots start[b] .. start[b] + L - 1 (<= seen + L - 1 < capacity);
+            # those past start[b] + counts[b] hold padding, beyond seq_lens
+            pos = start.to(torch.int64).view(B, 1) + torch.arange(L, device=self.device)
+            sidx = pos.view(B, 1, L, 1).expand(B, H, L, D)
+            self.keys.scatter_(2, sidx, k)
+            self.values.scatter_(2, sidx, v)
+        new_lens = start + counts
+        quest.update_metadata(self.keys, self.kmin, self.kmax, start, new_lens, self.page_size)
+        self.seq_lens.copy_(new_lens)
+        self._advance(L)
+        return start, seen
+
+    # ------------------------------------------------------ Cache API bits
+    def get_seq_length(self):
+        raise NotImplementedError
+
+    def reset(self):
+        self.pending = None
+        if self.is_initialized:
+            self.seq_lens.zero_()
+            if self.capacity > 0:
+                self.keys.zero_()
+                self.values.zero_()
+                self.kmin.zero_()
+                self.kmax.zero_()
+
+    def _batch_tensors(self):
+        return ("keys", "values", "kmin", "kmax", "seq_lens")
+
+    def _map_batch(self, fn, in_place):
+        if not self.is_initialized:
+            return
+        if self.pending is not None:
+            self.commit(None)
+        for name in self._batch_tensors():
+            t = getattr(self, name)
+            if t is None:
+                continue
+            new = fn(t)
+            if in_place:
+                t.copy_(new)
+            else:
+                setattr(self, name, new.contiguous())
+        self.batch_size = self.seq_lens.shape[0]
+
+    def reorder_cache(self, beam_idx):
+        idx = beam_idx.to(self.device) if self.is_initialized else beam_idx
+        self._map_batch(lambda t: t.index_select(0, idx), in_place=self.is_compileable)
+
+    def batch_repeat_interleave(self, repeats):
+        if self.is_compileable:
+            raise NotImplementedError("kvsparse: a static cache cannot change its batch size")
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0), in_place=False)
+
+    def batch_select_indices(self, indices):
+        if self.is_compileable:
+            raise NotImplementedError("kvsparse: a static cache cannot change its batch size")
+        self._map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices], in_place=False)
+
+    def crop(self, tokens_to_remove):
+        raise NotImplementedError("kvsparse: the Quest cache cannot be cropped (tokens are stored compacted)")
+
+    def offload(self):
+        raise NotImplementedError("kvsparse: cache offloading is not supported")
+
+    def prefetch(self):
+        raise NotImplementedError("kvsparse: cache offloading is not supported")
+
+
+class QuestDynamicLayer(QuestCacheLayer):
+    """Quest cache layer whose buffers grow in chunks (doubling when full)."""
+
+    is_compileable = False
+
+    def __init__(self, page_size=16, chunk_size=256, **kwargs):
+        super().__init__(page_size=page_size, chunk_size=chunk_size)
+        self._seen = 0
+
+    def tokens_seen(self):
+        return self._seen
+
+    def _advance(self, n):
+        self._seen += n
+
+    def _reserve(self, needed):
+        if needed <= self.capacity:
+            return
+        new_cap = _round_up(max(needed, 2 * self.capacity), self.chunk_size)
+        self._allocate(new_cap)
+
+    def _reserve_decode(self):
+        self._reserve(self._seen + 1)
+
+    def get_seq_length(self):
+        return self._seen
+
+    def get_mask_sizes(self, query_length):
+        return self._seen + query_length, 0
+
+    def get_max_length(self):
+        return -1
+
+    def reset(self):
+        super().reset()
+        self._seen = 0
+
+
+class QuestStaticLayer(QuestCacheLayer):
+    """Quest cache layer preallocated at ``max_cache_len`` tokens (compileable)."""
+
+    is_compileable = True
+
+    def __init__(self, max_cache_len, page_size=16, chunk_size=256, **kwargs):
+        super().__init__(page_size=page_size, chunk_size=chunk_size)
+        if max_cache_len is None or int(max_cache_len) < 1:
+            raise ValueError(f"kvsparse: max_cache_len must be >= 1, got {max_cache_len}")
+        self.max_cache_len = int(max_cache_len)
+        # a tensor (as in StaticLayer): changing it must not trigger recompilation
+        self.cumulative_length = torch.tensor(0, dtype=torch.int64)
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        self._allocate(_round_up(self.max_cache_len, self.page_size))
+        if not _is_compiling():
+            for t in (self.keys, self.values, self.kmin, self.kmax, self.seq_lens, self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+
+    def tokens_seen(self):
+        return int(self.cumulative_length) if self.is_initialized else 0
+
+    def _reserve_decode(self):
+        pass  # no host check while decoding (it would synchronise); writes are clamped
+
+    def _advance(self, n):
+        self.cumulative_length.add_(n)
+
+    def _reserve(self, needed):
+        if needed > self.capacity:
+            raise ValueError(
+                f"kvsparse: the static cache holds {self.max_cache_len} tokens per sequence, "
+                f"{needed} needed; use a larger max_cache_len"
+            )
+
+    def get_seq_length(self):
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length):
+        return self.max_cache_len, 0
+
+    def get_max_length(self):
+        return self.max_cache_len
+
+    def reset(self):
+        super().reset()
+        self.cumulative_length.zero_()
+
+
+def cache_geometry(model_config):
+    """``(num_layers, num_kv_heads, head_dim)`` of a decoder config."""
+    cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    num_layers = cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return num_layers, kv_heads, head_dim
+
+
+class QuestCache(Cache):
+    """A transformers ``Cache`` with one Quest layer per decoder layer.
+
+    Args:
+        num_layers: number of decoder layers (or pass ``model_config``).
+        config: a :class:`~kvsparse.config.QuestConfig` (page size, chunk
+            size, default ``max_cache_len``).
+        max_cache_len: overrides ``config.max_cache_len``; an int makes every
+            layer static (preallocated, compileable).
+        model_config: a transformers config to take ``num_layers`` from.
+    """
+
+    def __init__(self, num_layers=None, config=None, max_cache_len=None, model_config=None):
+        config = QuestConfig() if config is None else config
+        if num_layers is None:
+            if model_config is None:
+                raise ValueError("kvsparse: QuestCache needs num_layers or model_config")
+            num_layers = cache_geometry(model_config)[0]
+        if max_cache_len is None:
+            max_cache_len = config.max_cache_len
+        self.config = config
+        if max_cache_len is None:
+            layers = [QuestDynamicLayer(config.page_size, config.chunk_size) for _ in range(num_layers)]
+        else:
+            layers = [QuestStaticLayer(max_cache_len, config.page_size, config.chunk_size) for _ in range(num_layers)]
+        super().__init__(layers=layers)
+
+    @property
+    def page_size(self):
+        return self.config.page_size
+
+    def __repr__(self):
+        kind = "static" if self.is_compileable else "dynamic"
+        return f"QuestCache({kind}, layers={len(self.layers)}, config={self.config!r})"

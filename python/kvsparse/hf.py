@@ -1,0 +1,374 @@
+"""Drop-in Quest decode attention for Hugging Face LLaMA-family models.
+
+    model = AutoModelForCausalLM.from_pretrained(...)
+    kvsparse.patch(model, method="quest", token_budget=1024, page_size=16)
+    out = model.generate(**inputs, max_new_tokens=64)
+    kvsparse.unpatch(model)          # the original attention, bit for bit
+
+    with kvsparse.patched(model, token_budget=512):
+        out = model.generate(**inputs, max_new_tokens=64)
+
+How it plugs into transformers (5.x):
+
+* An attention function is registered with transformers' ``AttentionInterface``
+  (and the matching mask function with ``AttentionMaskInterface``) under the
+  name ``"kvsparse"`` (``"kvsparse_<impl>"`` when the model's original
+  implementation is not ``sdpa``), and the model is switched to it with
+  ``model.set_attn_implementation``. ``unpatch`` switches back.
+* A ``forward_pre_hook(with_kwargs=True)`` on each attention module forwards
+  the layer's cache (``past_key_values``) and the config to the attention
+  function as extra keyword arguments (the attention module passes its
+  ``**kwargs`` through). The hook is pure (no state), so it traces under
+  ``torch.compile``.
+* ``model._prepare_cache_for_generation`` is overridden on the instance so
+  that ``generate()`` creates a :class:`~kvsparse.cache.QuestCache` (dynamic;
+  static when ``max_cache_len`` is configured or
+  ``cache_implementation="static"`` is requested). A cache can also be made
+  with :func:`make_cache` and passed as ``past_key_values=``.
+
+The attention function:
+
+* multi-token calls (prefill): the model's original dense attention on the
+  key/value states it was given (exactly what the unpatched model computes);
+  then the cache stores the tokens, compacting out the padding read from the
+  last row of the attention mask. A prefill that continues a non-empty cache
+  attends to the stored (compacted) tokens with a mask built from
+  ``seq_lens``.
+* single-token calls (decode): ``kvsparse.quest.attention`` over the cache
+  buffers. Layers ``< dense_layers`` use the same kernel with a budget that
+  covers the whole buffer, which keeps every page: exact dense attention over
+  ``[0, seq_lens[b])``. No host synchronisation, static shapes.
+* without a kvsparse cache (e.g. ``model(...)`` with the default cache): the
+  original attention.
+
+Sliding windows (Mistral/Qwen2 configs with a window) are applied at prefill
+by the model's mask but not during decode: the Quest cache keeps every token.
+"""
+import contextlib
+import sys
+import types
+import warnings
+
+import torch
+
+from . import quest
+from .cache import QuestCache, QuestCacheLayer, cache_geometry
+from .config import QuestConfig, make_config
+
+__all__ = ["patch", "unpatch", "patched", "is_patched", "make_cache", "supported_models"]
+
+_STATE_ATTR = "_kvsparse_state"
+
+
+# --------------------------------------------------------------------- models
+def _supported_classes():
+    from transformers import (
+        LlamaForCausalLM,
+        LlamaModel,
+        MistralForCausalLM,
+        MistralModel,
+        Qwen2ForCausalLM,
+        Qwen2Model,
+    )
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.models.mistral.modeling_mistral import MistralAttention
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+    models = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, LlamaModel, MistralModel, Qwen2Model)
+    attentions = (LlamaAttention, MistralAttention, Qwen2Attention)
+    return models, attentions
+
+
+def supported_models():
+    """Names of the model classes :func:`patch` accepts (and their subclasses)."""
+    return tuple(c.__name__ for c in _supported_classes()[0])
+
+
+def _check_supported(model):
+    models, _ = _supported_classes()
+    if not isinstance(model, models):
+        raise TypeError(
+            f"kvsparse: {type(model).__name__} is not supported; supported models: "
+            f"{', '.join(supported_models())}"
+        )
+
+
+def _attention_modules(model):
+    _, attentions = _supported_classes()
+    mods = [m for m in model.modules() if isinstance(m, attentions)]
+    if not mods:
+        raise TypeError(f"kvsparse: no supported attention module found in {type(model).__name__}")
+    return mods
+
+
+# ----------------------------------------------------------- attention function
+def _original_attention(impl, module):
+    """The attention function of implementation ``impl`` for ``module``."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if impl == "eager" or impl not in ALL_ATTENTION_FUNCTIONS:
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise RuntimeError(f"kvsparse: no eager attention for {type(module).__name__}")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _valid_from_mask(mask, seen, length, batch):
+    """Bool ``[B, length]``: which of the new tokens (mask columns
+    ``seen .. seen+length-1``) are not padding, from the last query row.
+    ``None`` when every token is valid."""
+    if mask is None or not torch.is_tensor(mask):
+        return None
+    if mask.dim() == 4:
+        row = mask[:, 0, -1, :]
+    elif mask.dim() == 2:  # flash-attention style padding mask [B, kv]
+        row = mask
+    else:
+        return None
+    row = row[:, seen:seen + length]
+    if row.shape[-1] != length:
+        return None
+    if row.dtype != torch.bool:
+        row = row > torch.finfo(row.dtype).min / 2 if row.is_floating_point() else row != 0
+    return row.expand(batch, length)
+
+
+def _continuation_attention(module, query, layer, start, valid, seen, scaling, **kwargs):
+    """A multi-token call on a non-empty cache (a later turn, a prefill
+    chunk): attend to the stored tokens (compacted) and the new ones,
+    causally, with transformers' SDPA attention and an explicit bool mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, _, L, _ = query.shape
+    T = min(seen + L, layer.capacity)
+    if valid is None:
+        upto = torch.arange(1, L + 1, device=query.device, dtype=torch.int32).expand(B, L)
+    else:
+        upto = valid.to(torch.int32).cumsum(dim=1, dtype=torch.int32)
+    limit = (start.view(B, 1) + upto).clamp(min=1)  # [B, L]; >= 1 so no row is empty
+    mask = torch.arange(T, device=query.device).view(1, 1, T) < limit.view(B, L, 1)
+    keys = layer.keys[:, :, :T]
+    values = layer.values[:, :, :T]
+    return sdpa_attention_forward(module, query, keys, values, mask.unsqueeze(1), scaling=scaling, dropout=0.0, **kwargs)
+
+
+def _make_attention_function(impl):
+    def kvsparse_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        cache = kwargs.pop("kvsparse_cache", None)
+        cfg = kwargs.pop("kvsparse_config", None)
+        dense_fn = _original_attention(impl, module)
+        layer = None
+        if isinstance(cache, QuestCache) and cfg is not None and module.layer_idx < len(cache.layers):
+            layer = cache.layers[module.layer_idx]
+        if layer is None or not isinstance(layer, QuestCacheLayer):
+            return dense_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+        if scaling is None:
+            scaling = module.head_dim ** -0.5
+        if query.shape[2] == 1 and layer.pending is None:
+            # decode: the token is already in the buffers
+            q = query.squeeze(2).contiguous()
+            if module.layer_idx < cfg.dense_layers:
+                budget = layer.num_pages * layer.page_size  # every page: dense
+            else:
+                budget = cfg.token_budget
+            out = quest.attention(
+                q, layer.keys, layer.values, layer.kmin, layer.kmax, layer.seq_lens,
+                layer.page_size, budget, cfg.mode, scaling,
+            )
+            return out.unsqueeze(1), None
+
+        # prefill
+        B, _, L, _ = query.shape
+        seen = layer.tokens_seen()
+        valid = _valid_from_mask(attention_mask, seen, L, B)
+        start, seen = layer.commit(valid)
+        if seen == 0:
+            mask = attention_mask
+            if torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[-1] > key.shape[-2]:
+                mask = mask[..., : key.shape[-2]]  # static caches size the mask to max_cache_len
+            return dense_fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+        return _continuation_attention(module, query, layer, start, valid, seen, scaling, **kwargs)
+
+    kvsparse_attention.__name__ = f"kvsparse_attention_{impl}"
+    return kvsparse_attention
+
+
+_REGISTERED = {}
+
+
+def _register(impl):
+    """Register (once) the kvsparse attention wrapping ``impl``; returns its name."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    name = "kvsparse" if impl == "sdpa" else f"kvsparse_{impl}"
+    if name not in _REGISTERED:
+        AttentionInterface.register(name, _make_attention_function(impl))
+        mask_impl = impl if impl in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_impl])
+        _REGISTERED[name] = impl
+    return name
+
+
+def _kvsparse_pre_hook(cfg):
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None and len(args) > 3:
+            cache = args[3]  # forward(hidden_states, position_embeddings, attention_mask, past_key_values)
+        new_kwargs = dict(kwargs)
+        new_kwargs["kvsparse_cache"] = cache
+        new_kwargs["kvsparse_config"] = cfg
+        return args, new_kwargs
+
+    return hook
+
+
+def _set_attn_implementation(model, name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise RuntimeError(
+            f"kvsparse: could not switch {type(model).__name__} to attention implementation {name!r}"
+        )
+
+
+# ------------------------------------------------------------------- caches
+def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=None, device=None):
+    """A :class:`~kvsparse.cache.QuestCache` for ``model``.
+
+    Args:
+        model: a (patched) supported model.
+        batch_size: when given, the buffers are allocated now (with the
+            model's dtype and device, or ``dtype``/``device``); otherwise at
+            the first forward.
+        max_cache_len: an int gives a static (preallocated, compileable)
+            cache of that many tokens per sequence; default
+            ``config.max_cache_len`` (``None``: dynamic, grown in chunks).
+        config: default ``model.kvsparse_config`` (or ``QuestConfig()``).
+
+    Pass it to ``model.generate(..., past_key_values=cache)`` or to the
+    model's forward. The model must be patched for the cache to be read
+    correctly.
+    """
+    if config is None:
+        config = getattr(model, "kvsparse_config", None) or QuestConfig()
+    if not isinstance(config, QuestConfig):
+        raise TypeError(f"kvsparse: make_cache needs a QuestConfig, got {type(config).__name__}")
+    num_layers, kv_heads, head_dim = cache_geometry(model.config)
+    cache = QuestCache(num_layers=num_layers, config=config, max_cache_len=max_cache_len)
+    if batch_size is not None:
+        param = next(model.parameters())
+        cache.early_initialization(
+            batch_size=int(batch_size),
+            num_heads=kv_heads,
+            head_dim=head_dim,
+            dtype=dtype or param.dtype,
+            device=device or param.device,
+        )
+    return cache
+
+
+def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+    """Instance override of ``GenerationMixin._prepare_cache_for_generation``:
+    make ``generate()`` use a Quest cache."""
+    original = type(self)._prepare_cache_for_generation
+    impl = generation_config.cache_implementation
+    if (
+        model_kwargs.get("past_key_values") is not None
+        or generation_config.use_cache is False
+        or impl not in (None, "dynamic", "static")
+    ):
+        return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+    cfg = self.kvsparse_config
+    max_len = cfg.max_cache_len
+    if impl == "static":
+        max_len = max(max_cache_length, generation_config.max_cache_len or 0, max_len or 0)
+    elif max_len is not None and max_len < max_cache_length:
+        raise ValueError(
+            f"kvsparse: max_cache_len={max_len} is smaller than the generation length {max_cache_length}"
+        )
+    cache_batch = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
+    model_kwargs["past_key_values"] = make_cache(self, batch_size=cache_batch, max_cache_len=max_len, config=cfg)
+
+
+# -------------------------------------------------------------- patch/unpatch
+def is_patched(model):
+    return _STATE_ATTR in model.__dict__
+
+
+def patch(model, method="quest", config=None, **kwargs):
+    """Make ``model`` use sparse decode attention (in place); returns ``model``.
+
+    Args:
+        model: ``LlamaForCausalLM``, ``MistralForCausalLM`` or
+            ``Qwen2ForCausalLM`` (or their base models / subclasses).
+        method: ``"quest"`` (or a config object).
+        config: a config object (e.g. :class:`~kvsparse.config.QuestConfig`);
+            ``kwargs`` override its fields.
+        **kwargs: the config fields (``token_budget``, ``page_size``, ...).
+
+    The config is stored as ``model.kvsparse_config``. Patching a patched
+    model replaces its config.
+    """
+    if config is not None:
+        cfg = make_config(config, **kwargs)
+    else:
+        cfg = make_config(method, **kwargs)
+    if not isinstance(cfg, QuestConfig):  # pragma: no cover - single method for now
+        raise ValueError(f"kvsparse: method {cfg.method!r} is not supported by patch()")
+    _check_supported(model)
+    attn_modules = _attention_modules(model)
+    if is_patched(model):
+        unpatch(model)
+
+    original_impl = model.config._attn_implementation
+    name = _register(original_impl)
+    state = {
+        "original_impl": original_impl,
+        "hooks": [],
+        "compiled": {k: model.__dict__[k] for k in ("_compiled_call", "_last_compile_config") if k in model.__dict__},
+    }
+    for k in state["compiled"]:
+        del model.__dict__[k]  # compile afresh for the patched model
+    try:
+        _set_attn_implementation(model, name)
+        hook = _kvsparse_pre_hook(cfg)
+        for m in attn_modules:
+            state["hooks"].append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        if hasattr(type(model), "_prepare_cache_for_generation"):
+            model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
+    except Exception:
+        for h in state["hooks"]:
+            h.remove()
+        model.config._attn_implementation_internal = original_impl
+        raise
+    model.kvsparse_config = cfg
+    model.__dict__[_STATE_ATTR] = state
+    return model
+
+
+def unpatch(model):
+    """Undo :func:`patch` (no-op on an unpatched model); returns ``model``."""
+    state = model.__dict__.pop(_STATE_ATTR, None)
+    if state is None:
+        return model
+    for h in state["hooks"]:
+        h.remove()
+    for k in ("_prepare_cache_for_generation", "kvsparse_config", "_compiled_call", "_last_compile_config"):
+        model.__dict__.pop(k, None)
+    model.__dict__.update(state["compiled"])
+    _set_attn_implementation(model, state["original_impl"])
+    return model
+
+
+@contextlib.contextmanager
+def patched(model, method="quest", config=None, **kwargs):
+    """Context manager: ``patch`` on entry, ``unpatch`` on exit."""
+    patch(model, method=method, config=config, **kwargs)
+    try:
+        yield model
+    finally:
+        unpatch(model)

