@@ -59,3 +59,45 @@ def _sparse_attention_fake(q, k, v, page_idx, seq_lens, page_size, scale):
 @torch.library.register_fake("kvsparse::quest_attention")
 def _attention_fake(q, k, v, kmin, kmax, seq_lens, page_size, token_budget, group, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# ---- SparQ -------------------------------------------------------------------
+
+
+@torch.library.register_fake("kvsparse::sparq_build")
+def _sparq_build_fake(k, v, seq_lens):
+    B, Hkv, cap, D = k.shape
+    return k.new_empty((B, Hkv, D, cap)), k.new_empty((B, Hkv, D), dtype=torch.float32)
+
+
+@torch.library.register_fake("kvsparse::sparq_append")
+def _sparq_append_fake(k_new, v_new, k, v, kt, v_mean, seq_lens):
+    return None
+
+
+@torch.library.register_fake("kvsparse::sparq_top_channels")
+def _sparq_top_channels_fake(q, r, group_size):
+    B, H, _ = q.shape
+    return q.new_empty((B, H // group_size, r), dtype=torch.int32)
+
+
+@torch.library.register_fake("kvsparse::sparq_approx_scores")
+def _sparq_approx_scores_fake(q, kt, i1, seq_lens):
+    B, H, _ = q.shape
+    return q.new_empty((B, H, kt.shape[3]), dtype=torch.float32)
+
+
+@torch.library.register_fake("kvsparse::sparq_top_positions")
+def _sparq_top_positions_fake(s_hat, seq_lens, k, local_window, group_size):
+    B, H, _ = s_hat.shape
+    return s_hat.new_empty((B, H // group_size, k), dtype=torch.int32)
+
+
+@torch.library.register_fake("kvsparse::sparq_sparse_attention")
+def _sparq_sparse_attention_fake(q, k, v, i2, s_hat, v_mean, seq_lens, scale, reallocate):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("kvsparse::sparq_attention")
+def _sparq_attention_fake(q, k, v, kt, v_mean, seq_lens, r, k_top, local_window, group, reallocate, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -20,7 +20,16 @@ ppl
     paper scores PG-19): a short dense prefill (``--prefix`` tokens), then one decode
     step (q_len = 1, with the KV cache) per following token, accumulating the NLL of
     every next token. One pass to the longest length gives the perplexity of every
-    shorter length too (it is the same computation cut earlier).
+    shorter length too (it is the same computation cut earlier). With
+    ``--ppl-window W`` each length ``L`` gets its own pass instead: ``L - W`` tokens
+    prefilled densely, the last ``W`` decoded and scored (quality at long context, at
+    a fraction of the cost: a CPU decodes ~10 tokens/s).
+
+Every prompt is prefilled once by the dense model and the KV cache copied into each
+run (converted into the method's cache type); a prefill is dense attention in every
+method, so this only saves time (``--no-share-prefill`` prefills under each method).
+Runs are independent, so tasks can run as parallel processes and be combined with
+``--merge DIR DIR --out DIR``.
 
 Methods are generic: a run is a method name plus a kwargs dict handed to
 ``kvsparse.patch(model, method=name, **kwargs)``; ``("dense", {})`` is the unpatched
@@ -61,6 +70,12 @@ __all__ = [
     "decode_nll",
     "full_forward_nll",
     "run_ppl",
+    "new_cache",
+    "cache_family",
+    "SharedPrefill",
+    "smollm2_installed",
+    "write_report",
+    "merge_results",
     "main",
 ]
 
@@ -844,7 +859,7 @@ def ppl_table(records, lengths):
     lines = ["| method | " + " | ".join(f"ppl @ {L}" for L in lengths) + " | decode tok/s |",
              "|---|" + "---:|" * (len(lengths) + 1)]
     for r in records:
-        cells = [f"{r['ppl'][str(L)]:.3f}" for L in lengths]
+        cells = [f"{r['ppl'][str(L)]:.3f}" if str(L) in r["ppl"] else "-" for L in lengths]
         lines.append(f"| {r['run']} | " + " | ".join(cells) + f" | {r['decode_tok_s']:.1f} |")
     return "\n".join(lines)
 
@@ -1155,8 +1170,35 @@ def merge_results(paths, out):
                 labels.append(run)
         merged["patch_configs"] = {**merged.get("patch_configs", {}), **r.get("patch_configs", {})}
         for task in ("passkey", "ppl"):
-            if r.get(task):
-                merged[task] = r[task]
+            if not r.get(task):
+                continue
+            if merged.get(task) is None or merged[task] is r[task] or r is results[0]:
+                merged[task] = dict(r[task])
+                continue
+            m = merged[task]  # a second result of the same task: combine the records
+            if task == "ppl":
+                by_label = {x["run"]: dict(x) for x in m["records"]}
+                for x in r[task]["records"]:
+                    y = by_label.setdefault(x["run"], dict(x, ppl={}, scored={}, token_nll={},
+                                                           decode_steps=0, decode_s=0.0, prefill_s=0.0))
+                    if y is not x:
+                        for k in ("ppl", "scored", "token_nll"):
+                            y[k] = {**y.get(k, {}), **x.get(k, {})}
+                        for k in ("decode_steps", "decode_s", "prefill_s"):
+                            y[k] = y.get(k, 0) + x.get(k, 0)
+                        y["decode_tok_s"] = y["decode_steps"] / y["decode_s"] if y["decode_s"] else float("nan")
+                m["records"] = list(by_label.values())
+                m["lengths"] = sorted(set(m["lengths"]) | set(r[task]["lengths"]))
+                continue
+            m["records"] = m["records"] + r[task]["records"]
+            m["lengths"] = sorted(set(m["lengths"]) | set(r[task]["lengths"]))
+            if task == "passkey":
+                m["depths"] = sorted(set(m["depths"]) | set(r[task]["depths"]))
+                if m["trials"] != r[task]["trials"]:
+                    per_len = {}
+                    for rec in m["records"]:
+                        per_len.setdefault(rec["length"], set()).add(rec["trial"])
+                    m["trials"] = ", ".join(f"{len(t)} at {L} tokens" for L, t in sorted(per_len.items()))
     merged["runs"] = labels
     merged["merged_from"] = [os.path.abspath(p) for p in paths]
     return write_report(merged, out)

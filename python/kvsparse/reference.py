@@ -155,3 +155,177 @@ def dense_attention_ref(q, k, v, seq_lens, scale=None):
     mp = 1
     idx = torch.zeros(B, Hkv, mp, dtype=torch.int32, device=q.device)
     return quest_sparse_attention_ref(q, k, v, idx, seq_lens, P, scale)
+
+
+# ---------------------------------------------------------------------------
+# SparQ (see kvsparse.sparq). Shapes: kt [B,Hkv,D,cap]; v_mean [B,Hkv,D];
+# i1 [B,Hs,r] (ascending); s_hat [B,H,cap]; i2 [B,Hs,k] (ascending, -1 padded).
+# Selections (top channels / top positions) order their keys exactly like the
+# kernels: group sums are taken in the input's dtype (float32 for the kernels'
+# outputs) in head order, NaN ranks as -inf, ties go to the lower index.
+
+__all__ += [
+    "sparq_build_ref",
+    "sparq_top_channels_ref",
+    "sparq_approx_scores_ref",
+    "sparq_top_positions_ref",
+    "sparq_sparse_attention_ref",
+    "sparq_attention_ref",
+]
+
+
+def _valid_tokens(seq_lens, cap, device):
+    """bool [B, cap]: t < seq_lens[b]."""
+    return torch.arange(cap, device=device)[None] < seq_lens.long().to(device)[:, None]
+
+
+def _group_sum(x, group_size):
+    """[B, H, n] -> [B, H // group_size, n]: sum of each group's rows in x's dtype, in head order."""
+    B, H, n = x.shape
+    xs = x.reshape(B, H // group_size, group_size, n)
+    out = xs[:, :, 0].clone()
+    for g in range(1, group_size):
+        out = out + xs[:, :, g]
+    return out
+
+
+def sparq_build_ref(k, v, seq_lens):
+    """(kt, v_mean): kt = k transposed [B,Hkv,D,cap] (float64); v_mean float64 [B,Hkv,D],
+    the mean of v over t < seq_lens[b] (zeros for an empty sequence)."""
+    B, Hkv, cap, D = k.shape
+    kt = k.double().transpose(2, 3).contiguous()
+    valid = _valid_tokens(seq_lens, cap, v.device)[:, None, :, None]
+    vd = torch.where(valid, v.double(), torch.zeros((), dtype=torch.float64, device=v.device))
+    n = seq_lens.long().to(v.device).clamp(min=1).double()[:, None, None]
+    return kt, vd.sum(2) / n
+
+
+def sparq_top_channels_ref(q, r, group_size=1):
+    """int32 [B, H // group_size, r]: the r channels of largest sum_g |q| (float32, head
+    order, like the kernels), ties to the lower channel, in ascending order."""
+    key = _group_sum(q.float().abs(), int(group_size))
+    key = torch.nan_to_num(key, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., : int(r)]
+    return torch.sort(order, dim=-1).values.to(torch.int32)
+
+
+def sparq_approx_scores_ref(q, k, i1, seq_lens):
+    """float64 [B, H, cap]: softmax over t < len of q[i1] . K[t, i1] / tau, 0 past len.
+
+    Reads K[:, i1] from the row-major cache k [B,Hkv,cap,D] (the kernels read kt).
+    tau = sqrt(D * ||q[i1]||_1 / ||q||_1) per query head.
+    """
+    B, H, D = q.shape
+    Hkv, cap = k.shape[1], k.shape[2]
+    G = H // Hkv
+    idx = i1.long().to(q.device)
+    if idx.shape[1] != H:
+        idx = idx.repeat_interleave(G, dim=1)  # [B,H,r]
+    r = idx.shape[-1]
+    qd = q.double()
+    qs = qd.gather(-1, idx)  # [B,H,r]
+    l1 = qd.abs().sum(-1)
+    l1s = qs.abs().sum(-1)
+    pos = l1s > 0
+    inv_tau = torch.where(pos, 1.0 / torch.sqrt(D * l1s / torch.where(pos, l1, torch.ones_like(l1))),
+                          torch.zeros_like(l1s))
+    valid = _valid_tokens(seq_lens, cap, q.device)[:, None, :]  # [B,1,cap]
+    kd = torch.where(valid[..., None], k.double(), torch.zeros((), dtype=torch.float64, device=q.device))
+    # K[:, i1] per query head without materialising K per query head
+    ksel = kd[:, :, None].expand(B, Hkv, G, cap, D).gather(
+        -1, idx.view(B, Hkv, G, 1, r).expand(B, Hkv, G, cap, r))  # [B,Hkv,G,cap,r]
+    z = torch.einsum("bkgr,bkgtr->bkgt", qs.view(B, Hkv, G, r), ksel).reshape(B, H, cap)
+    z = z * inv_tau[..., None]
+    z = z.masked_fill(~valid, float("-inf"))
+    m = z.amax(-1, keepdim=True) if cap > 0 else z.new_zeros(B, H, 1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(z - m)
+    den = p.sum(-1, keepdim=True)
+    return p / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def sparq_top_positions_ref(s_hat, seq_lens, k, local_window=0, group_size=1):
+    """int32 [B, H // group_size, k]: all positions if k >= len, else the last
+    w = min(local_window, k) positions plus the k - w best of 0..len-w-1 (key: the
+    group's s_hat summed in s_hat's dtype, head order; ties to the lower position);
+    ascending, -1 padded."""
+    B, H, cap = s_hat.shape
+    gs = int(group_size)
+    k = int(k)
+    key = _group_sum(s_hat, gs)
+    key = torch.nan_to_num(key, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    Hs = H // gs
+    dev = s_hat.device
+    out = torch.full((B, Hs, k), -1, dtype=torch.int32, device=dev)
+    for b, L in enumerate(seq_lens.long().tolist()):
+        L = max(0, min(L, cap))
+        if k >= L:
+            out[b, :, :L] = torch.arange(L, dtype=torch.int32, device=dev)
+            continue
+        w = min(int(local_window), k)
+        m, kk = L - w, k - w
+        parts = []
+        if kk > 0:
+            parts.append(torch.sort(key[b, :, :m], dim=-1, descending=True, stable=True).indices[:, :kk])
+        parts.append(torch.arange(m, L, device=dev)[None].expand(Hs, w))
+        sel = torch.sort(torch.cat(parts, dim=1), dim=-1).values
+        out[b] = sel.to(torch.int32)
+    return out
+
+
+def sparq_sparse_attention_ref(q, k, v, i2, s_hat, v_mean, seq_lens, scale=None, reallocate=True):
+    """float64 [B, H, D]: attention over the (distinct) positions of i2 that are < len,
+    then alpha * y + (1 - alpha) * v_mean with alpha = sum of s_hat over them
+    (reallocate=False: y). A row with no position gives y = 0."""
+    B, H, D = q.shape
+    Hkv, cap = k.shape[1], k.shape[2]
+    G = H // Hkv
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    dev = q.device
+    Hs = i2.shape[1]
+    idx = i2.long().to(dev)
+    idx = torch.where(idx < 0, torch.full_like(idx, cap), idx)
+    tok = torch.zeros(B, Hs, cap + 1, dtype=torch.bool, device=dev)
+    tok.scatter_(2, idx, True)
+    tok = tok[:, :, :cap] & _valid_tokens(seq_lens, cap, dev)[:, None, :]
+    if Hs != H:
+        tok = tok.repeat_interleave(G, dim=1)  # [B,H,cap]
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    valid = _valid_tokens(seq_lens, cap, dev)[:, None, :, None]  # [B,1,cap,1]
+    kd = torch.where(valid, k.double(), zero)  # the cache tail may hold NaN / inf
+    vd = torch.where(valid, v.double(), zero)
+    logits = torch.einsum("bkgd,bktd->bkgt", q.double().view(B, Hkv, G, D), kd).reshape(B, H, cap)
+    logits = logits * float(scale)
+    logits = logits.masked_fill(~tok, float("-inf"))
+    m = logits.amax(-1, keepdim=True) if cap > 0 else logits.new_zeros(B, H, 1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(logits - m)
+    den = p.sum(-1, keepdim=True)
+    p = p / torch.where(den > 0, den, torch.ones_like(den))
+    y = torch.einsum("bkgt,bktd->bkgd", p.view(B, Hkv, G, cap), vd).reshape(B, H, D)
+    if not reallocate:
+        return y
+    alpha = torch.where(tok, s_hat.double().to(dev), zero).sum(-1, keepdim=True)  # [B,H,1]
+    vm = v_mean.double().to(dev).repeat_interleave(G, dim=1)  # [B,H,D]
+    return alpha * y + (1.0 - alpha) * vm
+
+
+def sparq_attention_ref(q, k, v, seq_lens, r, k_top, local_window=0, group=True, reallocate=True,
+                        scale=None, v_mean=None, s_hat=None):
+    """Fused SparQ decode reference: top channels -> approx scores -> top positions ->
+    sparse attention (+ reallocation). float64 [B, H, D].
+
+    ``s_hat`` may be given (e.g. the kernels' own float32 scores) so that the
+    position choice does not depend on float rounding in near-ties; otherwise
+    it is computed in float64. ``v_mean`` defaults to the float64 mean of v.
+    """
+    H, Hkv = q.shape[1], k.shape[1]
+    gs = H // Hkv if group else 1
+    if v_mean is None:
+        v_mean = sparq_build_ref(k, v, seq_lens)[1]
+    if s_hat is None:
+        i1 = sparq_top_channels_ref(q, r, gs)
+        s_hat = sparq_approx_scores_ref(q, k, i1, seq_lens)
+    i2 = sparq_top_positions_ref(s_hat, seq_lens, k_top, local_window, gs)
+    return sparq_sparse_attention_ref(q, k, v, i2, s_hat, v_mean, seq_lens, scale, reallocate)

@@ -1,0 +1,1059 @@
+// SparQ kernels for NVIDIA GPUs (CUDA C). Semantics: sparq.h.
+//
+// No torch, no Python: raw device pointers, sizes, and a cudaStream_t. No
+// kernel reads a value on the host, so every entry point is graph-capturable.
+//
+//   build        transpose k -> kt through 32x32 shared tiles; v_mean: one
+//                block per (b, kv head), float32 column sums
+//   append       one block per (b, kv head), one thread per channel
+//   top channels grid (rows, B), one thread per channel: rank by counting
+//   scores       two passes. logits: grid (token blocks of 1024, rows, B),
+//                one thread per 4 tokens, r coalesced reads of kt rows, all
+//                query heads of the row at once; per-block (max, sum exp)
+//                partials. normalize: merges the partials of each head and
+//                rewrites the logits as probabilities (and, in group mode,
+//                the group sum that the selection ranks)
+//   top-k        grid (rows, B), 1024 threads: 4-pass 8-bit radix select of
+//                the K-th largest key streaming the row from L2 (any length),
+//                warp-aggregated shared histograms, then an order-preserving
+//                compaction with block scans
+//   attention    grid (splits, rows, B), 4 warps; each warp takes chunks of
+//                i2 entries (16-byte K/V loads, D/8 lanes per token, several
+//                tokens in flight), online softmax for all query heads of the
+//                row; the last split block of a row merges the partials and
+//                applies the mean-value reallocation
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <math_constants.h>
+#include <stdint.h>
+
+#include "sparq.h"
+
+namespace {
+
+// ---------------------------------------------------------- conversions ----
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+// read-only scalar load through the texture path
+template <typename T> __device__ __forceinline__ float ldf(const T *p) { return to_f<T>(__ldg(p)); }
+
+// 8 consecutive elements with 16-byte loads (two for float32)
+template <typename T> struct V8;
+template <> struct V8<float> {
+  struct Raw { float4 a, b; };
+  static __device__ __forceinline__ void load(const float *p, Raw &r) {
+    r.a = __ldg(reinterpret_cast<const float4 *>(p));
+    r.b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
+  }
+  static __device__ __forceinline__ void zero(Raw &r) { r.a = r.b = make_float4(0.f, 0.f, 0.f, 0.f); }
+  static __device__ __forceinline__ void cvt(const Raw &r, float f[8]) {
+    f[0] = r.a.x; f[1] = r.a.y; f[2] = r.a.z; f[3] = r.a.w;
+    f[4] = r.b.x; f[5] = r.b.y; f[6] = r.b.z; f[7] = r.b.w;
+  }
+};
+template <> struct V8<__half> {
+  typedef uint4 Raw;
+  static __device__ __forceinline__ void load(const __half *p, Raw &r) {
+    r = __ldg(reinterpret_cast<const uint4 *>(p));
+  }
+  static __device__ __forceinline__ void zero(Raw &r) { r = make_uint4(0, 0, 0, 0); }
+  static __device__ __forceinline__ void cvt(const Raw &r, float f[8]) {
+    const __half2 *h = reinterpret_cast<const __half2 *>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = __half22float2(h[i]);
+      f[2 * i] = x.x; f[2 * i + 1] = x.y;
+    }
+  }
+};
+template <> struct V8<__nv_bfloat16> {
+  typedef uint4 Raw;
+  static __device__ __forceinline__ void load(const __nv_bfloat16 *p, Raw &r) {
+    r = __ldg(reinterpret_cast<const uint4 *>(p));
+  }
+  static __device__ __forceinline__ void zero(Raw &r) { r = make_uint4(0, 0, 0, 0); }
+  static __device__ __forceinline__ void cvt(const Raw &r, float f[8]) {
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = __bfloat1622float2(h[i]);
+      f[2 * i] = x.x; f[2 * i + 1] = x.y;
+    }
+  }
+};
+
+__device__ __forceinline__ int clamp_len(const int32_t *seq_lens, int b, int64_t cap) {
+  int len = seq_lens[b];
+  len = len < 0 ? 0 : len;
+  return (int64_t)len > cap ? (int)cap : len;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// Order key of a float: larger float -> larger key; NaN ranks as -inf and
+// -0 as +0, so that the order matches the CPU's comparisons exactly. Integer
+// ops only: builds use --use_fast_math (flush-to-zero), under which float
+// compares would treat subnormals as 0 while the CPU orders them.
+__device__ __forceinline__ uint32_t order_key(float f) {
+  uint32_t u = __float_as_uint(f);
+  const uint32_t mag = u & 0x7fffffffu;
+  if (mag > 0x7f800000u) u = 0xff800000u;  // NaN -> -inf
+  else if (mag == 0u) u = 0u;              // -0 -> +0
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
+int maxg_bucket(int g) { return g <= 1 ? 1 : g <= 2 ? 2 : g <= 4 ? 4 : g <= 8 ? 8 : 0; }
+
+// ------------------------------------------------------------ build --------
+constexpr int TR_TILE = 32;
+
+template <typename T>
+__global__ void transpose_kernel(const T *__restrict__ k, int64_t cap, int D, T *__restrict__ kt) {
+  __shared__ T tile[TR_TILE][TR_TILE + 1];
+  const size_t bh = blockIdx.z;
+  const int64_t t0 = (int64_t)blockIdx.x * TR_TILE;
+  const int d0 = blockIdx.y * TR_TILE;
+  const T *src = k + bh * cap * D;
+  T *dst = kt + bh * (size_t)D * cap;
+  for (int i = threadIdx.y; i < TR_TILE; i += blockDim.y) {
+    const int64_t t = t0 + i;
+    const int d = d0 + threadIdx.x;
+    if (t < cap && d < D) tile[i][threadIdx.x] = src[t * D + d];
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < TR_TILE; i += blockDim.y) {
+    const int d = d0 + i;
+    const int64_t t = t0 + threadIdx.x;
+    if (t < cap && d < D) dst[(size_t)d * cap + t] = tile[threadIdx.x][i];
+  }
+}
+
+constexpr int VM_THREADS = 1024;
+
+template <typename T>
+__global__ void __launch_bounds__(VM_THREADS)
+vmean_kernel(const T *__restrict__ v, int Hkv, int64_t cap, int D, const int32_t *seq_lens,
+             float *__restrict__ v_mean) {
+  __shared__ float red[VM_THREADS];
+  const int bh = blockIdx.x, b = bh / Hkv;
+  const int len = clamp_len(seq_lens, b, cap);
+  const int rows = blockDim.x / D;  // D divides the block (64 / 128)
+  const int d = threadIdx.x % D, row = threadIdx.x / D;
+  float acc = 0.f;
+  const T *vp = v + (size_t)bh * cap * D;
+  if (row < rows)
+    for (int t = row; t < len; t += rows) acc += ldf(vp + (size_t)t * D + d);
+  red[threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.x < D) {
+    float s = 0.f;
+    for (int i = 0; i < rows; ++i) s += red[i * D + threadIdx.x];
+    v_mean[(size_t)bh * D + threadIdx.x] = len > 0 ? s / (float)len : 0.f;
+  }
+}
+
+template <typename T>
+__global__ void append_kernel(const T *__restrict__ k_new, const T *__restrict__ v_new, int Hkv,
+                              int64_t cap, int D, int n_new, const int32_t *seq_lens, T *k, T *v,
+                              T *kt, float *v_mean) {
+  const int bh = blockIdx.x, b = bh / Hkv;
+  const int64_t len = seq_lens[b];
+  if (len < 0 || len + n_new > cap) return;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float sum = 0.f;
+    for (int i = 0; i < n_new; ++i) {
+      const size_t src = ((size_t)bh * n_new + i) * D + d;
+      const size_t dst = ((size_t)bh * cap + len + i) * D + d;
+      const T kx = k_new[src], vx = v_new[src];
+      k[dst] = kx;
+      v[dst] = vx;
+      kt[((size_t)bh * D + d) * cap + len + i] = kx;
+      sum += to_f<T>(vx);
+    }
+    float *vm = v_mean + (size_t)bh * D + d;
+    const float m = *vm;
+    *vm = m + (sum - (float)n_new * m) / (float)(len + n_new);
+  }
+}
+
+// ----------------------------------------------------- top channels --------
+template <typename T>
+__global__ void top_channels_kernel(const T *__restrict__ q, int H, int D, int r, int gs,
+                                    int32_t *__restrict__ i1) {
+  extern __shared__ uint32_t tc_smem[];
+  uint32_t *key = tc_smem;                                // [D] order keys
+  uint32_t *flag = tc_smem + D;                           // [D]
+  const int row = blockIdx.x, Hs = gridDim.x, b = blockIdx.y;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float s = 0.f;
+    for (int g = 0; g < gs; ++g) s += fabsf(ldf(q + ((size_t)b * H + (size_t)row * gs + g) * D + d));
+    key[d] = order_key(s);
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    const uint32_t kd = key[d];
+    int rank = 0;
+    for (int j = 0; j < D; ++j) {
+      const uint32_t kj = key[j];
+      rank += (kj > kd || (kj == kd && j < d)) ? 1 : 0;
+    }
+    flag[d] = rank < r ? 1 : 0;
+  }
+  __syncthreads();
+  int32_t *out = i1 + ((size_t)b * Hs + row) * r;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    if (!flag[d]) continue;
+    int pos = 0;
+    for (int j = 0; j < d; ++j) pos += (int)flag[j];
+    out[pos] = d;
+  }
+}
+
+// ------------------------------------------------------------- scores ------
+constexpr int AS_THREADS = 256;
+constexpr int AS_TPT = 4;                          // tokens per thread
+constexpr int AS_TOK = AS_THREADS * AS_TPT;        // tokens per block
+constexpr int AS_MAXR = 256;                       // r <= D <= 256
+
+// Pass 1: logits z (written into s_hat for t < len) and per-block (max, sum
+// exp(z - max)) for every query head of the row. Blocks at or past len exit.
+template <typename T, int MAXG>
+__global__ void __launch_bounds__(AS_THREADS)
+logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv, int64_t cap,
+              int D, const int32_t *__restrict__ i1, int r, const int32_t *seq_lens,
+              float *__restrict__ s_hat, float *__restrict__ part) {
+  __shared__ int s_c[AS_MAXR];
+  __shared__ float s_q[MAXG][AS_MAXR];
+  __shared__ float s_red[AS_THREADS / 32][MAXG];
+  __shared__ float s_bm[MAXG];
+  const int row = blockIdx.y, Hs1 = gridDim.y, b = blockIdx.z, blk = blockIdx.x;
+  const int nblk = gridDim.x;
+  const int G = H / Hkv;
+  const int nh = (Hs1 == H) ? 1 : G;
+  const int h0 = (Hs1 == H) ? row : row * G;
+  const int hk = h0 / G;
+  const int len = clamp_len(seq_lens, b, cap);
+  const int64_t t0 = (int64_t)blk * AS_TOK;
+  if (t0 >= len) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+  for (int j = threadIdx.x; j < r; j += blockDim.x) {
+    const int c = i1[((size_t)b * Hs1 + row) * r + j];
+    s_c[j] = (c >= 0 && c < D) ? c : 0;
+  }
+  __syncthreads();
+  // warp g: tau of query head g, then its q values on i1, divided by tau
+  if (warp < MAXG) {
+    const int g = warp;
+    if (g < nh) {
+      const T *qr = q + ((size_t)b * H + h0 + g) * D;
+      float l1 = 0.f, l1s = 0.f;
+      for (int d = lane; d < D; d += 32) l1 += fabsf(ldf(qr + d));
+      for (int j = lane; j < r; j += 32) l1s += fabsf(ldf(qr + s_c[j]));
+      l1 = warp_sum(l1);
+      l1s = warp_sum(l1s);
+      const float inv_tau = l1s > 0.f ? 1.f / sqrtf((float)D * (l1s / l1)) : 0.f;
+      for (int j = lane; j < r; j += 32) s_q[g][j] = ldf(qr + s_c[j]) * inv_tau;
+    } else {
+      for (int j = lane; j < r; j += 32) s_q[g][j] = 0.f;
+    }
+  }
+  __syncthreads();
+
+  float acc[MAXG][AS_TPT];
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g)
+#pragma unroll
+    for (int i = 0; i < AS_TPT; ++i) acc[g][i] = 0.f;
+  const T *ktb = kt + ((size_t)b * Hkv + hk) * (size_t)D * cap;
+  int64_t tt[AS_TPT];
+  bool ok[AS_TPT];
+#pragma unroll
+  for (int i = 0; i < AS_TPT; ++i) {
+    tt[i] = t0 + i * AS_THREADS + threadIdx.x;
+    ok[i] = tt[i] < len;
+  }
+#pragma unroll 4
+  for (int j = 0; j < r; ++j) {
+    const T *rowp = ktb + (size_t)s_c[j] * cap;
+    float x[AS_TPT];
+#pragma unroll
+    for (int i = 0; i < AS_TPT; ++i) x[i] = ok[i] ? ldf(rowp + tt[i]) : 0.f;
+#pragma unroll
+    for (int g = 0; g < MAXG; ++g) {
+      const float w = s_q[g][j];
+#pragma unroll
+      for (int i = 0; i < AS_TPT; ++i) acc[g][i] = fmaf(w, x[i], acc[g][i]);
+    }
+  }
+  // write the logits and reduce (max, sum exp) per head over the block
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g) {
+    if (g >= nh) break;
+    float* srow = s_hat + ((size_t)b * H + h0 + g) * cap;
+    float m = -CUDART_INF_F;
+#pragma unroll
+    for (int i = 0; i < AS_TPT; ++i)
+      if (ok[i]) {
+        srow[tt[i]] = acc[g][i];
+        m = fmaxf(m, acc[g][i]);
+      }
+    m = warp_max(m);
+    if (lane == 0) s_red[warp][g] = m;
+  }
+  __syncthreads();
+  if (threadIdx.x < MAXG && threadIdx.x < nh) {
+    float m = -CUDART_INF_F;
+    for (int w = 0; w < AS_THREADS / 32; ++w) m = fmaxf(m, s_red[w][threadIdx.x]);
+    s_bm[threadIdx.x] = m;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g) {
+    if (g >= nh) break;
+    const float bm = s_bm[g];
+    float l = 0.f;
+#pragma unroll
+    for (int i = 0; i < AS_TPT; ++i)
+      if (ok[i]) l += expf(acc[g][i] - bm);
+    l = warp_sum(l);
+    if (lane == 0) s_red[warp][g] = l;
+  }
+  __syncthreads();
+  if (threadIdx.x < MAXG && threadIdx.x < nh) {
+    float l = 0.f;
+    for (int w = 0; w < AS_THREADS / 32; ++w) l += s_red[w][threadIdx.x];
+    float *p = part + (((size_t)b * H + h0 + threadIdx.x) * nblk + blk) * 2;
+    p[0] = s_bm[threadIdx.x];
+    p[1] = l;
+  }
+}
+
+// Pass 2: probabilities. Every t < cap is written (0 past len). With rowscore,
+// also the row's sum over its query heads in head order (group-mode key).
+template <int MAXG>
+__global__ void __launch_bounds__(AS_THREADS)
+normalize_kernel(int H, int Hkv, int64_t cap, const int32_t *seq_lens, const float *__restrict__ part,
+                 float *__restrict__ s_hat, float *__restrict__ rowscore) {
+  __shared__ float s_M[MAXG], s_L[MAXG];
+  const int row = blockIdx.y, Hs1 = gridDim.y, b = blockIdx.z;
+  const int nblk = gridDim.x;
+  const int G = H / Hkv;
+  const int nh = (Hs1 == H) ? 1 : G;
+  const int h0 = (Hs1 == H) ? row : row * G;
+  const int len = clamp_len(seq_lens, b, cap);
+  const int nvalid = (int)((len + AS_TOK - 1) / AS_TOK);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp < MAXG && warp < nh) {
+    const float *p = part + ((size_t)b * H + h0 + warp) * nblk * 2;
+    float M = -CUDART_INF_F;
+    for (int j = lane; j < nvalid; j += 32) M = fmaxf(M, p[2 * j]);
+    M = warp_max(M);
+    float L = 0.f;
+    if (M != -CUDART_INF_F)
+      for (int j = lane; j < nvalid; j += 32) {
+        const float mj = p[2 * j];
+        if (mj != -CUDART_INF_F) L += p[2 * j + 1] * expf(mj - M);
+      }
+    L = warp_sum(L);
+    if (lane == 0) { s_M[warp] = M; s_L[warp] = L; }
+  }
+  __syncthreads();
+  const int64_t t0 = (int64_t)blockIdx.x * AS_TOK;
+#pragma unroll
+  for (int i = 0; i < AS_TPT; ++i) {
+    const int64_t t = t0 + i * AS_THREADS + threadIdx.x;
+    if (t >= cap) break;
+    float sum = 0.f;
+#pragma unroll
+    for (int g = 0; g < MAXG; ++g) {
+      if (g >= nh) break;
+      float *sp = s_hat + ((size_t)b * H + h0 + g) * cap + t;
+      float p = 0.f;
+      if (t < len) {
+        const float L = s_L[g];
+        p = L > 0.f ? expf(*sp - s_M[g]) / L : 0.f;
+      }
+      *sp = p;
+      sum += p;
+    }
+    if (rowscore) rowscore[((size_t)b * Hs1 + row) * cap + t] = sum;
+  }
+}
+
+// group key for the standalone selection: sum of each group's rows, head order
+__global__ void group_sum_kernel(const float *__restrict__ s_hat, int H, int gs, int64_t cap,
+                                 float *__restrict__ out) {
+  const int row = blockIdx.y, Hs = gridDim.y, b = blockIdx.z;
+  const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= cap) return;
+  float s = 0.f;
+  for (int g = 0; g < gs; ++g) s += s_hat[((size_t)b * H + (size_t)row * gs + g) * cap + t];
+  out[((size_t)b * Hs + row) * cap + t] = s;
+}
+
+// --------------------------------------------------------------- top-k -----
+constexpr int SEL_THREADS = 1024;
+
+// Exclusive block-wide prefix sum (blockDim.x a multiple of 32, <= 1024);
+// *total gets the block total. Contains __syncthreads: call uniformly.
+__device__ __forceinline__ int block_scan(int v, int *smem, int *total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) smem[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < nw ? smem[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += y;
+    }
+    smem[32 + lane] = w;
+  }
+  __syncthreads();
+  const int before = warp > 0 ? smem[32 + warp - 1] : 0;
+  *total = smem[32 + nw - 1];
+  __syncthreads();
+  return before + x - v;
+}
+
+// keys: [B, Hs, cap] floats. One block per (row, b).
+__global__ void __launch_bounds__(SEL_THREADS)
+select_kernel(const float *__restrict__ keys, int64_t cap, const int32_t *seq_lens, int n_sel,
+              int local_window, int32_t *__restrict__ i2) {
+  __shared__ int hist[256];
+  __shared__ int scan_smem[64];
+  __shared__ uint32_t s_prefix;
+  __shared__ int s_need;
+  const int row = blockIdx.x, Hs = gridDim.x, b = blockIdx.y;
+  const size_t rid = (size_t)b * Hs + row;
+  const float *sc = keys + rid * cap;
+  int32_t *out = i2 + rid * n_sel;
+  const int len = clamp_len(seq_lens, b, cap);
+  if (n_sel >= len) {
+    for (int i = threadIdx.x; i < n_sel; i += blockDim.x) out[i] = i < len ? i : -1;
+    return;
+  }
+  const int w = local_window < n_sel ? local_window : n_sel;
+  const int m = len - w;   // candidates 0..m-1
+  const int K = n_sel - w; // to take among them (K < m)
+  for (int i = threadIdx.x; i < w; i += blockDim.x) out[K + i] = m + i;
+  if (K == 0) return;
+
+  // radix select of the K-th largest key, 8 bits per pass
+  uint32_t prefix = 0, mask = 0;
+  int need = K;
+  const int lane = threadIdx.x & 31;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    for (int base = 0; base < m; base += blockDim.x) {
+      const int i = base + threadIdx.x;
+      bool act = false;
+      int bin = 0;
+      if (i < m) {
+        const uint32_t key = order_key(__ldg(sc + i));
+        act = (key & mask) == prefix;
+        bin = (key >> shift) & 0xFF;
+      }
+      // probabilities of similar size share their top bits: aggregate the
+      // warp's equal bins before touching shared memory
+      const unsigned am = __ballot_sync(0xffffffffu, act);
+      if (act) {
+        const unsigned peers = __match_any_sync(am, bin);
+        if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+      }
+    }
+    __syncthreads();
+    const int t = threadIdx.x;
+    const int v = t < 256 ? hist[255 - t] : 0;  // bins from the top
+    int total;
+    const int excl = block_scan(v, scan_smem, &total);
+    if (t < 256 && excl < need && excl + v >= need) {
+      s_prefix = prefix | ((uint32_t)(255 - t) << shift);
+      s_need = need - excl;
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    need = s_need;
+    mask |= 0xFFu << shift;
+    __syncthreads();
+  }
+  // order-preserving compaction: every key above the threshold, and the
+  // first `need` keys equal to it (lowest positions first)
+  int taken = 0, eq_seen = 0;
+  for (int base = 0; base < m; base += blockDim.x) {
+    const int i = base + threadIdx.x;
+    const uint32_t key = i < m ? order_key(__ldg(sc + i)) : 0u;
+    const int is_eq = (i < m && key == prefix) ? 1 : 0;
+    int tot_eq;
+    const int eq_rank = eq_seen + block_scan(is_eq, scan_smem, &tot_eq);
+    const int take = (i < m && (key > prefix || (is_eq && eq_rank < need))) ? 1 : 0;
+    int tot_take;
+    const int pos = taken + block_scan(take, scan_smem, &tot_take);
+    if (take) out[pos] = i;
+    taken += tot_take;
+    eq_seen += tot_eq;
+    if (taken >= K) break;  // uniform: every thread sees the same totals
+  }
+}
+
+// ----------------------------------------------------------- attention -----
+constexpr int AT_WARPS = 4;
+constexpr int AT_MIN_CHUNK = 8;  // smallest entries per warp chunk (D = 128, U = 4): workspace bound
+
+template <typename T, int MAXG> __host__ __device__ constexpr int at_unroll() {
+  return (sizeof(T) == 2 && MAXG <= 4) ? 8 : 4;
+}
+
+// partial record per (b, row, split, head): acc[D], m, l, alpha
+template <typename T, int D, int MAXG>
+__global__ void __launch_bounds__(AT_WARPS * 32)
+sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
+                   int H, int Hkv, int64_t cap, const int32_t *__restrict__ i2, int n_sel,
+                   const float *__restrict__ s_hat, const float *__restrict__ v_mean,
+                   const int32_t *seq_lens, float scale_log2, int reallocate, int per_split,
+                   float *__restrict__ part, int *counters, T *__restrict__ out) {
+  constexpr int LPT = D / 8;     // lanes per token
+  constexpr int TPS = 32 / LPT;  // tokens per warp step
+  constexpr int U = at_unroll<T, MAXG>();
+  constexpr int CH = TPS * U;    // entries per warp chunk
+  constexpr int REC = D + 3;
+  const int row = blockIdx.y, Hs = gridDim.y, b = blockIdx.z, split = blockIdx.x;
+  const int nsplit = gridDim.x;
+  const int G = H / Hkv;
+  const int qh = (Hs == H) ? 1 : G;
+  const int h0 = (Hs == H) ? row : row * G;
+  const int hk = h0 / G;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int c = lane % LPT, sub = lane / LPT;
+  const int len = clamp_len(seq_lens, b, cap);
+
+  float qv[MAXG][8];
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g) {
+    if (g < qh) {
+      typename V8<T>::Raw raw;
+      V8<T>::load(q + ((size_t)b * H + h0 + g) * D + c * 8, raw);
+      V8<T>::cvt(raw, qv[g]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) qv[g][i] *= scale_log2;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) qv[g][i] = 0.f;
+    }
+  }
+  float mrun[MAXG], lrun[MAXG], arun[MAXG], acc[MAXG][8];
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g) {
+    mrun[g] = -CUDART_INF_F; lrun[g] = 0.f; arun[g] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
+  }
+  const size_t kv_base = ((size_t)b * Hkv + hk) * cap;
+  const int32_t *idx = i2 + ((size_t)b * Hs + row) * n_sel;
+  const int e_begin = split * per_split;
+  const int e_end = min(n_sel, e_begin + per_split);
+  for (int e0 = e_begin + warp * CH; e0 < e_end; e0 += AT_WARPS * CH) {
+    int tok[U];
+    typename V8<T>::Raw kr[U], vr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int e = e0 + u * TPS + sub;
+      int t = e < e_end ? idx[e] : -1;
+      t = (t >= 0 && t < len) ? t : -1;
+      tok[u] = t;
+      if (t >= 0) {
+        V8<T>::load(k + (kv_base + t) * D + c * 8, kr[u]);
+        V8<T>::load(v + (kv_base + t) * D + c * 8, vr[u]);
+      } else {
+        V8<T>::zero(kr[u]);
+        V8<T>::zero(vr[u]);
+      }
+    }
+    if (reallocate && c == 0) {
+#pragma unroll
+      for (int g = 0; g < MAXG; ++g) {
+        if (g >= qh) break;
+        const float *sh = s_hat + ((size_t)b * H + h0 + g) * cap;
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (tok[u] >= 0) arun[g] += __ldg(sh + tok[u]);
+      }
+    }
+    float s[MAXG][U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kx[8];
+      V8<T>::cvt(kr[u], kx);
+#pragma unroll
+      for (int g = 0; g < MAXG; ++g) {
+        float d = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) d = fmaf(qv[g][i], kx[i], d);
+#pragma unroll
+        for (int o = LPT / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        s[g][u] = tok[u] >= 0 ? d : -CUDART_INF_F;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < MAXG; ++g) {
+      if (g >= qh) break;
+      float smax = -CUDART_INF_F;
+#pragma unroll
+      for (int u = 0; u < U; ++u) smax = fmaxf(smax, s[g][u]);
+      const float mnew = fmaxf(mrun[g], smax);
+      if (mnew == -CUDART_INF_F) continue;
+      const float corr = exp2f(mrun[g] - mnew);
+      lrun[g] *= corr;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] *= corr;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const float pr = exp2f(s[g][u] - mnew);
+        lrun[g] += pr;
+        float vx[8];
+        V8<T>::cvt(vr[u], vx);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(pr, vx[i], acc[g][i]);
+      }
+      mrun[g] = mnew;
+    }
+  }
+  // merge the TPS token slots of the warp (lanes with equal c); alpha: sum
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g) {
+    arun[g] = warp_sum(arun[g]);
+#pragma unroll
+    for (int o = LPT; o < 32; o <<= 1) {
+      const float mo = __shfl_xor_sync(0xffffffffu, mrun[g], o);
+      const float lo = __shfl_xor_sync(0xffffffffu, lrun[g], o);
+      const float mnew = fmaxf(mrun[g], mo);
+      const float ca = mnew == -CUDART_INF_F ? 0.f : exp2f(mrun[g] - mnew);
+      const float cb = mnew == -CUDART_INF_F ? 0.f : exp2f(mo - mnew);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float ao = __shfl_xor_sync(0xffffffffu, acc[g][i], o);
+        acc[g][i] = acc[g][i] * ca + ao * cb;
+      }
+      lrun[g] = lrun[g] * ca + lo * cb;
+      mrun[g] = mnew;
+    }
+  }
+  // merge the warps through shared memory
+  __shared__ float s_m[AT_WARPS][MAXG], s_l[AT_WARPS][MAXG], s_a[AT_WARPS][MAXG];
+  __shared__ float s_acc[AT_WARPS][MAXG][D];
+  if (sub == 0) {
+#pragma unroll
+    for (int g = 0; g < MAXG; ++g) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s_acc[warp][g][c * 8 + i] = acc[g][i];
+      if (c == 0) { s_m[warp][g] = mrun[g]; s_l[warp][g] = lrun[g]; s_a[warp][g] = arun[g]; }
+    }
+  }
+  __syncthreads();
+  float *my_part = part + (((size_t)b * Hs + row) * nsplit + split) * (size_t)qh * REC;
+  for (int ix = threadIdx.x; ix < qh * D; ix += blockDim.x) {
+    const int g = ix / D, d = ix % D;
+    float M = -CUDART_INF_F, L = 0.f, A = 0.f, AL = 0.f;
+#pragma unroll
+    for (int w = 0; w < AT_WARPS; ++w) M = fmaxf(M, s_m[w][g]);
+#pragma unroll
+    for (int w = 0; w < AT_WARPS; ++w) {
+      AL += s_a[w][g];
+      if (M != -CUDART_INF_F) {
+        const float cw = exp2f(s_m[w][g] - M);
+        L += s_l[w][g] * cw;
+        A += s_acc[w][g][d] * cw;
+      }
+    }
+    if (nsplit == 1) {
+      float y = L > 0.f ? A / L : 0.f;
+      if (reallocate) y = AL * y + (1.f - AL) * v_mean[((size_t)b * Hkv + hk) * D + d];
+      out[((size_t)b * H + h0 + g) * D + d] = from_f<T>(y);
+    } else {
+      my_part[g * REC + d] = A;
+      if (d == 0) {
+        my_part[g * REC + D] = M;
+        my_part[g * REC + D + 1] = L;
+        my_part[g * REC + D + 2] = AL;
+      }
+    }
+  }
+  if (nsplit == 1) return;
+
+  // the last split block of this row merges every split
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(&counters[(size_t)b * Hs + row], 1) == nsplit - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const float *rp = part + ((size_t)b * Hs + row) * nsplit * (size_t)qh * REC;
+  constexpr int MS = 64;  // splits weighted at a time through shared memory
+  __shared__ float s_w[MS][MAXG];
+  __shared__ float s_M[MAXG], s_L[MAXG], s_AL[MAXG];
+  for (int g = warp; g < qh; g += AT_WARPS) {  // warp: max, sum and alpha of head g
+    float M = -CUDART_INF_F;
+    for (int sp = lane; sp < nsplit; sp += 32) M = fmaxf(M, __ldcg(rp + ((size_t)sp * qh + g) * REC + D));
+    M = warp_max(M);
+    float L = 0.f, AL = 0.f;
+    for (int sp = lane; sp < nsplit; sp += 32) {
+      const float *ps = rp + ((size_t)sp * qh + g) * REC;
+      const float ms = __ldcg(ps + D);
+      if (ms != -CUDART_INF_F) L += __ldcg(ps + D + 1) * exp2f(ms - M);
+      AL += __ldcg(ps + D + 2);
+    }
+    L = warp_sum(L);
+    AL = warp_sum(AL);
+    if (lane == 0) { s_M[g] = M; s_L[g] = L; s_AL[g] = AL; }
+  }
+  // MAXG <= 8 heads and D <= 128: qh * D <= 1024 = 8 outputs per thread
+  constexpr int PER = (MAXG * D + AT_WARPS * 32 - 1) / (AT_WARPS * 32);
+  float A[PER];
+#pragma unroll
+  for (int it = 0; it < PER; ++it) A[it] = 0.f;
+  for (int c0 = 0; c0 < nsplit; c0 += MS) {
+    const int nc = min(MS, nsplit - c0);
+    __syncthreads();
+    for (int i = threadIdx.x; i < nc * qh; i += blockDim.x) {
+      const int sp = i / qh, g = i % qh;
+      const float ms = __ldcg(rp + ((size_t)(c0 + sp) * qh + g) * REC + D);
+      s_w[sp][g] = ms == -CUDART_INF_F ? 0.f : exp2f(ms - s_M[g]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int it = 0; it < PER; ++it) {
+      const int ix = it * blockDim.x + threadIdx.x;
+      if (ix < qh * D) {
+        const int g = ix / D, d = ix % D;
+        float a = 0.f;
+        for (int sp = 0; sp < nc; ++sp)
+          a = fmaf(s_w[sp][g], __ldcg(rp + ((size_t)(c0 + sp) * qh + g) * REC + d), a);
+        A[it] += a;
+      }
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int it = 0; it < PER; ++it) {
+    const int ix = it * blockDim.x + threadIdx.x;
+    if (ix < qh * D) {
+      const int g = ix / D, d = ix % D;
+      const float L = s_L[g];
+      float y = L > 0.f ? A[it] / L : 0.f;
+      if (reallocate) y = s_AL[g] * y + (1.f - s_AL[g]) * v_mean[((size_t)b * Hkv + hk) * D + d];
+      out[((size_t)b * H + h0 + g) * D + d] = from_f<T>(y);
+    }
+  }
+}
+
+// ---------------------------------------------------------- dispatching ----
+
+int64_t as_nblk(int64_t cap) { return (cap + AS_TOK - 1) / AS_TOK; }
+
+template <typename T>
+int launch_build(const void *k, const void *v, int64_t B, int64_t Hkv, int64_t cap, int64_t D,
+                 const int32_t *seq_lens, void *kt, float *v_mean, cudaStream_t st) {
+  if (cap > 0) {
+    dim3 grid((unsigned)((cap + TR_TILE - 1) / TR_TILE), (unsigned)((D + TR_TILE - 1) / TR_TILE),
+              (unsigned)(B * Hkv));
+    transpose_kernel<T><<<grid, dim3(TR_TILE, 8), 0, st>>>((const T *)k, cap, (int)D, (T *)kt);
+  }
+  vmean_kernel<T><<<(unsigned)(B * Hkv), VM_THREADS, 0, st>>>((const T *)v, (int)Hkv, cap, (int)D,
+                                                             seq_lens, v_mean);
+  return (int)cudaGetLastError();
+}
+
+template <typename T>
+int launch_append(const void *k_new, const void *v_new, int64_t B, int64_t Hkv, int64_t cap,
+                  int64_t D, int64_t n_new, const int32_t *seq_lens, void *k, void *v, void *kt,
+                  float *v_mean, cudaStream_t st) {
+  append_kernel<T><<<(unsigned)(B * Hkv), (unsigned)D, 0, st>>>(
+      (const T *)k_new, (const T *)v_new, (int)Hkv, cap, (int)D, (int)n_new, seq_lens, (T *)k,
+      (T *)v, (T *)kt, v_mean);
+  return (int)cudaGetLastError();
+}
+
+template <typename T>
+int launch_top_channels(const void *q, int64_t B, int64_t H, int64_t D, int64_t r, int64_t gs,
+                        int32_t *i1, cudaStream_t st) {
+  dim3 grid((unsigned)(H / gs), (unsigned)B);
+  const int threads = D <= 1024 ? (int)((D + 31) / 32 * 32) : 1024;
+  top_channels_kernel<T><<<grid, threads, (size_t)D * 2 * sizeof(uint32_t), st>>>(
+      (const T *)q, (int)H, (int)D, (int)r, (int)gs, i1);
+  return (int)cudaGetLastError();
+}
+
+// logits + normalize; rowscore (may be NULL) gets the group sums
+template <typename T>
+int launch_scores(const void *q, const void *kt, int64_t B, int64_t H, int64_t Hkv, int64_t cap,
+                  int64_t D, const int32_t *i1, int64_t Hs1, int64_t r, const int32_t *seq_lens,
+                  float *s_hat, float *part, float *rowscore, cudaStream_t st) {
+  if (r > AS_MAXR) return (int)cudaErrorInvalidValue;
+  const int nh = (Hs1 == H) ? 1 : (int)(H / Hkv);
+  dim3 grid((unsigned)as_nblk(cap), (unsigned)Hs1, (unsigned)B);
+#define KS_SQ(MG)                                                                              \
+  logits_kernel<T, MG><<<grid, AS_THREADS, 0, st>>>((const T *)q, (const T *)kt, (int)H,       \
+                                                    (int)Hkv, cap, (int)D, i1, (int)r,         \
+                                                    seq_lens, s_hat, part);                    \
+  normalize_kernel<MG><<<grid, AS_THREADS, 0, st>>>((int)H, (int)Hkv, cap, seq_lens, part,     \
+                                                    s_hat, rowscore)
+  switch (maxg_bucket(nh)) {
+    case 1: KS_SQ(1); break;
+    case 2: KS_SQ(2); break;
+    case 4: KS_SQ(4); break;
+    case 8: KS_SQ(8); break;
+    default: return (int)cudaErrorInvalidValue;
+  }
+#undef KS_SQ
+  return (int)cudaGetLastError();
+}
+
+int entries_per_split(int64_t B, int64_t Hs, int64_t n_sel, int chunk) {
+  // at least one chunk per warp; grow while the grid would still fill the
+  // GPU many times over (fewer partials to merge)
+  int64_t per = (int64_t)AT_WARPS * chunk;
+  while (per < 8192 && B * Hs * ((n_sel + per - 1) / per) > 2048) per *= 2;
+  return (int)per;
+}
+
+template <typename T, int D>
+int launch_attn_t(const void *q, const void *k, const void *v, int64_t B, int64_t H, int64_t Hkv,
+                  int64_t cap, const int32_t *i2, int64_t Hs, int64_t n_sel, const float *s_hat,
+                  const float *v_mean, const int32_t *seq_lens, float scale, int reallocate,
+                  float *part, int *counters, void *out, cudaStream_t st) {
+  const int qh = (Hs == H) ? 1 : (int)(H / Hkv);
+  const float sl = scale * 1.4426950408889634f;
+#define KS_AT(MG)                                                                              \
+  {                                                                                            \
+    const int chunk = (32 / (D / 8)) * at_unroll<T, MG>();                                     \
+    const int per = entries_per_split(B, Hs, n_sel, chunk);                                    \
+    const int64_t ns = n_sel > 0 ? (n_sel + per - 1) / per : 1;                                \
+    dim3 grid((unsigned)ns, (unsigned)Hs, (unsigned)B);                                        \
+    sparse_attn_kernel<T, D, MG><<<grid, AT_WARPS * 32, 0, st>>>(                              \
+        (const T *)q, (const T *)k, (const T *)v, (int)H, (int)Hkv, cap, i2, (int)n_sel,       \
+        s_hat, v_mean, seq_lens, sl, reallocate, per, part, counters, (T *)out);               \
+  }
+  switch (maxg_bucket(qh)) {
+    case 1: KS_AT(1); break;
+    case 2: KS_AT(2); break;
+    case 4: KS_AT(4); break;
+    case 8: KS_AT(8); break;
+    default: return (int)cudaErrorInvalidValue;
+  }
+#undef KS_AT
+  return (int)cudaGetLastError();
+}
+
+template <typename T>
+int launch_attn(int64_t D, const void *q, const void *k, const void *v, int64_t B, int64_t H,
+                int64_t Hkv, int64_t cap, const int32_t *i2, int64_t Hs, int64_t n_sel,
+                const float *s_hat, const float *v_mean, const int32_t *seq_lens, float scale,
+                int reallocate, float *part, int *counters, void *out, cudaStream_t st) {
+  if (D == 64)
+    return launch_attn_t<T, 64>(q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, v_mean, seq_lens,
+                                scale, reallocate, part, counters, out, st);
+  if (D == 128)
+    return launch_attn_t<T, 128>(q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, v_mean, seq_lens,
+                                 scale, reallocate, part, counters, out, st);
+  return (int)cudaErrorInvalidValue;
+}
+
+size_t attn_workspace(int64_t B, int64_t H, int64_t Hs, int64_t D, int64_t n_sel) {
+  const int64_t max_splits = n_sel > 0 ? (n_sel + AT_WARPS * AT_MIN_CHUNK - 1) / (AT_WARPS * AT_MIN_CHUNK) : 1;
+  // per (b, row, split): qh records of D + 3 floats; Hs * qh == H
+  return align256((size_t)B * Hs * sizeof(int)) +
+         align256((size_t)B * H * max_splits * (D + 3) * sizeof(float));
+}
+
+// counters first, partials after (see attn_workspace)
+int run_attn(ks_dtype dt, const void *q, const void *k, const void *v, int64_t B, int64_t H,
+             int64_t Hkv, int64_t cap, int64_t D, const int32_t *i2, int64_t Hs, int64_t n_sel,
+             const float *s_hat, const float *v_mean, const int32_t *seq_lens, float scale,
+             int reallocate, void *ws, void *out, cudaStream_t st);
+
+}  // namespace
+
+#define KS_DISPATCH(dt, FN, ...)                                      \
+  ((dt) == KS_F32    ? FN<float>(__VA_ARGS__)                         \
+   : (dt) == KS_F16  ? FN<__half>(__VA_ARGS__)                        \
+   : (dt) == KS_BF16 ? FN<__nv_bfloat16>(__VA_ARGS__)                 \
+                     : (int)cudaErrorInvalidValue)
+
+namespace {
+int run_attn(ks_dtype dt, const void *q, const void *k, const void *v, int64_t B, int64_t H,
+             int64_t Hkv, int64_t cap, int64_t D, const int32_t *i2, int64_t Hs, int64_t n_sel,
+             const float *s_hat, const float *v_mean, const int32_t *seq_lens, float scale,
+             int reallocate, void *ws, void *out, cudaStream_t st) {
+  int *counters = (int *)ws;
+  float *part = (float *)((char *)ws + align256((size_t)B * Hs * sizeof(int)));
+  cudaError_t e = cudaMemsetAsync(counters, 0, (size_t)B * Hs * sizeof(int), st);
+  if (e != cudaSuccess) return (int)e;
+  return KS_DISPATCH(dt, launch_attn, D, q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, v_mean,
+                     seq_lens, scale, reallocate, part, counters, out, st);
+}
+}  // namespace
+
+extern "C" {
+
+int ks_sparq_build_cuda(const void *k, const void *v, ks_dtype dt, int64_t B, int64_t Hkv,
+                        int64_t cap, int64_t D, const int32_t *seq_lens, void *kt,
+                        float *v_mean, void *stream) {
+  if (B == 0 || Hkv == 0 || D == 0) return 0;
+  if (D != 64 && D != 128) return (int)cudaErrorInvalidValue;
+  return KS_DISPATCH(dt, launch_build, k, v, B, Hkv, cap, D, seq_lens, kt, v_mean,
+                     (cudaStream_t)stream);
+}
+
+int ks_sparq_append_cuda(const void *k_new, const void *v_new, ks_dtype dt, int64_t B,
+                         int64_t Hkv, int64_t cap, int64_t D, int64_t n_new,
+                         const int32_t *seq_lens, void *k, void *v, void *kt, float *v_mean,
+                         void *stream) {
+  if (B == 0 || Hkv == 0 || D == 0 || n_new <= 0) return 0;
+  if (D > 1024) return (int)cudaErrorInvalidValue;
+  return KS_DISPATCH(dt, launch_append, k_new, v_new, B, Hkv, cap, D, n_new, seq_lens, k, v, kt,
+                     v_mean, (cudaStream_t)stream);
+}
+
+int ks_sparq_top_channels_cuda(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t D,
+                               int64_t r, int64_t group_size, int32_t *i1, void *stream) {
+  if (B == 0 || H == 0 || r == 0) return 0;
+  return KS_DISPATCH(dt, launch_top_channels, q, B, H, D, r, group_size, i1, (cudaStream_t)stream);
+}
+
+size_t ks_sparq_approx_scores_cuda_workspace(int64_t B, int64_t H, int64_t cap) {
+  return align256((size_t)B * H * as_nblk(cap) * 2 * sizeof(float));
+}
+
+int ks_sparq_approx_scores_cuda(const void *q, const void *kt, ks_dtype dt, int64_t B, int64_t H,
+                                int64_t Hkv, int64_t cap, int64_t D, const int32_t *i1,
+                                int64_t Hs1, int64_t r, const int32_t *seq_lens, float *s_hat,
+                                void *workspace, void *stream) {
+  if (B == 0 || H == 0 || cap == 0) return 0;
+  return KS_DISPATCH(dt, launch_scores, q, kt, B, H, Hkv, cap, D, i1, Hs1, r, seq_lens, s_hat,
+                     (float *)workspace, nullptr, (cudaStream_t)stream);
+}
+
+size_t ks_sparq_top_positions_cuda_workspace(int64_t B, int64_t H, int64_t cap,
+                                             int64_t group_size) {
+  return group_size > 1 ? align256((size_t)B * (H / group_size) * cap * sizeof(float)) : 0;
+}
+
+int ks_sparq_top_positions_cuda(const float *s_hat, int64_t B, int64_t H, int64_t cap,
+                                const int32_t *seq_lens, int64_t n_sel, int64_t local_window,
+                                int64_t group_size, int32_t *i2, void *workspace, void *stream) {
+  if (B == 0 || H == 0 || n_sel == 0) return 0;
+  cudaStream_t st = (cudaStream_t)stream;
+  const int64_t Hs = H / group_size;
+  const float *keys = s_hat;
+  if (group_size > 1) {
+    float *sum = (float *)workspace;
+    if (cap > 0) {
+      dim3 grid((unsigned)((cap + 255) / 256), (unsigned)Hs, (unsigned)B);
+      group_sum_kernel<<<grid, 256, 0, st>>>(s_hat, (int)H, (int)group_size, cap, sum);
+    }
+    keys = sum;
+  }
+  const int lw = local_window > n_sel ? (int)n_sel : (int)local_window;
+  select_kernel<<<dim3((unsigned)Hs, (unsigned)B), SEL_THREADS, 0, st>>>(keys, cap, seq_lens,
+                                                                        (int)n_sel, lw, i2);
+  return (int)cudaGetLastError();
+}
+
+size_t ks_sparq_sparse_attn_cuda_workspace(int64_t B, int64_t H, int64_t Hs2, int64_t D,
+                                           int64_t n_sel) {
+  return attn_workspace(B, H, Hs2, D, n_sel);
+}
+
+int ks_sparq_sparse_attn_cuda(const void *q, const void *k, const void *v, ks_dtype dt,
+                              int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                              const int32_t *i2, int64_t Hs2, int64_t n_sel,
+                              const float *s_hat, const float *v_mean, const int32_t *seq_lens,
+                              float scale, int reallocate, void *workspace, void *out,
+                              void *stream) {
+  if (B == 0 || H == 0) return 0;
+  return run_attn(dt, q, k, v, B, H, Hkv, cap, D, i2, Hs2, n_sel, s_hat, v_mean, seq_lens, scale,
+                  reallocate, workspace, out, (cudaStream_t)stream);
+}
+
+// layout: [attention ws][i1][s_hat][score partials][rowscore (group, G > 1)][i2]
+size_t ks_sparq_decode_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                                      int64_t r, int64_t k_top, int group_mode) {
+  const int64_t Hs = group_mode ? Hkv : H;
+  const bool rows = group_mode && H / Hkv > 1;
+  return attn_workspace(B, H, Hs, D, k_top) + align256((size_t)B * Hs * r * sizeof(int32_t)) +
+         align256((size_t)B * H * cap * sizeof(float)) +
+         ks_sparq_approx_scores_cuda_workspace(B, H, cap) +
+         (rows ? align256((size_t)B * Hs * cap * sizeof(float)) : 0) +
+         align256((size_t)B * Hs * k_top * sizeof(int32_t));
+}
+
+int ks_sparq_decode_cuda(const void *q, const void *k, const void *v, const void *kt,
+                         const float *v_mean, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                         int64_t cap, int64_t D, const int32_t *seq_lens, int64_t r,
+                         int64_t k_top, int64_t local_window, int group_mode, int reallocate,
+                         float scale, void *workspace, void *out, void *stream) {
+  if (B == 0 || H == 0) return 0;
+  if (cap == 0 || k_top < 1) return (int)cudaErrorInvalidValue;
+  cudaStream_t st = (cudaStream_t)stream;
+  const int64_t gs = group_mode ? H / Hkv : 1, Hs = H / gs;
+  char *ws = (char *)workspace;
+  void *attn_ws = ws;
+  ws += attn_workspace(B, H, Hs, D, k_top);
+  int32_t *i1 = (int32_t *)ws;
+  ws += align256((size_t)B * Hs * r * sizeof(int32_t));
+  float *s_hat = (float *)ws;
+  ws += align256((size_t)B * H * cap * sizeof(float));
+  float *part = (float *)ws;
+  ws += ks_sparq_approx_scores_cuda_workspace(B, H, cap);
+  float *rowscore = nullptr;
+  if (gs > 1) {
+    rowscore = (float *)ws;
+    ws += align256((size_t)B * Hs * cap * sizeof(float));
+  }
+  int32_t *i2 = (int32_t *)ws;
+
+  int rc = KS_DISPATCH(dt, launch_top_channels, q, B, H, D, r, gs, i1, st);
+  if (rc) return rc;
+  rc = KS_DISPATCH(dt, launch_scores, q, kt, B, H, Hkv, cap, D, i1, Hs, r, seq_lens, s_hat, part,
+                   rowscore, st);
+  if (rc) return rc;
+  const int lw = local_window > k_top ? (int)k_top : (int)local_window;
+  select_kernel<<<dim3((unsigned)Hs, (unsigned)B), SEL_THREADS, 0, st>>>(
+      rowscore ? rowscore : s_hat, cap, seq_lens, (int)k_top, lw, i2);
+  rc = (int)cudaGetLastError();
+  if (rc) return rc;
+  return run_attn(dt, q, k, v, B, H, Hkv, cap, D, i2, Hs, k_top, s_hat, v_mean, seq_lens, scale,
+                  reallocate, attn_ws, out, st);
+}
+
+}  // extern "C"

@@ -1,0 +1,296 @@
+"""SparQ: sparse-query attention with mean-value reallocation (decode step).
+
+For one decode step and one KV group SparQ
+
+1. picks the ``r`` query channels ``i1`` with the largest ``|q|`` (in group
+   mode the ``|q|`` of the ``G`` query heads sharing a KV head are summed, so a
+   group shares one ``i1``; ties go to the lower channel);
+2. approximates the attention probabilities from those channels only:
+   ``s_hat = softmax(q[i1] . K[:, i1]^T / tau)`` over the valid tokens, with
+   ``tau = sqrt(D * ||q[i1]||_1 / ||q||_1)`` per query head. ``K[:, i1]`` is read
+   from ``kt``, a channel-major copy of the keys, so each of the ``r`` rows is
+   contiguous over tokens;
+3. keeps the ``k`` positions ``i2`` with the largest ``s_hat`` (group mode: of
+   the group's summed ``s_hat``; ties to the lower position), optionally
+   always including the last ``local_window`` positions (they count towards
+   ``k``); ``k >= length`` keeps every position;
+4. runs exact attention over ``K[i2], V[i2]``;
+5. mixes in the mean value: ``y = alpha * y_topk + (1 - alpha) * v_mean`` with
+   ``alpha = sum_{t in i2} s_hat[t]`` per query head (``reallocate=False``:
+   ``y = y_topk``).
+
+Shapes (all tensors contiguous, on one device):
+
+==========  ===========================  ======================================
+q           [B, H, D]                    decode query, float32/float16/bfloat16
+k, v        [B, Hkv, cap, D]             KV cache, q's dtype
+kt          [B, Hkv, D, cap]             ``k`` transposed (channel-major), q's dtype
+v_mean      [B, Hkv, D] float32          mean of ``v`` over the valid tokens
+seq_lens    [B] int32                    valid tokens per sequence, in [0, cap]
+i1          [B, Hs, r] int32             top channels, ascending
+s_hat       [B, H, cap] float32          approximate probabilities; 0 past seq_lens
+i2          [B, Hs, k] int32             kept positions, ascending, -1 padded
+==========  ===========================  ======================================
+
+``H`` must be a multiple of ``Hkv``: query head ``h`` reads KV head
+``h // (H // Hkv)``. ``Hs = Hkv`` in group mode, ``H`` in head mode. Head dim
+``D``: a multiple of 8 up to 256 on CPU, 64 or 128 on CUDA (where group mode
+allows at most 8 query heads per KV head).
+
+Cache maintenance: :func:`build` makes ``kt`` and ``v_mean`` from a full cache;
+:func:`append` writes new tokens into ``k``, ``v`` and ``kt`` and updates
+``v_mean`` incrementally. Neither changes ``seq_lens``: after
+``append(..., seq_lens)`` the caller adds the number of new tokens.
+
+On CPU the values of ``seq_lens``/``i1``/``i2`` are validated; on CUDA they are
+trusted (checking them needs a host sync and would break CUDA graphs) and the
+kernels clamp them. Every CUDA op is graph-capturable.
+"""
+import math
+
+import torch
+
+from . import _ops
+
+__all__ = [
+    "build",
+    "append",
+    "top_channels",
+    "approx_scores",
+    "top_positions",
+    "sparse_attention",
+    "attention",
+    "choose_r_k",
+]
+
+_MODES = ("group", "head")
+
+
+def _group_flag(mode):
+    if not isinstance(mode, str) or mode not in _MODES:
+        raise ValueError(f"kvsparse: mode must be 'group' or 'head', got {mode!r}")
+    return mode == "group"
+
+
+def _scale(q, scale):
+    if scale is None:
+        if q.dim() < 1 or q.shape[-1] == 0:
+            raise ValueError(f"kvsparse: q must be [B, H, D] with D > 0, got shape {tuple(q.shape)}")
+        return 1.0 / math.sqrt(q.shape[-1])
+    return float(scale)
+
+
+def build(k, v, seq_lens):
+    """Build SparQ's cache side data from a full KV cache.
+
+    Args:
+        k, v: ``[B, Hkv, cap, D]``, float32/float16/bfloat16 (same dtype).
+        seq_lens: ``[B]`` int32 in ``[0, cap]``.
+
+    Returns:
+        ``(kt, v_mean)``: ``kt`` ``[B, Hkv, D, cap]`` in k's dtype, exactly
+        ``k.transpose(2, 3)`` (the whole cache, valid or not); ``v_mean``
+        float32 ``[B, Hkv, D]``, the mean of ``v[b, :, :seq_lens[b]]`` over
+        tokens (zeros for an empty sequence).
+    """
+    return _ops.ops.sparq_build(k, v, seq_lens)
+
+
+def append(k_new, v_new, k, v, kt, v_mean, seq_lens):
+    """Append tokens to a SparQ cache, in place.
+
+    For every sequence ``b`` with ``len = seq_lens[b]`` (the length *before*
+    the append) and ``n = k_new.shape[2]``, writes ``k_new[b, :, i]`` /
+    ``v_new[b, :, i]`` at position ``len + i`` of ``k``, ``v`` and ``kt`` and
+    updates the running mean
+    ``v_mean += (sum_i v_new[b, :, i] - n * v_mean) / (len + n)`` (float32;
+    never recomputed from the cache). ``seq_lens`` is **not** modified: the
+    caller adds ``n`` afterwards (e.g. ``seq_lens += n``).
+
+    Args:
+        k_new, v_new: ``[B, Hkv, n, D]``, the cache's dtype.
+        k, v: ``[B, Hkv, cap, D]``; modified in place.
+        kt: ``[B, Hkv, D, cap]``; modified in place.
+        v_mean: float32 ``[B, Hkv, D]``, up to date for ``seq_lens``; modified
+            in place.
+        seq_lens: ``[B]`` int32 with ``seq_lens[b] + n <= cap`` (on CUDA a
+            sequence that would overflow is left untouched).
+
+    Returns:
+        None.
+    """
+    _ops.ops.sparq_append(k_new, v_new, k, v, kt, v_mean, seq_lens)
+
+
+def top_channels(q, r, group_size=1):
+    """Step 1: the ``r`` channels with the largest ``|q|``.
+
+    Args:
+        q: ``[B, H, D]``.
+        r: channels to keep, in ``[1, D]``.
+        group_size: query heads per row: ``1`` (head mode, one set per query
+            head) or ``H // Hkv`` (group mode, the ``|q|`` of each group's
+            heads summed in float32 in head order); must divide ``H``.
+
+    Returns:
+        int32 ``[B, H // group_size, r]``: channel indices in ascending
+        order (which ``r`` channels: largest key first, ties to the lower
+        channel, NaN ranks lowest).
+    """
+    return _ops.ops.sparq_top_channels(q, int(r), int(group_size))
+
+
+def approx_scores(q, kt, i1, seq_lens):
+    """Step 2: approximate attention probabilities from the ``r`` channels ``i1``.
+
+    ``s_hat[b, h, t] = softmax_t(sum_j q[b,h,c_j] * kt[b,hk,c_j,t] / tau)`` for
+    ``t < seq_lens[b]`` with ``c = i1[b, row(h)]`` and
+    ``tau = sqrt(D * sum_j |q[b,h,c_j]| / sum_d |q[b,h,d]|)`` (each head uses its
+    own ``q`` values, also on a shared ``i1``); float32, numerically stable.
+    Positions ``t >= seq_lens[b]`` get probability 0 (never ``-inf``); an
+    empty sequence gives a row of zeros.
+
+    Args:
+        q: ``[B, H, D]``.
+        kt: ``[B, Hkv, D, cap]``, q's dtype (see :func:`build`).
+        i1: int32 ``[B, Hs, r]`` with ``Hs`` in ``{H, Hkv}``; values in ``[0, D)``.
+        seq_lens: ``[B]`` int32 in ``[0, cap]``.
+
+    Returns:
+        float32 ``[B, H, cap]``.
+    """
+    return _ops.ops.sparq_approx_scores(q, kt, i1, seq_lens)
+
+
+def top_positions(s_hat, seq_lens, k, local_window=0, group_size=1):
+    """Step 3: the positions to attend to.
+
+    For each row with ``len = seq_lens[b]``: if ``k >= len`` every position
+    ``0 .. len-1``; else, with ``w = min(local_window, k)``, the last ``w``
+    positions plus the ``k - w`` highest-scoring positions among
+    ``0 .. len-w-1`` (ties to the lower position). Computed on the device,
+    without a host sync.
+
+    Args:
+        s_hat: float32 ``[B, H, cap]`` (from :func:`approx_scores`).
+        seq_lens: ``[B]`` int32 in ``[0, cap]``.
+        k: positions to keep, ``1 <= k <= cap``.
+        local_window: trailing positions always kept (>= 0; they count
+            towards ``k``).
+        group_size: ``1`` (head mode) or ``H // Hkv`` (group mode: the key of a
+            position is the float32 sum, in head order, of the group's
+            ``s_hat``).
+
+    Returns:
+        int32 ``[B, H // group_size, k]``: ascending positions, padded with
+        ``-1`` when fewer than ``k`` positions are valid.
+    """
+    return _ops.ops.sparq_top_positions(s_hat, seq_lens, int(k), int(local_window), int(group_size))
+
+
+def sparse_attention(q, k, v, i2, s_hat, v_mean, seq_lens, scale=None, reallocate=True):
+    """Steps 4 and 5: exact attention over ``i2`` with mean-value reallocation.
+
+    ``y_topk[b, h] = softmax_t(scale * q[b,h] . k[b,hk,t]) @ v[b,hk,t]`` over the
+    entries ``t`` of ``i2[b, row(h)]`` with ``0 <= t < seq_lens[b]`` (``-1``
+    skipped; float32 accumulation, stable softmax; zeros if none). With
+    ``reallocate``: ``out = alpha * y_topk + (1 - alpha) * v_mean[b, hk]``,
+    ``alpha = sum_{t} s_hat[b, h, t]`` over the same entries (so an empty row
+    gives ``v_mean``); without it ``out = y_topk``.
+
+    Args:
+        q: ``[B, H, D]``.
+        k, v: ``[B, Hkv, cap, D]``, q's dtype.
+        i2: int32 ``[B, Hs, n]``, ``Hs`` in ``{H, Hkv}``; values ``-1`` or in
+            ``[0, cap)``, expected distinct.
+        s_hat: float32 ``[B, H, cap]``.
+        v_mean: float32 ``[B, Hkv, D]``.
+        seq_lens: ``[B]`` int32 in ``[0, cap]``.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        reallocate: mix in ``v_mean`` (default True).
+
+    Returns:
+        ``[B, H, D]`` in q's dtype.
+    """
+    return _ops.ops.sparq_sparse_attention(
+        q, k, v, i2, s_hat, v_mean, seq_lens, _scale(q, scale), bool(reallocate)
+    )
+
+
+def attention(q, k, v, kt, v_mean, seq_lens, r, k_top, local_window=0, mode="group",
+              reallocate=True, scale=None):
+    """Fused SparQ decode attention (steps 1-5).
+
+    Same result as ``sparse_attention(q, k, v, top_positions(approx_scores(q,
+    kt, top_channels(q, r, G), seq_lens), seq_lens, k_top, local_window, G),
+    s_hat, v_mean, seq_lens, scale, reallocate)`` with ``G = H // Hkv`` in group
+    mode, ``1`` in head mode. With ``k_top >= seq_lens[b]`` and
+    ``reallocate=False`` it is dense attention over the valid prefix. On CUDA
+    it is graph-capturable (no host sync; workspace sized from shapes only).
+
+    Args:
+        q: ``[B, H, D]``.
+        k, v: ``[B, Hkv, cap, D]``, q's dtype.
+        kt: ``[B, Hkv, D, cap]`` and v_mean float32 ``[B, Hkv, D]``, up to
+            date for ``seq_lens`` (see :func:`build`, :func:`append`).
+        seq_lens: ``[B]`` int32 in ``[0, cap]``.
+        r: query channels used for the approximate scores, ``1 <= r <= D``.
+        k_top: positions attended per row, ``1 <= k_top <= cap``.
+        local_window: trailing positions always kept (count towards ``k_top``).
+        mode: ``"group"`` (one ``i1``/``i2`` per KV head) or ``"head"``.
+        reallocate: mean-value reallocation (default True).
+        scale: softmax scale of the exact attention, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[B, H, D]`` in q's dtype.
+    """
+    group = _group_flag(mode)
+    return _ops.ops.sparq_attention(
+        q, k, v, kt, v_mean, seq_lens, int(r), int(k_top), int(local_window), group,
+        bool(reallocate), _scale(q, scale),
+    )
+
+
+def _round_half_up(x):
+    return int(math.floor(x + 0.5))
+
+
+def choose_r_k(D, seq_len, compression):
+    """Pick ``(r, k)`` for a target memory-transfer ratio.
+
+    Bytes read per KV head and step (elements, ignoring the ``D`` of
+    ``v_mean`` and the query): dense attention reads ``K`` and ``V`` in full,
+    ``2 * S * D``; SparQ reads ``r`` rows of ``kt`` (``r * S``) and ``K``, ``V``
+    at ``k`` positions (``2 * k * D``). The ratio is therefore
+    ``r / (2 D) + k / S``. We spend half of the target ``compression`` on each
+    stage -- ``r / (2 D) = c / 2`` and ``k / S = c / 2`` -- which gives
+
+        ``r = round(c * D)``, clamped to ``[1, D]``;
+        ``k = round(c * S / 2)``, clamped to ``[1, S]``
+
+    (round half up). Splitting evenly keeps both approximations equally
+    coarse: the channel count controls how well ``s_hat`` ranks the tokens and
+    ``k`` how much of the attention mass is covered. For ``c = 1/8`` and
+    ``D = 128`` this is ``r = 16`` and ``k = S / 16``. Because of the clamps,
+    the achieved ratio can exceed ``c`` for tiny ``D * c`` or ``S * c``.
+
+    Args:
+        D: head dim (>= 1).
+        seq_len: tokens in the cache ``S`` (>= 1).
+        compression: target ratio ``c`` in ``(0, 1]``.
+
+    Returns:
+        ``(r, k)``, Python ints.
+    """
+    D = int(D)
+    S = int(seq_len)
+    c = float(compression)
+    if D < 1:
+        raise ValueError(f"kvsparse: D must be >= 1, got {D}")
+    if S < 1:
+        raise ValueError(f"kvsparse: seq_len must be >= 1, got {S}")
+    if not (0.0 < c <= 1.0):
+        raise ValueError(f"kvsparse: compression must be in (0, 1], got {compression}")
+    r = min(D, max(1, _round_half_up(c * D)))
+    k = min(S, max(1, _round_half_up(c * S / 2.0)))
+    return r, k
