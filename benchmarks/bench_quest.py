@@ -21,10 +21,7 @@ import argparse
 import datetime
 import math
 import os
-import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -32,73 +29,13 @@ import torch.nn.functional as F
 import kvsparse
 from kvsparse import quest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import cpu_header, gpu_header, hbm_bandwidth, time_cpu, time_eager, time_graph  # noqa: E402
+
 P = 16
 
 
 # ----------------------------------------------------------------- helpers --
-def hbm_bandwidth(nbytes=2 << 30):
-    """Device-to-device copy bandwidth (bytes read + written per second)."""
-    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    ts = []
-    for _ in range(20):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        b.copy_(a)
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1) / 1e3)
-    del a, b
-    return nbytes / statistics.median(ts)
-
-
-def time_graph(fns, reps=30, warmup=3):
-    """Capture one CUDA graph calling each fn of `fns` once; median ms per call."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warmup):
-            for f in fns:
-                f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    for _ in range(warmup):
-        g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1))
-    del g
-    return statistics.median(ts) / len(fns)
-
-
-def time_eager(fns, reps=30, warmup=5):
-    for _ in range(warmup):
-        for f in fns:
-            f()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for f in fns:
-            f()
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1))
-    return statistics.median(ts) / len(fns)
-
-
 def n_copies(S, Hkv, D, budget, elem=2):
     """Cache copies to rotate over so that neither dense (all of K and V) nor
     Quest (metadata + selected pages) can serve repeated calls from the 50 MB
@@ -210,10 +147,7 @@ def gpu_table(quick=False):
 
 
 def gpu_markdown(bw, rows):
-    name = torch.cuda.get_device_name()
-    lines = [f"### GPU: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}",
-             "",
-             f"Measured device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s (bytes read + written).",
+    lines = gpu_header(bw) + ["",
              "B=1, H=32, D=128, fp16, page 16, mode \"group\". Times in ms (CUDA-graph replay, median).",
              "`speedup` = dense / quest; `bytes` = metadata + selected K/V (MiB); `roof` = bytes / copy bandwidth;",
              "`%roof` = roof / quest time; `eager` = one Python call per step, CPU dispatch included.",
@@ -242,23 +176,12 @@ def cpu_table(quick=False):
             sl = torch.full((1,), S, dtype=torch.int32)
             kmin, kmax = quest.page_metadata(k, sl, page_size=P)
 
-            def med(fn, n=20):
-                for _ in range(3):
-                    fn()
-                ts = []
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    fn()
-                    ts.append(time.perf_counter() - t0)
-                return statistics.median(ts) * 1e3
-
-            t_dense = med(lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=(Hkv != H)))
+            t_dense = time_cpu(lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=(Hkv != H)))
             for budget in (256, 1024):
-                t_q = med(lambda: quest.attention(q, k, v, kmin, kmax, sl, page_size=P, token_budget=budget))
+                t_q = time_cpu(lambda: quest.attention(q, k, v, kmin, kmax, sl, page_size=P, token_budget=budget))
                 rows.append((Hkv, S, budget, t_dense, t_q))
                 print(f"CPU Hkv={Hkv} S={S} budget={budget}: dense {t_dense:.3f} ms quest {t_q:.3f} ms", flush=True)
-    lines = [f"### CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+    lines = [cpu_header(),
              "",
              "B=1, H=8, D=128, fp32, page 16. Wall-clock medians in ms.",
              "",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU tests, memcheck, benchmarks.
 # Usage: bash benchmarks/run_gpu.sh [build] [test] [memcheck] [bench] [bench-quick]
+# BENCH="quest sparq" picks the benchmark scripts (bench_<name>.py); MEMCHECK_TESTS the memcheck files.
 # Logs go to $OUT (or ./out when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -23,11 +24,15 @@ for s in $stages; do
     python3 -m pytest -q ${TESTS:-tests} -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
   memcheck)
     timeout ${MEMCHECK_TIMEOUT:-400} compute-sanitizer --tool memcheck --error-exitcode 9 \
-      python3 -m pytest -q -m gpu tests/test_quest.py -p no:cacheprovider >"$OUT/memcheck.log" 2>&1
+      python3 -m pytest -q -m gpu ${MEMCHECK_TESTS:-tests/test_quest.py tests/test_sparq.py} -p no:cacheprovider >"$OUT/memcheck.log" 2>&1
     echo "memcheck exit: $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -5 ;;
   bench)
-    python3 benchmarks/bench_quest.py --out "$OUT" 2>&1 | tee "$OUT/bench_quest.log" | grep -v "^|" | tail -5 ;;
+    for b in ${BENCH:-quest sparq}; do
+      python3 benchmarks/bench_$b.py --out "$OUT" 2>&1 | tee "$OUT/bench_$b.log" | grep -v "^|" | tail -40
+    done ;;
   bench-quick)
-    python3 benchmarks/bench_quest.py --quick --no-cpu --out "$OUT" 2>&1 | tee "$OUT/bench_quest.log" | tail -30 ;;
+    for b in ${BENCH:-quest sparq}; do
+      python3 benchmarks/bench_$b.py --quick --no-cpu --out "$OUT" 2>&1 | tee "$OUT/bench_$b.log" | tail -30
+    done ;;
   esac
 done
