@@ -82,13 +82,20 @@ def gpu_table(quick=False):
         R = max(nbuf, 8)
         torch.manual_seed(B * S + Hkv)
         bufs = []
-        for _ in range(nbuf):
-            k = torch.randn(B, Hkv, S, D, device=dev, dtype=dtype)
-            v = torch.randn(B, Hkv, S, D, device=dev, dtype=dtype)
-            sl = torch.full((B,), S, dtype=torch.int32, device=dev)
-            kt, v_mean = sparq.build(k, v, sl)
-            q = torch.randn(B, H, D, device=dev, dtype=dtype)
-            bufs.append((q, k, v, kt, v_mean, sl))
+        try:
+            for _ in range(nbuf):
+                k = torch.randn(B, Hkv, S, D, device=dev, dtype=dtype)
+                v = torch.randn(B, Hkv, S, D, device=dev, dtype=dtype)
+                sl = torch.full((B,), S, dtype=torch.int32, device=dev)
+                kt, v_mean = sparq.build(k, v, sl)
+                q = torch.randn(B, H, D, device=dev, dtype=dtype)
+                bufs.append((q, k, v, kt, v_mean, sl))
+            del k, v, kt, v_mean
+        except torch.cuda.OutOfMemoryError:
+            print(f"B={B} Hkv={Hkv} S={S}: the cache (K, V and the key copy) does not fit: skipped", flush=True)
+            bufs = None
+            torch.cuda.empty_cache()
+            continue
 
         def dense_fn(i):
             q, k, v = bufs[i % nbuf][:3]
@@ -108,15 +115,24 @@ def gpu_table(quick=False):
                     return lambda: torch_sparq(q, k, v, kt, vm, r, k_top)
 
                 b0 = bufs[0]
-                ref = torch_sparq(*b0[:5], r, k_top)
+                try:
+                    ref = torch_sparq(*b0[:5], r, k_top)
+                except torch.cuda.OutOfMemoryError:
+                    ref = None
+                    torch.cuda.empty_cache()
                 got = sparq.attention(*b0, r=r, k_top=k_top)
-                err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+                err = float("nan") if ref is None else ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+                del ref, got
                 t_s = time_graph([sparq_fn(i) for i in range(R)])
                 t_s_eager = time_eager([sparq_fn(i) for i in range(R)])
                 try:
                     t_t = time_graph([torch_fn(i) for i in range(R)])
-                except Exception:
-                    t_t = time_eager([torch_fn(i) for i in range(R)])
+                except Exception:  # capture can fail; or out of memory
+                    torch.cuda.empty_cache()
+                    try:
+                        t_t = time_eager([torch_fn(i) for i in range(R)])
+                    except torch.cuda.OutOfMemoryError:
+                        t_t = float("nan")
                 nbytes = B * Hkv * (r * S + 2 * k_top * D) * 2
                 shat_bytes = 2 * B * H * S * 4
                 t_roof = nbytes / bw * 1e3
