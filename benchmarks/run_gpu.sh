@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU tests, memcheck, benchmarks.
-# Usage: bash benchmarks/run_gpu.sh [build] [test] [memcheck] [bench] [bench-quick]
+# Usage: bash benchmarks/run_gpu.sh [build] [test] [memcheck] [bench] [profile] [bench-quick]
 # BENCH="quest sparq" picks the benchmark scripts (bench_<name>.py); MEMCHECK_TESTS the memcheck files.
 # Logs go to $OUT (or ./out when OUT is unset).
 set -uo pipefail
@@ -29,6 +29,10 @@ for s in $stages; do
   bench)
     for b in ${BENCH:-quest sparq}; do
       python3 benchmarks/bench_$b.py --out "$OUT" 2>&1 | tee "$OUT/bench_$b.log" | grep -v "^|" | tail -40
+    done ;;
+  profile)
+    for b in ${BENCH:-quest sparq}; do
+      python3 benchmarks/profile_$b.py 2>&1 | tee "$OUT/profile_$b.log" | tail -12
     done ;;
   bench-quick)
     for b in ${BENCH:-quest sparq}; do

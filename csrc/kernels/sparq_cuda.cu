@@ -13,15 +13,20 @@
 //                partials. normalize: merges the partials of each head and
 //                rewrites the logits as probabilities (and, in group mode,
 //                the group sum that the selection ranks)
-//   top-k        grid (rows, B), 1024 threads: 4-pass 8-bit radix select of
-//                the K-th largest key streaming the row from L2 (any length),
-//                warp-aggregated shared histograms, then an order-preserving
-//                compaction with block scans
+//   top-k        sm_90 and rows up to 128k keys: one thread-block cluster of
+//                8 blocks per row, the row's keys held in registers (each
+//                thread a contiguous run), 4-pass 8-bit radix select with the
+//                8 shared histograms summed through distributed shared
+//                memory, then an order-preserving compaction (block scans and
+//                a cluster-wide prefix of per-block counts).
+//                Otherwise: grid (rows, B), 1024 threads, the same radix
+//                select streaming the row from L2 (any length)
 //   attention    grid (splits, rows, B), 4 warps; each warp takes chunks of
 //                i2 entries (16-byte K/V loads, D/8 lanes per token, several
 //                tokens in flight), online softmax for all query heads of the
 //                row; the last split block of a row merges the partials and
 //                applies the mean-value reallocation
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -525,6 +530,142 @@ select_kernel(const float *__restrict__ keys, int64_t cap, const int32_t *seq_le
   }
 }
 
+// Cluster variant: CS_CLUSTER blocks share one row. Block c owns candidates
+// [c*per, min(m, (c+1)*per)), per = ceil(m / CS_CLUSTER); thread t of it the
+// KPT consecutive candidates from c*per + t*KPT. Same result as select_kernel.
+constexpr int CS_THREADS = 512;
+constexpr int CS_CLUSTER = 8;
+constexpr int CS_MAX_KPT = 32;
+
+template <int KPT>
+__global__ void __launch_bounds__(CS_THREADS)
+select_cluster_kernel(const float *__restrict__ keys, int64_t cap, const int32_t *seq_lens, int n_sel,
+                      int local_window, int32_t *__restrict__ i2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  __shared__ int hist[2][256];
+  __shared__ int scan_smem[64];
+  __shared__ int s_cnt[2];
+  __shared__ int s_before[2];
+  __shared__ uint32_t s_prefix;
+  __shared__ int s_need;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int crank = (int)cluster.block_rank();
+  const int CL = (int)cluster.num_blocks();
+  const int row = blockIdx.y, Hs = gridDim.y, b = blockIdx.z;
+  const size_t rid = (size_t)b * Hs + row;
+  const float *sc = keys + rid * cap;
+  int32_t *out = i2 + rid * n_sel;
+  const int len = clamp_len(seq_lens, b, cap);
+  // the conditions below are uniform over the cluster (one row): either every
+  // block returns here or none does
+  if (n_sel >= len) {
+    for (int i = crank * blockDim.x + threadIdx.x; i < n_sel; i += CL * blockDim.x) out[i] = i < len ? i : -1;
+    return;
+  }
+  const int w = local_window < n_sel ? local_window : n_sel;
+  const int m = len - w;
+  const int K = n_sel - w;
+  if (crank == 0)
+    for (int i = threadIdx.x; i < w; i += blockDim.x) out[K + i] = m + i;
+  if (K == 0) return;
+
+  const int per = (m + CL - 1) / CL;
+  const int cs = crank * per;
+  const int ce = cs + per < m ? cs + per : m;
+  const int base = cs + (int)threadIdx.x * KPT;
+  int nval = ce - base;
+  nval = nval < 0 ? 0 : (nval > KPT ? KPT : nval);
+  uint32_t kk[KPT];
+#pragma unroll
+  for (int j = 0; j < KPT; ++j) kk[j] = j < nval ? order_key(__ldg(sc + base + j)) : 0u;
+
+  const int lane = threadIdx.x & 31;
+  uint32_t prefix = 0, mask = 0;
+  int need = K;
+#pragma unroll 1
+  for (int pass = 0; pass < 4; ++pass) {
+    const int shift = 24 - 8 * pass;
+    int *h = hist[pass & 1];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) h[i] = 0;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < KPT; ++j) {
+      const bool act = j < nval && (kk[j] & mask) == prefix;
+      const int bin = (int)((kk[j] >> shift) & 0xFFu);
+      const unsigned am = __ballot_sync(0xffffffffu, act);
+      if (act) {
+        const unsigned peers = __match_any_sync(am, bin);
+        if (lane == __ffs(peers) - 1) atomicAdd(&h[bin], __popc(peers));
+      }
+    }
+    // every block's histogram of this pass is complete. (hist[pass & 1] is
+    // zeroed again two passes later, after the next cluster.sync, by which
+    // time every block has finished reading it.)
+    cluster.sync();
+    const int t = threadIdx.x;
+    int v = 0;
+    if (t < 256)
+      for (int r = 0; r < CL; ++r) v += cluster.map_shared_rank(h, r)[255 - t];
+    int total;
+    const int excl = block_scan(v, scan_smem, &total);
+    if (t < 256 && excl < need && excl + v >= need) {
+      s_prefix = prefix | ((uint32_t)(255 - t) << shift);
+      s_need = need - excl;
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    need = s_need;
+    mask |= 0xFFu << shift;
+  }
+  // compaction: keys above the threshold, and the first `need` keys equal to
+  // it in position order across the cluster
+  int gt = 0, eq = 0;
+#pragma unroll
+  for (int j = 0; j < KPT; ++j) {
+    gt += (j < nval && kk[j] > prefix) ? 1 : 0;
+    eq += (j < nval && kk[j] == prefix) ? 1 : 0;
+  }
+  int tot_gt, tot_eq;
+  const int excl_gt = block_scan(gt, scan_smem, &tot_gt);
+  const int excl_eq = block_scan(eq, scan_smem, &tot_eq);
+  if (threadIdx.x == 0) { s_cnt[0] = tot_gt; s_cnt[1] = tot_eq; }
+  cluster.sync();
+  if (threadIdx.x == 0) {
+    int gb = 0, eb = 0;
+    for (int r = 0; r < crank; ++r) {
+      const int *c = cluster.map_shared_rank(s_cnt, r);
+      gb += c[0];
+      eb += c[1];
+    }
+    s_before[0] = gb;
+    s_before[1] = eb;
+  }
+  __syncthreads();
+  const int gt_before = s_before[0], eq_before = s_before[1];
+  int take_eq_block = need - eq_before;
+  take_eq_block = take_eq_block < 0 ? 0 : (take_eq_block > tot_eq ? tot_eq : take_eq_block);
+  const int eq_taken_before = eq_before < need ? eq_before : need;
+  int pos = gt_before + eq_taken_before + excl_gt + (excl_eq < take_eq_block ? excl_eq : take_eq_block);
+  int e = eq_before + excl_eq;
+#pragma unroll
+  for (int j = 0; j < KPT; ++j) {
+    if (j < nval) {
+      if (kk[j] > prefix) {
+        out[pos++] = base + j;
+      } else if (kk[j] == prefix) {
+        if (e < need) out[pos++] = base + j;
+        ++e;
+      }
+    }
+  }
+  // no block may exit while another still reads its shared memory
+  cluster.sync();
+#else
+  __trap();
+#endif
+}
+
 // ----------------------------------------------------------- attention -----
 constexpr int AT_WARPS = 4;
 constexpr int AT_MIN_CHUNK = 8;  // smallest entries per warp chunk (D = 128, U = 4): workspace bound
@@ -888,6 +1029,52 @@ int launch_attn(int64_t D, const void *q, const void *k, const void *v, int64_t 
   return (int)cudaErrorInvalidValue;
 }
 
+template <int KPT>
+cudaError_t launch_select_cluster(const float *keys, int64_t B, int64_t Hs, int64_t cap,
+                                  const int32_t *seq_lens, int n_sel, int lw, int32_t *i2,
+                                  cudaStream_t st) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)CS_CLUSTER, (unsigned)Hs, (unsigned)B);
+  cfg.blockDim = dim3(CS_THREADS);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CS_CLUSTER;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, select_cluster_kernel<KPT>, keys, cap, seq_lens, n_sel, lw, i2);
+}
+
+// 1 when the current device runs thread-block clusters (sm_90 and newer)
+int clusters_supported() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return 0;
+  return major >= 9;
+}
+
+// top-k positions of `keys` [B, Hs, cap]: the cluster kernel where it runs,
+// the single-block kernel otherwise
+int launch_select(const float *keys, int64_t B, int64_t Hs, int64_t cap, const int32_t *seq_lens,
+                  int n_sel, int lw, int32_t *i2, cudaStream_t st) {
+  const int64_t per_thread = (cap + (int64_t)CS_CLUSTER * CS_THREADS - 1) / ((int64_t)CS_CLUSTER * CS_THREADS);
+  if (per_thread <= CS_MAX_KPT && clusters_supported()) {
+    cudaError_t e;
+    if (per_thread <= 1) e = launch_select_cluster<1>(keys, B, Hs, cap, seq_lens, n_sel, lw, i2, st);
+    else if (per_thread <= 2) e = launch_select_cluster<2>(keys, B, Hs, cap, seq_lens, n_sel, lw, i2, st);
+    else if (per_thread <= 4) e = launch_select_cluster<4>(keys, B, Hs, cap, seq_lens, n_sel, lw, i2, st);
+    else if (per_thread <= 8) e = launch_select_cluster<8>(keys, B, Hs, cap, seq_lens, n_sel, lw, i2, st);
+    else if (per_thread <= 16) e = launch_select_cluster<16>(keys, B, Hs, cap, seq_lens, n_sel, lw, i2, st);
+    else e = launch_select_cluster<32>(keys, B, Hs, cap, seq_lens, n_sel, lw, i2, st);
+    return (int)e;
+  }
+  select_kernel<<<dim3((unsigned)Hs, (unsigned)B), SEL_THREADS, 0, st>>>(keys, cap, seq_lens, n_sel, lw, i2);
+  return (int)cudaGetLastError();
+}
+
 size_t attn_workspace(int64_t B, int64_t H, int64_t Hs, int64_t D, int64_t n_sel) {
   const int64_t max_splits = n_sel > 0 ? (n_sel + AT_WARPS * AT_MIN_CHUNK - 1) / (AT_WARPS * AT_MIN_CHUNK) : 1;
   // per (b, row, split): qh records of D + 3 floats; Hs * qh == H
@@ -984,9 +1171,7 @@ int ks_sparq_top_positions_cuda(const float *s_hat, int64_t B, int64_t H, int64_
     keys = sum;
   }
   const int lw = local_window > n_sel ? (int)n_sel : (int)local_window;
-  select_kernel<<<dim3((unsigned)Hs, (unsigned)B), SEL_THREADS, 0, st>>>(keys, cap, seq_lens,
-                                                                        (int)n_sel, lw, i2);
-  return (int)cudaGetLastError();
+  return launch_select(keys, B, Hs, cap, seq_lens, (int)n_sel, lw, i2, st);
 }
 
 size_t ks_sparq_sparse_attn_cuda_workspace(int64_t B, int64_t H, int64_t Hs2, int64_t D,
@@ -1048,9 +1233,7 @@ int ks_sparq_decode_cuda(const void *q, const void *k, const void *v, const void
                    rowscore, st);
   if (rc) return rc;
   const int lw = local_window > k_top ? (int)k_top : (int)local_window;
-  select_kernel<<<dim3((unsigned)Hs, (unsigned)B), SEL_THREADS, 0, st>>>(
-      rowscore ? rowscore : s_hat, cap, seq_lens, (int)k_top, lw, i2);
-  rc = (int)cudaGetLastError();
+  rc = launch_select(rowscore ? rowscore : s_hat, B, Hs, cap, seq_lens, (int)k_top, lw, i2, st);
   if (rc) return rc;
   return run_attn(dt, q, k, v, B, H, Hkv, cap, D, i2, Hs, k_top, s_hat, v_mean, seq_lens, scale,
                   reallocate, attn_ws, out, st);
