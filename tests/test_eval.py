@@ -167,14 +167,34 @@ def test_quest_with_full_budget_is_dense(tiny):
 # ----------------------------------------------------------------------------- runs / methods
 
 
+@needs_patch
+def test_sparq_with_every_position_is_dense(tiny):
+    """SparQ keeping every channel and position without reallocation: the dense NLL,
+    also from a shared (converted) dense prefill."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (200,), generator=g).tolist()
+    _, dense, _, _ = ev.decode_nll(model, ids, 16, [200])
+    run = ev.MethodRun("sparq", {"r": 32, "k": 100000, "reallocate": False})
+    shared = ev.SharedPrefill(model, ids[:150])
+    with ev.method_applied(model, run) as cfg:
+        _, sparse, _, _ = ev.decode_nll(model, ids, 16, [200])
+        a = ev.decode_nll(model, ids, 150, [200], prefilled=shared.get(run)[:2])[1]
+    assert cfg.get("method") == "sparq" and cfg.get("r") == 32
+    assert max(abs(a - b) for a, b in zip(dense, sparse)) < 1e-3
+    assert max(abs(x - y) for x, y in zip(a, dense[150 - 16:])) < 1e-3
+
+
 def test_make_runs_generic():
     runs = ev.make_runs(["quest"], [64, 128], {"page_size": 32})
     assert [r.label for r in runs] == ["dense", "quest-64-page_size=32", "quest-128-page_size=32"]
     assert runs[1].kwargs == {"token_budget": 64, "page_size": 32} and runs[1].budget == 64
-    runs = ev.make_runs(["quest", "sparq"], [256], include_dense=False)
+    runs = ev.make_runs(["quest", "sparq"], [256], include_dense=False, compressions=[0.125])
     assert [(r.method, r.kwargs) for r in runs] == [
-        ("quest", {"token_budget": 256, "page_size": 16}), ("sparq", {"token_budget": 256})]
-    assert runs[0].label == "quest-256"
+        ("quest", {"token_budget": 256, "page_size": 16}), ("sparq", {"compression": 0.125})]
+    assert runs[0].label == "quest-256" and runs[1].label == "sparq-0.125"
+    runs = ev.make_runs(["sparq"], [], {"r": 8, "k": 64}, include_dense=False, compressions=[0.5])
+    assert [(r.method, r.kwargs) for r in runs] == [("sparq", {"r": 8, "k": 64})]
     assert ev.MethodRun("dense").to_dict() == {"method": "dense", "kwargs": {}, "label": "dense"}
 
 

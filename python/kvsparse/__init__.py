@@ -26,13 +26,13 @@ def has_cuda() -> bool:
 
 
 from . import config  # noqa: F401,E402
-from .config import QuestConfig, make_config  # noqa: E402
+from .config import QuestConfig, SparQConfig, make_config  # noqa: E402
 
 # Hugging Face integration (needs transformers): imported on first use, so
 # that `import kvsparse` works without transformers installed.
 _LAZY = {
     "patch": "hf", "unpatch": "hf", "patched": "hf", "make_cache": "hf",
-    "QuestCache": "cache", "hf": None, "cache": None, "models": None,
+    "QuestCache": "cache", "SparQCache": "cache", "hf": None, "cache": None, "models": None,
 }
 
 
@@ -48,4 +48,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ += ["QuestConfig", "make_config", "patch", "unpatch", "patched", "make_cache", "QuestCache", "models"]
+__all__ += ["QuestConfig", "SparQConfig", "make_config", "patch", "unpatch", "patched", "make_cache",
+            "QuestCache", "SparQCache", "models"]

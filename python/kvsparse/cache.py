@@ -1,12 +1,19 @@
-"""A Hugging Face ``Cache`` holding the KV cache in the layout of the Quest ops.
+"""Hugging Face ``Cache`` classes holding the KV cache in the layout of the kvsparse ops.
 
 Each layer keeps
 
 * ``keys`` / ``values``: ``[B, Hkv, capacity, D]`` buffers, contiguous;
 * ``seq_lens``: int32 ``[B]`` on the device, the number of valid tokens of
   each sequence; sequence ``b`` occupies slots ``[0, seq_lens[b])``;
-* ``kmin`` / ``kmax``: ``[B, Hkv, ceil(capacity / P), D]``, the Quest page
-  metadata, updated incrementally (only the touched pages) on each append.
+* the method's side data, updated incrementally on each append:
+
+  - Quest (:class:`QuestCacheLayer`): ``kmin`` / ``kmax``
+    ``[B, Hkv, ceil(capacity / P), D]``, the page metadata (only the touched
+    pages are updated);
+  - SparQ (:class:`SparQCacheLayer`): ``kt`` ``[B, Hkv, D, capacity]``, a
+    channel-major copy of the keys (the new tokens' columns written in place),
+    and ``v_mean`` float32 ``[B, Hkv, D]``, the running mean of the valid
+    values (updated from the new tokens only, never recomputed from the cache).
 
 Left padding: at prefill the tokens of each sequence that are not padding are
 stored compacted at the front of its buffer (the keys already carry their
@@ -15,12 +22,12 @@ padding is never attended afterwards and ``seq_lens[b]`` counts real tokens.
 Decode appends each sequence's new token at slot ``seq_lens[b]`` (a scatter
 with tensor indices: no host synchronisation) and increments ``seq_lens``.
 
-Two layer kinds:
+Two layer kinds per method:
 
-* :class:`QuestDynamicLayer` (``max_cache_len=None``): buffers grow in chunks
+* ``*DynamicLayer`` (``max_cache_len=None``): buffers grow in chunks
   of ``chunk_size`` tokens, doubling the capacity when full; never a
   per-token concatenation of the whole cache.
-* :class:`QuestStaticLayer` (``max_cache_len=N``): buffers allocated once
+* ``*StaticLayer`` (``max_cache_len=N``): buffers allocated once
   (static shapes and addresses, ``is_compileable = True``), as transformers'
   ``StaticLayer``; the decode step can run under ``torch.compile``.
 
@@ -28,7 +35,7 @@ Prefill protocol (with the patched attention of :mod:`kvsparse.hf`): for a
 multi-token update the layer only records the new key/value states
 (``pending``) and returns them unchanged, so that the model's dense attention
 runs on exactly what it would have seen without the patch; the attention
-function then calls :meth:`QuestCacheLayer.commit` with the per-token
+function then calls :meth:`KVCacheLayer.commit` with the per-token
 validity read from the attention mask, which compacts the tokens into the
 buffers and updates the metadata. A pending prefill that was never committed
 is committed as "all tokens valid" by the next update.
@@ -43,9 +50,13 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import quest
-from .config import QuestConfig
+from .config import QuestConfig, SparQConfig
 
-__all__ = ["QuestCacheLayer", "QuestDynamicLayer", "QuestStaticLayer", "QuestCache", "cache_geometry"]
+__all__ = [
+    "KVCacheLayer", "QuestCacheLayer", "QuestDynamicLayer", "QuestStaticLayer",
+    "SparQCacheLayer", "SparQDynamicLayer", "SparQStaticLayer",
+    "KVSparseCache", "QuestCache", "SparQCache", "cache_geometry",
+]
 
 
 def _round_up(x, m):
@@ -59,8 +70,14 @@ def _is_compiling():
         return False
 
 
-class QuestCacheLayer(CacheLayerMixin):
-    """Shared logic of the Quest cache layers (see the module docstring)."""
+class KVCacheLayer(CacheLayerMixin):
+    """Shared logic of the kvsparse cache layers (see the module docstring).
+
+    A method's layer adds its side data through four hooks:
+    :meth:`_side_allocate` (buffers at a new capacity, keeping the content),
+    :meth:`_side_append_one` (one decode token per sequence, written at
+    ``pos``), :meth:`_side_commit` (a compacted multi-token append) and
+    :meth:`_side_tensors` (names of the per-sequence tensors)."""
 
     is_sliding = False
     is_croppable = False
@@ -74,8 +91,6 @@ class QuestCacheLayer(CacheLayerMixin):
         self.chunk_size = _round_up(max(int(chunk_size), 1), self.page_size)
         self.capacity = 0
         self.seq_lens = None
-        self.kmin = None
-        self.kmax = None
         self.pending = None
         #: number of buffer (re)allocations, for tests and diagnostics
         self.num_allocations = 0
@@ -99,20 +114,33 @@ class QuestCacheLayer(CacheLayerMixin):
     def _allocate(self, capacity):
         """(Re)allocate the buffers at ``capacity`` tokens, keeping the content."""
         B, H, D = self.batch_size, self.num_heads, self.head_dim
-        pages = -(-capacity // self.page_size)
         keys = torch.zeros((B, H, capacity, D), dtype=self.dtype, device=self.device)
         values = torch.zeros_like(keys)
-        kmin = torch.zeros((B, H, pages, D), dtype=self.dtype, device=self.device)
-        kmax = torch.zeros_like(kmin)
         if self.capacity > 0:
-            old_cap, old_pages = self.capacity, self.kmin.shape[2]
+            old_cap = self.capacity
             keys[:, :, :old_cap].copy_(self.keys)
             values[:, :, :old_cap].copy_(self.values)
-            kmin[:, :, :old_pages].copy_(self.kmin)
-            kmax[:, :, :old_pages].copy_(self.kmax)
-        self.keys, self.values, self.kmin, self.kmax = keys, values, kmin, kmax
+        self.keys, self.values = keys, values
+        self._side_allocate(capacity)
         self.capacity = capacity
         self.num_allocations += 1
+
+    # ------------------------------------------------------ method side data
+    def _side_allocate(self, capacity):
+        """Allocate the side data for ``capacity`` tokens (``self.capacity`` is
+        still the old capacity; keep the old content)."""
+
+    def _side_append_one(self, key_states, value_states, pos, new_lens):
+        """Decode: one token per sequence was written at slot ``pos`` (int64
+        ``[B]``); ``self.seq_lens`` is still the old length, ``new_lens`` the new."""
+
+    def _side_commit(self, start, new_lens, k, v, counts):
+        """A multi-token append: sequence ``b`` got ``counts[b]`` tokens at
+        slots ``[start[b], new_lens[b])``; ``k`` / ``v`` ``[B, H, L, D]`` hold
+        them compacted (the first ``counts[b]`` valid)."""
+
+    def _side_tensors(self):
+        return ()
 
     # ---------------------------------------------------------------- lengths
     def tokens_seen(self):
@@ -130,10 +158,6 @@ class QuestCacheLayer(CacheLayerMixin):
     def _reserve_decode(self):
         """Make room for one more token per sequence, without synchronising."""
         raise NotImplementedError
-
-    @property
-    def num_pages(self):
-        return 0 if self.kmin is None else self.kmin.shape[2]
 
     # ---------------------------------------------------------------- update
     def update(self, key_states, value_states, *args, **kwargs):
@@ -169,7 +193,7 @@ class QuestCacheLayer(CacheLayerMixin):
         new_lens = self.seq_lens + 1
         if self.is_compileable:
             new_lens = new_lens.clamp(max=self.capacity)
-        quest.update_metadata(self.keys, self.kmin, self.kmax, self.seq_lens, new_lens, self.page_size)
+        self._side_append_one(key_states, value_states, pos, new_lens)
         self.seq_lens.copy_(new_lens)
         self._advance(1)
         return self.keys, self.values
@@ -221,7 +245,7 @@ class QuestCacheLayer(CacheLayerMixin):
             self.keys.scatter_(2, sidx, k)
             self.values.scatter_(2, sidx, v)
         new_lens = start + counts
-        quest.update_metadata(self.keys, self.kmin, self.kmax, start, new_lens, self.page_size)
+        self._side_commit(start, new_lens, k, v, counts)
         self.seq_lens.copy_(new_lens)
         self._advance(L)
         return start, seen
@@ -237,11 +261,11 @@ class QuestCacheLayer(CacheLayerMixin):
             if self.capacity > 0:
                 self.keys.zero_()
                 self.values.zero_()
-                self.kmin.zero_()
-                self.kmax.zero_()
+                for name in self._side_tensors():
+                    getattr(self, name).zero_()
 
     def _batch_tensors(self):
-        return ("keys", "values", "kmin", "kmax", "seq_lens")
+        return ("keys", "values", "seq_lens") + tuple(self._side_tensors())
 
     def _map_batch(self, fn, in_place):
         if not self.is_initialized:
@@ -274,7 +298,7 @@ class QuestCacheLayer(CacheLayerMixin):
         self._map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices], in_place=False)
 
     def crop(self, tokens_to_remove):
-        raise NotImplementedError("kvsparse: the Quest cache cannot be cropped (tokens are stored compacted)")
+        raise NotImplementedError("kvsparse: the kvsparse caches cannot be cropped (tokens are stored compacted)")
 
     def offload(self):
         raise NotImplementedError("kvsparse: cache offloading is not supported")
@@ -283,8 +307,88 @@ class QuestCacheLayer(CacheLayerMixin):
         raise NotImplementedError("kvsparse: cache offloading is not supported")
 
 
-class QuestDynamicLayer(QuestCacheLayer):
-    """Quest cache layer whose buffers grow in chunks (doubling when full)."""
+class QuestCacheLayer(KVCacheLayer):
+    """Quest side data: per-page channel-wise key min / max."""
+
+    def __init__(self, page_size=16, chunk_size=256, **kwargs):
+        super().__init__(page_size=page_size, chunk_size=chunk_size, **kwargs)
+        self.kmin = None
+        self.kmax = None
+
+    @property
+    def num_pages(self):
+        return 0 if self.kmin is None else self.kmin.shape[2]
+
+    def _side_allocate(self, capacity):
+        B, H, D = self.batch_size, self.num_heads, self.head_dim
+        pages = -(-capacity // self.page_size)
+        kmin = torch.zeros((B, H, pages, D), dtype=self.dtype, device=self.device)
+        kmax = torch.zeros_like(kmin)
+        if self.kmin is not None:
+            old_pages = self.kmin.shape[2]
+            kmin[:, :, :old_pages].copy_(self.kmin)
+            kmax[:, :, :old_pages].copy_(self.kmax)
+        self.kmin, self.kmax = kmin, kmax
+
+    def _side_append_one(self, key_states, value_states, pos, new_lens):
+        quest.update_metadata(self.keys, self.kmin, self.kmax, self.seq_lens, new_lens, self.page_size)
+
+    def _side_commit(self, start, new_lens, k, v, counts):
+        quest.update_metadata(self.keys, self.kmin, self.kmax, start, new_lens, self.page_size)
+
+    def _side_tensors(self):
+        return ("kmin", "kmax")
+
+
+class SparQCacheLayer(KVCacheLayer):
+    """SparQ side data: the channel-major key copy ``kt`` and the running value
+    mean ``v_mean`` (float32)."""
+
+    def __init__(self, page_size=16, chunk_size=256, **kwargs):
+        super().__init__(page_size=page_size, chunk_size=chunk_size, **kwargs)
+        self.kt = None
+        self.v_mean = None
+
+    def _side_allocate(self, capacity):
+        B, H, D = self.batch_size, self.num_heads, self.head_dim
+        kt = torch.zeros((B, H, D, capacity), dtype=self.dtype, device=self.device)
+        if self.kt is not None:
+            kt[..., : self.kt.shape[-1]].copy_(self.kt)
+        self.kt = kt
+        if self.v_mean is None:
+            self.v_mean = torch.zeros((B, H, D), dtype=torch.float32, device=self.device)
+
+    def _side_append_one(self, key_states, value_states, pos, new_lens):
+        B, H, _, D = key_states.shape
+        idx = pos.view(B, 1, 1, 1).expand(B, H, D, 1)
+        self.kt.scatter_(3, idx, key_states.detach().to(self.dtype).transpose(2, 3))
+        # running mean over the valid tokens: m += (v - m) / n; a sequence whose
+        # length did not grow (a full static cache) keeps its mean
+        grown = (new_lens > self.seq_lens).view(B, 1, 1)
+        n = new_lens.clamp(min=1).to(torch.float32).view(B, 1, 1)
+        upd = (value_states.detach()[:, :, 0].float() - self.v_mean) / n
+        self.v_mean.add_(torch.where(grown, upd, torch.zeros_like(upd)))
+
+    def _side_commit(self, start, new_lens, k, v, counts):
+        B, H, L, D = k.shape
+        pos = (start.to(torch.int64).view(B, 1) + torch.arange(L, device=self.device)).clamp(max=self.capacity - 1)
+        valid = torch.arange(L, device=self.device).view(1, L) < counts.view(B, 1)  # [B, L]
+        # columns past counts[b] would land on slots beyond seq_lens (or be
+        # clamped onto the last slot): write only the valid ones
+        cur = self.kt.gather(3, pos.view(B, 1, 1, L).expand(B, H, D, L))
+        newc = torch.where(valid.view(B, 1, 1, L), k.transpose(2, 3), cur)
+        self.kt.scatter_(3, pos.view(B, 1, 1, L).expand(B, H, D, L), newc)
+        vsum = (v.float() * valid.view(B, 1, L, 1)).sum(dim=2)  # [B, H, D]
+        n = new_lens.clamp(min=1).to(torch.float32).view(B, 1, 1)
+        self.v_mean.mul_(start.to(torch.float32).view(B, 1, 1)).add_(vsum).div_(n)
+        self.v_mean.mul_((new_lens > 0).view(B, 1, 1))
+
+    def _side_tensors(self):
+        return ("kt", "v_mean")
+
+
+class _DynamicLengths:
+    """Buffers that grow in chunks (doubling when full); the host counts tokens."""
 
     is_compileable = False
 
@@ -321,8 +425,8 @@ class QuestDynamicLayer(QuestCacheLayer):
         self._seen = 0
 
 
-class QuestStaticLayer(QuestCacheLayer):
-    """Quest cache layer preallocated at ``max_cache_len`` tokens (compileable)."""
+class _StaticLengths:
+    """Buffers preallocated at ``max_cache_len`` tokens (compileable)."""
 
     is_compileable = True
 
@@ -339,8 +443,9 @@ class QuestStaticLayer(QuestCacheLayer):
         self.cumulative_length = self.cumulative_length.to(self.device)
         self._allocate(_round_up(self.max_cache_len, self.page_size))
         if not _is_compiling():
-            for t in (self.keys, self.values, self.kmin, self.kmax, self.seq_lens, self.cumulative_length):
-                torch._dynamo.mark_static_address(t)
+            for name in self._batch_tensors():
+                torch._dynamo.mark_static_address(getattr(self, name))
+            torch._dynamo.mark_static_address(self.cumulative_length)
 
     def tokens_seen(self):
         return int(self.cumulative_length) if self.is_initialized else 0
@@ -372,6 +477,22 @@ class QuestStaticLayer(QuestCacheLayer):
         self.cumulative_length.zero_()
 
 
+class QuestDynamicLayer(_DynamicLengths, QuestCacheLayer):
+    """Quest cache layer whose buffers grow in chunks (doubling when full)."""
+
+
+class QuestStaticLayer(_StaticLengths, QuestCacheLayer):
+    """Quest cache layer preallocated at ``max_cache_len`` tokens (compileable)."""
+
+
+class SparQDynamicLayer(_DynamicLengths, SparQCacheLayer):
+    """SparQ cache layer whose buffers grow in chunks (doubling when full)."""
+
+
+class SparQStaticLayer(_StaticLengths, SparQCacheLayer):
+    """SparQ cache layer preallocated at ``max_cache_len`` tokens (compileable)."""
+
+
 def cache_geometry(model_config):
     """``(num_layers, num_kv_heads, head_dim)`` of a decoder config."""
     cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
@@ -382,37 +503,68 @@ def cache_geometry(model_config):
     return num_layers, kv_heads, head_dim
 
 
-class QuestCache(Cache):
-    """A transformers ``Cache`` with one Quest layer per decoder layer.
+class KVSparseCache(Cache):
+    """A transformers ``Cache`` with one kvsparse layer per decoder layer, of
+    the kind that the method config asks for (:class:`QuestCache` for a
+    :class:`~kvsparse.config.QuestConfig`, :class:`SparQCache` for a
+    :class:`~kvsparse.config.SparQConfig`).
 
     Args:
         num_layers: number of decoder layers (or pass ``model_config``).
-        config: a :class:`~kvsparse.config.QuestConfig` (page size, chunk
-            size, default ``max_cache_len``).
+        config: the method config (page size, chunk size, default ``max_cache_len``).
         max_cache_len: overrides ``config.max_cache_len``; an int makes every
             layer static (preallocated, compileable).
         model_config: a transformers config to take ``num_layers`` from.
     """
 
+    #: (dynamic layer class, static layer class), per subclass
+    layer_classes = None
+    default_config = None
+
     def __init__(self, num_layers=None, config=None, max_cache_len=None, model_config=None):
-        config = QuestConfig() if config is None else config
+        config = self.default_config() if config is None else config
         if num_layers is None:
             if model_config is None:
-                raise ValueError("kvsparse: QuestCache needs num_layers or model_config")
+                raise ValueError(f"kvsparse: {type(self).__name__} needs num_layers or model_config")
             num_layers = cache_geometry(model_config)[0]
         if max_cache_len is None:
             max_cache_len = config.max_cache_len
         self.config = config
+        page_size = getattr(config, "page_size", 1)
+        dyn, static = self.layer_classes
         if max_cache_len is None:
-            layers = [QuestDynamicLayer(config.page_size, config.chunk_size) for _ in range(num_layers)]
+            layers = [dyn(page_size, config.chunk_size) for _ in range(num_layers)]
         else:
-            layers = [QuestStaticLayer(max_cache_len, config.page_size, config.chunk_size) for _ in range(num_layers)]
+            layers = [static(max_cache_len, page_size, config.chunk_size) for _ in range(num_layers)]
         super().__init__(layers=layers)
+
+    @staticmethod
+    def for_config(config, **kwargs):
+        """The cache class of ``config``'s method, instantiated."""
+        cls = {QuestConfig: QuestCache, SparQConfig: SparQCache}.get(type(config))
+        if cls is None:
+            raise TypeError(f"kvsparse: no cache for a {type(config).__name__}")
+        return cls(config=config, **kwargs)
+
+    def __repr__(self):
+        kind = "static" if self.is_compileable else "dynamic"
+        return f"{type(self).__name__}({kind}, layers={len(self.layers)}, config={self.config!r})"
+
+
+class QuestCache(KVSparseCache):
+    """A :class:`KVSparseCache` of Quest layers (keys, values, page min/max)."""
+
+    layer_classes = (QuestDynamicLayer, QuestStaticLayer)
+    default_config = QuestConfig
 
     @property
     def page_size(self):
         return self.config.page_size
 
-    def __repr__(self):
-        kind = "static" if self.is_compileable else "dynamic"
-        return f"QuestCache({kind}, layers={len(self.layers)}, config={self.config!r})"
+
+class SparQCache(KVSparseCache):
+    """A :class:`KVSparseCache` of SparQ layers (keys, values, the channel-major
+    key copy and the running value mean)."""
+
+    layer_classes = (SparQDynamicLayer, SparQStaticLayer)
+    default_config = SparQConfig

@@ -86,8 +86,11 @@ SMOLLM2_MISSING = (
 )
 # Keyword arguments that a method gets unless the command line overrides them.
 METHOD_DEFAULTS = {"quest": {"page_size": 16}}
-# The keyword that --budgets sets, per method (all the planned methods take a token budget).
-BUDGET_KWARG = {"quest": "token_budget", "sparq": "token_budget", "qaq": "token_budget"}
+# The keyword that the sweep sets, per method: --budgets (token budgets) for Quest,
+# --compressions (target transfer ratios) for SparQ.
+BUDGET_KWARG = {"quest": "token_budget", "sparq": "compression"}
+# Methods swept over --compressions rather than --budgets.
+COMPRESSION_METHODS = ("sparq",)
 
 
 def _log(*a):
@@ -151,13 +154,14 @@ class MethodRun:
         return {"method": self.method, "kwargs": dict(self.kwargs), "label": self.label}
 
 
-def make_runs(methods, budgets, extra_kwargs=None, include_dense=True):
+def make_runs(methods, budgets, extra_kwargs=None, include_dense=True, compressions=None):
     """The runs of an evaluation: ``dense`` then every method at every budget.
 
     Args:
-        methods: method names, e.g. ``["quest"]``.
-        budgets: token budgets, e.g. ``[64, 128]`` (ignored for methods without one).
+        methods: method names, e.g. ``["quest", "sparq"]``.
+        budgets: token budgets, e.g. ``[64, 128]`` (Quest).
         extra_kwargs: kwargs added to every non-dense run (over ``METHOD_DEFAULTS``).
+        compressions: target transfer ratios, e.g. ``[0.5, 0.125]`` (SparQ).
     """
     runs = [MethodRun("dense", {})] if include_dense else []
     for m in methods:
@@ -166,9 +170,12 @@ def make_runs(methods, budgets, extra_kwargs=None, include_dense=True):
         base = dict(METHOD_DEFAULTS.get(m, {}))
         base.update(extra_kwargs or {})
         key = BUDGET_KWARG.get(m)
-        if key and budgets:
-            for b in budgets:
-                runs.append(MethodRun(m, {key: int(b), **base}))
+        sweep = compressions if m in COMPRESSION_METHODS else budgets
+        conv = float if m in COMPRESSION_METHODS else int
+        explicit = m == "sparq" and ("r" in base or "k" in base)  # r and k given: no sweep
+        if key and sweep and key not in base and not explicit:
+            for b in sweep:
+                runs.append(MethodRun(m, {key: conv(b), **base}))
         else:
             runs.append(MethodRun(m, base))
     return runs
@@ -266,7 +273,8 @@ def new_cache(model, run):
 
 # Keyword arguments that change what a method's cache holds after a (dense) prefill.
 # Runs of one method that agree on them can share one prefilled cache.
-CACHE_KWARGS = {"quest": ("page_size", "chunk_size", "max_cache_len")}
+CACHE_KWARGS = {"quest": ("page_size", "chunk_size", "max_cache_len"),
+                "sparq": ("chunk_size", "max_cache_len")}
 
 
 def cache_family(run):
@@ -282,9 +290,9 @@ def cache_family(run):
 def _cache_from_dense(model, run, dense_cache):
     """The cache of ``run`` holding the same tokens as a prefilled ``DynamicCache``,
     without a second prefill (a prefill is dense in every method, so the keys and
-    values are the same). Quest: each layer takes the whole prefix as one
+    values are the same). Quest, SparQ: each layer takes the whole prefix as one
     multi-token update, committed as all-valid. None when not supported."""
-    if run.method != "quest":
+    if run.method not in ("quest", "sparq"):
         return None
     cache = new_cache(model, run)
     dense_layers = getattr(dense_cache, "layers", None)
@@ -980,7 +988,9 @@ def build_parser():
         description="Passkey retrieval and decode-mode perplexity of a sparse KV-cache method vs dense.")
     ap.add_argument("--task", choices=["passkey", "ppl", "all"], default="all")
     ap.add_argument("--method", default="quest", help="method name(s), comma-separated (default quest)")
-    ap.add_argument("--budgets", default="64,128,256,512,1024", help="token budgets (default %(default)s)")
+    ap.add_argument("--budgets", default="64,128,256,512,1024", help="Quest token budgets (default %(default)s)")
+    ap.add_argument("--compressions", default="0.5,0.25,0.125,0.0625",
+                    help="SparQ target transfer ratios (default %(default)s)")
     ap.add_argument("--method-kwargs", default="{}",
                     help='JSON dict of extra kwargs for kvsparse.patch, e.g. \'{"page_size": 32}\'')
     ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline run")
@@ -1033,6 +1043,7 @@ def main(argv=None):
         args.depths = "0,0.5,1"
         args.trials = 1
         args.budgets = ",".join(b for b in args.budgets.split(",") if b.strip() in ("64", "256")) or "64,256"
+        args.compressions = "0.5,0.125"
     lengths = _ints(args.lengths)
     ppl_lengths = _ints(args.ppl_lengths) if args.ppl_lengths else lengths
     depths = _floats(args.depths)
@@ -1067,7 +1078,8 @@ def main(argv=None):
     load_s = time.perf_counter() - t0
     _log(f"model loaded in {load_s:.1f} s: {model_name}")
 
-    runs = _usable_runs(make_runs(methods, budgets, extra, include_dense=not args.no_dense))
+    runs = _usable_runs(make_runs(methods, budgets, extra, include_dense=not args.no_dense,
+                                  compressions=_floats(args.compressions)))
     configs = {}
     for run in runs:
         if run.method == "dense":

@@ -1,8 +1,9 @@
-"""Drop-in Quest decode attention for Hugging Face LLaMA-family models.
+"""Drop-in sparse decode attention (Quest, SparQ) for Hugging Face LLaMA-family models.
 
     model = AutoModelForCausalLM.from_pretrained(...)
     kvsparse.patch(model, method="quest", token_budget=1024, page_size=16)
     out = model.generate(**inputs, max_new_tokens=64)
+    kvsparse.patch(model, method="sparq", compression=1/8)    # or r=16, k=512
     kvsparse.unpatch(model)          # the original attention, bit for bit
 
     with kvsparse.patched(model, token_budget=512):
@@ -21,7 +22,8 @@ How it plugs into transformers (5.x):
   ``**kwargs`` through). The hook is pure (no state), so it traces under
   ``torch.compile``.
 * ``model._prepare_cache_for_generation`` is overridden on the instance so
-  that ``generate()`` creates a :class:`~kvsparse.cache.QuestCache` (dynamic;
+  that ``generate()`` creates the method's cache (:class:`~kvsparse.cache.QuestCache`
+  or :class:`~kvsparse.cache.SparQCache`; dynamic;
   static when ``max_cache_len`` is configured or
   ``cache_implementation="static"`` is requested). A cache can also be made
   with :func:`make_cache` and passed as ``past_key_values=``.
@@ -34,10 +36,12 @@ The attention function:
   last row of the attention mask. A prefill that continues a non-empty cache
   attends to the stored (compacted) tokens with a mask built from
   ``seq_lens``.
-* single-token calls (decode): ``kvsparse.quest.attention`` over the cache
-  buffers. Layers ``< dense_layers`` use the same kernel with a budget that
-  covers the whole buffer, which keeps every page: exact dense attention over
-  ``[0, seq_lens[b])``. No host synchronisation, static shapes.
+* single-token calls (decode): ``kvsparse.quest.attention`` (or
+  ``kvsparse.sparq.attention``) over the cache buffers. Layers
+  ``< dense_layers`` use the same kernel with a budget that covers the whole
+  buffer (Quest: every page; SparQ: ``k`` = the capacity, no reallocation):
+  exact dense attention over ``[0, seq_lens[b])``. No host synchronisation,
+  static shapes.
 * without a kvsparse cache (e.g. ``model(...)`` with the default cache): the
   original attention.
 
@@ -51,9 +55,9 @@ import warnings
 
 import torch
 
-from . import quest
-from .cache import QuestCache, QuestCacheLayer, cache_geometry
-from .config import QuestConfig, make_config
+from . import quest, sparq
+from .cache import KVSparseCache, QuestCacheLayer, SparQCacheLayer, cache_geometry
+from .config import QuestConfig, SparQConfig, make_config
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "make_cache", "supported_models"]
 
@@ -153,15 +157,43 @@ def _continuation_attention(module, query, layer, start, valid, seen, scaling, *
     return sdpa_attention_forward(module, query, keys, values, mask.unsqueeze(1), scaling=scaling, dropout=0.0, **kwargs)
 
 
+def _quest_decode(q, layer, cfg, dense, scaling):
+    budget = layer.num_pages * layer.page_size if dense else cfg.token_budget  # every page: dense
+    return quest.attention(
+        q, layer.keys, layer.values, layer.kmin, layer.kmax, layer.seq_lens,
+        layer.page_size, budget, cfg.mode, scaling,
+    )
+
+
+def _sparq_decode(q, layer, cfg, dense, scaling):
+    D = q.shape[-1]
+    if dense:  # every position, no reallocation: exact attention
+        r, k_top, realloc = D, layer.capacity, False
+    else:
+        # the step's length: the host token count of a dynamic cache (no sync),
+        # the capacity of a static one
+        S = layer.capacity if layer.is_compileable else min(layer.tokens_seen(), layer.capacity)
+        r, k_top = cfg.r_k(D, S)
+        realloc = cfg.reallocate
+    return sparq.attention(
+        q, layer.keys, layer.values, layer.kt, layer.v_mean, layer.seq_lens, r,
+        min(k_top, layer.capacity), cfg.local_window, cfg.mode, realloc, scaling,
+    )
+
+
 def _make_attention_function(impl):
     def kvsparse_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         cache = kwargs.pop("kvsparse_cache", None)
         cfg = kwargs.pop("kvsparse_config", None)
         dense_fn = _original_attention(impl, module)
         layer = None
-        if isinstance(cache, QuestCache) and cfg is not None and module.layer_idx < len(cache.layers):
+        if isinstance(cache, KVSparseCache) and cfg is not None and module.layer_idx < len(cache.layers):
             layer = cache.layers[module.layer_idx]
-        if layer is None or not isinstance(layer, QuestCacheLayer):
+        if isinstance(layer, QuestCacheLayer) and isinstance(cfg, QuestConfig):
+            decode = _quest_decode
+        elif isinstance(layer, SparQCacheLayer) and isinstance(cfg, SparQConfig):
+            decode = _sparq_decode
+        else:
             return dense_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
         if scaling is None:
@@ -169,15 +201,8 @@ def _make_attention_function(impl):
         if query.shape[2] == 1 and layer.pending is None:
             # decode: the token is already in the buffers
             q = query.squeeze(2).contiguous()
-            if module.layer_idx < cfg.dense_layers:
-                budget = layer.num_pages * layer.page_size  # every page: dense
-            else:
-                budget = cfg.token_budget
-            out = quest.attention(
-                q, layer.keys, layer.values, layer.kmin, layer.kmax, layer.seq_lens,
-                layer.page_size, budget, cfg.mode, scaling,
-            )
-            return out.unsqueeze(1), None
+            dense = module.layer_idx < cfg.dense_layers
+            return decode(q, layer, cfg, dense, scaling).unsqueeze(1), None
 
         # prefill
         B, _, L, _ = query.shape
@@ -237,7 +262,8 @@ def _set_attn_implementation(model, name):
 
 # ------------------------------------------------------------------- caches
 def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=None, device=None):
-    """A :class:`~kvsparse.cache.QuestCache` for ``model``.
+    """The kvsparse cache of the configured method for ``model``
+    (:class:`~kvsparse.cache.QuestCache` or :class:`~kvsparse.cache.SparQCache`).
 
     Args:
         model: a (patched) supported model.
@@ -248,6 +274,8 @@ def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=No
             cache of that many tokens per sequence; default
             ``config.max_cache_len`` (``None``: dynamic, grown in chunks).
         config: default ``model.kvsparse_config`` (or ``QuestConfig()``).
+        dtype, device: of the buffers when ``batch_size`` is given (default:
+            the model's).
 
     Pass it to ``model.generate(..., past_key_values=cache)`` or to the
     model's forward. The model must be patched for the cache to be read
@@ -255,10 +283,12 @@ def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=No
     """
     if config is None:
         config = getattr(model, "kvsparse_config", None) or QuestConfig()
-    if not isinstance(config, QuestConfig):
-        raise TypeError(f"kvsparse: make_cache needs a QuestConfig, got {type(config).__name__}")
+    if not isinstance(config, (QuestConfig, SparQConfig)):
+        raise TypeError(f"kvsparse: make_cache needs a QuestConfig or SparQConfig, got {type(config).__name__}")
     num_layers, kv_heads, head_dim = cache_geometry(model.config)
-    cache = QuestCache(num_layers=num_layers, config=config, max_cache_len=max_cache_len)
+    if isinstance(config, SparQConfig) and config.r is not None and config.r > head_dim:
+        raise ValueError(f"kvsparse: r ({config.r}) must be <= the model's head dim ({head_dim})")
+    cache = KVSparseCache.for_config(config, num_layers=num_layers, max_cache_len=max_cache_len)
     if batch_size is not None:
         param = next(model.parameters())
         cache.early_initialization(
@@ -273,7 +303,7 @@ def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=No
 
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
     """Instance override of ``GenerationMixin._prepare_cache_for_generation``:
-    make ``generate()`` use a Quest cache."""
+    make ``generate()`` use the kvsparse cache of the configured method."""
     original = type(self)._prepare_cache_for_generation
     impl = generation_config.cache_implementation
     if (
@@ -305,10 +335,12 @@ def patch(model, method="quest", config=None, **kwargs):
     Args:
         model: ``LlamaForCausalLM``, ``MistralForCausalLM`` or
             ``Qwen2ForCausalLM`` (or their base models / subclasses).
-        method: ``"quest"`` (or a config object).
-        config: a config object (e.g. :class:`~kvsparse.config.QuestConfig`);
-            ``kwargs`` override its fields.
-        **kwargs: the config fields (``token_budget``, ``page_size``, ...).
+        method: ``"quest"`` or ``"sparq"`` (or a config object).
+        config: a config object (:class:`~kvsparse.config.QuestConfig`,
+            :class:`~kvsparse.config.SparQConfig`); ``kwargs`` override its fields.
+        **kwargs: the config fields (Quest: ``token_budget``, ``page_size``,
+            ...; SparQ: ``compression`` or ``r`` and ``k``, ``local_window``,
+            ``reallocate``, ...).
 
     The config is stored as ``model.kvsparse_config``. Patching a patched
     model replaces its config.
@@ -317,9 +349,13 @@ def patch(model, method="quest", config=None, **kwargs):
         cfg = make_config(config, **kwargs)
     else:
         cfg = make_config(method, **kwargs)
-    if not isinstance(cfg, QuestConfig):  # pragma: no cover - single method for now
+    if not isinstance(cfg, (QuestConfig, SparQConfig)):  # pragma: no cover
         raise ValueError(f"kvsparse: method {cfg.method!r} is not supported by patch()")
     _check_supported(model)
+    if isinstance(cfg, SparQConfig) and cfg.r is not None:
+        head_dim = cache_geometry(model.config)[2]
+        if cfg.r > head_dim:
+            raise ValueError(f"kvsparse: r ({cfg.r}) must be <= the model's head dim ({head_dim})")
     attn_modules = _attention_modules(model)
     if is_patched(model):
         unpatch(model)
