@@ -537,6 +537,122 @@ constexpr int CS_THREADS = 512;
 constexpr int CS_CLUSTER = 8;
 constexpr int CS_MAX_KPT = 32;
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Radix select over a cluster: the K-th largest order key among the
+// candidates (bit i of `cand`: kk[i] is one) of all blocks of the cluster.
+// On return `prefix` is that key and `need` how many keys equal to it are
+// taken (the lowest positions first). Uniform over the cluster.
+template <int KPT>
+__device__ __forceinline__ void cluster_threshold(const uint32_t (&kk)[KPT], uint32_t cand, int K,
+                                                  int (*hist)[256], int *scan_smem,
+                                                  uint32_t *s_prefix, int *s_need,
+                                                  uint32_t &prefix, int &need) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int CL = (int)cluster.num_blocks();
+  const int lane = threadIdx.x & 31;
+  prefix = 0;
+  need = K;
+  uint32_t mask = 0;
+#pragma unroll 1
+  for (int pass = 0; pass < 4; ++pass) {
+    const int shift = 24 - 8 * pass;
+    int *h = hist[pass & 1];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) h[i] = 0;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < KPT; ++j) {
+      const bool act = ((cand >> j) & 1u) && (kk[j] & mask) == prefix;
+      const int bin = (int)((kk[j] >> shift) & 0xFFu);
+      const unsigned am = __ballot_sync(0xffffffffu, act);
+      if (act) {
+        const unsigned peers = __match_any_sync(am, bin);
+        if (lane == __ffs(peers) - 1) atomicAdd(&h[bin], __popc(peers));
+      }
+    }
+    // every block's histogram of this pass is complete. (hist[pass & 1] is
+    // zeroed again two passes later, after the next cluster.sync, by which
+    // time every block has finished reading it.)
+    cluster.sync();
+    const int t = threadIdx.x;
+    int v = 0;
+    if (t < 256)
+      for (int r = 0; r < CL; ++r) v += cluster.map_shared_rank(h, r)[255 - t];
+    int total;
+    const int excl = block_scan(v, scan_smem, &total);
+    if (t < 256 && excl < need && excl + v >= need) {
+      *s_prefix = prefix | ((uint32_t)(255 - t) << shift);
+      *s_need = need - excl;
+    }
+    __syncthreads();
+    prefix = *s_prefix;
+    need = *s_need;
+    mask |= 0xFFu << shift;
+  }
+}
+
+// Order-preserving compaction after cluster_threshold: the candidates above
+// the threshold and the first `need` equal to it (in position order across the
+// cluster; block c's candidates precede block c+1's, a thread's precede the
+// next thread's) go to out[0 ..); take(j) is called for every taken kk[j].
+// Ends with a cluster.sync after the last read of another block's memory.
+template <int KPT, typename Take>
+__device__ __forceinline__ void cluster_compact(const uint32_t (&kk)[KPT], uint32_t cand,
+                                                uint32_t prefix, int need, int base,
+                                                int32_t *__restrict__ out, int *scan_smem,
+                                                int *s_cnt, int *s_before, Take take) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int crank = (int)cluster.block_rank();
+  int gt = 0, eq = 0;
+#pragma unroll
+  for (int j = 0; j < KPT; ++j) {
+    const bool c = (cand >> j) & 1u;
+    gt += (c && kk[j] > prefix) ? 1 : 0;
+    eq += (c && kk[j] == prefix) ? 1 : 0;
+  }
+  int tot_gt, tot_eq;
+  const int excl_gt = block_scan(gt, scan_smem, &tot_gt);
+  const int excl_eq = block_scan(eq, scan_smem, &tot_eq);
+  if (threadIdx.x == 0) { s_cnt[0] = tot_gt; s_cnt[1] = tot_eq; }
+  cluster.sync();
+  if (threadIdx.x == 0) {
+    int gb = 0, eb = 0;
+    for (int r = 0; r < crank; ++r) {
+      const int *c = cluster.map_shared_rank(s_cnt, r);
+      gb += c[0];
+      eb += c[1];
+    }
+    s_before[0] = gb;
+    s_before[1] = eb;
+  }
+  __syncthreads();
+  const int gt_before = s_before[0], eq_before = s_before[1];
+  int take_eq_block = need - eq_before;
+  take_eq_block = take_eq_block < 0 ? 0 : (take_eq_block > tot_eq ? tot_eq : take_eq_block);
+  const int eq_taken_before = eq_before < need ? eq_before : need;
+  int pos = gt_before + eq_taken_before + excl_gt + (excl_eq < take_eq_block ? excl_eq : take_eq_block);
+  int e = eq_before + excl_eq;
+#pragma unroll
+  for (int j = 0; j < KPT; ++j) {
+    if ((cand >> j) & 1u) {
+      if (kk[j] > prefix) {
+        out[pos++] = base + j;
+        take(j);
+      } else if (kk[j] == prefix) {
+        if (e < need) {
+          out[pos++] = base + j;
+          take(j);
+        }
+        ++e;
+      }
+    }
+  }
+  // no block may exit while another still reads its shared memory
+  cluster.sync();
+}
+#endif
+
 template <int KPT>
 __global__ void __launch_bounds__(CS_THREADS)
 select_cluster_kernel(const float *__restrict__ keys, int64_t cap, const int32_t *seq_lens, int n_sel,
@@ -576,90 +692,254 @@ select_cluster_kernel(const float *__restrict__ keys, int64_t cap, const int32_t
   const int base = cs + (int)threadIdx.x * KPT;
   int nval = ce - base;
   nval = nval < 0 ? 0 : (nval > KPT ? KPT : nval);
+  const uint32_t cand = nval >= 32 ? 0xffffffffu : ((1u << nval) - 1u);
   uint32_t kk[KPT];
 #pragma unroll
   for (int j = 0; j < KPT; ++j) kk[j] = j < nval ? order_key(__ldg(sc + base + j)) : 0u;
+  uint32_t prefix;
+  int need;
+  cluster_threshold<KPT>(kk, cand, K, hist, scan_smem, &s_prefix, &s_need, prefix, need);
+  cluster_compact<KPT>(kk, cand, prefix, need, base, out, scan_smem, s_cnt, s_before, [](int) {});
+#else
+  __trap();
+#endif
+}
 
-  const int lane = threadIdx.x & 31;
-  uint32_t prefix = 0, mask = 0;
-  int need = K;
-#pragma unroll 1
-  for (int pass = 0; pass < 4; ++pass) {
-    const int shift = 24 - 8 * pass;
-    int *h = hist[pass & 1];
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) h[i] = 0;
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < KPT; ++j) {
-      const bool act = j < nval && (kk[j] & mask) == prefix;
-      const int bin = (int)((kk[j] >> shift) & 0xFFu);
-      const unsigned am = __ballot_sync(0xffffffffu, act);
-      if (act) {
-        const unsigned peers = __match_any_sync(am, bin);
-        if (lane == __ffs(peers) - 1) atomicAdd(&h[bin], __popc(peers));
-      }
-    }
-    // every block's histogram of this pass is complete. (hist[pass & 1] is
-    // zeroed again two passes later, after the next cluster.sync, by which
-    // time every block has finished reading it.)
-    cluster.sync();
-    const int t = threadIdx.x;
-    int v = 0;
-    if (t < 256)
-      for (int r = 0; r < CL; ++r) v += cluster.map_shared_rank(h, r)[255 - t];
-    int total;
-    const int excl = block_scan(v, scan_smem, &total);
-    if (t < 256 && excl < need && excl + v >= need) {
-      s_prefix = prefix | ((uint32_t)(255 - t) << shift);
-      s_need = need - excl;
-    }
-    __syncthreads();
-    prefix = s_prefix;
-    need = s_need;
-    mask |= 0xFFu << shift;
-  }
-  // compaction: keys above the threshold, and the first `need` keys equal to
-  // it in position order across the cluster
-  int gt = 0, eq = 0;
-#pragma unroll
-  for (int j = 0; j < KPT; ++j) {
-    gt += (j < nval && kk[j] > prefix) ? 1 : 0;
-    eq += (j < nval && kk[j] == prefix) ? 1 : 0;
-  }
-  int tot_gt, tot_eq;
-  const int excl_gt = block_scan(gt, scan_smem, &tot_gt);
-  const int excl_eq = block_scan(eq, scan_smem, &tot_eq);
-  if (threadIdx.x == 0) { s_cnt[0] = tot_gt; s_cnt[1] = tot_eq; }
-  cluster.sync();
-  if (threadIdx.x == 0) {
-    int gb = 0, eb = 0;
-    for (int r = 0; r < crank; ++r) {
-      const int *c = cluster.map_shared_rank(s_cnt, r);
-      gb += c[0];
-      eb += c[1];
-    }
-    s_before[0] = gb;
-    s_before[1] = eb;
+// Fused scores + selection (the decode op on sm_90): one cluster of CL blocks
+// per row (b, KV head in group mode / query head in head mode). Every block
+// picks the row's top-r channels from q (as top_channels_kernel), computes the
+// logits of its share of the row's tokens (as logits_kernel: the same float
+// operations, so the same values), the cluster merges the softmax max and sum
+// of each head (normalize_kernel's probabilities p = exp(z - M) / L), the key
+// of a position is p (one head) or the group's sum of p in head order, the
+// radix select runs over the keys held in registers, and the selected
+// positions' p are summed into alpha[b, h] (the reallocation weight). s_hat is
+// never written. Local-window positions are taken unconditionally.
+constexpr int SS_THREADS = 512;
+
+template <typename T, int KPT, int MAXG>
+__global__ void __launch_bounds__(SS_THREADS)
+score_select_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv, int64_t cap,
+                    int D, int r, const int32_t *seq_lens, int n_sel, int local_window,
+                    int32_t *__restrict__ i2, float *__restrict__ alpha) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  __shared__ uint32_t s_ck[256];
+  __shared__ int s_flag[256];
+  __shared__ int s_c[AS_MAXR];
+  __shared__ float s_q[MAXG][AS_MAXR];
+  __shared__ float s_red[SS_THREADS / 32][MAXG];
+  __shared__ float s_bmax[MAXG], s_bsum[MAXG], s_balpha[MAXG];
+  __shared__ float s_M[MAXG], s_L[MAXG];
+  __shared__ int hist[2][256];
+  __shared__ int scan_smem[64];
+  __shared__ int s_cnt[2];
+  __shared__ int s_before[2];
+  __shared__ uint32_t s_prefix;
+  __shared__ int s_need;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int crank = (int)cluster.block_rank();
+  const int CL = (int)cluster.num_blocks();
+  const int row = blockIdx.y, Hs = gridDim.y, b = blockIdx.z;
+  const int G = H / Hkv;
+  const int nh = (Hs == H) ? 1 : G;
+  const int h0 = (Hs == H) ? row : row * G;
+  const int hk = h0 / G;
+  const int len = clamp_len(seq_lens, b, cap);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int32_t *out = i2 + ((size_t)b * Hs + row) * n_sel;
+
+  // 1. top-r channels of the row (ascending channel order)
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float sa = 0.f;
+    for (int g = 0; g < nh; ++g) sa += fabsf(ldf(q + ((size_t)b * H + h0 + g) * D + d));
+    s_ck[d] = order_key(sa);
   }
   __syncthreads();
-  const int gt_before = s_before[0], eq_before = s_before[1];
-  int take_eq_block = need - eq_before;
-  take_eq_block = take_eq_block < 0 ? 0 : (take_eq_block > tot_eq ? tot_eq : take_eq_block);
-  const int eq_taken_before = eq_before < need ? eq_before : need;
-  int pos = gt_before + eq_taken_before + excl_gt + (excl_eq < take_eq_block ? excl_eq : take_eq_block);
-  int e = eq_before + excl_eq;
-#pragma unroll
-  for (int j = 0; j < KPT; ++j) {
-    if (j < nval) {
-      if (kk[j] > prefix) {
-        out[pos++] = base + j;
-      } else if (kk[j] == prefix) {
-        if (e < need) out[pos++] = base + j;
-        ++e;
-      }
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    const uint32_t kd = s_ck[d];
+    int rank = 0;
+    for (int j = 0; j < D; ++j) {
+      const uint32_t kj = s_ck[j];
+      rank += (kj > kd || (kj == kd && j < d)) ? 1 : 0;
+    }
+    s_flag[d] = rank < r ? 1 : 0;
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    if (!s_flag[d]) continue;
+    int before = 0;  // chosen channels below d
+    for (int j = 0; j < d; ++j) before += s_flag[j];
+    s_c[before] = d;
+  }
+  __syncthreads();
+  // 2. q on those channels over tau, per head (warp g)
+  if (warp < MAXG) {
+    const int g = warp;
+    if (g < nh) {
+      const T *qr = q + ((size_t)b * H + h0 + g) * D;
+      float l1 = 0.f, l1s = 0.f;
+      for (int d = lane; d < D; d += 32) l1 += fabsf(ldf(qr + d));
+      for (int j = lane; j < r; j += 32) l1s += fabsf(ldf(qr + s_c[j]));
+      l1 = warp_sum(l1);
+      l1s = warp_sum(l1s);
+      const float inv_tau = l1s > 0.f ? 1.f / sqrtf((float)D * (l1s / l1)) : 0.f;
+      for (int j = lane; j < r; j += 32) s_q[g][j] = ldf(qr + s_c[j]) * inv_tau;
+    } else {
+      for (int j = lane; j < r; j += 32) s_q[g][j] = 0.f;
     }
   }
-  // no block may exit while another still reads its shared memory
+  __syncthreads();
+
+  // 3. logits of this thread's KPT consecutive positions
+  const int per = (len + CL - 1) / CL;
+  const int cs = crank * per;
+  const int ce = cs + per < len ? cs + per : len;
+  const int base = cs + (int)threadIdx.x * KPT;
+  int nval = ce - base;
+  nval = nval < 0 ? 0 : (nval > KPT ? KPT : nval);
+  float z[MAXG][KPT];
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g)
+#pragma unroll
+    for (int i = 0; i < KPT; ++i) z[g][i] = 0.f;
+  const T *ktb = kt + ((size_t)b * Hkv + hk) * (size_t)D * cap;
+#pragma unroll 2
+  for (int j = 0; j < r; ++j) {
+    const T *rowp = ktb + (size_t)s_c[j] * cap + base;
+    float x[KPT];
+#pragma unroll
+    for (int i = 0; i < KPT; ++i) x[i] = i < nval ? ldf(rowp + i) : 0.f;
+#pragma unroll
+    for (int g = 0; g < MAXG; ++g) {
+      const float wq = s_q[g][j];
+#pragma unroll
+      for (int i = 0; i < KPT; ++i) z[g][i] = fmaf(wq, x[i], z[g][i]);
+    }
+  }
+  // 4. softmax statistics of each head over the cluster
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g) {
+    float mx = -CUDART_INF_F;
+#pragma unroll
+    for (int i = 0; i < KPT; ++i) mx = i < nval ? fmaxf(mx, z[g][i]) : mx;
+    mx = warp_max(mx);
+    if (lane == 0) s_red[warp][g] = mx;
+  }
+  __syncthreads();
+  if (threadIdx.x < MAXG) {
+    float mx = -CUDART_INF_F;
+    for (int w = 0; w < SS_THREADS / 32; ++w) mx = fmaxf(mx, s_red[w][threadIdx.x]);
+    s_bmax[threadIdx.x] = mx;
+  }
+  cluster.sync();
+  if (threadIdx.x < MAXG) {
+    float mx = -CUDART_INF_F;
+    for (int rk = 0; rk < CL; ++rk) mx = fmaxf(mx, cluster.map_shared_rank(s_bmax, rk)[threadIdx.x]);
+    s_M[threadIdx.x] = mx;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g) {
+    const float M = s_M[g];
+    float l = 0.f;
+    if (M != -CUDART_INF_F) {
+#pragma unroll
+      for (int i = 0; i < KPT; ++i) l += i < nval ? expf(z[g][i] - M) : 0.f;
+    }
+    l = warp_sum(l);
+    if (lane == 0) s_red[warp][g] = l;
+  }
+  __syncthreads();
+  if (threadIdx.x < MAXG) {
+    float l = 0.f;
+    for (int w = 0; w < SS_THREADS / 32; ++w) l += s_red[w][threadIdx.x];
+    s_bsum[threadIdx.x] = l;
+  }
+  cluster.sync();
+  if (threadIdx.x < MAXG) {
+    float l = 0.f;
+    for (int rk = 0; rk < CL; ++rk) l += cluster.map_shared_rank(s_bsum, rk)[threadIdx.x];
+    s_L[threadIdx.x] = l;
+  }
+  __syncthreads();
+  // probabilities (in place of the logits) and the selection keys
+  float M[MAXG], L[MAXG];
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g) { M[g] = s_M[g]; L[g] = s_L[g]; }
+  uint32_t kk[KPT];
+#pragma unroll
+  for (int i = 0; i < KPT; ++i) {
+    float key = 0.f;
+#pragma unroll
+    for (int g = 0; g < MAXG; ++g) {
+      const float p = (g < nh && L[g] > 0.f) ? expf(z[g][i] - M[g]) / L[g] : 0.f;
+      z[g][i] = p;
+      key += p;
+    }
+    kk[i] = order_key(key);
+  }
+
+  // 5. selection: candidates [0, m), the last w positions always
+  const bool take_all = n_sel >= len;
+  const int w = take_all ? 0 : (local_window < n_sel ? local_window : n_sel);
+  const int m = len - w;
+  const int K = take_all ? len : n_sel - w;
+  uint32_t cand = 0, forced = 0;
+#pragma unroll
+  for (int i = 0; i < KPT; ++i) {
+    if (i < nval) {
+      if (base + i < m) cand |= 1u << i;
+      else forced |= 1u << i;
+    }
+  }
+  float a[MAXG];
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g) a[g] = 0.f;
+#pragma unroll
+  for (int i = 0; i < KPT; ++i) {
+    if ((forced >> i) & 1u) {
+      out[K + (base + i - m)] = base + i;
+#pragma unroll
+      for (int g = 0; g < MAXG; ++g) a[g] += z[g][i];
+    }
+  }
+  auto take = [&](int i) {
+#pragma unroll
+    for (int g = 0; g < MAXG; ++g) a[g] += z[g][i];
+  };
+  if (take_all) {
+    for (int i = len + crank * blockDim.x + threadIdx.x; i < n_sel; i += CL * blockDim.x) out[i] = -1;
+#pragma unroll
+    for (int i = 0; i < KPT; ++i)
+      if ((cand >> i) & 1u) {
+        out[base + i] = base + i;
+        take(i);
+      }
+  } else if (K > 0) {
+    uint32_t prefix;
+    int need;
+    cluster_threshold<KPT>(kk, cand, K, hist, scan_smem, &s_prefix, &s_need, prefix, need);
+    cluster_compact<KPT>(kk, cand, prefix, need, base, out, scan_smem, s_cnt, s_before, take);
+  }
+  // 6. alpha of each head: the sum of the selected probabilities
+#pragma unroll
+  for (int g = 0; g < MAXG; ++g) {
+    const float x = warp_sum(a[g]);
+    if (lane == 0) s_red[warp][g] = x;
+  }
+  __syncthreads();
+  if (threadIdx.x < MAXG) {
+    float x = 0.f;
+    for (int wi = 0; wi < SS_THREADS / 32; ++wi) x += s_red[wi][threadIdx.x];
+    s_balpha[threadIdx.x] = x;
+  }
+  cluster.sync();
+  if (crank == 0 && threadIdx.x < nh) {
+    float x = 0.f;
+    for (int rk = 0; rk < CL; ++rk) x += cluster.map_shared_rank(s_balpha, rk)[threadIdx.x];
+    alpha[(size_t)b * H + h0 + threadIdx.x] = x;
+  }
   cluster.sync();
 #else
   __trap();
@@ -679,7 +959,8 @@ template <typename T, int D, int MAXG>
 __global__ void __launch_bounds__(AT_WARPS * 32)
 sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
                    int H, int Hkv, int64_t cap, const int32_t *__restrict__ i2, int n_sel,
-                   const float *__restrict__ s_hat, const float *__restrict__ v_mean,
+                   const float *__restrict__ s_hat, const float *__restrict__ alpha_in,
+                   const float *__restrict__ v_mean,
                    const int32_t *seq_lens, float scale_log2, int reallocate, int per_split,
                    float *__restrict__ part, int *counters, T *__restrict__ out) {
   constexpr int LPT = D / 8;     // lanes per token
@@ -739,7 +1020,7 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
         V8<T>::zero(vr[u]);
       }
     }
-    if (reallocate && c == 0) {
+    if (reallocate && c == 0 && alpha_in == nullptr) {
 #pragma unroll
       for (int g = 0; g < MAXG; ++g) {
         if (g >= qh) break;
@@ -837,6 +1118,7 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
     }
     if (nsplit == 1) {
       float y = L > 0.f ? A / L : 0.f;
+      if (alpha_in) AL = alpha_in[(size_t)b * H + h0 + g];
       if (reallocate) y = AL * y + (1.f - AL) * v_mean[((size_t)b * Hkv + hk) * D + d];
       out[((size_t)b * H + h0 + g) * D + d] = from_f<T>(y);
     } else {
@@ -875,7 +1157,7 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
     }
     L = warp_sum(L);
     AL = warp_sum(AL);
-    if (lane == 0) { s_M[g] = M; s_L[g] = L; s_AL[g] = AL; }
+    if (lane == 0) { s_M[g] = M; s_L[g] = L; s_AL[g] = alpha_in ? alpha_in[(size_t)b * H + h0 + g] : AL; }
   }
   // MAXG <= 8 heads and D <= 128: qh * D <= 1024 = 8 outputs per thread
   constexpr int PER = (MAXG * D + AT_WARPS * 32 - 1) / (AT_WARPS * 32);
@@ -990,8 +1272,8 @@ int entries_per_split(int64_t B, int64_t Hs, int64_t n_sel, int chunk) {
 template <typename T, int D>
 int launch_attn_t(const void *q, const void *k, const void *v, int64_t B, int64_t H, int64_t Hkv,
                   int64_t cap, const int32_t *i2, int64_t Hs, int64_t n_sel, const float *s_hat,
-                  const float *v_mean, const int32_t *seq_lens, float scale, int reallocate,
-                  float *part, int *counters, void *out, cudaStream_t st) {
+                  const float *alpha_in, const float *v_mean, const int32_t *seq_lens, float scale,
+                  int reallocate, float *part, int *counters, void *out, cudaStream_t st) {
   const int qh = (Hs == H) ? 1 : (int)(H / Hkv);
   const float sl = scale * 1.4426950408889634f;
 #define KS_AT(MG)                                                                              \
@@ -1002,7 +1284,7 @@ int launch_attn_t(const void *q, const void *k, const void *v, int64_t B, int64_
     dim3 grid((unsigned)ns, (unsigned)Hs, (unsigned)B);                                        \
     sparse_attn_kernel<T, D, MG><<<grid, AT_WARPS * 32, 0, st>>>(                              \
         (const T *)q, (const T *)k, (const T *)v, (int)H, (int)Hkv, cap, i2, (int)n_sel,       \
-        s_hat, v_mean, seq_lens, sl, reallocate, per, part, counters, (T *)out);               \
+        s_hat, alpha_in, v_mean, seq_lens, sl, reallocate, per, part, counters, (T *)out);     \
   }
   switch (maxg_bucket(qh)) {
     case 1: KS_AT(1); break;
@@ -1018,14 +1300,15 @@ int launch_attn_t(const void *q, const void *k, const void *v, int64_t B, int64_
 template <typename T>
 int launch_attn(int64_t D, const void *q, const void *k, const void *v, int64_t B, int64_t H,
                 int64_t Hkv, int64_t cap, const int32_t *i2, int64_t Hs, int64_t n_sel,
-                const float *s_hat, const float *v_mean, const int32_t *seq_lens, float scale,
-                int reallocate, float *part, int *counters, void *out, cudaStream_t st) {
+                const float *s_hat, const float *alpha_in, const float *v_mean,
+                const int32_t *seq_lens, float scale, int reallocate, float *part, int *counters,
+                void *out, cudaStream_t st) {
   if (D == 64)
-    return launch_attn_t<T, 64>(q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, v_mean, seq_lens,
-                                scale, reallocate, part, counters, out, st);
+    return launch_attn_t<T, 64>(q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, alpha_in, v_mean,
+                                seq_lens, scale, reallocate, part, counters, out, st);
   if (D == 128)
-    return launch_attn_t<T, 128>(q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, v_mean, seq_lens,
-                                 scale, reallocate, part, counters, out, st);
+    return launch_attn_t<T, 128>(q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, alpha_in, v_mean,
+                                 seq_lens, scale, reallocate, part, counters, out, st);
   return (int)cudaErrorInvalidValue;
 }
 
@@ -1075,6 +1358,101 @@ int launch_select(const float *keys, int64_t B, int64_t Hs, int64_t cap, const i
   return (int)cudaGetLastError();
 }
 
+// ---- fused scores + selection (sm_90) ----
+// 1 when `kern` can run clusters of `cl` blocks of `threads` threads here
+// (cl > 8 needs the non-portable cluster size; asked once per kernel and size)
+template <typename Kern>
+int cluster_launchable(Kern kern, int cl, int threads) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)cl, 1, 1);
+  cfg.blockDim = dim3((unsigned)threads);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = (unsigned)cl;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (cl > 8 && cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n > 0;
+}
+
+template <typename T, int KPT, int MAXG>
+int launch_score_select_t(int cl, const T *q, const T *kt, int64_t B, int64_t H, int64_t Hkv,
+                          int64_t Hs, int64_t cap, int64_t D, int64_t r, const int32_t *seq_lens,
+                          int n_sel, int lw, int32_t *i2, float *alpha, cudaStream_t st) {
+  auto kern = score_select_kernel<T, KPT, MAXG>;
+  static int ok[2] = {-1, -1};  // cl = 8, 16
+  int &known = ok[cl > 8 ? 1 : 0];
+  if (known < 0) known = cluster_launchable(kern, cl, SS_THREADS);
+  if (!known) return -1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)cl, (unsigned)Hs, (unsigned)B);
+  cfg.blockDim = dim3(SS_THREADS);
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = (unsigned)cl;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return (int)cudaLaunchKernelEx(&cfg, kern, q, kt, (int)H, (int)Hkv, cap, (int)D, (int)r, seq_lens,
+                                 n_sel, lw, i2, alpha);
+}
+
+// Runs the fused kernel when it applies (sm_90, head_dim <= 256, the row's
+// keys and logits fit in registers); returns -1 (nothing launched) otherwise.
+template <typename T>
+int launch_score_select(const void *q, const void *kt, int64_t B, int64_t H, int64_t Hkv, int64_t Hs,
+                        int64_t cap, int64_t D, int64_t r, const int32_t *seq_lens, int n_sel, int lw,
+                        int32_t *i2, float *alpha, cudaStream_t st) {
+  if (D > 256 || r > AS_MAXR || cap > (int64_t)1 << 30 || !clusters_supported()) return -1;
+  const int nh = (Hs == H) ? 1 : (int)(H / Hkv);
+  const int maxg = maxg_bucket(nh);
+  if (maxg == 0) return -1;
+  const int order_small[2] = {16, 8}, order_large[2] = {8, 16};
+  const int *order = B * Hs <= 16 ? order_small : order_large;
+  for (int oi = 0; oi < 2; ++oi) {
+    const int cl = order[oi];
+    const int64_t per_thread = ((cap + cl - 1) / cl + SS_THREADS - 1) / SS_THREADS;
+    int kpt = per_thread <= 2 ? 2 : per_thread <= 8 ? 8 : per_thread <= 16 ? 16 : per_thread <= 32 ? 32 : 0;
+    if (kpt == 0 || kpt * maxg > 64) continue;
+    int rc = -1;
+    const T *qq = (const T *)q, *kk = (const T *)kt;
+#define KS_SS(K, MG)                                                                            \
+  rc = launch_score_select_t<T, K, MG>(cl, qq, kk, B, H, Hkv, Hs, cap, D, r, seq_lens, n_sel, lw, \
+                                       i2, alpha, st)
+    switch (maxg * 100 + kpt) {
+      case 102: KS_SS(2, 1); break;
+      case 108: KS_SS(8, 1); break;
+      case 116: KS_SS(16, 1); break;
+      case 132: KS_SS(32, 1); break;
+      case 202: KS_SS(2, 2); break;
+      case 208: KS_SS(8, 2); break;
+      case 216: KS_SS(16, 2); break;
+      case 232: KS_SS(32, 2); break;
+      case 402: KS_SS(2, 4); break;
+      case 408: KS_SS(8, 4); break;
+      case 416: KS_SS(16, 4); break;
+      case 802: KS_SS(2, 8); break;
+      case 808: KS_SS(8, 8); break;
+      default: rc = -1;
+    }
+#undef KS_SS
+    if (rc != -1) return rc;
+  }
+  return -1;
+}
+
 size_t attn_workspace(int64_t B, int64_t H, int64_t Hs, int64_t D, int64_t n_sel) {
   const int64_t max_splits = n_sel > 0 ? (n_sel + AT_WARPS * AT_MIN_CHUNK - 1) / (AT_WARPS * AT_MIN_CHUNK) : 1;
   // per (b, row, split): qh records of D + 3 floats; Hs * qh == H
@@ -1085,8 +1463,9 @@ size_t attn_workspace(int64_t B, int64_t H, int64_t Hs, int64_t D, int64_t n_sel
 // counters first, partials after (see attn_workspace)
 int run_attn(ks_dtype dt, const void *q, const void *k, const void *v, int64_t B, int64_t H,
              int64_t Hkv, int64_t cap, int64_t D, const int32_t *i2, int64_t Hs, int64_t n_sel,
-             const float *s_hat, const float *v_mean, const int32_t *seq_lens, float scale,
-             int reallocate, void *ws, void *out, cudaStream_t st);
+             const float *s_hat, const float *alpha_in, const float *v_mean,
+             const int32_t *seq_lens, float scale, int reallocate, void *ws, void *out,
+             cudaStream_t st);
 
 }  // namespace
 
@@ -1099,14 +1478,15 @@ int run_attn(ks_dtype dt, const void *q, const void *k, const void *v, int64_t B
 namespace {
 int run_attn(ks_dtype dt, const void *q, const void *k, const void *v, int64_t B, int64_t H,
              int64_t Hkv, int64_t cap, int64_t D, const int32_t *i2, int64_t Hs, int64_t n_sel,
-             const float *s_hat, const float *v_mean, const int32_t *seq_lens, float scale,
-             int reallocate, void *ws, void *out, cudaStream_t st) {
+             const float *s_hat, const float *alpha_in, const float *v_mean,
+             const int32_t *seq_lens, float scale, int reallocate, void *ws, void *out,
+             cudaStream_t st) {
   int *counters = (int *)ws;
   float *part = (float *)((char *)ws + align256((size_t)B * Hs * sizeof(int)));
   cudaError_t e = cudaMemsetAsync(counters, 0, (size_t)B * Hs * sizeof(int), st);
   if (e != cudaSuccess) return (int)e;
-  return KS_DISPATCH(dt, launch_attn, D, q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, v_mean,
-                     seq_lens, scale, reallocate, part, counters, out, st);
+  return KS_DISPATCH(dt, launch_attn, D, q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, alpha_in,
+                     v_mean, seq_lens, scale, reallocate, part, counters, out, st);
 }
 }  // namespace
 
@@ -1186,8 +1566,8 @@ int ks_sparq_sparse_attn_cuda(const void *q, const void *k, const void *v, ks_dt
                               float scale, int reallocate, void *workspace, void *out,
                               void *stream) {
   if (B == 0 || H == 0) return 0;
-  return run_attn(dt, q, k, v, B, H, Hkv, cap, D, i2, Hs2, n_sel, s_hat, v_mean, seq_lens, scale,
-                  reallocate, workspace, out, (cudaStream_t)stream);
+  return run_attn(dt, q, k, v, B, H, Hkv, cap, D, i2, Hs2, n_sel, s_hat, nullptr, v_mean, seq_lens,
+                  scale, reallocate, workspace, out, (cudaStream_t)stream);
 }
 
 // layout: [attention ws][i1][s_hat][score partials][rowscore (group, G > 1)][i2]
@@ -1227,16 +1607,26 @@ int ks_sparq_decode_cuda(const void *q, const void *k, const void *v, const void
   }
   int32_t *i2 = (int32_t *)ws;
 
-  int rc = KS_DISPATCH(dt, launch_top_channels, q, B, H, D, r, gs, i1, st);
+  const int lw = local_window > k_top ? (int)k_top : (int)local_window;
+  // sm_90: one fused kernel for channels, scores and selection, then attention
+  // with the reallocation weights it computed (s_hat is never written; its
+  // workspace holds the weights)
+  int rc = KS_DISPATCH(dt, launch_score_select, q, kt, B, H, Hkv, Hs, cap, D, r, seq_lens, (int)k_top,
+                       lw, i2, s_hat, st);
+  if (rc != -1) {
+    if (rc) return rc;
+    return run_attn(dt, q, k, v, B, H, Hkv, cap, D, i2, Hs, k_top, nullptr, s_hat, v_mean, seq_lens,
+                    scale, reallocate, attn_ws, out, st);
+  }
+  rc = KS_DISPATCH(dt, launch_top_channels, q, B, H, D, r, gs, i1, st);
   if (rc) return rc;
   rc = KS_DISPATCH(dt, launch_scores, q, kt, B, H, Hkv, cap, D, i1, Hs, r, seq_lens, s_hat, part,
                    rowscore, st);
   if (rc) return rc;
-  const int lw = local_window > k_top ? (int)k_top : (int)local_window;
   rc = launch_select(rowscore ? rowscore : s_hat, B, Hs, cap, seq_lens, (int)k_top, lw, i2, st);
   if (rc) return rc;
-  return run_attn(dt, q, k, v, B, H, Hkv, cap, D, i2, Hs, k_top, s_hat, v_mean, seq_lens, scale,
-                  reallocate, attn_ws, out, st);
+  return run_attn(dt, q, k, v, B, H, Hkv, cap, D, i2, Hs, k_top, s_hat, nullptr, v_mean, seq_lens,
+                  scale, reallocate, attn_ws, out, st);
 }
 
 }  // extern "C"
