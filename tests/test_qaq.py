@@ -293,14 +293,18 @@ def test_attention_empty_and_window(device):
 
 
 def test_memory_report_byte_counts():
+    """The module doc's numbers: D = 64, Hkv = 3, alpha = 0.01, fp16."""
     B, Hkv, cap, D = 1, 3, 10, 64
     sl = torch.tensor([10], dtype=torch.int32)
-    for w, per_head in ((2, 16 + 4 + 1 + 4 + 2 * 4), (4, 32 + 4 + 1 + 4 + 2 * 4)):
-        st, _, _ = _fill("cpu", B, Hkv, cap, D, torch.float16, [10], torch.full((B, Hkv, cap), w, dtype=torch.uint8), w)
+    for shared, w, per_token in ((False, 2, 99), (False, 4, 147), (True, 2, 65), (True, 4, 113)):
+        Hg = 1 if shared else Hkv
+        st, _, _ = _fill("cpu", B, Hkv, cap, D, torch.float16, [10], torch.full((B, Hg, cap), w, dtype=torch.uint8), w,
+                         shared=shared)
         rep = qaq.memory_report(st, sl)
-        assert rep["total"] == 10 * 3 * per_head, rep
-        assert rep["fp16"] == 10 * 3 * 64 * 2
-    assert (16 + 13) * 3 == 87 and (32 + 13) * 3 == 135  # the module doc's numbers
+        assert rep["total"] == 10 * per_token, (shared, w, rep)
+        assert rep["codes"] == 10 * Hkv * D * w // 8
+        assert rep["fp16"] == 10 * 384
+        assert rep["total"] == sum(rep[k] for k in ("codes", "scale_zero", "widths", "offsets", "outliers"))
 
 
 @pytest.mark.parametrize("device", DEVICES)

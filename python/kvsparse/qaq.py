@@ -37,9 +37,14 @@ oval        [B, Hg, cap, n_out]    outlier values, cache dtype
 
 Bytes per token and group: ``E * w / 8`` codes + 4 (offset) + 1 (width) +
 4 (scale, zero) + ``n_out * (2 + itemsize)`` (outliers); e.g. ``D = 64``,
-``Hkv = 3``, per-head groups, ``alpha = 0.01`` (``n_out = 2``), fp16:
-29 bytes per head at 2 bits (87 per token), 45 at 4 bits (135 per token),
-against 128 (384) for fp16. :func:`memory_report` counts them.
+``Hkv = 3``, ``alpha = 0.01``, fp16 cache (384 bytes per token in fp16):
+
+* per-head groups (``E = 64``, ``n_out = 2``): 33 bytes per head at 2 bits
+  (99 per token, 26%), 49 at 4 bits (147 per token, 38%);
+* shared groups (``E = 192``, ``n_out = 2``): 65 bytes per token at 2 bits
+  (17%), 113 at 4 bits (29%).
+
+:func:`memory_report` counts them.
 
 Offsets are the caller's: :func:`slot_offsets` gives every group a fixed
 slot big enough for 8 bits (no saving, never moves), :func:`packed_offsets`
