@@ -288,6 +288,62 @@ def test_attention_empty_and_window(device):
     torch.testing.assert_close(win.s_max(1), (pm * 4).amax(1, keepdim=True))
 
 
+@pytest.mark.parametrize("D", [8, 40, 256])
+def test_attention_cpu_other_head_dims(D):
+    B, Hkv, G, cap = 2, 2, 2, 23
+    for shared in (False, True):
+        Hg = 1 if shared else Hkv
+        w = _rand_widths(B, Hg, cap, D)
+        ks, _, sl = _fill("cpu", B, Hkv, cap, D, torch.float32, [23, 11], w, D + 1, shared=shared, alpha=0.1)
+        q = torch.randn(B, G * Hkv, D)
+        out, pm = qaq.attention(q, ks, ks, sl, return_p_max=True)
+        kd = ref.qaq_dequantize_ref(*ks.tensors(), sl, Hkv, D)
+        torch.testing.assert_close(qaq.dequantize(ks, sl).double(), kd, atol=1e-6, rtol=1e-6)
+        exp, pexp = ref.qaq_attention_ref(q, kd, kd, sl)
+        torch.testing.assert_close(out.double(), exp, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(pm.double(), pexp, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_loop_end_to_end(device):
+    """The intended use: prefill at 8 bits, decode steps appending at 8 bits with
+    the attention's p_max kept in a window, then widths from the bounds and an
+    in-place requantization; the output stays close to exact attention."""
+    B, Hkv, G, D, cap = 2, 2, 4, 64, 300
+    dtype = torch.float16
+    g = torch.Generator().manual_seed(_seed("e2e"))
+    k = _randn((B, Hkv, cap, D), g, dtype, device)
+    v = _randn((B, Hkv, cap, D), g, dtype, device)
+    ks = qaq.alloc(B, Hkv, cap, D, dtype, device)
+    vs = qaq.alloc(B, Hkv, cap, D, dtype, device, shared=True)
+    sl = torch.tensor([250, 120], dtype=torch.int32, device=device)
+    zero = torch.zeros(B, dtype=torch.int32, device=device)
+    qaq.quantize(ks, k[:, :, :250].contiguous(), zero, 8)
+    qaq.quantize(vs, v[:, :, :250].contiguous(), zero, 8)
+    win = qaq.AttentionWindow(B, Hkv, cap, n=5, device=device)
+    for _ in range(6):
+        q = _randn((B, G * Hkv, D), g, dtype, device)
+        idx = sl.long()[:, None, None, None].expand(B, Hkv, 1, D)
+        qaq.quantize(ks, torch.gather(k, 2, idx).contiguous(), sl, 8)
+        qaq.quantize(vs, torch.gather(v, 2, idx).contiguous(), sl, 8)
+        sl = sl + 1
+        out, pm = qaq.attention(q, ks, vs, sl, return_p_max=True)
+        win.push(pm)
+    kb = qaq.key_bits(qaq.stored_range(ks), qaq.query_sq(q, ks.groups), sl, 0.001, (2, 4, 8))
+    vb = qaq.value_bits(qaq.stored_range(vs), win.s_max(vs.groups), sl, 0.01, (2, 4, 8))
+    assert (kb.cpu() < 8).any() and (vb.cpu() < 8).any()
+    qaq.requantize(ks, kb, sl)
+    qaq.requantize(vs, vb, sl)
+    rep_k, rep_v = qaq.memory_report(ks, sl), qaq.memory_report(vs, sl)
+    assert rep_k["ratio"] < 0.6 and rep_v["ratio"] < 0.6, (rep_k, rep_v)
+    out = qaq.attention(q, ks, vs, sl)
+    exact, _ = ref.qaq_attention_ref(q, k, v, sl)
+    err = (out.double().cpu() - exact).abs().max()
+    assert err < 0.1, err
+    exp, _ = ref.qaq_attention_ref(q, qaq.dequantize(ks, sl), qaq.dequantize(vs, sl), sl)
+    torch.testing.assert_close(out.double().cpu(), exp, atol=2e-3, rtol=4e-3)
+
+
 # --------------------------------------------------------------------------
 # memory accounting, compaction
 
