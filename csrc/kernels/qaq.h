@@ -25,7 +25,8 @@
  * (byte (e*w)/8, bits (e*w)%8 ..); w divides 8, so a code never straddles a
  * byte. w = 0 stores no codes. A group whose code bytes would not lie inside
  * [0, A) is read and written as if w were 0 (CPU bindings reject it). Widths
- * outside {0,1,2,4,8} read as 0.
+ * outside {0,1,2,4,8} read as 0. The code bytes of different groups must not
+ * overlap (the kernels write groups in parallel); offsets are the caller's.
  *
  * Dequantization (float32, written as fl(zero + fl(scale * code))):
  *   w > 0:  x[e] = zero + scale * code[e]
