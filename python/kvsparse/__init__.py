@@ -3,6 +3,7 @@
 Submodules:
   kvsparse.quest      Quest (query-aware page selection) decode attention.
   kvsparse.sparq      SparQ (sparse-query attention) decode attention.
+  kvsparse.qaq        QAQ (per-token bit-width quantized KV cache) and its decode attention.
   kvsparse.reference  float64 plain-PyTorch reference implementations.
 
 The raw ops are ``torch.ops.kvsparse.*``.
@@ -10,10 +11,11 @@ The raw ops are ``torch.ops.kvsparse.*``.
 from . import _ops  # noqa: F401  (loads kvsparse._C and registers fake kernels)
 from . import quest  # noqa: F401
 from . import sparq  # noqa: F401
+from . import qaq  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["quest", "sparq", "has_cuda", "__version__"]
+__all__ = ["quest", "sparq", "qaq", "has_cuda", "__version__"]
 
 
 

@@ -101,3 +101,43 @@ def _sparq_sparse_attention_fake(q, k, v, i2, s_hat, v_mean, seq_lens, scale, re
 @torch.library.register_fake("kvsparse::sparq_attention")
 def _sparq_attention_fake(q, k, v, kt, v_mean, seq_lens, r, k_top, local_window, group, reallocate, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# ---- QAQ ----------------------------------------------------------------------
+
+
+@torch.library.register_fake("kvsparse::qaq_key_bits")
+def _qaq_key_bits_fake(rng, q_sq, seq_lens, sigma_s, allowed, n_recent):
+    return rng.new_empty(rng.shape, dtype=torch.uint8)
+
+
+@torch.library.register_fake("kvsparse::qaq_value_bits")
+def _qaq_value_bits_fake(rng, s_max, seq_lens, sigma_x, allowed, n_recent):
+    return rng.new_empty(rng.shape, dtype=torch.uint8)
+
+
+@torch.library.register_fake("kvsparse::qaq_quantize")
+def _qaq_quantize_fake(x, pos, new_widths, new_offsets, arena, offsets, widths, sz, oidx, oval):
+    return None
+
+
+@torch.library.register_fake("kvsparse::qaq_dequantize")
+def _qaq_dequantize_fake(arena, offsets, widths, sz, oidx, oval, seq_lens, num_kv_heads, head_dim):
+    B, _, cap = offsets.shape
+    return oval.new_empty((B, num_kv_heads, cap, head_dim))
+
+
+@torch.library.register_fake("kvsparse::qaq_requantize")
+def _qaq_requantize_fake(arena, offsets, widths, sz, oidx, oval, new_widths, seq_lens, num_kv_heads, head_dim):
+    return None
+
+
+@torch.library.register_fake("kvsparse::qaq_attention")
+def _qaq_attention_fake(q, k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, v_arena, v_offsets, v_widths,
+                        v_sz, v_oidx, v_oval, seq_lens, num_kv_heads, scale, return_p_max):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if return_p_max:
+        pm = q.new_empty((q.shape[0], num_kv_heads, k_offsets.shape[2]), dtype=torch.float32)
+    else:
+        pm = q.new_empty((0,), dtype=torch.float32)
+    return out, pm

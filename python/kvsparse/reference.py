@@ -20,6 +20,11 @@ __all__ = [
     "quest_sparse_attention_ref",
     "quest_attention_ref",
     "dense_attention_ref",
+    "qaq_bits_ref",
+    "qaq_quantize_group_ref",
+    "qaq_unpack_codes_ref",
+    "qaq_dequantize_ref",
+    "qaq_attention_ref",
 ]
 
 
@@ -329,3 +334,122 @@ def sparq_attention_ref(q, k, v, seq_lens, r, k_top, local_window=0, group=True,
         s_hat = sparq_approx_scores_ref(q, k, i1, seq_lens)
     i2 = sparq_top_positions_ref(s_hat, seq_lens, k_top, local_window, gs)
     return sparq_sparse_attention_ref(q, k, v, i2, s_hat, v_mean, seq_lens, scale, reallocate)
+
+
+# ---- QAQ ------------------------------------------------------------------------
+# Code decisions (outliers, scale, zero, codes) replicate the kernels' float32
+# arithmetic exactly, so that codes compare equal; dequantized values and
+# attention are float64.
+
+
+def qaq_bits_ref(rng, aux, seq_lens, sigma, allowed, n_recent, is_key):
+    """The paper's bit-width bounds in float64 (IEEE inf / nan semantics).
+
+    rng [B, Hg, cap]; aux = q_sq [B, Hg] (keys) or s_max [B, Hg, cap] (values).
+    Returns int32 [B, Hg, cap].
+    """
+    allowed = sorted(int(w) for w in allowed)
+    B, Hg, cap = rng.shape
+    T = seq_lens.cpu().double()[:, None, None]
+    r = rng.double().cpu()
+    if is_key:
+        sig = torch.sqrt(torch.log(T**3 / (T - 1) * sigma**2 + 1) / aux.double().cpu()[:, :, None])
+    else:
+        sig = sigma / (torch.sqrt(T) * aux.double().cpu())
+    bt = torch.ceil(torch.log2(r / (2 * math.sqrt(3) * sig)))
+    w = torch.full(bt.shape, allowed[-1], dtype=torch.int32)
+    for c in reversed(allowed):
+        w = torch.where(c >= bt, torch.full_like(w, c), w)
+    t = torch.arange(cap)[None, None, :]
+    w = torch.where(t >= T - n_recent, torch.full_like(w, allowed[-1]), w)
+    return torch.where(t >= T, torch.zeros_like(w), w)
+
+
+def qaq_quantize_group_ref(x, w, n_out):
+    """Quantize groups ``x [..., E]`` (any float dtype, values of the cache dtype) at
+    width ``w`` (int, or int tensor [...]) with ``n_out`` outlier slots.
+
+    Returns (codes int64 [..., E], sz float16 [..., 2], oidx int16 [..., n_out],
+    oval [..., n_out] in x's dtype).
+    """
+    E = x.shape[-1]
+    n_side = n_out // 2
+    xf = x.float()
+    lead = x.shape[:-1]
+    w = torch.as_tensor(w, dtype=torch.int64).expand(lead) if not torch.is_tensor(w) else w.long().expand(lead)
+    asc = torch.sort(xf, dim=-1, stable=True).indices[..., :n_side]
+    desc = torch.sort(xf, dim=-1, descending=True, stable=True).indices[..., :n_side]
+    oidx = torch.cat([asc, desc], -1)
+    out_mask = torch.zeros(xf.shape, dtype=torch.bool)
+    out_mask.scatter_(-1, oidx, True)
+    inf = torch.tensor(float("inf"))
+    mn = torch.where(out_mask, inf, xf).amin(-1)
+    mx = torch.where(out_mask, -inf, xf).amax(-1)
+    steps = torch.where(w > 0, (1 << w) - 1, torch.ones_like(w)).float()
+    s = torch.where(w > 0, (mx - mn) / steps, mx - mn)
+    s16, z16 = s.half(), mn.half()
+    sf, zf = s16.float()[..., None], z16.float()[..., None]
+    u = torch.floor((xf - zf) / sf + 0.5)
+    u = torch.where(sf > 0, u, torch.zeros_like(u))
+    u = torch.nan_to_num(u, nan=0.0).clamp_min(0)
+    codes = torch.minimum(u, steps[..., None]).long()
+    codes = torch.where(w[..., None] > 0, codes, torch.zeros_like(codes))
+    oval = torch.gather(x, -1, oidx)
+    return codes, torch.stack([s16, z16], -1), oidx.to(torch.int16), oval
+
+
+def qaq_unpack_codes_ref(arena, offsets, widths, group_elems):
+    """Codes of every group read from the arena (int64 [B, Hg, cap, E]; 0 for width 0)."""
+    arena, offsets, widths = arena.cpu(), offsets.cpu().long(), widths.cpu().long()
+    B, Hg, cap = offsets.shape
+    E = group_elems
+    codes = torch.zeros(B, Hg, cap, E, dtype=torch.int64)
+    e = torch.arange(E)
+    for w in (1, 2, 4, 8):
+        sel = widths == w
+        if not sel.any():
+            continue
+        bidx = torch.arange(B)[:, None, None].expand(B, Hg, cap)[sel]
+        byte = offsets[sel][:, None] + (e * w // 8)[None]
+        val = arena[bidx[:, None], byte].long()
+        codes[sel] = (val >> (e * w % 8)[None]) & ((1 << w) - 1)
+    return codes
+
+
+def qaq_dequantize_ref(arena, offsets, widths, sz, oidx, oval, seq_lens, num_kv_heads, head_dim):
+    """float64 [B, Hkv, cap, D] from a quantized cache (zeros past seq_lens)."""
+    B, Hg, cap = offsets.shape
+    E = head_dim * (num_kv_heads // Hg)
+    codes = qaq_unpack_codes_ref(arena, offsets, widths, E).double()
+    w = widths.cpu().long()[..., None]
+    s = sz.cpu()[..., 0].float().double()[..., None]
+    z = sz.cpu()[..., 1].float().double()[..., None]
+    x = torch.where(w > 0, z + s * codes, z + s * 0.5)
+    oi = oidx.cpu().long()
+    ok = (oi >= 0) & (oi < E)
+    x.scatter_(-1, oi.clamp(0, E - 1), torch.where(ok, oval.cpu().double(), torch.gather(x, -1, oi.clamp(0, E - 1))))
+    x = x.view(B, Hg, cap, num_kv_heads // Hg, head_dim).permute(0, 1, 3, 2, 4).reshape(B, num_kv_heads, cap, head_dim)
+    valid = torch.arange(cap)[None, None, :, None] < seq_lens.cpu().long()[:, None, None, None]
+    return torch.where(valid, x, torch.zeros_like(x))
+
+
+def qaq_attention_ref(q, kd, vd, seq_lens, scale=None):
+    """float64 attention over dequantized caches kd, vd [B, Hkv, cap, D].
+
+    Returns (out [B, H, D], p_max [B, Hkv, cap]).
+    """
+    B, H, D = q.shape
+    Hkv, cap = kd.shape[1], kd.shape[2]
+    G = H // Hkv
+    s = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qd = q.double().cpu().view(B, Hkv, G, D)
+    logits = torch.einsum("bkgd,bktd->bkgt", qd, kd.double().cpu()) * s
+    valid = torch.arange(cap)[None, None, None, :] < seq_lens.cpu().long()[:, None, None, None]
+    logits = logits.masked_fill(~valid, float("-inf"))
+    m = logits.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(logits - m)
+    den = p.sum(-1, keepdim=True)
+    p = p / torch.where(den > 0, den, torch.ones_like(den))
+    out = torch.einsum("bkgt,bktd->bkgd", p, vd.double().cpu()).reshape(B, H, D)
+    return out, p.amax(2)

@@ -1,0 +1,382 @@
+/*
+ * QAQ kernels, CPU (OpenMP) implementation. See qaq.h for the semantics and
+ * the storage layout.
+ *
+ * All arithmetic is float32 (the bit-width formulas float64). Groups are
+ * independent, so every kernel is a parallel loop over groups (or, for the
+ * attention, over (sequence, KV head)); each parallel region has an if()
+ * clause so that decode-sized work stays on the calling thread.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ks_dtype.h"
+#include "qaq.h"
+
+#define QQ_PAR_MIN ((int64_t)1 << 16)
+
+static inline int64_t qq_clamp_len(int32_t len, int64_t cap)
+{
+    return len < 0 ? 0 : (len > cap ? cap : (int64_t)len);
+}
+
+static inline int qq_valid_w(int w)
+{
+    return w == 1 || w == 2 || w == 4 || w == 8;
+}
+
+/* effective width of a group: 0 when invalid or when its codes leave the arena */
+static inline int qq_eff_w(int w, int64_t off, int64_t E, int64_t A)
+{
+    if (!qq_valid_w(w))
+        return 0;
+    return (off >= 0 && off + E * w / 8 <= A) ? w : 0;
+}
+
+/* ---- 1. bit-widths ----------------------------------------------------------- */
+
+static inline int qq_round_up_w(double bt, int mask)
+{
+    int hi = 0, w;
+    for (w = 8; w >= 0; w--)
+        if (mask & (1 << w)) {
+            hi = w;
+            break;
+        }
+    if (bt != bt)
+        return hi;
+    for (w = 0; w <= 8; w++)
+        if ((mask & (1 << w)) && (double)w >= bt)
+            return w;
+    return hi;
+}
+
+void ks_qaq_bits_cpu(const float *rng, const float *q_sq, const float *s_max, int is_key,
+                     int64_t B, int64_t Hg, int64_t cap, const int32_t *seq_lens, double sigma,
+                     int allowed_mask, int64_t n_recent, uint8_t *widths)
+{
+    const int hi = qq_round_up_w(NAN, allowed_mask);
+    int64_t bg;
+#pragma omp parallel for schedule(static) if (B * Hg * cap >= QQ_PAR_MIN)
+    for (bg = 0; bg < B * Hg; bg++) {
+        const int64_t b = bg / Hg, len = qq_clamp_len(seq_lens[b], cap);
+        const double T = (double)len;
+        const float *r = rng + bg * cap;
+        uint8_t *w = widths + bg * cap;
+        double sig_k = 0.0;
+        int64_t t;
+        if (is_key)
+            sig_k = sqrt(log(T * T * T / (T - 1.0) * sigma * sigma + 1.0) / (double)q_sq[bg]);
+        for (t = 0; t < cap; t++) {
+            double sg, bt;
+            if (t >= len) {
+                w[t] = 0;
+                continue;
+            }
+            if (t >= len - n_recent) {
+                w[t] = (uint8_t)hi;
+                continue;
+            }
+            sg = is_key ? sig_k : sigma / (sqrt(T) * (double)s_max[bg * cap + t]);
+            bt = ceil(log2((double)r[t] / (2.0 * sqrt(3.0) * sg)));
+            w[t] = (uint8_t)qq_round_up_w(bt, allowed_mask);
+        }
+    }
+}
+
+/* ---- group quantization ----------------------------------------------------------- */
+
+static inline float qq_h2f(uint16_t h)
+{
+    return ks_half_to_float(h);
+}
+
+static inline int qq_taken(const int16_t *idx, int64_t n, int64_t e)
+{
+    int64_t j;
+    for (j = 0; j < n; j++)
+        if (idx[j] == e)
+            return 1;
+    return 0;
+}
+
+/* Picks the outliers of x[0..E) into idx[0..2*n_side) (see qaq.h). */
+static void qq_pick_outliers(const float *x, int64_t E, int64_t n_side, int16_t *idx)
+{
+    int64_t j, e;
+    for (j = 0; j < 2 * n_side; j++) {
+        const int low = j < n_side;
+        int64_t best = -1;
+        for (e = 0; e < E; e++) {
+            if (qq_taken(idx, j, e))
+                continue;
+            if (best < 0 || (low ? x[e] < x[best] : x[e] > x[best]))
+                best = e;
+        }
+        idx[j] = (int16_t)best;
+    }
+}
+
+/* Quantizes x[0..E) at width w with the outlier elements idx[0..n_out) (-1 =
+ * unused) excluded from the range; writes codes (if w > 0 and ok) and sz. */
+static void qq_pack_group(const float *x, int64_t E, int w, const int16_t *idx, int64_t n_out,
+                          uint8_t *codes, uint16_t *sz)
+{
+    float mn = INFINITY, mx = -INFINITY, sf, zf, s;
+    int64_t e;
+    for (e = 0; e < E; e++) {
+        if (qq_taken(idx, n_out, e))
+            continue;
+        mn = x[e] < mn ? x[e] : mn;
+        mx = x[e] > mx ? x[e] : mx;
+    }
+    if (mn > mx) /* no inlier (cannot happen with n_out < E) */
+        mn = mx = 0.f;
+    s = w > 0 ? (mx - mn) / (float)((1 << w) - 1) : mx - mn;
+    sz[0] = ks_float_to_half(s);
+    sz[1] = ks_float_to_half(mn);
+    if (w == 0 || !codes)
+        return;
+    sf = qq_h2f(sz[0]);
+    zf = qq_h2f(sz[1]);
+    memset(codes, 0, (size_t)(E * w / 8));
+    {
+        const float maxc = (float)((1 << w) - 1);
+        for (e = 0; e < E; e++) {
+            float r = sf > 0.f ? floorf((x[e] - zf) / sf + 0.5f) : 0.f;
+            unsigned c;
+            r = r >= 0.f ? r : 0.f; /* also NaN -> 0 */
+            r = r > maxc ? maxc : r;
+            c = (unsigned)r;
+            codes[(e * w) >> 3] |= (uint8_t)(c << ((e * w) & 7));
+        }
+    }
+}
+
+/* Dequantizes elements [e0, e0+n) of a group into dst (outliers applied). */
+static void qq_unpack(const uint8_t *codes, int w, const uint16_t *sz, const int16_t *oidx,
+                      const void *oval, ks_dtype dt, int64_t n_out, int64_t E, int64_t e0,
+                      int64_t n, float *dst)
+{
+    const float s = qq_h2f(sz[0]), z = qq_h2f(sz[1]);
+    int64_t e, j;
+    if (w == 0) {
+        const float mid = z + s * 0.5f;
+        for (e = 0; e < n; e++)
+            dst[e] = mid;
+    } else {
+        const unsigned mask = (1u << w) - 1u;
+        for (e = 0; e < n; e++) {
+            const int64_t bit = (e0 + e) * w;
+            const unsigned c = (codes[bit >> 3] >> (bit & 7)) & mask;
+            dst[e] = z + s * (float)c;
+        }
+    }
+    for (j = 0; j < n_out; j++) {
+        const int64_t i = oidx[j];
+        if (i >= e0 && i < e0 + n && i < E) {
+            float f;
+            ks_load_row(ks_cptr(oval, dt, j), dt, 1, &f);
+            dst[i - e0] = f;
+        }
+    }
+}
+
+/* ---- 2. quantize ------------------------------------------------------------------------ */
+
+void ks_qaq_quantize_cpu(const void *x, ks_dtype dt, int64_t B, int64_t Hkv, int64_t n,
+                         int64_t D, int64_t cap, const int32_t *pos, const uint8_t *new_w,
+                         const int32_t *new_off, int32_t *offsets, ks_qaq_store st)
+{
+    const int64_t Hg = st.Hg, hpg = Hkv / Hg, E = hpg * D, n_out = st.n_out;
+    int64_t it;
+#pragma omp parallel if (B * Hkv * n * D * 8 >= QQ_PAR_MIN)
+    {
+        float *buf = (float *)malloc((size_t)E * sizeof(float));
+#pragma omp for schedule(static)
+        for (it = 0; it < B * Hg * n; it++) {
+            const int64_t b = it / (Hg * n), g = (it / n) % Hg, i = it % n;
+            const int64_t t = (int64_t)pos[b] + i;
+            int64_t gi, h, j;
+            int w;
+            if (t < 0 || t >= cap || !buf)
+                continue;
+            gi = (b * Hg + g) * cap + t;
+            st.widths[gi] = new_w[it];
+            offsets[gi] = new_off[it];
+            for (h = 0; h < hpg; h++)
+                ks_load_row(ks_cptr(x, dt, ((b * Hkv + g * hpg + h) * n + i) * D), dt, D,
+                            buf + h * D);
+            qq_pick_outliers(buf, E, n_out / 2, st.oidx + gi * n_out);
+            for (j = 0; j < n_out; j++) {
+                const int16_t e = st.oidx[gi * n_out + j];
+                ks_store_row(buf + e, dt, 1, ks_ptr(st.oval, dt, gi * n_out + j));
+            }
+            w = qq_eff_w(new_w[it], new_off[it], E, st.A);
+            qq_pack_group(buf, E, w, st.oidx + gi * n_out, n_out,
+                          w ? st.arena + b * st.A + new_off[it] : NULL, st.sz + 2 * gi);
+        }
+        free(buf);
+    }
+}
+
+/* ---- 3. dequantize -------------------------------------------------------------------------- */
+
+void ks_qaq_dequantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
+                           int64_t D, const int32_t *seq_lens, void *out)
+{
+    const int64_t Hg = st.Hg, hpg = Hkv / Hg, E = hpg * D, n_out = st.n_out;
+    int64_t it;
+#pragma omp parallel if (B * Hkv * cap * D >= QQ_PAR_MIN)
+    {
+        float *buf = (float *)malloc((size_t)D * sizeof(float));
+#pragma omp for schedule(static)
+        for (it = 0; it < B * Hkv * cap; it++) {
+            const int64_t b = it / (Hkv * cap), hk = (it / cap) % Hkv, t = it % cap;
+            const int64_t g = hk / hpg, gi = (b * Hg + g) * cap + t;
+            void *dst = ks_ptr(out, dt, it * D);
+            int w;
+            if (t >= qq_clamp_len(seq_lens[b], cap) || !buf) {
+                memset(dst, 0, (size_t)D * ks_dtype_size(dt));
+                continue;
+            }
+            w = qq_eff_w(st.widths[gi], st.offsets[gi], E, st.A);
+            qq_unpack(w ? st.arena + b * st.A + st.offsets[gi] : NULL, w, st.sz + 2 * gi,
+                      st.oidx + gi * n_out, ks_cptr(st.oval, dt, gi * n_out), dt, n_out, E,
+                      (hk % hpg) * D, D, buf);
+            ks_store_row(buf, dt, D, dst);
+        }
+        free(buf);
+    }
+}
+
+/* ---- 4. requantize ----------------------------------------------------------------------------- */
+
+void ks_qaq_requantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
+                           int64_t D, const int32_t *seq_lens, const uint8_t *new_w)
+{
+    const int64_t Hg = st.Hg, E = (Hkv / Hg) * D, n_out = st.n_out;
+    int64_t gi;
+#pragma omp parallel if (B * Hkv * cap * D >= QQ_PAR_MIN)
+    {
+        float *buf = (float *)malloc((size_t)E * sizeof(float));
+#pragma omp for schedule(static)
+        for (gi = 0; gi < B * Hg * cap; gi++) {
+            const int64_t b = gi / (Hg * cap), t = gi % cap;
+            const int nw = new_w[gi], ow = st.widths[gi];
+            int w_old, w_new;
+            uint8_t *codes;
+            if (t >= qq_clamp_len(seq_lens[b], cap) || !buf)
+                continue;
+            if (!(nw == 0 || qq_valid_w(nw)) || !(nw < ow) || !(ow == 0 || qq_valid_w(ow)))
+                continue;
+            w_old = qq_eff_w(ow, st.offsets[gi], E, st.A);
+            w_new = qq_eff_w(nw, st.offsets[gi], E, st.A);
+            codes = st.arena + b * st.A + st.offsets[gi];
+            qq_unpack(w_old ? codes : NULL, w_old, st.sz + 2 * gi, st.oidx + gi * n_out,
+                      ks_cptr(st.oval, dt, gi * n_out), dt, n_out, E, 0, E, buf);
+            qq_pack_group(buf, E, w_new, st.oidx + gi * n_out, n_out, w_new ? codes : NULL,
+                          st.sz + 2 * gi);
+            st.widths[gi] = (uint8_t)nw;
+        }
+        free(buf);
+    }
+}
+
+/* ---- 5. attention ---------------------------------------------------------------------------------- */
+
+static inline float qq_dot(const float *a, const float *b, int64_t n)
+{
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int64_t d = 0, j;
+    for (; d + 8 <= n; d += 8)
+        for (j = 0; j < 8; j++)
+            acc[j] += a[d + j] * b[d + j];
+    for (; d < n; d++)
+        acc[0] += a[d] * b[d];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+/* row t of KV head hk of a quantized cache into dst[0..D) */
+static inline void qq_row(const ks_qaq_store *s, ks_dtype dt, int64_t b, int64_t hk, int64_t hpg,
+                          int64_t cap, int64_t D, int64_t t, float *dst)
+{
+    const int64_t E = hpg * D, gi = (b * s->Hg + hk / hpg) * cap + t;
+    const int w = qq_eff_w(s->widths[gi], s->offsets[gi], E, s->A);
+    qq_unpack(w ? s->arena + b * s->A + s->offsets[gi] : NULL, w, s->sz + 2 * gi,
+              s->oidx + gi * s->n_out, ks_cptr(s->oval, dt, gi * s->n_out), dt, s->n_out, E,
+              (hk % hpg) * D, D, dst);
+}
+
+void ks_qaq_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                          int64_t cap, int64_t D, ks_qaq_store kq, ks_qaq_store vq,
+                          const int32_t *seq_lens, float scale, float *p_max, void *out)
+{
+    const int64_t G = H / Hkv, khpg = Hkv / kq.Hg, vhpg = Hkv / vq.Hg;
+    int64_t bh;
+#pragma omp parallel if (B * H * cap * D * 2 >= QQ_PAR_MIN)
+    {
+        /* qf, acc: G*D; row: D; s: G*cap */
+        float *buf = (float *)malloc((size_t)(2 * G * D + D + G * (cap > 0 ? cap : 1)) *
+                                     sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+        for (bh = 0; bh < B * Hkv; bh++) {
+            const int64_t b = bh / Hkv, hk = bh % Hkv, len = qq_clamp_len(seq_lens[b], cap);
+            float *qf, *acc, *row, *s;
+            int64_t g, t, d;
+            if (!buf) {
+                memset(ks_ptr(out, dt, (b * H + hk * G) * D), 0, (size_t)(G * D) * ks_dtype_size(dt));
+                continue;
+            }
+            qf = buf;
+            acc = qf + G * D;
+            row = acc + G * D;
+            s = row + D;
+            ks_load_row(ks_cptr(q, dt, (b * H + hk * G) * D), dt, G * D, qf);
+            for (d = 0; d < G * D; d++) {
+                qf[d] *= scale;
+                acc[d] = 0.f;
+            }
+            for (t = 0; t < len; t++) {
+                qq_row(&kq, dt, b, hk, khpg, cap, D, t, row);
+                for (g = 0; g < G; g++)
+                    s[g * cap + t] = qq_dot(qf + g * D, row, D);
+            }
+            for (g = 0; g < G; g++) {
+                float *sg = s + g * cap, m = -INFINITY, sum = 0.f, inv;
+                for (t = 0; t < len; t++)
+                    m = sg[t] > m ? sg[t] : m;
+                for (t = 0; t < len; t++) {
+                    sg[t] = expf(sg[t] - m);
+                    sum += sg[t];
+                }
+                inv = sum > 0.f ? 1.f / sum : 0.f;
+                for (t = 0; t < len; t++)
+                    sg[t] *= inv;
+            }
+            for (t = 0; t < len; t++) {
+                qq_row(&vq, dt, b, hk, vhpg, cap, D, t, row);
+                for (g = 0; g < G; g++) {
+                    const float p = s[g * cap + t];
+                    float *a = acc + g * D;
+                    for (d = 0; d < D; d++)
+                        a[d] += p * row[d];
+                }
+            }
+            ks_store_row(acc, dt, G * D, ks_ptr(out, dt, (b * H + hk * G) * D));
+            if (p_max) {
+                float *pm = p_max + bh * cap;
+                for (t = 0; t < len; t++) {
+                    float m = s[t];
+                    for (g = 1; g < G; g++)
+                        m = s[g * cap + t] > m ? s[g * cap + t] : m;
+                    pm[t] = m;
+                }
+                for (t = len; t < cap; t++)
+                    pm[t] = 0.f;
+            }
+        }
+        free(buf);
+    }
+}

@@ -1,0 +1,438 @@
+"""QAQ: quality-adaptive quantization of the KV cache (per-token bit-widths).
+
+Each cached token is stored with its own bit-width, separately for the keys
+and the values, chosen from the paper's error bounds for a uniform quantizer
+over the token's ``[min, max]`` range::
+
+    B_t = ceil(log2((max - min) / (2 * sqrt(3) * sigma_t)))
+    keys:   sigma_t^2 = log(T^3 / (T - 1) * sigma_s^2 + 1) / sum_d q_d^2
+    values: sigma_t   = sigma_x / (sqrt(T) * S_t)
+
+``T`` is the sequence length and ``S_t`` the largest attention weight token
+``t`` received over the last ``n`` decode steps. ``B_t`` is rounded *up* into
+an allowed set drawn from ``{0, 1, 2, 4, 8}`` (above the largest allowed:
+the largest); the newest ``n_recent`` tokens keep the largest width. Width 0
+stores no codes: the token reads as the midpoint of its range.
+
+In each group (the elements sharing a scale: one token of one KV head, or one
+token of all KV heads of the layer when ``shared=True``), the
+``ceil(alpha / 2 * E)`` smallest and as many largest values are *outliers*:
+stored apart, exactly, in the cache dtype, and excluded from the range.
+
+Storage of one quantized cache (:class:`QuantStore`, one for the keys and one
+for the values of a layer; ``Hg = Hkv``, or ``1`` when shared;
+``E = D * Hkv / Hg`` elements per group; ``n_out = 2 * ceil(alpha / 2 * E)``):
+
+==========  =====================  ============================================
+arena       [B, A] uint8           packed codes; group codes at a byte offset of
+                                   its sequence's row, ``E * w / 8`` bytes,
+                                   element ``e`` at bit ``e * w``, little-endian
+offsets     [B, Hg, cap] int32     byte offset of each group's codes
+widths      [B, Hg, cap] uint8     bit-width, one of {0, 1, 2, 4, 8}
+sz          [B, Hg, cap, 2] fp16   (scale, zero): x = zero + scale * code
+                                   (width 0: zero + scale / 2, scale = max - min)
+oidx        [B, Hg, cap, n_out]    int16 outlier index in the group (-1: unused)
+oval        [B, Hg, cap, n_out]    outlier values, cache dtype
+==========  =====================  ============================================
+
+Bytes per token and group: ``E * w / 8`` codes + 4 (offset) + 1 (width) +
+4 (scale, zero) + ``n_out * (2 + itemsize)`` (outliers); e.g. ``D = 64``,
+``Hkv = 3``, ``alpha = 0.01``, fp16 cache (384 bytes per token in fp16):
+
+* per-head groups (``E = 64``, ``n_out = 2``): 33 bytes per head at 2 bits
+  (99 per token, 26%), 49 at 4 bits (147 per token, 38%);
+* shared groups (``E = 192``, ``n_out = 2``): 65 bytes per token at 2 bits
+  (17%), 113 at 4 bits (29%).
+
+:func:`memory_report` counts them.
+
+Offsets are the caller's: :func:`slot_offsets` gives every group a fixed
+slot big enough for 8 bits (no saving, never moves), :func:`packed_offsets`
+packs groups back to back for their widths (the compact layout;
+:func:`compact` moves an existing cache into it). Lowering a width
+(:func:`requantize`) re-packs a group in place at its offset.
+
+Typical decode loop: :func:`quantize` the new token at the largest width;
+:func:`attention` reads the packed cache directly (dequantizing in
+registers) and can return ``p_max``, each token's largest attention weight
+over the query heads of its KV head; keep the last ``n`` of them
+(:class:`AttentionWindow`) for ``S_t``; from time to time compute new widths
+(:func:`key_bits` / :func:`value_bits` on :func:`stored_range`) and
+:func:`requantize`.
+
+On CPU the values of ``seq_lens``/``pos``/``widths``/``offsets``/``oidx``
+are validated; on CUDA they are trusted (a check would need a host sync): the
+kernels clamp lengths and read a group whose codes would leave the arena as
+width 0. Every CUDA op is graph-capturable. Head dim ``D``: a multiple of 8
+up to 256 on CPU, 64 or 128 on CUDA (attention there: at most 8 query heads
+per KV head, ``n_out <= 64``).
+"""
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import _ops
+
+__all__ = [
+    "WIDTHS",
+    "QuantStore",
+    "outlier_slots",
+    "alloc",
+    "slot_offsets",
+    "packed_offsets",
+    "quantize",
+    "dequantize",
+    "requantize",
+    "key_bits",
+    "value_bits",
+    "stored_range",
+    "query_sq",
+    "AttentionWindow",
+    "attention",
+    "memory_report",
+    "compact",
+]
+
+#: The bit-widths a token may be stored with.
+WIDTHS = (0, 1, 2, 4, 8)
+
+
+class QuantStore(NamedTuple):
+    """One quantized cache (the keys or the values of one layer); see the module doc."""
+
+    arena: torch.Tensor
+    offsets: torch.Tensor
+    widths: torch.Tensor
+    sz: torch.Tensor
+    oidx: torch.Tensor
+    oval: torch.Tensor
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def groups(self):
+        """Hg: groups per token (Hkv, or 1 when shared across KV heads)."""
+        return self.offsets.shape[1]
+
+    @property
+    def group_elems(self):
+        """E: elements per group."""
+        return self.head_dim * (self.num_kv_heads // self.groups)
+
+    @property
+    def cap(self):
+        return self.offsets.shape[2]
+
+    def tensors(self):
+        return (self.arena, self.offsets, self.widths, self.sz, self.oidx, self.oval)
+
+
+def outlier_slots(alpha, group_elems):
+    """``n_out = 2 * ceil(alpha / 2 * E)``: outlier slots per group.
+
+    Raises ValueError unless ``0 <= alpha < 1`` and ``n_out < E``.
+    """
+    alpha = float(alpha)
+    if not (0.0 <= alpha < 1.0) or math.isnan(alpha):
+        raise ValueError(f"kvsparse: alpha (outlier fraction) must be in [0, 1), got {alpha}")
+    n_side = math.ceil(alpha / 2 * group_elems - 1e-9) if alpha > 0 else 0
+    n_out = 2 * n_side
+    if n_out >= group_elems:
+        raise ValueError(f"kvsparse: alpha = {alpha} leaves no inliers in a group of {group_elems} elements")
+    return n_out
+
+
+def _check_width(w, name):
+    if int(w) not in WIDTHS:
+        raise ValueError(f"kvsparse: {name} must be one of {WIDTHS}, got {w}")
+    return int(w)
+
+
+def alloc(B, num_kv_heads, cap, head_dim, dtype=torch.float16, device="cpu", alpha=0.01, shared=False,
+          arena_bytes=None):
+    """Allocate an empty quantized cache.
+
+    Args:
+        B, num_kv_heads, cap, head_dim: batch, KV heads, token capacity, head dim.
+        dtype: the cache dtype (float32/float16/bfloat16); outlier values and
+            dequantized outputs have it.
+        alpha: outlier fraction; ``n_out = 2 * ceil(alpha / 2 * E)`` slots per group.
+        shared: one width/scale/zero per token shared across the KV heads
+            (``Hg = 1``) instead of one per token per KV head (``Hg = Hkv``).
+        arena_bytes: bytes per sequence; default ``Hg * cap * E``, enough for
+            every group at 8 bits in :func:`slot_offsets`.
+
+    Returns:
+        :class:`QuantStore` with every width 0 and offsets from :func:`slot_offsets`.
+    """
+    Hg = 1 if shared else num_kv_heads
+    E = head_dim * (num_kv_heads // Hg)
+    n_out = outlier_slots(alpha, E)
+    A = Hg * cap * E if arena_bytes is None else int(arena_bytes)
+    kw = dict(device=device)
+    st = QuantStore(
+        arena=torch.zeros(B, A, dtype=torch.uint8, **kw),
+        offsets=torch.zeros(B, Hg, cap, dtype=torch.int32, **kw),
+        widths=torch.zeros(B, Hg, cap, dtype=torch.uint8, **kw),
+        sz=torch.zeros(B, Hg, cap, 2, dtype=torch.float16, **kw),
+        oidx=torch.full((B, Hg, cap, n_out), -1, dtype=torch.int16, **kw),
+        oval=torch.zeros(B, Hg, cap, n_out, dtype=dtype, **kw),
+        num_kv_heads=int(num_kv_heads),
+        head_dim=int(head_dim),
+    )
+    st.offsets.copy_(slot_offsets(st))
+    return st
+
+
+def slot_offsets(store, max_width=8):
+    """Fixed slots: group ``(g, t)`` at byte ``(g * cap + t) * E * max_width / 8``.
+
+    Returns int32 ``[B, Hg, cap]`` on the store's device.
+    """
+    B, Hg, cap = store.offsets.shape
+    per = store.group_elems * _check_width(max_width, "max_width") // 8
+    o = torch.arange(Hg * cap, dtype=torch.int64, device=store.offsets.device) * per
+    return o.view(1, Hg, cap).expand(B, Hg, cap).to(torch.int32).contiguous()
+
+
+def packed_offsets(widths, group_elems):
+    """Compact layout: groups back to back in ``(g, t)`` order within each sequence.
+
+    Args:
+        widths: uint8 ``[B, Hg, cap]``.
+        group_elems: E.
+
+    Returns:
+        ``(offsets, nbytes)``: int32 ``[B, Hg, cap]`` and int64 ``[B]``, the
+        bytes each sequence needs.
+    """
+    B = widths.shape[0]
+    size = widths.to(torch.int64).reshape(B, -1) * group_elems // 8
+    end = size.cumsum(1)
+    return (end - size).to(torch.int32).view(widths.shape), end[:, -1] if end.shape[1] else size.sum(1)
+
+
+def quantize(store, x, pos, widths=8, offsets=None):
+    """Quantize ``n`` tokens into the cache at positions ``pos[b] + i``, in place.
+
+    Args:
+        store: :class:`QuantStore`.
+        x: ``[B, Hkv, n, D]`` in the store's dtype.
+        pos: int32 ``[B]``, first position written per sequence
+            (``pos[b] + n <= cap``).
+        widths: an int in {0, 1, 2, 4, 8} or uint8 ``[B, Hg, n]``.
+        offsets: int32 ``[B, Hg, n]`` byte offsets of the tokens' codes; default
+            the offsets already in ``store.offsets`` at those positions.
+
+    Returns:
+        None. Writes widths, offsets, (scale, zero), outliers and codes.
+    """
+    B, Hg, cap = store.offsets.shape
+    n = x.shape[2] if x.dim() == 4 else 0
+    dev = store.offsets.device
+    if not torch.is_tensor(widths):
+        widths = torch.full((B, Hg, n), _check_width(widths, "widths"), dtype=torch.uint8, device=dev)
+    if offsets is None:
+        t = (pos.to(device=dev, dtype=torch.int64)[:, None] + torch.arange(n, device=dev)[None]).clamp(0, max(cap - 1, 0))
+        offsets = torch.gather(store.offsets, 2, t[:, None, :].expand(B, Hg, n)) if cap else \
+            torch.zeros(B, Hg, n, dtype=torch.int32, device=dev)
+    _ops.ops.qaq_quantize(x, pos, widths, offsets.contiguous(), *store.tensors())
+
+
+def dequantize(store, seq_lens):
+    """Unpack and dequantize the whole cache.
+
+    Returns:
+        ``[B, Hkv, cap, D]`` in the store's dtype; zeros past ``seq_lens``.
+    """
+    return _ops.ops.qaq_dequantize(*store.tensors(), seq_lens, store.num_kv_heads, store.head_dim)
+
+
+def requantize(store, new_widths, seq_lens):
+    """Lower widths in place: every valid group whose ``new_widths`` entry is below
+    its width is re-packed at that width (from its dequantized values, same
+    outliers, same offset); the others are untouched.
+
+    Args:
+        new_widths: uint8 ``[B, Hg, cap]``, values in {0, 1, 2, 4, 8}.
+    """
+    _ops.ops.qaq_requantize(*store.tensors(), new_widths, seq_lens, store.num_kv_heads, store.head_dim)
+
+
+def _allowed(allowed):
+    a = [int(w) for w in allowed]
+    if not a or any(w not in WIDTHS for w in a):
+        raise ValueError(f"kvsparse: allowed must be a non-empty subset of {WIDTHS}, got {list(allowed)}")
+    return a
+
+
+def key_bits(rng, q_sq, seq_lens, sigma_s, allowed=WIDTHS, n_recent=5):
+    """Key bit-widths: ``sigma_t^2 = log(T^3 / (T-1) * sigma_s^2 + 1) / q_sq``.
+
+    Args:
+        rng: float32 ``[B, Hg, cap]``, each group's quantizer range (max - min),
+            e.g. :func:`stored_range`.
+        q_sq: float32 ``[B, Hg]``, ``sum_d q_d^2`` (see :func:`query_sq`).
+        seq_lens: int32 ``[B]``: ``T``; positions ``>= T`` get 0.
+        sigma_s: allowed standard deviation of the attention scores.
+        allowed: allowed widths (subset of {0, 1, 2, 4, 8}).
+        n_recent: the newest ``n_recent`` tokens get the largest allowed width.
+
+    Returns:
+        uint8 ``[B, Hg, cap]``.
+    """
+    return _ops.ops.qaq_key_bits(rng, q_sq, seq_lens, float(sigma_s), _allowed(allowed), int(n_recent))
+
+
+def value_bits(rng, s_max, seq_lens, sigma_x, allowed=WIDTHS, n_recent=5):
+    """Value bit-widths: ``sigma_t = sigma_x / (sqrt(T) * S_t)``.
+
+    Args:
+        rng: float32 ``[B, Hg, cap]`` quantizer ranges.
+        s_max: float32 ``[B, Hg, cap]``: ``S_t``, each token's largest attention
+            weight over the window (see :class:`AttentionWindow`).
+        seq_lens, allowed, n_recent: as :func:`key_bits`.
+        sigma_x: allowed standard deviation of the attention output.
+
+    Returns:
+        uint8 ``[B, Hg, cap]``.
+    """
+    return _ops.ops.qaq_value_bits(rng, s_max, seq_lens, float(sigma_x), _allowed(allowed), int(n_recent))
+
+
+def stored_range(store):
+    """Each group's quantizer range recovered from its (scale, width):
+    ``scale * (2^w - 1)`` (``scale`` for width 0). float32 ``[B, Hg, cap]``."""
+    w = store.widths.to(torch.int32)
+    steps = torch.where(w > 0, (1 << w) - 1, torch.ones_like(w)).float()
+    return (store.sz[..., 0].float() * steps).contiguous()
+
+
+def query_sq(q, groups, scale=None):
+    """``sum_d (scale * q_d)^2`` per group (the max over the group's query heads).
+
+    Args:
+        q: ``[B, H, D]``.
+        groups: Hg (the number of groups per token; must divide H).
+        scale: the softmax logit scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        float32 ``[B, Hg]``.
+    """
+    B, H, D = q.shape
+    s = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    e = (q.float() * s).square().sum(-1)
+    return e.view(B, groups, H // groups).amax(-1).contiguous()
+
+
+class AttentionWindow:
+    """The last ``n`` decode steps' ``p_max`` (ring buffer) and their max, ``S_t``.
+
+    ``push(p_max)`` stores a step (float32 ``[B, Hkv, cap]`` from
+    :func:`attention`); ``s_max(groups)`` returns float32 ``[B, Hg, cap]``:
+    the max over the stored steps (and over the KV heads of a group).
+    """
+
+    def __init__(self, B, num_kv_heads, cap, n=5, device="cpu"):
+        if n < 1:
+            raise ValueError(f"kvsparse: the window n must be >= 1, got {n}")
+        self.hist = torch.zeros(n, B, num_kv_heads, cap, dtype=torch.float32, device=device)
+        self.step = 0
+
+    def push(self, p_max):
+        self.hist[self.step % self.hist.shape[0]].copy_(p_max)
+        self.step += 1
+
+    def s_max(self, groups):
+        m = self.hist.amax(0)
+        B, Hkv, cap = m.shape
+        return m.view(B, groups, Hkv // groups, cap).amax(2).contiguous()
+
+
+def attention(q, k_store, v_store, seq_lens, scale=None, return_p_max=False):
+    """Decode attention reading the packed caches directly.
+
+    ``out[b, h] = softmax_t(scale * q[b, h] . K~[b, hk, t]) @ V~[b, hk, :len]``
+    over ``t < seq_lens[b]``, ``hk = h // (H // Hkv)``, ``K~``/``V~`` the
+    dequantized caches (dequantized on the fly, never materialized); float32
+    accumulation, stable softmax; zeros for an empty sequence.
+
+    Args:
+        q: ``[B, H, D]``, the stores' dtype.
+        k_store, v_store: :class:`QuantStore` (same B, Hkv, cap, D; each may be
+            shared or per-head).
+        seq_lens: int32 ``[B]`` in ``[0, cap]``.
+        scale: logit scale, default ``1 / sqrt(D)``.
+        return_p_max: also return ``p_max``.
+
+    Returns:
+        ``out`` ``[B, H, D]`` (q's dtype), or ``(out, p_max)`` with ``p_max``
+        float32 ``[B, Hkv, cap]``: each token's largest attention probability
+        over the query heads of its KV head (0 past ``seq_lens``).
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, pm = _ops.ops.qaq_attention(q, *k_store.tensors(), *v_store.tensors(), seq_lens,
+                                     k_store.num_kv_heads, float(scale), bool(return_p_max))
+    return (out, pm) if return_p_max else out
+
+
+def memory_report(store, seq_lens):
+    """True bytes in use for the valid tokens against an fp16 cache.
+
+    Returns:
+        dict of ints: ``codes``, ``scale_zero``, ``widths``, ``offsets``,
+        ``outliers`` (indices + values), ``total`` (their sum), ``fp16`` (an fp16
+        cache of the same tokens), ``arena`` (bytes allocated for codes), and
+        ``ratio = total / fp16`` (float).
+    """
+    B, Hg, cap = store.offsets.shape
+    lens = seq_lens.to(device=store.widths.device, dtype=torch.int64).clamp(0, cap)
+    valid = torch.arange(cap, device=lens.device)[None, None, :] < lens[:, None, None]
+    ngroups = int(lens.sum()) * Hg
+    codes = int((store.widths.to(torch.int64) * valid).sum()) * store.group_elems // 8
+    n_out = store.oidx.shape[-1]
+    rep = dict(
+        codes=codes,
+        scale_zero=ngroups * 4,
+        widths=ngroups,
+        offsets=ngroups * 4,
+        outliers=ngroups * n_out * (2 + store.oval.element_size()),
+    )
+    rep["total"] = sum(rep.values())
+    rep["fp16"] = int(lens.sum()) * store.num_kv_heads * store.head_dim * 2
+    rep["arena"] = store.arena.numel()
+    rep["ratio"] = rep["total"] / rep["fp16"] if rep["fp16"] else 0.0
+    return rep
+
+
+def compact(store, seq_lens):
+    """A copy of the cache in the compact layout (:func:`packed_offsets`), codes
+    moved byte for byte (exact); the arena is as long as the longest sequence
+    needs. Not graph-capturable (sizes depend on the widths).
+
+    Returns:
+        a new :class:`QuantStore`.
+    """
+    B, Hg, cap = store.offsets.shape
+    dev = store.arena.device
+    lens = seq_lens.to(device=dev, dtype=torch.int64).clamp(0, cap)
+    valid = torch.arange(cap, device=dev)[None, None, :] < lens[:, None, None]
+    widths = torch.where(valid, store.widths, torch.zeros_like(store.widths))
+    offs, nbytes = packed_offsets(widths, store.group_elems)
+    A = max(int(nbytes.max()) if B else 0, 1)
+    arena = torch.zeros(B, A, dtype=torch.uint8, device=dev)
+    size = (widths.to(torch.int64) * store.group_elems // 8).reshape(B, -1)
+    src = store.offsets.to(torch.int64).reshape(B, -1)
+    dst = offs.to(torch.int64).reshape(B, -1)
+    for b in range(B):
+        n = size[b]
+        tot = int(n.sum())
+        if tot == 0:
+            continue
+        start = torch.repeat_interleave(n.cumsum(0) - n, n)
+        k = torch.arange(tot, device=dev) - start
+        arena[b, torch.repeat_interleave(dst[b], n) + k] = store.arena[b, torch.repeat_interleave(src[b], n) + k]
+    return store._replace(arena=arena, offsets=offs.contiguous(), widths=widths.contiguous(),
+                          sz=store.sz.clone(), oidx=store.oidx.clone(), oval=store.oval.clone())

@@ -1,0 +1,582 @@
+"""Tests of the QAQ ops (torch.ops.kvsparse.qaq_*) against the plain-PyTorch
+reference (kvsparse.reference.qaq_*): codes / scales / outliers exactly
+(the reference replicates the kernels' float32 decisions), dequantized values
+and attention in float64.
+
+CPU tests always run; CUDA tests are marked ``gpu`` and skipped without a GPU.
+"""
+import math
+
+import pytest
+import torch
+
+import kvsparse
+from kvsparse import qaq
+from kvsparse import reference as ref
+
+HAS_GPU = torch.cuda.is_available() and kvsparse.has_cuda()
+_GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and kvsparse built with CUDA")]
+
+DEVICES = ["cpu", pytest.param("cuda", marks=_GPU_MARKS)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_IDS = ["f32", "f16", "bf16"]
+
+# (atol, rtol) of an attention output against the float64 reference over the
+# dequantized cache (output rounded to the input dtype)
+ATTN_TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def _seed(*parts):
+    h = 0
+    for p in parts:
+        for ch in str(p):
+            h = (h * 131 + ord(ch)) % (2**31 - 1)
+    return h
+
+
+def _randn(shape, g, dtype, device):
+    """Random values, never exactly zero."""
+    x = torch.randn(shape, generator=g)
+    x = torch.where(x.abs() < 1e-3, torch.full_like(x, 1e-3), x)
+    return x.to(dtype=dtype).to(device)
+
+
+def _dirty(device, nbytes=1 << 22):
+    t = torch.full((nbytes // 4,), float("nan"), dtype=torch.float32, device=device)
+    del t
+
+
+def _group_view(x, Hg):
+    """[B, Hkv, n, D] -> [B, Hg, n, E] (a group's heads concatenated)."""
+    B, Hkv, n, D = x.shape
+    return x.view(B, Hg, Hkv // Hg, n, D).permute(0, 1, 3, 2, 4).reshape(B, Hg, n, (Hkv // Hg) * D)
+
+
+def _fill(device, B, Hkv, cap, D, dtype, lens, widths, seed, shared=False, alpha=0.01):
+    """A store with tokens [0, lens[b]) quantized at the given widths ([B, Hg, cap] uint8)."""
+    g = torch.Generator().manual_seed(seed)
+    x = _randn((B, Hkv, cap, D), g, dtype, device)
+    st = qaq.alloc(B, Hkv, cap, D, dtype, device, alpha=alpha, shared=shared)
+    pos = torch.zeros(B, dtype=torch.int32, device=device)
+    qaq.quantize(st, x, pos, widths.to(device))
+    sl = torch.tensor(lens, dtype=torch.int32, device=device)
+    return st, x, sl
+
+
+def _rand_widths(B, Hg, cap, seed, allowed=qaq.WIDTHS):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.tensor(allowed, dtype=torch.uint8)
+    return a[torch.randint(len(allowed), (B, Hg, cap), generator=g)]
+
+
+# --------------------------------------------------------------------------
+# quantize / pack / unpack
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shared", [False, True], ids=["head", "shared"])
+@pytest.mark.parametrize("w", [0, 1, 2, 4, 8])
+def test_quantize_matches_reference(device, dtype, shared, w):
+    B, Hkv, cap, D = 2, 3, 21, 64
+    Hg = 1 if shared else Hkv
+    _dirty(device)
+    st, x, sl = _fill(device, B, Hkv, cap, D, dtype, [cap, cap], torch.full((B, Hg, cap), w, dtype=torch.uint8),
+                      _seed("q", dtype, shared, w), shared=shared, alpha=0.05)
+    E = st.group_elems
+    n_out = st.oidx.shape[-1]
+    assert n_out == 2 * math.ceil(0.05 / 2 * E) and n_out > 0
+    xg = _group_view(x.cpu(), Hg)
+    codes, sz, oidx, oval = ref.qaq_quantize_group_ref(xg, w, n_out)
+    assert torch.equal(st.widths.cpu(), torch.full((B, Hg, cap), w, dtype=torch.uint8))
+    assert torch.equal(st.oidx.cpu(), oidx)
+    assert torch.equal(st.oval.cpu(), oval) and st.oval.dtype == dtype
+    assert torch.equal(st.sz.cpu().view(torch.int16), sz.view(torch.int16))
+    got = ref.qaq_unpack_codes_ref(st.arena, st.offsets, st.widths, E)
+    assert torch.equal(got, codes), "codes read back from the arena differ"
+
+    # dequantize: equals the reference dequantization, within the width's bound,
+    # outliers exact
+    _dirty(device)
+    d = qaq.dequantize(st, sl)
+    assert d.shape == (B, Hkv, cap, D) and d.dtype == dtype
+    dr = ref.qaq_dequantize_ref(*st.tensors(), sl, Hkv, D)
+    torch.testing.assert_close(d.double().cpu(), dr, atol=1e-6, rtol=EPS[dtype])
+    s = sz[..., 0].float().double()
+    z = sz[..., 1].float().double()
+    xd = xg.double()
+    inl = torch.ones_like(xd, dtype=torch.bool).scatter_(-1, oidx.long(), False)
+    mn = torch.where(inl, xd, torch.full_like(xd, math.inf)).amin(-1)
+    mx = torch.where(inl, xd, torch.full_like(xd, -math.inf)).amax(-1)
+    steps = (1 << w) - 1 if w else 1
+    true_s = (mx - mn) / steps
+    bound = (mx - mn) / 2 if w == 0 else true_s / 2
+    bound = bound + (z - mn).abs() + steps * (s - true_s).abs() + 1e-6 + 2 * EPS[dtype] * xd.abs().amax(-1)
+    err = (_group_view(d.cpu(), Hg).double() - xd).abs()
+    assert (err.amax(-1) <= bound).all(), f"max excess {(err.amax(-1) - bound).max()}"
+    assert (err.gather(-1, oidx.long()) == 0).all(), "outliers must be exact"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_positions_offsets_and_tail(device):
+    """Appending at ragged positions with explicit offsets; unwritten slots and the
+    tail past seq_lens read as zeros."""
+    B, Hkv, cap, D = 3, 2, 40, 64
+    dtype = torch.float16
+    g = torch.Generator().manual_seed(_seed("pos"))
+    st = qaq.alloc(B, Hkv, cap, D, dtype, device, arena_bytes=8000)
+    pos = torch.tensor([0, 5, 33], dtype=torch.int32, device=device)
+    x = _randn((B, Hkv, 7, D), g, dtype, device)
+    w = _rand_widths(B, Hkv, 7, 3).to(device)
+    offs = (torch.arange(B * Hkv * 7, dtype=torch.int32).view(B, Hkv, 7) * 64 + 17).to(device)
+    _dirty(device)
+    qaq.quantize(st, x, pos, w, offs)
+    sl = pos + 7
+    d = qaq.dequantize(st, sl).cpu()
+    for b in range(B):
+        p = int(pos[b])
+        assert torch.equal(st.offsets[b, :, p:p + 7].cpu(), offs[b].cpu())
+        assert torch.equal(st.widths[b, :, p:p + 7].cpu(), w[b].cpu())
+        assert (d[b, :, p + 7:] == 0).all()
+        err = (d[b, :, p:p + 7].double() - x[b].cpu().double()).abs()
+        assert err.max() < 5.0  # (width 0 reads the midpoint)
+    exp = ref.qaq_dequantize_ref(*st.tensors(), sl, Hkv, D)
+    torch.testing.assert_close(d.double(), exp, atol=1e-6, rtol=EPS[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shared", [False, True], ids=["head", "shared"])
+def test_requantize_lowers_in_place(device, shared):
+    B, Hkv, cap, D = 2, 3, 30, 64
+    Hg = 1 if shared else Hkv
+    dtype = torch.bfloat16
+    w0 = _rand_widths(B, Hg, cap, 5, (2, 4, 8))
+    st, x, sl = _fill(device, B, Hkv, cap, D, dtype, [30, 19], w0, _seed("rq", shared), shared=shared)
+    before = qaq.dequantize(st, sl).cpu()
+    sz0, oidx0, oval0 = st.sz.cpu().clone(), st.oidx.cpu().clone(), st.oval.cpu().clone()
+    codes0 = ref.qaq_unpack_codes_ref(st.arena, st.offsets, st.widths, st.group_elems)
+    nw = _rand_widths(B, Hg, cap, 6)
+    qaq.requantize(st, nw.to(device), sl)
+    valid = (torch.arange(cap)[None, None, :] < sl.cpu().long()[:, None, None]).expand(B, Hg, cap)
+    lower = (nw < w0) & valid
+    assert lower.any() and (~lower).any()
+    assert torch.equal(st.widths.cpu(), torch.where(lower, nw, w0))
+    assert torch.equal(st.oidx.cpu(), oidx0) and torch.equal(st.oval.cpu(), oval0)
+    keep = ~lower
+    assert torch.equal(st.sz.cpu()[keep].view(torch.int16), sz0[keep].view(torch.int16))
+    codes1 = ref.qaq_unpack_codes_ref(st.arena, st.offsets, st.widths, st.group_elems)
+    assert torch.equal(codes1[keep & valid], codes0[keep & valid])
+    after = qaq.dequantize(st, sl).cpu()
+    # lowered groups: within the new width's bound of the values they were re-packed from
+    bg, ag = _group_view(before, Hg).double(), _group_view(after, Hg).double()
+    s = st.sz.cpu()[..., 0].double()
+    z = st.sz.cpu()[..., 1].double()
+    wl = st.widths.cpu().long()
+    steps = torch.where(wl > 0, (1 << wl) - 1, torch.ones_like(wl)).double()
+    hi = torch.maximum(bg.amax(-1), z + s * steps)
+    lo = torch.minimum(bg.amin(-1), z)
+    bound = torch.where(wl > 0, s / 2, s / 2) + (hi - lo) * 2**-9 + 1e-3
+    err = (ag - bg).abs().amax(-1)
+    assert (err[lower] <= bound[lower] + steps[lower] * s[lower] * 2**-10).all()
+    assert torch.equal(ag[keep & valid], bg[keep & valid])
+    # outliers still exact against the original values
+    xg = _group_view(x.cpu(), Hg).double()
+    oi = st.oidx.cpu().long()
+    assert torch.equal(ag.gather(-1, oi)[valid], xg.gather(-1, oi)[valid])
+
+
+# --------------------------------------------------------------------------
+# bit-widths
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("allowed", [(0, 1, 2, 4, 8), (2, 4, 8), (1, 4), (8,)], ids=str)
+def test_bits_match_paper_formulas(device, allowed):
+    B, Hg, cap = 3, 4, 53
+    g = torch.Generator().manual_seed(_seed("bits", allowed))
+    rng = (torch.rand(B, Hg, cap, generator=g) * 8 + 0.01)
+    rng[0, 0, 3] = 0.0
+    s_max = torch.rand(B, Hg, cap, generator=g) ** 3
+    s_max[1, 2, 5] = 0.0
+    q_sq = torch.rand(B, Hg, generator=g) * 40 + 0.1
+    sl = torch.tensor([53, 2, 31], dtype=torch.int32)
+    args = [t.to(device) for t in (rng, q_sq, s_max, sl)]
+    for sigma_s in (0.01, 0.3):
+        got = qaq.key_bits(args[0], args[1], args[3], sigma_s, allowed, n_recent=5)
+        assert got.dtype == torch.uint8 and got.shape == (B, Hg, cap)
+        exp = ref.qaq_bits_ref(rng, q_sq, sl, sigma_s, allowed, 5, True)
+        assert torch.equal(got.cpu().int(), exp), f"keys sigma_s={sigma_s}"
+    for sigma_x in (0.001, 0.05):
+        got = qaq.value_bits(args[0], args[2], args[3], sigma_x, allowed, n_recent=3)
+        exp = ref.qaq_bits_ref(rng, s_max, sl, sigma_x, allowed, 3, False)
+        assert torch.equal(got.cpu().int(), exp), f"values sigma_x={sigma_x}"
+    # a spread of widths is exercised
+    got = qaq.value_bits(args[0], args[2], args[3], 0.01, allowed, 0)
+    assert len(torch.unique(got[0].cpu())) >= min(len(allowed), 2)
+
+
+def test_bits_monotone_in_attention_and_query_scale():
+    """Widths rise with the attention weight S_t and with the query scale."""
+    B, Hg, cap = 1, 1, 64
+    rng = torch.full((B, Hg, cap), 4.0)
+    sl = torch.tensor([cap], dtype=torch.int32)
+    s = torch.linspace(1e-4, 1.0, cap).view(1, 1, cap)
+    w = qaq.value_bits(rng, s, sl, 0.05, n_recent=0)[0, 0].int()
+    assert (w[1:] >= w[:-1]).all() and w[0] < w[-1]
+    ws = [int(qaq.key_bits(rng, torch.tensor([[qs]]), sl, 0.1, n_recent=0)[0, 0, 0]) for qs in (0.1, 10.0, 1000.0, 1e6)]
+    assert ws == sorted(ws) and ws[0] < ws[-1]
+
+
+# --------------------------------------------------------------------------
+# fused attention (the main sweep)
+
+CAP = 77
+LENS = {1: [75], 3: [77, 9, 50]}  # ragged, not multiples of 16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 3, 4])
+@pytest.mark.parametrize("B", [1, 3])
+def test_attention_matches_reference(device, dtype, D, G, B):
+    Hkv = 2
+    H = G * Hkv
+    seed = _seed("attn", dtype, D, G, B)
+    shared_k = seed % 2 == 0  # mix the granularities across the sweep
+    Hgk = 1 if shared_k else Hkv
+    wk = _rand_widths(B, Hgk, CAP, seed + 1)
+    wv = _rand_widths(B, Hkv, CAP, seed + 2, (1, 2, 4, 8))
+    ks, _, sl = _fill(device, B, Hkv, CAP, D, dtype, LENS[B], wk, seed + 3, shared=shared_k)
+    vs, _, _ = _fill(device, B, Hkv, CAP, D, dtype, LENS[B], wv, seed + 4)
+    g = torch.Generator().manual_seed(seed + 5)
+    q = _randn((B, H, D), g, dtype, device) * 2
+    _dirty(device)
+    out, pm = qaq.attention(q, ks, vs, sl, return_p_max=True)
+    assert out.shape == (B, H, D) and out.dtype == dtype
+    assert pm.shape == (B, Hkv, CAP) and pm.dtype == torch.float32
+    kd = ref.qaq_dequantize_ref(*ks.tensors(), sl, Hkv, D)
+    vd = ref.qaq_dequantize_ref(*vs.tensors(), sl, Hkv, D)
+    exp, pexp = ref.qaq_attention_ref(q, kd, vd, sl)
+    atol, rtol = ATTN_TOL[dtype]
+    torch.testing.assert_close(out.double().cpu(), exp, atol=atol, rtol=rtol)
+    torch.testing.assert_close(pm.double().cpu(), pexp, atol=1e-6, rtol=1e-4)
+    past = torch.arange(CAP)[None, None] >= sl.cpu().long()[:, None, None]
+    assert (pm.cpu()[past.expand_as(pm)] == 0).all()
+    # the same through the dequantize op (the dense path)
+    kd2, vd2 = qaq.dequantize(ks, sl), qaq.dequantize(vs, sl)
+    exp2, _ = ref.qaq_attention_ref(q, kd2, vd2, sl)
+    torch.testing.assert_close(out.double().cpu(), exp2, atol=atol, rtol=rtol)
+    out2 = qaq.attention(q, ks, vs, sl, scale=0.3)
+    torch.testing.assert_close(out2.double().cpu(), ref.qaq_attention_ref(q, kd, vd, sl, 0.3)[0], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_empty_and_window(device):
+    B, Hkv, cap, D = 2, 2, 20, 64
+    w = torch.full((B, Hkv, cap), 4, dtype=torch.uint8)
+    ks, _, _ = _fill(device, B, Hkv, cap, D, torch.float32, [0, 0], w, 1)
+    sl = torch.tensor([0, 13], dtype=torch.int32, device=device)
+    q = torch.randn(B, 4, D, device=device)
+    out, pm = qaq.attention(q, ks, ks, sl, return_p_max=True)
+    assert (out[0] == 0).all() and (pm[0] == 0).all()
+    win = qaq.AttentionWindow(B, Hkv, cap, n=3, device=device)
+    for step in range(4):
+        win.push(pm * (step + 1))
+    torch.testing.assert_close(win.s_max(Hkv), pm * 4)
+    torch.testing.assert_close(win.s_max(1), (pm * 4).amax(1, keepdim=True))
+
+
+@pytest.mark.parametrize("D", [8, 40, 256])
+def test_attention_cpu_other_head_dims(D):
+    B, Hkv, G, cap = 2, 2, 2, 23
+    for shared in (False, True):
+        Hg = 1 if shared else Hkv
+        w = _rand_widths(B, Hg, cap, D)
+        ks, _, sl = _fill("cpu", B, Hkv, cap, D, torch.float32, [23, 11], w, D + 1, shared=shared, alpha=0.1)
+        q = torch.randn(B, G * Hkv, D)
+        out, pm = qaq.attention(q, ks, ks, sl, return_p_max=True)
+        kd = ref.qaq_dequantize_ref(*ks.tensors(), sl, Hkv, D)
+        torch.testing.assert_close(qaq.dequantize(ks, sl).double(), kd, atol=1e-6, rtol=1e-6)
+        exp, pexp = ref.qaq_attention_ref(q, kd, kd, sl)
+        torch.testing.assert_close(out.double(), exp, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(pm.double(), pexp, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_loop_end_to_end(device):
+    """The intended use: prefill at 8 bits, decode steps appending at 8 bits with
+    the attention's p_max kept in a window, then widths from the bounds and an
+    in-place requantization; the output stays close to exact attention."""
+    B, Hkv, G, D, cap = 2, 2, 4, 64, 300
+    dtype = torch.float16
+    g = torch.Generator().manual_seed(_seed("e2e"))
+    k = _randn((B, Hkv, cap, D), g, dtype, device)
+    v = _randn((B, Hkv, cap, D), g, dtype, device)
+    ks = qaq.alloc(B, Hkv, cap, D, dtype, device)
+    vs = qaq.alloc(B, Hkv, cap, D, dtype, device, shared=True)
+    sl = torch.tensor([250, 120], dtype=torch.int32, device=device)
+    zero = torch.zeros(B, dtype=torch.int32, device=device)
+    qaq.quantize(ks, k[:, :, :250].contiguous(), zero, 8)
+    qaq.quantize(vs, v[:, :, :250].contiguous(), zero, 8)
+    win = qaq.AttentionWindow(B, Hkv, cap, n=5, device=device)
+    for _ in range(6):
+        q = _randn((B, G * Hkv, D), g, dtype, device)
+        idx = sl.long()[:, None, None, None].expand(B, Hkv, 1, D)
+        qaq.quantize(ks, torch.gather(k, 2, idx).contiguous(), sl, 8)
+        qaq.quantize(vs, torch.gather(v, 2, idx).contiguous(), sl, 8)
+        sl = sl + 1
+        out, pm = qaq.attention(q, ks, vs, sl, return_p_max=True)
+        win.push(pm)
+    kb = qaq.key_bits(qaq.stored_range(ks), qaq.query_sq(q, ks.groups), sl, 0.001, (2, 4, 8))
+    vb = qaq.value_bits(qaq.stored_range(vs), win.s_max(vs.groups), sl, 0.01, (2, 4, 8))
+    assert (kb.cpu() < 8).any() and (vb.cpu() < 8).any()
+    qaq.requantize(ks, kb, sl)
+    qaq.requantize(vs, vb, sl)
+    rep_k, rep_v = qaq.memory_report(ks, sl), qaq.memory_report(vs, sl)
+    assert rep_k["ratio"] < 0.6 and rep_v["ratio"] < 0.6, (rep_k, rep_v)
+    out = qaq.attention(q, ks, vs, sl)
+    exact, _ = ref.qaq_attention_ref(q, k, v, sl)
+    err = (out.double().cpu() - exact).abs().max()
+    assert err < 0.1, err
+    exp, _ = ref.qaq_attention_ref(q, qaq.dequantize(ks, sl), qaq.dequantize(vs, sl), sl)
+    torch.testing.assert_close(out.double().cpu(), exp, atol=2e-3, rtol=4e-3)
+
+
+# --------------------------------------------------------------------------
+# memory accounting, compaction
+
+
+def test_memory_report_byte_counts():
+    """The module doc's numbers: D = 64, Hkv = 3, alpha = 0.01, fp16."""
+    B, Hkv, cap, D = 1, 3, 10, 64
+    sl = torch.tensor([10], dtype=torch.int32)
+    for shared, w, per_token in ((False, 2, 99), (False, 4, 147), (True, 2, 65), (True, 4, 113)):
+        Hg = 1 if shared else Hkv
+        st, _, _ = _fill("cpu", B, Hkv, cap, D, torch.float16, [10], torch.full((B, Hg, cap), w, dtype=torch.uint8), w,
+                         shared=shared)
+        rep = qaq.memory_report(st, sl)
+        assert rep["total"] == 10 * per_token, (shared, w, rep)
+        assert rep["codes"] == 10 * Hkv * D * w // 8
+        assert rep["fp16"] == 10 * 384
+        assert rep["total"] == sum(rep[k] for k in ("codes", "scale_zero", "widths", "offsets", "outliers"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compact_is_exact(device):
+    B, Hkv, cap, D = 2, 2, 33, 64
+    w = _rand_widths(B, Hkv, cap, 9)
+    st, _, sl = _fill(device, B, Hkv, cap, D, torch.float16, [33, 12], w, 10)
+    c = qaq.compact(st, sl)
+    assert c.arena.shape[1] <= int((w.long() * D // 8).sum(dim=(1, 2)).max())
+    assert torch.equal(qaq.dequantize(c, sl), qaq.dequantize(st, sl))
+    q = torch.randn(B, 4, D, device=device).half()
+    assert torch.equal(qaq.attention(q, c, c, sl), qaq.attention(q, st, st, sl))
+
+
+def test_stored_range_and_query_sq():
+    B, Hkv, cap, D = 1, 2, 6, 64
+    w = torch.tensor([[[0, 1, 2, 4, 8, 8], [8, 4, 2, 1, 0, 0]]], dtype=torch.uint8)
+    st, x, sl = _fill("cpu", B, Hkv, cap, D, torch.float32, [6], w, 11, alpha=0.0)
+    r = qaq.stored_range(st)
+    exact = x.amax(-1) - x.amin(-1)
+    torch.testing.assert_close(r, exact, rtol=2e-3, atol=1e-3)
+    q = torch.randn(2, 6, D)
+    qs = qaq.query_sq(q, 2, 0.5)
+    torch.testing.assert_close(qs, (q * 0.5).square().sum(-1).view(2, 2, 3).amax(-1))
+
+
+# --------------------------------------------------------------------------
+# opcheck
+
+
+def _small(device):
+    B, Hkv, cap, D = 2, 2, 19, 64
+    w = _rand_widths(B, Hkv, cap, 12)
+    ks, x, sl = _fill(device, B, Hkv, cap, D, torch.float32, [19, 7], w, 13)
+    vs, _, _ = _fill(device, B, Hkv, cap, D, torch.float32, [19, 7], w[:, :1].contiguous(), 14, shared=True)
+    q = torch.randn(B, 4, D, device=device)
+    return dict(ks=ks, vs=vs, x=x, sl=sl, q=q, w=w.to(device))
+
+
+OPCHECK_CASES = {
+    "qaq_key_bits": lambda a: (torch.rand(2, 2, 19, device=a["q"].device), torch.rand(2, 2, device=a["q"].device) + 0.1,
+                               a["sl"], 0.1, [0, 2, 4, 8], 3),
+    "qaq_value_bits": lambda a: (torch.rand(2, 2, 19, device=a["q"].device), torch.rand(2, 2, 19, device=a["q"].device),
+                                 a["sl"], 0.01, [1, 2, 8], 2),
+    "qaq_quantize": lambda a: (a["x"][:, :, :3].contiguous(), torch.tensor([4, 1], dtype=torch.int32, device=a["q"].device),
+                               a["w"][:, :, :3].contiguous(), a["ks"].offsets[:, :, 4:7].contiguous(), *a["ks"].tensors()),
+    "qaq_dequantize": lambda a: (*a["vs"].tensors(), a["sl"], 2, 64),
+    "qaq_requantize": lambda a: (*a["ks"].tensors(), torch.ones_like(a["ks"].widths), a["sl"], 2, 64),
+    "qaq_attention": lambda a: (a["q"], *a["ks"].tensors(), *a["vs"].tensors(), a["sl"], 2, 0.125, True),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op_name", list(OPCHECK_CASES))
+def test_opcheck(device, op_name):
+    args = OPCHECK_CASES[op_name](_small(device))
+    op = getattr(torch.ops.kvsparse, op_name).default
+    torch.library.opcheck(op, args)
+
+
+# --------------------------------------------------------------------------
+# bad inputs
+
+
+def _bad_cases():
+    """(name, fn(a), exception, match, cpu_only)."""
+    cases = []
+
+    def add(name, fn, exc, match, cpu_only=False):
+        cases.append(pytest.param(fn, exc, match, cpu_only, id=name))
+
+    def attn(a, **kw):
+        t = dict(q=a["q"], ks=a["ks"], vs=a["vs"], sl=a["sl"])
+        t.update(kw)
+        return qaq.attention(t["q"], t["ks"], t["vs"], t["sl"])
+
+    add("q_float64", lambda a: attn(a, q=a["q"].double()), TypeError, r"\bq\b")
+    add("q_half_vs_f32_cache", lambda a: attn(a, q=a["q"].half()), TypeError, "k_oval")
+    add("arena_dtype", lambda a: attn(a, ks=a["ks"]._replace(arena=a["ks"].arena.char())), TypeError, "k_arena")
+    add("offsets_int64", lambda a: attn(a, vs=a["vs"]._replace(offsets=a["vs"].offsets.long())), TypeError, "v_offsets")
+    add("widths_int32", lambda a: attn(a, ks=a["ks"]._replace(widths=a["ks"].widths.int())), TypeError, "k_widths")
+    add("sz_f32", lambda a: attn(a, ks=a["ks"]._replace(sz=a["ks"].sz.float())), TypeError, "k_sz")
+    add("oidx_int32", lambda a: attn(a, ks=a["ks"]._replace(oidx=a["ks"].oidx.int())), TypeError, "k_oidx")
+    add("seq_lens_int64", lambda a: attn(a, sl=a["sl"].long()), TypeError, "seq_lens")
+    add("q_rank", lambda a: attn(a, q=a["q"][:, :, None]), ValueError, r"\bq\b")
+    add("H_not_multiple", lambda a: attn(a, q=a["q"][:, :3].contiguous()), ValueError, "Hkv")
+    add("offsets_rank", lambda a: attn(a, ks=a["ks"]._replace(offsets=a["ks"].offsets[0])), ValueError, "k_offsets")
+    add("widths_shape", lambda a: attn(a, ks=a["ks"]._replace(widths=a["ks"].widths[:, :, :5].contiguous())), ValueError, "k_widths")
+    add("sz_shape", lambda a: attn(a, vs=a["vs"]._replace(sz=a["vs"].sz[..., :1].contiguous())), ValueError, "v_sz")
+    add("oval_shape", lambda a: attn(a, vs=a["vs"]._replace(oval=a["vs"].oval[..., :1].contiguous())), ValueError, "v_oval")
+    add("odd_n_out", lambda a: attn(a, ks=a["ks"]._replace(oidx=a["ks"].oidx[..., :1].contiguous(), oval=a["ks"].oval[..., :1].contiguous())), ValueError, "n_out")
+    add("arena_batch", lambda a: attn(a, ks=a["ks"]._replace(arena=a["ks"].arena[:1].contiguous())), ValueError, "k_offsets|k_arena")
+    add("bad_head_dim", lambda a: qaq.dequantize(a["ks"]._replace(head_dim=36), a["sl"]), ValueError, "head_dim")
+    add("alpha_neg", lambda a: qaq.alloc(1, 2, 8, 64, alpha=-0.1), ValueError, "alpha")
+    add("alpha_too_big", lambda a: qaq.alloc(1, 1, 8, 64, alpha=0.99), ValueError, "alpha")
+    add("allowed_3", lambda a: qaq.key_bits(torch.ones(2, 2, 19, device=a["q"].device), torch.ones(2, 2, device=a["q"].device), a["sl"], 0.1, (2, 3)), ValueError, "allowed")
+    add("allowed_op_3", lambda a: torch.ops.kvsparse.qaq_value_bits(torch.ones(2, 2, 19, device=a["q"].device), torch.ones(2, 2, 19, device=a["q"].device), a["sl"], 0.1, [16], 0), ValueError, "allowed")
+    add("allowed_empty", lambda a: torch.ops.kvsparse.qaq_value_bits(torch.ones(2, 2, 19, device=a["q"].device), torch.ones(2, 2, 19, device=a["q"].device), a["sl"], 0.1, [], 0), ValueError, "allowed")
+    add("q_sq_shape", lambda a: qaq.key_bits(torch.ones(2, 2, 19, device=a["q"].device), torch.ones(2, 3, device=a["q"].device), a["sl"], 0.1), ValueError, "q_sq")
+    add("s_max_f16", lambda a: qaq.value_bits(torch.ones(2, 2, 19, device=a["q"].device), torch.ones(2, 2, 19, device=a["q"].device).half(), a["sl"], 0.1), TypeError, "s_max")
+    add("quant_width_arg", lambda a: qaq.quantize(a["ks"], a["x"][:, :, :1].contiguous(), a["sl"] * 0, 3), ValueError, "widths")
+    add("quant_x_dtype", lambda a: qaq.quantize(a["ks"], a["x"][:, :, :1].half().contiguous(), a["sl"] * 0, 4), TypeError, "oval|x")
+    add("requant_shape", lambda a: qaq.requantize(a["ks"], a["ks"].widths[:, :1].contiguous(), a["sl"]), ValueError, "new_widths")
+    add("seq_lens_over_cap", lambda a: attn(a, sl=a["sl"] + 1), ValueError, "seq_lens", True)
+    add("stored_width_3", lambda a: attn(a, ks=a["ks"]._replace(widths=torch.full_like(a["ks"].widths, 3))), ValueError, "k_widths", True)
+    add("offset_out_of_arena", lambda a: attn(a, vs=a["vs"]._replace(offsets=a["vs"].offsets + (1 << 20))), ValueError, "v_offsets", True)
+    add("oidx_range", lambda a: attn(a, ks=a["ks"]._replace(oidx=torch.full_like(a["ks"].oidx, 64))), ValueError, "k_oidx", True)
+    add("quant_width_value", lambda a: qaq.quantize(a["ks"], a["x"][:, :, :1].contiguous(), a["sl"] * 0, torch.full((2, 2, 1), 5, dtype=torch.uint8, device=a["q"].device)), ValueError, "new_widths", True)
+    add("quant_pos_overflow", lambda a: qaq.quantize(a["ks"], a["x"][:, :, :2].contiguous(), a["sl"] * 0 + 18, 4, a["ks"].offsets[:, :, :2].contiguous()), ValueError, "pos", True)
+    add("quant_offset_overflow", lambda a: qaq.quantize(a["ks"], a["x"][:, :, :1].contiguous(), a["sl"] * 0, 8, torch.full((2, 2, 1), 10**6, dtype=torch.int32, device=a["q"].device)), ValueError, "new_offsets", True)
+    add("requant_width_value", lambda a: qaq.requantize(a["ks"], torch.full_like(a["ks"].widths, 7), a["sl"]), ValueError, "new_widths", True)
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fn,exc,match,cpu_only", _bad_cases())
+def test_bad_inputs(device, fn, exc, match, cpu_only):
+    if cpu_only and device != "cpu":
+        pytest.skip("values are trusted on CUDA (no host sync)")
+    a = _small(device)
+    with pytest.raises(exc, match=match):
+        fn(a)
+
+
+# --------------------------------------------------------------------------
+# CUDA only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and kvsparse built with CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shared", [False, True], ids=["head", "shared"])
+def test_cuda_matches_cpu(dtype, shared):
+    """Quantization bit-identical to the CPU's; dequantization identical; attention close."""
+    B, Hkv, cap, D, G = 3, 2, 300, 128, 4
+    Hg = 1 if shared else Hkv
+    w = _rand_widths(B, Hg, cap, 21)
+    st, x, sl = _fill("cpu", B, Hkv, cap, D, dtype, [300, 130, 7], w, 22, shared=shared)
+    sc, _, slc = _fill("cuda", B, Hkv, cap, D, dtype, [300, 130, 7], w, 22, shared=shared)
+    for a, b in zip(st.tensors(), sc.tensors()):
+        assert torch.equal(a, b.cpu())
+    assert torch.equal(qaq.dequantize(st, sl), qaq.dequantize(sc, slc).cpu())
+    q = _randn((B, G * Hkv, D), torch.Generator().manual_seed(23), dtype, "cpu")
+    o, pm = qaq.attention(q, st, st, sl, return_p_max=True)
+    oc, pmc = qaq.attention(q.cuda(), sc, sc, slc, return_p_max=True)
+    atol, rtol = ATTN_TOL[dtype]
+    torch.testing.assert_close(oc.cpu().double(), o.double(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(pmc.cpu(), pm, atol=1e-6, rtol=1e-4)
+    nw = _rand_widths(B, Hg, cap, 24)
+    qaq.requantize(st, nw, sl)
+    qaq.requantize(sc, nw.cuda(), slc)
+    for a, b in zip(st.tensors(), sc.tensors()):
+        assert torch.equal(a, b.cpu())
+    rng = qaq.stored_range(st)
+    s_max = torch.rand(B, Hg, cap)
+    for allowed in ((0, 1, 2, 4, 8), (2, 8)):
+        assert torch.equal(qaq.value_bits(rng, s_max, sl, 0.01, allowed),
+                           qaq.value_bits(rng.cuda(), s_max.cuda(), slc, 0.01, allowed).cpu())
+        qs = torch.rand(B, Hg) * 10
+        assert torch.equal(qaq.key_bits(rng, qs, sl, 0.05, allowed),
+                           qaq.key_bits(rng.cuda(), qs.cuda(), slc, 0.05, allowed).cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and kvsparse built with CUDA")
+def test_cuda_device_mismatch_and_limits():
+    a = _small("cuda")
+    with pytest.raises(RuntimeError, match="seq_lens"):
+        qaq.attention(a["q"], a["ks"], a["vs"], a["sl"].cpu())
+    with pytest.raises(RuntimeError, match="k_sz"):
+        qaq.attention(a["q"], a["ks"]._replace(sz=a["ks"].sz.cpu()), a["vs"], a["sl"])
+    q16 = torch.randn(2, 32, 64, device="cuda")  # G = 16 > 8
+    with pytest.raises(ValueError, match="at most 8"):
+        qaq.attention(q16, a["ks"], a["vs"], a["sl"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and kvsparse built with CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_cuda_graph_capture(dtype):
+    """Capture quantize (append) + attention once; update q / the new token / pos in place; replay."""
+    B, Hkv, G, D, cap = 2, 2, 4, 64, 2000
+    w = torch.full((B, Hkv, cap), 4, dtype=torch.uint8)
+    ks, _, sl = _fill("cuda", B, Hkv, cap, D, dtype, [1500, 33], w, 31)
+    vs, _, _ = _fill("cuda", B, Hkv, cap, D, dtype, [1500, 33], w, 32)
+    q = torch.randn(B, G * Hkv, D, device="cuda", dtype=dtype)
+    kn = torch.randn(B, Hkv, 1, D, device="cuda", dtype=dtype)
+    wn = torch.full((B, Hkv, 1), 8, dtype=torch.uint8, device="cuda")
+
+    def step():
+        offs = torch.gather(ks.offsets, 2, sl.long()[:, None, None].expand(B, Hkv, 1)).contiguous()
+        qaq.quantize(ks, kn, sl, wn, offs)
+        qaq.quantize(vs, kn, sl, wn, offs)
+        sl1 = sl + 1
+        return qaq.attention(q, ks, vs, sl1, return_p_max=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, pm = step()
+    g = torch.Generator().manual_seed(33)
+    for _ in range(3):
+        q.copy_(torch.randn(q.shape, generator=g).to(q))
+        kn.copy_(torch.randn(kn.shape, generator=g).to(kn))
+        graph.replay()
+        torch.cuda.synchronize()
+        sl += 1
+        eo, ep = qaq.attention(q, ks, vs, sl, return_p_max=True)
+        torch.testing.assert_close(out, eo, atol=0, rtol=0)
+        torch.testing.assert_close(pm, ep, atol=0, rtol=0)
+    kd = qaq.dequantize(ks, sl)
+    vd = qaq.dequantize(vs, sl)
+    exp, _ = ref.qaq_attention_ref(q, kd, vd, sl)
+    atol, rtol = ATTN_TOL[dtype]
+    torch.testing.assert_close(out.double().cpu(), exp, atol=atol, rtol=rtol)
