@@ -3,8 +3,9 @@
 Times top_channels, approx_scores, top_positions, sparse_attention and the
 fused op separately (CUDA-graph replays over rotating cache copies, CUDA-event
 medians), beside each stage's fewest bytes over the copy bandwidth.
-Usage: python benchmarks/profile_sparq.py
+Usage: python benchmarks/profile_sparq.py [--ncu]   (--ncu: a few fused calls only, for ncu)
 """
+import argparse
 import os
 import sys
 
@@ -17,7 +18,21 @@ from kvsparse import sparq  # noqa: E402
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ncu", action="store_true")
+    args = ap.parse_args()
     H, D, dt = 32, 128, torch.float16
+    if args.ncu:
+        for B, Hkv, S, r, k_top in [(1, 32, 32768, 16, 2048), (1, 8, 32768, 16, 2048)]:
+            k = torch.randn(B, Hkv, S, D, device="cuda", dtype=dt)
+            v = torch.randn_like(k)
+            sl = torch.full((B,), S, dtype=torch.int32, device="cuda")
+            kt, vm = sparq.build(k, v, sl)
+            q = torch.randn(B, H, D, device="cuda", dtype=dt)
+            for _ in range(3):
+                sparq.attention(q, k, v, kt, vm, sl, r=r, k_top=k_top)
+            torch.cuda.synchronize()
+        return
     bw = hbm_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     cases = [(1, 32, 32768, 16, 2048), (1, 8, 32768, 16, 2048), (1, 32, 131072, 16, 8192),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU tests, memcheck, benchmarks.
-# Usage: bash benchmarks/run_gpu.sh [build] [test] [memcheck] [bench] [profile] [bench-quick]
+# Usage: bash benchmarks/run_gpu.sh [build] [test] [memcheck] [bench] [profile] [ncu] [bench-quick]
 # BENCH="quest sparq" picks the benchmark scripts (bench_<name>.py); MEMCHECK_TESTS the memcheck files.
 # Logs go to $OUT (or ./out when OUT is unset).
 set -uo pipefail
@@ -34,6 +34,12 @@ for s in $stages; do
     for b in ${BENCH:-quest sparq}; do
       python3 benchmarks/profile_$b.py 2>&1 | tee "$OUT/profile_$b.log" | tail -12
     done ;;
+  ncu)
+    # kernel-level counters of the fused SparQ op (score/select and attention kernels)
+    ncu --clock-control none --kernel-name regex:"score_select|sparse_attn|select_|logits|normalize" \
+      --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
+      python3 benchmarks/profile_sparq.py --ncu >"$OUT/ncu_sparq.txt" 2>&1
+    grep -E "score_select|sparse_attn|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Waves Per SM|Cluster" "$OUT/ncu_sparq.txt" | head -80 ;;
   bench-quick)
     for b in ${BENCH:-quest sparq}; do
       python3 benchmarks/bench_$b.py --quick --no-cpu --out "$OUT" 2>&1 | tee "$OUT/bench_$b.log" | tail -30

@@ -717,6 +717,12 @@ select_cluster_kernel(const float *__restrict__ keys, int64_t cap, const int32_t
 // never written. Local-window positions are taken unconditionally.
 constexpr int SS_THREADS = 512;
 
+// tokens per block of a row of `len` tokens split over `cl` blocks: a multiple
+// of 8 so that every thread's run of KPT (a multiple of 8) starts 16-byte aligned
+__host__ __device__ inline int64_t ss_per_block(int64_t len, int cl) {
+  return ((len + cl - 1) / cl + 7) / 8 * 8;
+}
+
 template <typename T, int KPT, int MAXG>
 __global__ void __launch_bounds__(SS_THREADS)
 score_select_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv, int64_t cap,
@@ -792,12 +798,14 @@ score_select_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, in
   __syncthreads();
 
   // 3. logits of this thread's KPT consecutive positions
-  const int per = (len + CL - 1) / CL;
+  const int per = (int)ss_per_block(len, CL);
   const int cs = crank * per;
   const int ce = cs + per < len ? cs + per : len;
   const int base = cs + (int)threadIdx.x * KPT;
   int nval = ce - base;
   nval = nval < 0 ? 0 : (nval > KPT ? KPT : nval);
+  // a full run of a row whose length is a multiple of 8 is 16-byte aligned
+  const bool vec = nval == KPT && (cap % 8) == 0;
   float z[MAXG][KPT];
 #pragma unroll
   for (int g = 0; g < MAXG; ++g)
@@ -808,8 +816,17 @@ score_select_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, in
   for (int j = 0; j < r; ++j) {
     const T *rowp = ktb + (size_t)s_c[j] * cap + base;
     float x[KPT];
+    if (vec) {
 #pragma unroll
-    for (int i = 0; i < KPT; ++i) x[i] = i < nval ? ldf(rowp + i) : 0.f;
+      for (int i8 = 0; i8 < KPT / 8; ++i8) {
+        typename V8<T>::Raw raw;
+        V8<T>::load(rowp + 8 * i8, raw);
+        V8<T>::cvt(raw, x + 8 * i8);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < KPT; ++i) x[i] = i < nval ? ldf(rowp + i) : 0.f;
+    }
 #pragma unroll
     for (int g = 0; g < MAXG; ++g) {
       const float wq = s_q[g][j];
@@ -1359,10 +1376,10 @@ int launch_select(const float *keys, int64_t B, int64_t Hs, int64_t cap, const i
 }
 
 // ---- fused scores + selection (sm_90) ----
-// 1 when `kern` can run clusters of `cl` blocks of `threads` threads here
-// (cl > 8 needs the non-portable cluster size; asked once per kernel and size)
+// How many clusters of `cl` blocks of `threads` threads of `kern` the device
+// runs at once (0: none; cl > 8 needs the non-portable cluster size).
 template <typename Kern>
-int cluster_launchable(Kern kern, int cl, int threads) {
+int max_active_clusters(Kern kern, int cl, int threads) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)cl, 1, 1);
   cfg.blockDim = dim3((unsigned)threads);
@@ -1382,18 +1399,22 @@ int cluster_launchable(Kern kern, int cl, int threads) {
     (void)cudaGetLastError();
     return 0;
   }
-  return n > 0;
+  return n;
+}
+
+constexpr int SS_CLUSTERS[3] = {4, 8, 16};
+
+template <typename T, int KPT, int MAXG>
+int ss_active_clusters(int ci) {
+  static int known[3] = {-1, -1, -1};  // per cluster size of SS_CLUSTERS
+  if (known[ci] < 0) known[ci] = max_active_clusters(score_select_kernel<T, KPT, MAXG>, SS_CLUSTERS[ci], SS_THREADS);
+  return known[ci];
 }
 
 template <typename T, int KPT, int MAXG>
 int launch_score_select_t(int cl, const T *q, const T *kt, int64_t B, int64_t H, int64_t Hkv,
                           int64_t Hs, int64_t cap, int64_t D, int64_t r, const int32_t *seq_lens,
                           int n_sel, int lw, int32_t *i2, float *alpha, cudaStream_t st) {
-  auto kern = score_select_kernel<T, KPT, MAXG>;
-  static int ok[2] = {-1, -1};  // cl = 8, 16
-  int &known = ok[cl > 8 ? 1 : 0];
-  if (known < 0) known = cluster_launchable(kern, cl, SS_THREADS);
-  if (!known) return -1;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)cl, (unsigned)Hs, (unsigned)B);
   cfg.blockDim = dim3(SS_THREADS);
@@ -1405,12 +1426,36 @@ int launch_score_select_t(int cl, const T *q, const T *kt, int64_t B, int64_t H,
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return (int)cudaLaunchKernelEx(&cfg, kern, q, kt, (int)H, (int)Hkv, cap, (int)D, (int)r, seq_lens,
-                                 n_sel, lw, i2, alpha);
+  return (int)cudaLaunchKernelEx(&cfg, score_select_kernel<T, KPT, MAXG>, q, kt, (int)H, (int)Hkv, cap,
+                                 (int)D, (int)r, seq_lens, n_sel, lw, i2, alpha);
 }
 
+// KPT for a row of `cap` tokens over `cl` blocks (0: too long), within the
+// register budget of MAXG heads' logits
+inline int ss_kpt(int64_t cap, int cl, int maxg) {
+  const int64_t per_thread = (ss_per_block(cap, cl) + SS_THREADS - 1) / SS_THREADS;
+  const int kpt = per_thread <= 8 ? 8 : per_thread <= 16 ? 16 : per_thread <= 32 ? 32 : 0;
+  return (kpt == 0 || kpt * maxg > 64) ? 0 : kpt;
+}
+
+#define KS_SS_CASES(ACTION)                                            \
+  switch (maxg * 100 + kpt) {                                          \
+    case 108: ACTION(8, 1); break;                                     \
+    case 116: ACTION(16, 1); break;                                    \
+    case 132: ACTION(32, 1); break;                                    \
+    case 208: ACTION(8, 2); break;                                     \
+    case 216: ACTION(16, 2); break;                                    \
+    case 232: ACTION(32, 2); break;                                    \
+    case 408: ACTION(8, 4); break;                                     \
+    case 416: ACTION(16, 4); break;                                    \
+    case 808: ACTION(8, 8); break;                                     \
+    default: break;                                                    \
+  }
+
 // Runs the fused kernel when it applies (sm_90, head_dim <= 256, the row's
-// keys and logits fit in registers); returns -1 (nothing launched) otherwise.
+// logits fit in registers); returns -1 (nothing launched) otherwise. The
+// cluster size is the one that runs every row in the fewest waves (ties: the
+// larger cluster, which spreads a row over more multiprocessors).
 template <typename T>
 int launch_score_select(const void *q, const void *kt, int64_t B, int64_t H, int64_t Hkv, int64_t Hs,
                         int64_t cap, int64_t D, int64_t r, const int32_t *seq_lens, int n_sel, int lw,
@@ -1419,38 +1464,30 @@ int launch_score_select(const void *q, const void *kt, int64_t B, int64_t H, int
   const int nh = (Hs == H) ? 1 : (int)(H / Hkv);
   const int maxg = maxg_bucket(nh);
   if (maxg == 0) return -1;
-  const int order_small[2] = {16, 8}, order_large[2] = {8, 16};
-  const int *order = B * Hs <= 16 ? order_small : order_large;
-  for (int oi = 0; oi < 2; ++oi) {
-    const int cl = order[oi];
-    const int64_t per_thread = ((cap + cl - 1) / cl + SS_THREADS - 1) / SS_THREADS;
-    int kpt = per_thread <= 2 ? 2 : per_thread <= 8 ? 8 : per_thread <= 16 ? 16 : per_thread <= 32 ? 32 : 0;
-    if (kpt == 0 || kpt * maxg > 64) continue;
-    int rc = -1;
-    const T *qq = (const T *)q, *kk = (const T *)kt;
-#define KS_SS(K, MG)                                                                            \
-  rc = launch_score_select_t<T, K, MG>(cl, qq, kk, B, H, Hkv, Hs, cap, D, r, seq_lens, n_sel, lw, \
-                                       i2, alpha, st)
-    switch (maxg * 100 + kpt) {
-      case 102: KS_SS(2, 1); break;
-      case 108: KS_SS(8, 1); break;
-      case 116: KS_SS(16, 1); break;
-      case 132: KS_SS(32, 1); break;
-      case 202: KS_SS(2, 2); break;
-      case 208: KS_SS(8, 2); break;
-      case 216: KS_SS(16, 2); break;
-      case 232: KS_SS(32, 2); break;
-      case 402: KS_SS(2, 4); break;
-      case 408: KS_SS(8, 4); break;
-      case 416: KS_SS(16, 4); break;
-      case 802: KS_SS(2, 8); break;
-      case 808: KS_SS(8, 8); break;
-      default: rc = -1;
-    }
-#undef KS_SS
-    if (rc != -1) return rc;
+  int best = -1;
+  int64_t best_waves = 0;
+  for (int ci = 0; ci < 3; ++ci) {
+    const int kpt = ss_kpt(cap, SS_CLUSTERS[ci], maxg);
+    if (kpt == 0) continue;
+    int n = 0;
+#define KS_SS_N(K, MG) n = ss_active_clusters<T, K, MG>(ci)
+    KS_SS_CASES(KS_SS_N)
+#undef KS_SS_N
+    if (n <= 0) continue;
+    const int64_t waves = (B * Hs + n - 1) / n;
+    if (best < 0 || waves <= best_waves) { best = ci; best_waves = waves; }
   }
-  return -1;
+  if (best < 0) return -1;
+  const int cl = SS_CLUSTERS[best];
+  const int kpt = ss_kpt(cap, cl, maxg);
+  int rc = -1;
+  const T *qq = (const T *)q, *kk = (const T *)kt;
+#define KS_SS_RUN(K, MG)                                                                             \
+  rc = launch_score_select_t<T, K, MG>(cl, qq, kk, B, H, Hkv, Hs, cap, D, r, seq_lens, n_sel, lw, i2, \
+                                       alpha, st)
+  KS_SS_CASES(KS_SS_RUN)
+#undef KS_SS_RUN
+  return rc;
 }
 
 size_t attn_workspace(int64_t B, int64_t H, int64_t Hs, int64_t D, int64_t n_sel) {
