@@ -812,7 +812,7 @@ score_select_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, in
 #pragma unroll
     for (int i = 0; i < KPT; ++i) z[g][i] = 0.f;
   const T *ktb = kt + ((size_t)b * Hkv + hk) * (size_t)D * cap;
-#pragma unroll 2
+#pragma unroll 4
   for (int j = 0; j < r; ++j) {
     const T *rowp = ktb + (size_t)s_c[j] * cap + base;
     float x[KPT];
@@ -1278,11 +1278,25 @@ int launch_scores(const void *q, const void *kt, int64_t B, int64_t H, int64_t H
   return (int)cudaGetLastError();
 }
 
+int num_sms() {
+  static int n = 0;
+  if (n == 0) {
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      n = 132;
+    }
+  }
+  return n;
+}
+
 int entries_per_split(int64_t B, int64_t Hs, int64_t n_sel, int chunk) {
-  // at least one chunk per warp; grow while the grid would still fill the
-  // GPU many times over (fewer partials to merge)
+  // at least one chunk per warp; grow while the grid would take more than
+  // about two blocks per multiprocessor (one wave: more blocks only add
+  // partials to merge and a second wave's latency)
   int64_t per = (int64_t)AT_WARPS * chunk;
-  while (per < 8192 && B * Hs * ((n_sel + per - 1) / per) > 2048) per *= 2;
+  const int64_t target = 2 * (int64_t)num_sms();
+  while (per < 8192 && B * Hs * ((n_sel + per - 1) / per) > target) per *= 2;
   return (int)per;
 }
 
@@ -1402,11 +1416,12 @@ int max_active_clusters(Kern kern, int cl, int threads) {
   return n;
 }
 
-constexpr int SS_CLUSTERS[3] = {4, 8, 16};
+constexpr int SS_NCL = 4;
+constexpr int SS_CLUSTERS[SS_NCL] = {2, 4, 8, 16};
 
 template <typename T, int KPT, int MAXG>
 int ss_active_clusters(int ci) {
-  static int known[3] = {-1, -1, -1};  // per cluster size of SS_CLUSTERS
+  static int known[SS_NCL] = {-1, -1, -1, -1};  // per cluster size of SS_CLUSTERS
   if (known[ci] < 0) known[ci] = max_active_clusters(score_select_kernel<T, KPT, MAXG>, SS_CLUSTERS[ci], SS_THREADS);
   return known[ci];
 }
@@ -1466,7 +1481,7 @@ int launch_score_select(const void *q, const void *kt, int64_t B, int64_t H, int
   if (maxg == 0) return -1;
   int best = -1;
   int64_t best_waves = 0;
-  for (int ci = 0; ci < 3; ++ci) {
+  for (int ci = 0; ci < SS_NCL; ++ci) {
     const int kpt = ss_kpt(cap, SS_CLUSTERS[ci], maxg);
     if (kpt == 0) continue;
     int n = 0;
