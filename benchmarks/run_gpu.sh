@@ -40,6 +40,12 @@ for s in $stages; do
       --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
       python3 benchmarks/profile_sparq.py --ncu >"$OUT/ncu_sparq.txt" 2>&1
     grep -E "score_select|sparse_attn|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Waves Per SM|Cluster" "$OUT/ncu_sparq.txt" | head -80 ;;
+  ncu-detail)
+    # stall reasons and hot instructions of one fused score/select launch (H_kv = 8)
+    ncu --clock-control none --kernel-name regex:"score_select" --launch-skip 3 --launch-count 1 --set full \
+      python3 benchmarks/profile_sparq.py --ncu >"$OUT/ncu_detail.txt" 2>&1
+    grep -A40 "Section: Warp State Statistics" "$OUT/ncu_detail.txt" | head -60
+    grep -B2 -A30 "Section: Source Counters" "$OUT/ncu_detail.txt" | head -50 ;;
   bench-quick)
     for b in ${BENCH:-quest sparq}; do
       python3 benchmarks/bench_$b.py --quick --no-cpu --out "$OUT" 2>&1 | tee "$OUT/bench_$b.log" | tail -30

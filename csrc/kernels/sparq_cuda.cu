@@ -1469,8 +1469,7 @@ inline int ss_kpt(int64_t cap, int cl, int maxg) {
 
 // Runs the fused kernel when it applies (sm_90, head_dim <= 256, the row's
 // logits fit in registers); returns -1 (nothing launched) otherwise. The
-// cluster size is the one that runs every row in the fewest waves (ties: the
-// larger cluster, which spreads a row over more multiprocessors).
+// cluster size minimises waves x tokens per block (ties: the larger cluster).
 template <typename T>
 int launch_score_select(const void *q, const void *kt, int64_t B, int64_t H, int64_t Hkv, int64_t Hs,
                         int64_t cap, int64_t D, int64_t r, const int32_t *seq_lens, int n_sel, int lw,
@@ -1489,7 +1488,8 @@ int launch_score_select(const void *q, const void *kt, int64_t B, int64_t H, int
     KS_SS_CASES(KS_SS_N)
 #undef KS_SS_N
     if (n <= 0) continue;
-    const int64_t waves = (B * Hs + n - 1) / n;
+    // a block's time grows with its share of the row: cost = waves x share
+    const int64_t waves = (B * Hs + n - 1) / n * ss_per_block(cap, SS_CLUSTERS[ci]);
     if (best < 0 || waves <= best_waves) { best = ci; best_waves = waves; }
   }
   if (best < 0) return -1;
