@@ -594,13 +594,13 @@ __device__ __forceinline__ void cluster_threshold(const uint32_t (&kk)[KPT], uin
 // Order-preserving compaction after cluster_threshold: the candidates above
 // the threshold and the first `need` equal to it (in position order across the
 // cluster; block c's candidates precede block c+1's, a thread's precede the
-// next thread's) go to out[0 ..); take(j) is called for every taken kk[j].
-// Ends with a cluster.sync after the last read of another block's memory.
-template <int KPT, typename Take>
+// next thread's) go to out[0 ..). Ends with a cluster.sync after the last
+// read of another block's memory.
+template <int KPT>
 __device__ __forceinline__ void cluster_compact(const uint32_t (&kk)[KPT], uint32_t cand,
                                                 uint32_t prefix, int need, int base,
                                                 int32_t *__restrict__ out, int *scan_smem,
-                                                int *s_cnt, int *s_before, Take take) {
+                                                int *s_cnt, int *s_before) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   const int crank = (int)cluster.block_rank();
@@ -638,12 +638,8 @@ __device__ __forceinline__ void cluster_compact(const uint32_t (&kk)[KPT], uint3
     if ((cand >> j) & 1u) {
       if (kk[j] > prefix) {
         out[pos++] = base + j;
-        take(j);
       } else if (kk[j] == prefix) {
-        if (e < need) {
-          out[pos++] = base + j;
-          take(j);
-        }
+        if (e < need) out[pos++] = base + j;
         ++e;
       }
     }
@@ -699,265 +695,7 @@ select_cluster_kernel(const float *__restrict__ keys, int64_t cap, const int32_t
   uint32_t prefix;
   int need;
   cluster_threshold<KPT>(kk, cand, K, hist, scan_smem, &s_prefix, &s_need, prefix, need);
-  cluster_compact<KPT>(kk, cand, prefix, need, base, out, scan_smem, s_cnt, s_before, [](int) {});
-#else
-  __trap();
-#endif
-}
-
-// Fused scores + selection (the decode op on sm_90): one cluster of CL blocks
-// per row (b, KV head in group mode / query head in head mode). Every block
-// picks the row's top-r channels from q (as top_channels_kernel), computes the
-// logits of its share of the row's tokens (as logits_kernel: the same float
-// operations, so the same values), the cluster merges the softmax max and sum
-// of each head (normalize_kernel's probabilities p = exp(z - M) / L), the key
-// of a position is p (one head) or the group's sum of p in head order, the
-// radix select runs over the keys held in registers, and the selected
-// positions' p are summed into alpha[b, h] (the reallocation weight). s_hat is
-// never written. Local-window positions are taken unconditionally.
-constexpr int SS_THREADS = 512;
-
-// tokens per block of a row of `len` tokens split over `cl` blocks: a multiple
-// of 8 so that every thread's run of KPT (a multiple of 8) starts 16-byte aligned
-__host__ __device__ inline int64_t ss_per_block(int64_t len, int cl) {
-  return ((len + cl - 1) / cl + 7) / 8 * 8;
-}
-
-template <typename T, int KPT, int MAXG>
-__global__ void __launch_bounds__(SS_THREADS)
-score_select_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv, int64_t cap,
-                    int D, int r, const int32_t *seq_lens, int n_sel, int local_window,
-                    int32_t *__restrict__ i2, float *__restrict__ alpha) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  __shared__ uint32_t s_ck[256];
-  __shared__ int s_flag[256];
-  __shared__ int s_c[AS_MAXR];
-  __shared__ float s_q[MAXG][AS_MAXR];
-  __shared__ float s_red[SS_THREADS / 32][MAXG];
-  __shared__ float s_bmax[MAXG], s_bsum[MAXG], s_balpha[MAXG];
-  __shared__ float s_M[MAXG], s_L[MAXG];
-  __shared__ int hist[2][256];
-  __shared__ int scan_smem[64];
-  __shared__ int s_cnt[2];
-  __shared__ int s_before[2];
-  __shared__ uint32_t s_prefix;
-  __shared__ int s_need;
-  cg::cluster_group cluster = cg::this_cluster();
-  const int crank = (int)cluster.block_rank();
-  const int CL = (int)cluster.num_blocks();
-  const int row = blockIdx.y, Hs = gridDim.y, b = blockIdx.z;
-  const int G = H / Hkv;
-  const int nh = (Hs == H) ? 1 : G;
-  const int h0 = (Hs == H) ? row : row * G;
-  const int hk = h0 / G;
-  const int len = clamp_len(seq_lens, b, cap);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int32_t *out = i2 + ((size_t)b * Hs + row) * n_sel;
-
-  // 1. top-r channels of the row (ascending channel order)
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float sa = 0.f;
-    for (int g = 0; g < nh; ++g) sa += fabsf(ldf(q + ((size_t)b * H + h0 + g) * D + d));
-    s_ck[d] = order_key(sa);
-  }
-  __syncthreads();
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    const uint32_t kd = s_ck[d];
-    int rank = 0;
-    for (int j = 0; j < D; ++j) {
-      const uint32_t kj = s_ck[j];
-      rank += (kj > kd || (kj == kd && j < d)) ? 1 : 0;
-    }
-    s_flag[d] = rank < r ? 1 : 0;
-  }
-  __syncthreads();
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    if (!s_flag[d]) continue;
-    int before = 0;  // chosen channels below d
-    for (int j = 0; j < d; ++j) before += s_flag[j];
-    s_c[before] = d;
-  }
-  __syncthreads();
-  // 2. q on those channels over tau, per head (warp g)
-  if (warp < MAXG) {
-    const int g = warp;
-    if (g < nh) {
-      const T *qr = q + ((size_t)b * H + h0 + g) * D;
-      float l1 = 0.f, l1s = 0.f;
-      for (int d = lane; d < D; d += 32) l1 += fabsf(ldf(qr + d));
-      for (int j = lane; j < r; j += 32) l1s += fabsf(ldf(qr + s_c[j]));
-      l1 = warp_sum(l1);
-      l1s = warp_sum(l1s);
-      const float inv_tau = l1s > 0.f ? 1.f / sqrtf((float)D * (l1s / l1)) : 0.f;
-      for (int j = lane; j < r; j += 32) s_q[g][j] = ldf(qr + s_c[j]) * inv_tau;
-    } else {
-      for (int j = lane; j < r; j += 32) s_q[g][j] = 0.f;
-    }
-  }
-  __syncthreads();
-
-  // 3. logits of this thread's KPT consecutive positions
-  const int per = (int)ss_per_block(len, CL);
-  const int cs = crank * per;
-  const int ce = cs + per < len ? cs + per : len;
-  const int base = cs + (int)threadIdx.x * KPT;
-  int nval = ce - base;
-  nval = nval < 0 ? 0 : (nval > KPT ? KPT : nval);
-  // a full run of a row whose length is a multiple of 8 is 16-byte aligned
-  const bool vec = nval == KPT && (cap % 8) == 0;
-  float z[MAXG][KPT];
-#pragma unroll
-  for (int g = 0; g < MAXG; ++g)
-#pragma unroll
-    for (int i = 0; i < KPT; ++i) z[g][i] = 0.f;
-  const T *ktb = kt + ((size_t)b * Hkv + hk) * (size_t)D * cap;
-#pragma unroll 4
-  for (int j = 0; j < r; ++j) {
-    const T *rowp = ktb + (size_t)s_c[j] * cap + base;
-    float x[KPT];
-    if (vec) {
-#pragma unroll
-      for (int i8 = 0; i8 < KPT / 8; ++i8) {
-        typename V8<T>::Raw raw;
-        V8<T>::load(rowp + 8 * i8, raw);
-        V8<T>::cvt(raw, x + 8 * i8);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < KPT; ++i) x[i] = i < nval ? ldf(rowp + i) : 0.f;
-    }
-#pragma unroll
-    for (int g = 0; g < MAXG; ++g) {
-      const float wq = s_q[g][j];
-#pragma unroll
-      for (int i = 0; i < KPT; ++i) z[g][i] = fmaf(wq, x[i], z[g][i]);
-    }
-  }
-  // 4. softmax statistics of each head over the cluster
-#pragma unroll
-  for (int g = 0; g < MAXG; ++g) {
-    float mx = -CUDART_INF_F;
-#pragma unroll
-    for (int i = 0; i < KPT; ++i) mx = i < nval ? fmaxf(mx, z[g][i]) : mx;
-    mx = warp_max(mx);
-    if (lane == 0) s_red[warp][g] = mx;
-  }
-  __syncthreads();
-  if (threadIdx.x < MAXG) {
-    float mx = -CUDART_INF_F;
-    for (int w = 0; w < SS_THREADS / 32; ++w) mx = fmaxf(mx, s_red[w][threadIdx.x]);
-    s_bmax[threadIdx.x] = mx;
-  }
-  cluster.sync();
-  if (threadIdx.x < MAXG) {
-    float mx = -CUDART_INF_F;
-    for (int rk = 0; rk < CL; ++rk) mx = fmaxf(mx, cluster.map_shared_rank(s_bmax, rk)[threadIdx.x]);
-    s_M[threadIdx.x] = mx;
-  }
-  __syncthreads();
-#pragma unroll
-  for (int g = 0; g < MAXG; ++g) {
-    const float M = s_M[g];
-    float l = 0.f;
-    if (M != -CUDART_INF_F) {
-#pragma unroll
-      for (int i = 0; i < KPT; ++i) l += i < nval ? expf(z[g][i] - M) : 0.f;
-    }
-    l = warp_sum(l);
-    if (lane == 0) s_red[warp][g] = l;
-  }
-  __syncthreads();
-  if (threadIdx.x < MAXG) {
-    float l = 0.f;
-    for (int w = 0; w < SS_THREADS / 32; ++w) l += s_red[w][threadIdx.x];
-    s_bsum[threadIdx.x] = l;
-  }
-  cluster.sync();
-  if (threadIdx.x < MAXG) {
-    float l = 0.f;
-    for (int rk = 0; rk < CL; ++rk) l += cluster.map_shared_rank(s_bsum, rk)[threadIdx.x];
-    s_L[threadIdx.x] = l;
-  }
-  __syncthreads();
-  // probabilities (in place of the logits) and the selection keys
-  float M[MAXG], L[MAXG];
-#pragma unroll
-  for (int g = 0; g < MAXG; ++g) { M[g] = s_M[g]; L[g] = s_L[g]; }
-  uint32_t kk[KPT];
-#pragma unroll
-  for (int i = 0; i < KPT; ++i) {
-    float key = 0.f;
-#pragma unroll
-    for (int g = 0; g < MAXG; ++g) {
-      const float p = (g < nh && L[g] > 0.f) ? expf(z[g][i] - M[g]) / L[g] : 0.f;
-      z[g][i] = p;
-      key += p;
-    }
-    kk[i] = order_key(key);
-  }
-
-  // 5. selection: candidates [0, m), the last w positions always
-  const bool take_all = n_sel >= len;
-  const int w = take_all ? 0 : (local_window < n_sel ? local_window : n_sel);
-  const int m = len - w;
-  const int K = take_all ? len : n_sel - w;
-  uint32_t cand = 0, forced = 0;
-#pragma unroll
-  for (int i = 0; i < KPT; ++i) {
-    if (i < nval) {
-      if (base + i < m) cand |= 1u << i;
-      else forced |= 1u << i;
-    }
-  }
-  float a[MAXG];
-#pragma unroll
-  for (int g = 0; g < MAXG; ++g) a[g] = 0.f;
-#pragma unroll
-  for (int i = 0; i < KPT; ++i) {
-    if ((forced >> i) & 1u) {
-      out[K + (base + i - m)] = base + i;
-#pragma unroll
-      for (int g = 0; g < MAXG; ++g) a[g] += z[g][i];
-    }
-  }
-  auto take = [&](int i) {
-#pragma unroll
-    for (int g = 0; g < MAXG; ++g) a[g] += z[g][i];
-  };
-  if (take_all) {
-    for (int i = len + crank * blockDim.x + threadIdx.x; i < n_sel; i += CL * blockDim.x) out[i] = -1;
-#pragma unroll
-    for (int i = 0; i < KPT; ++i)
-      if ((cand >> i) & 1u) {
-        out[base + i] = base + i;
-        take(i);
-      }
-  } else if (K > 0) {
-    uint32_t prefix;
-    int need;
-    cluster_threshold<KPT>(kk, cand, K, hist, scan_smem, &s_prefix, &s_need, prefix, need);
-    cluster_compact<KPT>(kk, cand, prefix, need, base, out, scan_smem, s_cnt, s_before, take);
-  }
-  // 6. alpha of each head: the sum of the selected probabilities
-#pragma unroll
-  for (int g = 0; g < MAXG; ++g) {
-    const float x = warp_sum(a[g]);
-    if (lane == 0) s_red[warp][g] = x;
-  }
-  __syncthreads();
-  if (threadIdx.x < MAXG) {
-    float x = 0.f;
-    for (int wi = 0; wi < SS_THREADS / 32; ++wi) x += s_red[wi][threadIdx.x];
-    s_balpha[threadIdx.x] = x;
-  }
-  cluster.sync();
-  if (crank == 0 && threadIdx.x < nh) {
-    float x = 0.f;
-    for (int rk = 0; rk < CL; ++rk) x += cluster.map_shared_rank(s_balpha, rk)[threadIdx.x];
-    alpha[(size_t)b * H + h0 + threadIdx.x] = x;
-  }
-  cluster.sync();
+  cluster_compact<KPT>(kk, cand, prefix, need, base, out, scan_smem, s_cnt, s_before);
 #else
   __trap();
 #endif
@@ -976,8 +714,7 @@ template <typename T, int D, int MAXG>
 __global__ void __launch_bounds__(AT_WARPS * 32)
 sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
                    int H, int Hkv, int64_t cap, const int32_t *__restrict__ i2, int n_sel,
-                   const float *__restrict__ s_hat, const float *__restrict__ alpha_in,
-                   const float *__restrict__ v_mean,
+                   const float *__restrict__ s_hat, const float *__restrict__ v_mean,
                    const int32_t *seq_lens, float scale_log2, int reallocate, int per_split,
                    float *__restrict__ part, int *counters, T *__restrict__ out) {
   constexpr int LPT = D / 8;     // lanes per token
@@ -1037,7 +774,7 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
         V8<T>::zero(vr[u]);
       }
     }
-    if (reallocate && c == 0 && alpha_in == nullptr) {
+    if (reallocate && c == 0) {
 #pragma unroll
       for (int g = 0; g < MAXG; ++g) {
         if (g >= qh) break;
@@ -1135,7 +872,6 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
     }
     if (nsplit == 1) {
       float y = L > 0.f ? A / L : 0.f;
-      if (alpha_in) AL = alpha_in[(size_t)b * H + h0 + g];
       if (reallocate) y = AL * y + (1.f - AL) * v_mean[((size_t)b * Hkv + hk) * D + d];
       out[((size_t)b * H + h0 + g) * D + d] = from_f<T>(y);
     } else {
@@ -1174,7 +910,7 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
     }
     L = warp_sum(L);
     AL = warp_sum(AL);
-    if (lane == 0) { s_M[g] = M; s_L[g] = L; s_AL[g] = alpha_in ? alpha_in[(size_t)b * H + h0 + g] : AL; }
+    if (lane == 0) { s_M[g] = M; s_L[g] = L; s_AL[g] = AL; }
   }
   // MAXG <= 8 heads and D <= 128: qh * D <= 1024 = 8 outputs per thread
   constexpr int PER = (MAXG * D + AT_WARPS * 32 - 1) / (AT_WARPS * 32);
@@ -1303,7 +1039,7 @@ int entries_per_split(int64_t B, int64_t Hs, int64_t n_sel, int chunk) {
 template <typename T, int D>
 int launch_attn_t(const void *q, const void *k, const void *v, int64_t B, int64_t H, int64_t Hkv,
                   int64_t cap, const int32_t *i2, int64_t Hs, int64_t n_sel, const float *s_hat,
-                  const float *alpha_in, const float *v_mean, const int32_t *seq_lens, float scale,
+                  const float *v_mean, const int32_t *seq_lens, float scale,
                   int reallocate, float *part, int *counters, void *out, cudaStream_t st) {
   const int qh = (Hs == H) ? 1 : (int)(H / Hkv);
   const float sl = scale * 1.4426950408889634f;
@@ -1315,7 +1051,7 @@ int launch_attn_t(const void *q, const void *k, const void *v, int64_t B, int64_
     dim3 grid((unsigned)ns, (unsigned)Hs, (unsigned)B);                                        \
     sparse_attn_kernel<T, D, MG><<<grid, AT_WARPS * 32, 0, st>>>(                              \
         (const T *)q, (const T *)k, (const T *)v, (int)H, (int)Hkv, cap, i2, (int)n_sel,       \
-        s_hat, alpha_in, v_mean, seq_lens, sl, reallocate, per, part, counters, (T *)out);     \
+        s_hat, v_mean, seq_lens, sl, reallocate, per, part, counters, (T *)out);               \
   }
   switch (maxg_bucket(qh)) {
     case 1: KS_AT(1); break;
@@ -1331,14 +1067,13 @@ int launch_attn_t(const void *q, const void *k, const void *v, int64_t B, int64_
 template <typename T>
 int launch_attn(int64_t D, const void *q, const void *k, const void *v, int64_t B, int64_t H,
                 int64_t Hkv, int64_t cap, const int32_t *i2, int64_t Hs, int64_t n_sel,
-                const float *s_hat, const float *alpha_in, const float *v_mean,
-                const int32_t *seq_lens, float scale, int reallocate, float *part, int *counters,
+                const float *s_hat, const float *v_mean, const int32_t *seq_lens, float scale, int reallocate, float *part, int *counters,
                 void *out, cudaStream_t st) {
   if (D == 64)
-    return launch_attn_t<T, 64>(q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, alpha_in, v_mean,
+    return launch_attn_t<T, 64>(q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, v_mean,
                                 seq_lens, scale, reallocate, part, counters, out, st);
   if (D == 128)
-    return launch_attn_t<T, 128>(q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, alpha_in, v_mean,
+    return launch_attn_t<T, 128>(q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, v_mean,
                                  seq_lens, scale, reallocate, part, counters, out, st);
   return (int)cudaErrorInvalidValue;
 }
@@ -1389,122 +1124,6 @@ int launch_select(const float *keys, int64_t B, int64_t Hs, int64_t cap, const i
   return (int)cudaGetLastError();
 }
 
-// ---- fused scores + selection (sm_90) ----
-// How many clusters of `cl` blocks of `threads` threads of `kern` the device
-// runs at once (0: none; cl > 8 needs the non-portable cluster size).
-template <typename Kern>
-int max_active_clusters(Kern kern, int cl, int threads) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)cl, 1, 1);
-  cfg.blockDim = dim3((unsigned)threads);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = (unsigned)cl;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  if (cl > 8 && cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return n;
-}
-
-constexpr int SS_NCL = 4;
-constexpr int SS_CLUSTERS[SS_NCL] = {2, 4, 8, 16};
-
-template <typename T, int KPT, int MAXG>
-int ss_active_clusters(int ci) {
-  static int known[SS_NCL] = {-1, -1, -1, -1};  // per cluster size of SS_CLUSTERS
-  if (known[ci] < 0) known[ci] = max_active_clusters(score_select_kernel<T, KPT, MAXG>, SS_CLUSTERS[ci], SS_THREADS);
-  return known[ci];
-}
-
-template <typename T, int KPT, int MAXG>
-int launch_score_select_t(int cl, const T *q, const T *kt, int64_t B, int64_t H, int64_t Hkv,
-                          int64_t Hs, int64_t cap, int64_t D, int64_t r, const int32_t *seq_lens,
-                          int n_sel, int lw, int32_t *i2, float *alpha, cudaStream_t st) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)cl, (unsigned)Hs, (unsigned)B);
-  cfg.blockDim = dim3(SS_THREADS);
-  cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = (unsigned)cl;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return (int)cudaLaunchKernelEx(&cfg, score_select_kernel<T, KPT, MAXG>, q, kt, (int)H, (int)Hkv, cap,
-                                 (int)D, (int)r, seq_lens, n_sel, lw, i2, alpha);
-}
-
-// KPT for a row of `cap` tokens over `cl` blocks (0: too long), within the
-// register budget of MAXG heads' logits
-inline int ss_kpt(int64_t cap, int cl, int maxg) {
-  const int64_t per_thread = (ss_per_block(cap, cl) + SS_THREADS - 1) / SS_THREADS;
-  const int kpt = per_thread <= 8 ? 8 : per_thread <= 16 ? 16 : per_thread <= 32 ? 32 : 0;
-  return (kpt == 0 || kpt * maxg > 64) ? 0 : kpt;
-}
-
-#define KS_SS_CASES(ACTION)                                            \
-  switch (maxg * 100 + kpt) {                                          \
-    case 108: ACTION(8, 1); break;                                     \
-    case 116: ACTION(16, 1); break;                                    \
-    case 132: ACTION(32, 1); break;                                    \
-    case 208: ACTION(8, 2); break;                                     \
-    case 216: ACTION(16, 2); break;                                    \
-    case 232: ACTION(32, 2); break;                                    \
-    case 408: ACTION(8, 4); break;                                     \
-    case 416: ACTION(16, 4); break;                                    \
-    case 808: ACTION(8, 8); break;                                     \
-    default: break;                                                    \
-  }
-
-// Runs the fused kernel when it applies (sm_90, head_dim <= 256, the row's
-// logits fit in registers); returns -1 (nothing launched) otherwise. The
-// cluster size minimises waves x tokens per block (ties: the larger cluster).
-template <typename T>
-int launch_score_select(const void *q, const void *kt, int64_t B, int64_t H, int64_t Hkv, int64_t Hs,
-                        int64_t cap, int64_t D, int64_t r, const int32_t *seq_lens, int n_sel, int lw,
-                        int32_t *i2, float *alpha, cudaStream_t st) {
-  if (D > 256 || r > AS_MAXR || cap > (int64_t)1 << 30 || !clusters_supported()) return -1;
-  const int nh = (Hs == H) ? 1 : (int)(H / Hkv);
-  const int maxg = maxg_bucket(nh);
-  if (maxg == 0) return -1;
-  int best = -1;
-  int64_t best_waves = 0;
-  for (int ci = 0; ci < SS_NCL; ++ci) {
-    const int kpt = ss_kpt(cap, SS_CLUSTERS[ci], maxg);
-    if (kpt == 0) continue;
-    int n = 0;
-#define KS_SS_N(K, MG) n = ss_active_clusters<T, K, MG>(ci)
-    KS_SS_CASES(KS_SS_N)
-#undef KS_SS_N
-    if (n <= 0) continue;
-    // a block's time grows with its share of the row: cost = waves x share
-    const int64_t waves = (B * Hs + n - 1) / n * ss_per_block(cap, SS_CLUSTERS[ci]);
-    if (best < 0 || waves <= best_waves) { best = ci; best_waves = waves; }
-  }
-  if (best < 0) return -1;
-  const int cl = SS_CLUSTERS[best];
-  const int kpt = ss_kpt(cap, cl, maxg);
-  int rc = -1;
-  const T *qq = (const T *)q, *kk = (const T *)kt;
-#define KS_SS_RUN(K, MG)                                                                             \
-  rc = launch_score_select_t<T, K, MG>(cl, qq, kk, B, H, Hkv, Hs, cap, D, r, seq_lens, n_sel, lw, i2, \
-                                       alpha, st)
-  KS_SS_CASES(KS_SS_RUN)
-#undef KS_SS_RUN
-  return rc;
-}
-
 size_t attn_workspace(int64_t B, int64_t H, int64_t Hs, int64_t D, int64_t n_sel) {
   const int64_t max_splits = n_sel > 0 ? (n_sel + AT_WARPS * AT_MIN_CHUNK - 1) / (AT_WARPS * AT_MIN_CHUNK) : 1;
   // per (b, row, split): qh records of D + 3 floats; Hs * qh == H
@@ -1515,7 +1134,7 @@ size_t attn_workspace(int64_t B, int64_t H, int64_t Hs, int64_t D, int64_t n_sel
 // counters first, partials after (see attn_workspace)
 int run_attn(ks_dtype dt, const void *q, const void *k, const void *v, int64_t B, int64_t H,
              int64_t Hkv, int64_t cap, int64_t D, const int32_t *i2, int64_t Hs, int64_t n_sel,
-             const float *s_hat, const float *alpha_in, const float *v_mean,
+             const float *s_hat, const float *v_mean,
              const int32_t *seq_lens, float scale, int reallocate, void *ws, void *out,
              cudaStream_t st);
 
@@ -1530,14 +1149,14 @@ int run_attn(ks_dtype dt, const void *q, const void *k, const void *v, int64_t B
 namespace {
 int run_attn(ks_dtype dt, const void *q, const void *k, const void *v, int64_t B, int64_t H,
              int64_t Hkv, int64_t cap, int64_t D, const int32_t *i2, int64_t Hs, int64_t n_sel,
-             const float *s_hat, const float *alpha_in, const float *v_mean,
+             const float *s_hat, const float *v_mean,
              const int32_t *seq_lens, float scale, int reallocate, void *ws, void *out,
              cudaStream_t st) {
   int *counters = (int *)ws;
   float *part = (float *)((char *)ws + align256((size_t)B * Hs * sizeof(int)));
   cudaError_t e = cudaMemsetAsync(counters, 0, (size_t)B * Hs * sizeof(int), st);
   if (e != cudaSuccess) return (int)e;
-  return KS_DISPATCH(dt, launch_attn, D, q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, alpha_in,
+  return KS_DISPATCH(dt, launch_attn, D, q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat,
                      v_mean, seq_lens, scale, reallocate, part, counters, out, st);
 }
 }  // namespace
@@ -1618,7 +1237,7 @@ int ks_sparq_sparse_attn_cuda(const void *q, const void *k, const void *v, ks_dt
                               float scale, int reallocate, void *workspace, void *out,
                               void *stream) {
   if (B == 0 || H == 0) return 0;
-  return run_attn(dt, q, k, v, B, H, Hkv, cap, D, i2, Hs2, n_sel, s_hat, nullptr, v_mean, seq_lens,
+  return run_attn(dt, q, k, v, B, H, Hkv, cap, D, i2, Hs2, n_sel, s_hat, v_mean, seq_lens,
                   scale, reallocate, workspace, out, (cudaStream_t)stream);
 }
 
@@ -1660,16 +1279,7 @@ int ks_sparq_decode_cuda(const void *q, const void *k, const void *v, const void
   int32_t *i2 = (int32_t *)ws;
 
   const int lw = local_window > k_top ? (int)k_top : (int)local_window;
-  // sm_90: one fused kernel for channels, scores and selection, then attention
-  // with the reallocation weights it computed (s_hat is never written; its
-  // workspace holds the weights)
-  int rc = KS_DISPATCH(dt, launch_score_select, q, kt, B, H, Hkv, Hs, cap, D, r, seq_lens, (int)k_top,
-                       lw, i2, s_hat, st);
-  if (rc != -1) {
-    if (rc) return rc;
-    return run_attn(dt, q, k, v, B, H, Hkv, cap, D, i2, Hs, k_top, nullptr, s_hat, v_mean, seq_lens,
-                    scale, reallocate, attn_ws, out, st);
-  }
+  int rc;
   rc = KS_DISPATCH(dt, launch_top_channels, q, B, H, D, r, gs, i1, st);
   if (rc) return rc;
   rc = KS_DISPATCH(dt, launch_scores, q, kt, B, H, Hkv, cap, D, i1, Hs, r, seq_lens, s_hat, part,
@@ -1677,7 +1287,7 @@ int ks_sparq_decode_cuda(const void *q, const void *k, const void *v, const void
   if (rc) return rc;
   rc = launch_select(rowscore ? rowscore : s_hat, B, Hs, cap, seq_lens, (int)k_top, lw, i2, st);
   if (rc) return rc;
-  return run_attn(dt, q, k, v, B, H, Hkv, cap, D, i2, Hs, k_top, s_hat, nullptr, v_mean, seq_lens,
+  return run_attn(dt, q, k, v, B, H, Hkv, cap, D, i2, Hs, k_top, s_hat, v_mean, seq_lens,
                   scale, reallocate, attn_ws, out, st);
 }
 
