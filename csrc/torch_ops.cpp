@@ -1425,7 +1425,7 @@ std::tuple<Tensor, Tensor> qaq_attention_impl(const Tensor &q, const QStore &ks,
                          out.data_ptr());
   } else {
 #ifdef KVSPARSE_WITH_CUDA
-    Tensor ws = byte_workspace(ks_qaq_attention_cuda_workspace(qd.B, qd.H, kd.cap, qd.D), q);
+    Tensor ws = byte_workspace(ks_qaq_attention_cuda_workspace(qd.B, qd.H, Hkv, kd.cap, qd.D, pmp ? 1 : 0), q);
     int rc = ks_qaq_attention_cuda(q.data_ptr(), kd.dt, qd.B, qd.H, Hkv, kd.cap, qd.D, kst, vst,
                                    seq_lens.data_ptr<int32_t>(), static_cast<float>(scale), pmp,
                                    ws.data_ptr(), out.data_ptr(), cur_stream());

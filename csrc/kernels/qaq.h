@@ -150,7 +150,9 @@ int ks_qaq_dequantize_cuda(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv,
 int ks_qaq_requantize_cuda(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
                            int64_t D, const int32_t *seq_lens, const uint8_t *new_w,
                            void *stream);
-size_t ks_qaq_attention_cuda_workspace(int64_t B, int64_t H, int64_t cap, int64_t D);
+/* Workspace bytes of ks_qaq_attention_cuda (with_p_max: p_max will be non-NULL). */
+size_t ks_qaq_attention_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                                       int with_p_max);
 int ks_qaq_attention_cuda(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
                           int64_t cap, int64_t D, ks_qaq_store kq, ks_qaq_store vq,
                           const int32_t *seq_lens, float scale, float *p_max, void *workspace,

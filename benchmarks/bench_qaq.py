@@ -1,0 +1,306 @@
+"""Benchmark of the fused QAQ decode attention (packed per-token-width cache)
+against dense attention.
+
+GPU table: B in {1, 16}, H=32, H_kv in {8, 32}, D=128, fp16, S in {4k, 32k,
+128k}, mean widths of about 2 bits (widths drawn from {1, 2, 4} with
+probabilities 1/2, 1/4, 1/4), 4 and 8 bits, alpha = 0.01 (2 outlier slots per
+group), per-head groups in the compact (packed) layout. For each point, in
+the same run:
+  * dense  torch.nn.functional.scaled_dot_product_attention over fp16 K, V
+           (one decode query, enable_gqa),
+  * qaq    kvsparse.qaq.attention over the packed K and V stores.
+Times are CUDA-event medians of CUDA-graph replays that rotate over several
+copies of the caches (so they never sit in L2), divided by the calls per
+graph. Bytes: what the fused op must read, per token and KV head, for K and
+V each: D * w / 8 code bytes + 4 (offset) + 1 (width) + 4 (scale, zero) +
+n_out * (2 + 2) outlier bytes (qaq.memory_report's true bytes);
+`roof` = bytes / copy bandwidth; `%roof` = roof / time. Points that do not
+fit in memory are skipped.
+
+Memory table: bytes actually allocated (torch.cuda.memory_allocated delta)
+for a 32k-token cache (B=1, H_kv=8, D=128, K and V) at each width mix against
+an fp16 cache, beside memory_report's true bytes.
+
+CPU table: smaller shapes, fused op vs torch's CPU SDPA, wall-clock medians.
+
+Usage:  python benchmarks/bench_qaq.py [--out benchmarks/results] [--quick] [--no-gpu] [--no-cpu]
+"""
+import argparse
+import datetime
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import kvsparse
+from kvsparse import qaq
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import cpu_header, gpu_header, hbm_bandwidth, time_cpu, time_eager, time_graph  # noqa: E402
+
+#: width mixes: name -> (widths, probabilities)
+MIXES = {
+    "2 (1/2/4 mix)": ((1, 2, 4), (0.5, 0.25, 0.25)),
+    "4": ((4,), (1.0,)),
+    "8": ((8,), (1.0,)),
+}
+ALPHA = 0.01
+CHUNK = 8192  # tokens quantized per call while building a store
+
+
+def draw_widths(B, Hkv, S, mix, gen, device):
+    ws, ps = mix
+    if len(ws) == 1:
+        return torch.full((B, Hkv, S), ws[0], dtype=torch.uint8, device=device)
+    idx = torch.multinomial(torch.tensor(ps), B * Hkv * S, replacement=True, generator=gen)
+    return torch.tensor(ws, dtype=torch.uint8)[idx].view(B, Hkv, S).to(device)
+
+
+def build_store(B, Hkv, S, D, mix, seed, device, dtype=torch.float16):
+    """A packed (compact-layout) store with every token of [0, S) quantized at widths drawn from `mix`."""
+    gen = torch.Generator().manual_seed(seed)
+    widths = draw_widths(B, Hkv, S, mix, gen, device)
+    offs, nbytes = qaq.packed_offsets(widths, D)
+    st = qaq.alloc(B, Hkv, S, D, dtype, device, alpha=ALPHA, arena_bytes=max(int(nbytes.max()), 1))
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    for s0 in range(0, S, CHUNK):
+        n = min(CHUNK, S - s0)
+        x = torch.randn(B, Hkv, n, D, device=device, dtype=dtype, generator=g)
+        pos = torch.full((B,), s0, dtype=torch.int32, device=device)
+        qaq.quantize(st, x, pos, widths[:, :, s0:s0 + n].contiguous(), offs[:, :, s0:s0 + n].contiguous())
+        del x
+    return st
+
+
+def true_bytes(st, sl):
+    return qaq.memory_report(st, sl)["total"]
+
+
+def store_alloc_bytes(st):
+    return sum(t.numel() * t.element_size() for t in st.tensors())
+
+
+def mean_width(st, sl):
+    rep = qaq.memory_report(st, sl)
+    n = int(sl.clamp(0, st.cap).sum()) * st.groups * st.group_elems
+    return 8.0 * rep["codes"] / n if n else 0.0
+
+
+# ------------------------------------------------------------------- GPU ----
+def gpu_table(quick=False):
+    dev = "cuda"
+    bw = hbm_bandwidth()
+    H, D, dtype = 32, 128, torch.float16
+    if quick:
+        points = [(1, 8, 32768), (16, 8, 4096)]
+        mixes = ["4"]
+    else:
+        points = [(B, Hkv, S) for B in (1, 16) for Hkv in (8, 32) for S in (4096, 32768, 131072)]
+        mixes = list(MIXES)
+    rows = []
+    for B, Hkv, S in points:
+        kv_bytes = 2 * B * S * Hkv * D * 2
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info()[0]
+        # dense: enough copies that the rotation never hits L2, as many as fit
+        nbuf = max(1, min(math.ceil((512 << 20) / kv_bytes), int(0.6 * free) // int(1.2 * kv_bytes)))
+        torch.manual_seed(B * S + Hkv)
+        try:
+            if kv_bytes * 1.2 > free:
+                raise torch.cuda.OutOfMemoryError("dense K, V do not fit")
+            dbufs = [(torch.randn(B, H, D, device=dev, dtype=dtype),
+                      torch.randn(B, Hkv, S, D, device=dev, dtype=dtype),
+                      torch.randn(B, Hkv, S, D, device=dev, dtype=dtype)) for _ in range(nbuf)]
+            R = max(nbuf, 8)
+
+            def dense_fn(i):
+                q, k, v = dbufs[i % nbuf]
+                return lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=(Hkv != H))
+
+            t_dense = time_graph([dense_fn(i) for i in range(R)])
+        except torch.cuda.OutOfMemoryError:
+            t_dense = float("nan")
+        dbufs = None
+        torch.cuda.empty_cache()
+        for name in mixes:
+            sbufs = []
+            try:
+                st_bytes = None
+                free = torch.cuda.mem_get_info()[0]
+                while True:
+                    i = len(sbufs)
+                    ks = build_store(B, Hkv, S, D, MIXES[name], 1000 * i + 1, dev)
+                    vs = build_store(B, Hkv, S, D, MIXES[name], 1000 * i + 2, dev)
+                    sl = torch.full((B,), S, dtype=torch.int32, device=dev)
+                    q = torch.randn(B, H, D, device=dev, dtype=dtype)
+                    sbufs.append((q, ks, vs, sl))
+                    st_bytes = true_bytes(ks, sl) + true_bytes(vs, sl)
+                    alloc = store_alloc_bytes(ks) + store_alloc_bytes(vs)
+                    if len(sbufs) * st_bytes >= (512 << 20) or len(sbufs) >= 64 or \
+                            torch.cuda.mem_get_info()[0] < 3 * alloc + (2 << 30):
+                        break
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if not sbufs:
+                    print(f"B={B} Hkv={Hkv} S={S} w={name}: the packed cache does not fit: skipped", flush=True)
+                    continue
+            nb = len(sbufs)
+            R = max(nb, 8)
+            q0, k0, v0, sl0 = sbufs[0]
+            wk = mean_width(k0, sl0)
+            wv = mean_width(v0, sl0)
+
+            def qaq_fn(i):
+                q, ks, vs, sl = sbufs[i % nb]
+                return lambda: qaq.attention(q, ks, vs, sl)
+
+            def qaq_pm_fn(i):
+                q, ks, vs, sl = sbufs[i % nb]
+                return lambda: qaq.attention(q, ks, vs, sl, return_p_max=True)
+
+            try:
+                t_q = time_graph([qaq_fn(i) for i in range(R)])
+                t_pm = time_graph([qaq_pm_fn(i) for i in range(R)])
+                t_eager = time_eager([qaq_fn(i) for i in range(R)])
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                print(f"B={B} Hkv={Hkv} S={S} w={name}: out of memory while timing: skipped", flush=True)
+                sbufs = None
+                continue
+            # accuracy against dense attention over the dequantized cache (small points only)
+            err = float("nan")
+            if B * Hkv * S <= 8 * 32768:
+                kd, vd = qaq.dequantize(k0, sl0), qaq.dequantize(v0, sl0)
+                ref = F.scaled_dot_product_attention(q0[:, :, None].float(), kd.float(), vd.float(),
+                                                     enable_gqa=(Hkv != H))[:, :, 0]
+                got = qaq.attention(q0, k0, v0, sl0).float()
+                err = ((got - ref).norm() / ref.norm()).item()
+                del kd, vd, ref, got
+            t_roof = st_bytes / bw * 1e3
+            rows.append(dict(B=B, Hkv=Hkv, S=S, w=name, wk=wk, wv=wv, dense=t_dense, qaq=t_q, pm=t_pm,
+                             eager=t_eager, mb=st_bytes / 2**20, dense_mb=kv_bytes / 2**20, roof=t_roof,
+                             err=err))
+            print(f"B={B:2d} Hkv={Hkv:2d} S={S:6d} w={name:14s} (mean {wk:.2f}/{wv:.2f}): dense {t_dense:.4f} ms, "
+                  f"qaq {t_q:.4f} ms ({t_dense / t_q:.2f}x; roofline {t_roof:.4f} ms, "
+                  f"{100 * t_roof / t_q:.0f}%), +p_max {t_pm:.4f} ms, eager {t_eager:.4f} ms, rel.err {err:.1e}",
+                  flush=True)
+            sbufs = None
+            torch.cuda.empty_cache()
+    return bw, rows
+
+
+def gpu_markdown(bw, rows):
+    lines = gpu_header(bw) + [
+        "",
+        "H=32, D=128, fp16, alpha=0.01 (2 outlier slots per group), per-head groups, compact layout.",
+        "Times in ms (CUDA-graph replay, median, caches rotated out of L2). `speedup` = dense / qaq;",
+        "`bytes` = K + V bytes the fused op reads (codes + offset + width + scale/zero + outliers, MiB);",
+        "`byte ratio` = fp16 K + V bytes / `bytes`; `roof` = bytes / copy bandwidth; `%roof` = roof / qaq;",
+        "`+p_max` = the op also returning p_max; `eager` = one Python call per step;",
+        "`rel.err` = vs float32 SDPA over the dequantized cache.",
+        "",
+        "| B | H_kv | S | width (mean K/V) | dense SDPA | qaq (fused) | speedup | byte ratio | bytes MiB | roof | %roof | +p_max | eager | rel.err |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in rows:
+        lines.append(f"| {x['B']} | {x['Hkv']} | {x['S']} | {x['w']} ({x['wk']:.2f}/{x['wv']:.2f}) | "
+                     f"{x['dense']:.4f} | {x['qaq']:.4f} | {x['dense'] / x['qaq']:.2f}x | "
+                     f"{x['dense_mb'] / x['mb']:.2f}x | {x['mb']:.1f} | {x['roof']:.4f} | "
+                     f"{100 * x['roof'] / x['qaq']:.0f}% | {x['pm']:.4f} | {x['eager']:.4f} | {x['err']:.1e} |")
+    return "\n".join(lines)
+
+
+def memory_table(quick=False):
+    dev = "cuda"
+    B, Hkv, S, D, dtype = 1, 8, 32768, 128, torch.float16
+    sl = torch.full((B,), S, dtype=torch.int32, device=dev)
+    rows = []
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    m0 = torch.cuda.memory_allocated()
+    k = torch.empty(B, Hkv, S, D, device=dev, dtype=dtype)
+    v = torch.empty(B, Hkv, S, D, device=dev, dtype=dtype)
+    fp16 = torch.cuda.memory_allocated() - m0
+    del k, v
+    for name in (["4"] if quick else list(MIXES)):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        m0 = torch.cuda.memory_allocated()
+        ks = build_store(B, Hkv, S, D, MIXES[name], 11, dev)
+        vs = build_store(B, Hkv, S, D, MIXES[name], 12, dev)
+        torch.cuda.synchronize()
+        got = torch.cuda.memory_allocated() - m0
+        rk, rv = qaq.memory_report(ks, sl), qaq.memory_report(vs, sl)
+        rows.append((name, mean_width(ks, sl), got, rk["total"] + rv["total"], rk["codes"] + rv["codes"]))
+        print(f"memory w={name}: allocated {got / 2**20:.2f} MiB, true {(rk['total'] + rv['total']) / 2**20:.2f} MiB, "
+              f"fp16 {fp16 / 2**20:.2f} MiB", flush=True)
+        del ks, vs
+    lines = ["B=1, H_kv=8, D=128, S=32768 tokens, K and V, fp16 cache dtype, alpha=0.01, compact layout.",
+             "`allocated` = torch.cuda.memory_allocated delta (arena + metadata tensors as allocated);",
+             "`true` = qaq.memory_report totals (codes + offsets + widths + scale/zero + outliers).",
+             "",
+             "| width | mean K width | allocated MiB | true MiB | codes MiB | fp16 MiB | allocated / fp16 | true / fp16 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, w, got, true, codes in rows:
+        lines.append(f"| {name} | {w:.2f} | {got / 2**20:.2f} | {true / 2**20:.2f} | {codes / 2**20:.2f} | "
+                     f"{fp16 / 2**20:.2f} | {got / fp16:.3f} | {true / fp16:.3f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- CPU ----
+def cpu_table(quick=False):
+    H, D, dtype = 8, 128, torch.float32
+    rows = []
+    mixes = ["4"] if quick else ["2 (1/2/4 mix)", "4", "8"]
+    for Hkv in ((2,) if quick else (8, 2)):
+        for S in ([2048] if quick else [2048, 8192]):
+            torch.manual_seed(S)
+            k = torch.randn(1, Hkv, S, D, dtype=dtype)
+            v = torch.randn(1, Hkv, S, D, dtype=dtype)
+            q = torch.randn(1, H, D, dtype=dtype)
+            t_dense = time_cpu(lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=(Hkv != H)))
+            for name in mixes:
+                ks = build_store(1, Hkv, S, D, MIXES[name], 5, "cpu", dtype)
+                vs = build_store(1, Hkv, S, D, MIXES[name], 6, "cpu", dtype)
+                sl = torch.full((1,), S, dtype=torch.int32)
+                t_q = time_cpu(lambda: qaq.attention(q, ks, vs, sl))
+                rows.append((Hkv, S, name, t_dense, t_q))
+                print(f"CPU Hkv={Hkv} S={S} w={name}: dense {t_dense:.3f} ms qaq {t_q:.3f} ms", flush=True)
+    lines = [cpu_header(), "", "B=1, H=8, D=128, fp32, alpha=0.01, per-head groups. Wall-clock medians in ms.", "",
+             "| H_kv | S | width | dense SDPA (CPU) | qaq (fused) | speedup |",
+             "|---:|---:|---|---:|---:|---:|"]
+    for Hkv, S, name, td, tq in rows:
+        lines.append(f"| {Hkv} | {S} | {name} | {td:.3f} | {tq:.3f} | {td / tq:.2f}x |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-cpu", action="store_true")
+    ap.add_argument("--no-gpu", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    parts = [f"# QAQ decode benchmark ({date})", "", "Command: `python benchmarks/bench_qaq.py`", ""]
+    tag = "cpu"
+    if torch.cuda.is_available() and not args.no_gpu:
+        if not kvsparse.has_cuda():
+            sys.exit("kvsparse was built without CUDA kernels")
+        bw, rows = gpu_table(args.quick)
+        parts += [gpu_markdown(bw, rows), "", "### Memory", "", memory_table(args.quick), ""]
+        tag = torch.cuda.get_device_name().replace(" ", "_").lower()
+    if not args.no_cpu:
+        parts += [cpu_table(args.quick), ""]
+    text = "\n".join(parts)
+    path = os.path.join(args.out, f"qaq_{tag}.md")
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
