@@ -153,7 +153,9 @@ def gpu_markdown(bw, rows):
         "H=32, D=128, fp16, mode \"group\", reallocation on, local_window 0. Times in ms (CUDA-graph replay, median).",
         "`speedup` = dense / sparq; `bytes` = r key-copy rows + K/V at k positions (MiB); `s_hat` = float32",
         "approximate probabilities written and re-read (MiB, not in `bytes`); `roof` = bytes / copy bandwidth;",
-        "`%roof` = roof / sparq time; `eager` = one Python call per step; `rel.err` = vs the plain-PyTorch SparQ.",
+        "`%roof` = roof / sparq time; `eager` = one Python call per step; `rel.err` = vs the plain-PyTorch SparQ",
+        "(which rounds its approximate logits in fp16, changing a few kept positions; the kernels are checked",
+        "against a float64 reference in tests/test_sparq.py).",
         "",
         "| B | H_kv | S | r | k | dense SDPA | sparq (fused) | speedup | byte ratio | bytes MiB | s_hat MiB | roof | %roof | eager | plain-PyTorch SparQ | sparq vs torch-SparQ | rel.err |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
