@@ -286,8 +286,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // the metadata of one group (per token)
-constexpr int QA_NOF = 2;  // outlier slots per group taken by the prefetching fast path
-
 struct QaMeta {
   int32_t off;
   int w;        // effective width (0 when invalid / out of the arena)
@@ -416,18 +414,14 @@ __global__ void __launch_bounds__(qa_warps<MAXG>() * 32, qa_min_blocks<MAXG>())
   const int64_t t_end = t_begin + per_split < len ? t_begin + per_split : len;
   float *slog_b = slog ? slog + ((int64_t)b * Hkv + hk) * cap * G : nullptr;
 
-  // Outliers: with at most QA_NOF slots per group (alpha = 1% of 64..256
-  // elements gives 2) every token's slots are loaded with its metadata, so no
-  // load waits on a data-dependent branch; more slots take the general loop.
-  const bool fast_o = nk <= QA_NOF && nv <= QA_NOF;
-  // the metadata of a warp's next chunk is loaded while the current one is
-  // processed (two dependent round trips, meta -> codes, per chunk otherwise)
-  QaMeta mk_n[U], mv_n[U];
-  auto load_meta = [&](int64_t tc, QaMeta (&mk)[U], QaMeta (&mv)[U]) {
+  for (int64_t t0 = t_begin + (int64_t)warp * CH; t0 < t_end; t0 += (int64_t)W * CH) {
+    QaMeta mk[U], mv[U];
+    bool ok[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t t = tc + u * TPS + sub;
-      if (t < t_end) {
+      const int64_t t = t0 + u * TPS + sub;
+      ok[u] = t < t_end;
+      if (ok[u]) {
         mk[u] = qa_meta(kq, gk0 + t, E_k);
         mv[u] = qa_meta(vq, gv0 + t, E_v);
       } else {
@@ -435,40 +429,12 @@ __global__ void __launch_bounds__(qa_warps<MAXG>() * 32, qa_min_blocks<MAXG>())
         mv[u].off = 0; mv[u].w = 0; mv[u].sz = 0u;
       }
     }
-  };
-  load_meta(t_begin + (int64_t)warp * CH, mk_n, mv_n);
-  for (int64_t t0 = t_begin + (int64_t)warp * CH; t0 < t_end; t0 += (int64_t)W * CH) {
-    QaMeta mk[U], mv[U];
-    bool ok[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      mk[u] = mk_n[u];
-      mv[u] = mv_n[u];
-      ok[u] = t0 + u * TPS + sub < t_end;
-    }
     uint2 bk[U], bv[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       bk[u] = qa_codes(ak + mk[u].off + (hb_k / 8 + c) * mk[u].w, mk[u].w);
       bv[u] = qa_codes(av + mv[u].off + (hb_v / 8 + c) * mv[u].w, mv[u].w);
     }
-    int oik[U][QA_NOF], oiv[U][QA_NOF];
-    float ovk[U][QA_NOF], ovv_r[U][QA_NOF];
-    if (fast_o) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t t = t0 + u * TPS + sub;
-#pragma unroll
-        for (int j = 0; j < QA_NOF; ++j) {
-          const bool hk_ok = ok[u] && j < nk, hv_ok = ok[u] && j < nv;
-          oik[u][j] = hk_ok ? (int)__ldg(kq.oidx + (gk0 + t) * nk + j) : -1;
-          ovk[u][j] = hk_ok ? to_f<T>(okv[(gk0 + t) * nk + j]) : 0.f;
-          oiv[u][j] = hv_ok ? (int)__ldg(vq.oidx + (gv0 + t) * nv + j) : -1;
-          ovv_r[u][j] = hv_ok ? to_f<T>(ovv[(gv0 + t) * nv + j]) : 0.f;
-        }
-      }
-    }
-    load_meta(t0 + (int64_t)W * CH, mk_n, mv_n);
     // ---- K: log2-domain logits of the chunk's tokens
     float sc[MAXG][U];
 #pragma unroll
@@ -487,18 +453,7 @@ __global__ void __launch_bounds__(qa_warps<MAXG>() * 32, qa_min_blocks<MAXG>())
         for (int i = 0; i < EPL; ++i) d = fmaf(qv[g][i], cf[i], d);
         part_g[g] = s * d;
       }
-      if (fast_o) {
-#pragma unroll
-        for (int j = 0; j < QA_NOF; ++j) {
-          const int rel = oik[u][j] - rel0_k;
-          if (oik[u][j] >= 0 && (unsigned)rel < (unsigned)EPL) {
-            const float xd = __fadd_rn(ze, __fmul_rn(s, qa_code_at(bk[u], w, mask, rel)));
-            const float delta = ovk[u][j] - xd;
-#pragma unroll
-            for (int g = 0; g < MAXG; ++g) part_g[g] = fmaf(qs[g][c * EPL + rel], delta, part_g[g]);
-          }
-        }
-      } else if (ok[u]) {
+      if (ok[u]) {
         const int64_t t = t0 + u * TPS + sub;
         const int16_t *oi = kq.oidx + (gk0 + t) * nk;
         for (int64_t j = 0; j < nk; ++j) {
@@ -567,18 +522,7 @@ __global__ void __launch_bounds__(qa_warps<MAXG>() * 32, qa_min_blocks<MAXG>())
         for (int i = 0; i < EPL; ++i) acc[g][i] = fmaf(pw, cf[i], acc[g][i]);
         z_run[g] = fmaf(p[g][u], ze, z_run[g]);
       }
-      if (fast_o) {
-#pragma unroll
-        for (int j = 0; j < QA_NOF; ++j) {
-          const int rel = oiv[u][j] - rel0_v;
-          if (oiv[u][j] >= 0 && (unsigned)rel < (unsigned)EPL) {
-            const float xd = __fadd_rn(ze, __fmul_rn(s, qa_code_at(bv[u], w, mask, rel)));
-            const float delta = ovv_r[u][j] - xd;
-#pragma unroll
-            for (int g = 0; g < MAXG; ++g) vcorr[(g * 8 + rel) * NT] += p[g][u] * delta;
-          }
-        }
-      } else if (ok[u]) {
+      if (ok[u]) {
         const int64_t t = t0 + u * TPS + sub;
         const int16_t *oi = vq.oidx + (gv0 + t) * nv;
         for (int64_t j = 0; j < nv; ++j) {
