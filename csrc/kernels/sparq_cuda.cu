@@ -237,9 +237,11 @@ __global__ void top_channels_kernel(const T *__restrict__ q, int H, int D, int r
 
 // ------------------------------------------------------------- scores ------
 constexpr int AS_THREADS = 256;
-constexpr int AS_TPT = 4;                          // tokens per thread
+constexpr int AS_TPT = 8;                          // tokens per thread
 constexpr int AS_TOK = AS_THREADS * AS_TPT;        // tokens per block
 constexpr int AS_MAXR = 256;                       // r <= D <= 256
+
+static_assert(AS_TPT == 8, "logits_kernel loads a thread's tokens as one V8 vector");
 
 // Pass 1: logits z (written into s_hat for t < len) and per-block (max, sum
 // exp(z - max)) for every query head of the row. Blocks at or past len exit.
@@ -292,19 +294,29 @@ logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv,
 #pragma unroll
     for (int i = 0; i < AS_TPT; ++i) acc[g][i] = 0.f;
   const T *ktb = kt + ((size_t)b * Hkv + hk) * (size_t)D * cap;
+  // each thread: AS_TPT consecutive tokens, one 16-byte load per kt row when
+  // the run is whole and the rows are 16-byte aligned (cap % 8 == 0)
   int64_t tt[AS_TPT];
   bool ok[AS_TPT];
+  const int64_t tb = t0 + (int64_t)threadIdx.x * AS_TPT;
 #pragma unroll
   for (int i = 0; i < AS_TPT; ++i) {
-    tt[i] = t0 + i * AS_THREADS + threadIdx.x;
+    tt[i] = tb + i;
     ok[i] = tt[i] < len;
   }
+  const bool vec = (cap % 8) == 0 && tb + AS_TPT <= len;
 #pragma unroll 4
   for (int j = 0; j < r; ++j) {
     const T *rowp = ktb + (size_t)s_c[j] * cap;
     float x[AS_TPT];
+    if (vec) {
+      typename V8<T>::Raw raw;
+      V8<T>::load(rowp + tb, raw);
+      V8<T>::cvt(raw, x);
+    } else {
 #pragma unroll
-    for (int i = 0; i < AS_TPT; ++i) x[i] = ok[i] ? ldf(rowp + tt[i]) : 0.f;
+      for (int i = 0; i < AS_TPT; ++i) x[i] = ok[i] ? ldf(rowp + tt[i]) : 0.f;
+    }
 #pragma unroll
     for (int g = 0; g < MAXG; ++g) {
       const float w = s_q[g][j];
@@ -318,12 +330,20 @@ logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv,
     if (g >= nh) break;
     float* srow = s_hat + ((size_t)b * H + h0 + g) * cap;
     float m = -CUDART_INF_F;
+    if (vec) {
+      float4 *dst = reinterpret_cast<float4 *>(srow + tb);
+      dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+      dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
 #pragma unroll
-    for (int i = 0; i < AS_TPT; ++i)
-      if (ok[i]) {
-        srow[tt[i]] = acc[g][i];
-        m = fmaxf(m, acc[g][i]);
-      }
+      for (int i = 0; i < AS_TPT; ++i) m = fmaxf(m, acc[g][i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < AS_TPT; ++i)
+        if (ok[i]) {
+          srow[tt[i]] = acc[g][i];
+          m = fmaxf(m, acc[g][i]);
+        }
+    }
     m = warp_max(m);
     if (lane == 0) s_red[warp][g] = m;
   }
