@@ -236,7 +236,7 @@ __global__ void top_channels_kernel(const T *__restrict__ q, int H, int D, int r
 }
 
 // ------------------------------------------------------------- scores ------
-constexpr int AS_THREADS = 256;
+constexpr int AS_THREADS = 128;
 constexpr int AS_TPT = 8;                          // tokens per thread
 constexpr int AS_TOK = AS_THREADS * AS_TPT;        // tokens per block
 constexpr int AS_MAXR = 256;                       // r <= D <= 256
@@ -270,9 +270,8 @@ logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv,
     s_c[j] = (c >= 0 && c < D) ? c : 0;
   }
   __syncthreads();
-  // warp g: tau of query head g, then its q values on i1, divided by tau
-  if (warp < MAXG) {
-    const int g = warp;
+  // warp w: tau of query heads g = w, w + 4, ..., then their q values on i1, divided by tau
+  for (int g = warp; g < MAXG; g += AS_THREADS / 32) {
     if (g < nh) {
       const T *qr = q + ((size_t)b * H + h0 + g) * D;
       float l1 = 0.f, l1s = 0.f;
@@ -390,8 +389,8 @@ normalize_kernel(int H, int Hkv, int64_t cap, const int32_t *seq_lens, const flo
   const int len = clamp_len(seq_lens, b, cap);
   const int nvalid = (int)((len + AS_TOK - 1) / AS_TOK);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (warp < MAXG && warp < nh) {
-    const float *p = part + ((size_t)b * H + h0 + warp) * nblk * 2;
+  for (int g = warp; g < MAXG && g < nh; g += AS_THREADS / 32) {
+    const float *p = part + ((size_t)b * H + h0 + g) * nblk * 2;
     float M = -CUDART_INF_F;
     for (int j = lane; j < nvalid; j += 32) M = fmaxf(M, p[2 * j]);
     M = warp_max(M);
@@ -402,7 +401,7 @@ normalize_kernel(int H, int Hkv, int64_t cap, const int32_t *seq_lens, const flo
         if (mj != -CUDART_INF_F) L += p[2 * j + 1] * expf(mj - M);
       }
     L = warp_sum(L);
-    if (lane == 0) { s_M[warp] = M; s_L[warp] = L; }
+    if (lane == 0) { s_M[g] = M; s_L[g] = L; }
   }
   __syncthreads();
   const int64_t t0 = (int64_t)blockIdx.x * AS_TOK;
