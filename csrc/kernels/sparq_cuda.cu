@@ -236,23 +236,25 @@ __global__ void top_channels_kernel(const T *__restrict__ q, int H, int D, int r
 }
 
 // ------------------------------------------------------------- scores ------
-constexpr int AS_THREADS = 128;
-constexpr int AS_TPT = 8;                          // tokens per thread
-constexpr int AS_TOK = AS_THREADS * AS_TPT;        // tokens per block
+constexpr int AS_THREADS = 256;                    // normalize_kernel
+constexpr int AS_TPT = 4;                          // tokens per thread (normalize_kernel)
+constexpr int AS_TOK = AS_THREADS * AS_TPT;        // tokens per block (both passes)
 constexpr int AS_MAXR = 256;                       // r <= D <= 256
-
-static_assert(AS_TPT == 8, "logits_kernel loads a thread's tokens as one V8 vector");
+// logits_kernel threads: 128 (8 consecutive tokens each, 16-byte kt loads) for
+// one or two query heads per row; 256 (4 strided tokens each) for more, where
+// the 8 x MAXG accumulators measured slower (H100, MAXG 4: 23.6 vs 17 us)
+template <int MAXG> constexpr int as_logit_threads() { return MAXG <= 2 ? 128 : 256; }
 
 // Pass 1: logits z (written into s_hat for t < len) and per-block (max, sum
 // exp(z - max)) for every query head of the row. Blocks at or past len exit.
-template <typename T, int MAXG>
-__global__ void __launch_bounds__(AS_THREADS)
+template <typename T, int MAXG, int NT>
+__global__ void __launch_bounds__(NT)
 logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv, int64_t cap,
               int D, const int32_t *__restrict__ i1, int r, const int32_t *seq_lens,
               float *__restrict__ s_hat, float *__restrict__ part) {
   __shared__ int s_c[AS_MAXR];
   __shared__ float s_q[MAXG][AS_MAXR];
-  __shared__ float s_red[AS_THREADS / 32][MAXG];
+  __shared__ float s_red[NT / 32][MAXG];
   __shared__ float s_bm[MAXG];
   const int row = blockIdx.y, Hs1 = gridDim.y, b = blockIdx.z, blk = blockIdx.x;
   const int nblk = gridDim.x;
@@ -271,7 +273,7 @@ logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv,
   }
   __syncthreads();
   // warp w: tau of query heads g = w, w + 4, ..., then their q values on i1, divided by tau
-  for (int g = warp; g < MAXG; g += AS_THREADS / 32) {
+  for (int g = warp; g < MAXG; g += NT / 32) {
     if (g < nh) {
       const T *qr = q + ((size_t)b * H + h0 + g) * D;
       float l1 = 0.f, l1s = 0.f;
@@ -287,40 +289,45 @@ logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv,
   }
   __syncthreads();
 
-  float acc[MAXG][AS_TPT];
+  constexpr int TPT = AS_TOK / NT;  // tokens per thread
+  float acc[MAXG][TPT];
 #pragma unroll
   for (int g = 0; g < MAXG; ++g)
 #pragma unroll
-    for (int i = 0; i < AS_TPT; ++i) acc[g][i] = 0.f;
+    for (int i = 0; i < TPT; ++i) acc[g][i] = 0.f;
   const T *ktb = kt + ((size_t)b * Hkv + hk) * (size_t)D * cap;
-  // each thread: AS_TPT consecutive tokens, one 16-byte load per kt row when
-  // the run is whole and the rows are 16-byte aligned (cap % 8 == 0)
-  int64_t tt[AS_TPT];
-  bool ok[AS_TPT];
-  const int64_t tb = t0 + (int64_t)threadIdx.x * AS_TPT;
+  // TPT == 8: each thread 8 consecutive tokens, one 16-byte load per kt row
+  // when the run is whole and the rows are 16-byte aligned (cap % 8 == 0).
+  // Otherwise token i of a thread is t0 + i * NT + thread (coalesced scalars).
+  int64_t tt[TPT];
+  bool ok[TPT];
+  const int64_t tb = t0 + (int64_t)threadIdx.x * TPT;
 #pragma unroll
-  for (int i = 0; i < AS_TPT; ++i) {
-    tt[i] = tb + i;
+  for (int i = 0; i < TPT; ++i) {
+    tt[i] = TPT == 8 ? tb + i : t0 + i * NT + threadIdx.x;
     ok[i] = tt[i] < len;
   }
-  const bool vec = (cap % 8) == 0 && tb + AS_TPT <= len;
+  const bool vec = TPT == 8 && (cap % 8) == 0 && tb + TPT <= len;
 #pragma unroll 4
   for (int j = 0; j < r; ++j) {
     const T *rowp = ktb + (size_t)s_c[j] * cap;
-    float x[AS_TPT];
+    float x[TPT];
     if (vec) {
       typename V8<T>::Raw raw;
       V8<T>::load(rowp + tb, raw);
-      V8<T>::cvt(raw, x);
+      float x8[8];
+      V8<T>::cvt(raw, x8);
+#pragma unroll
+      for (int i = 0; i < TPT; ++i) x[i] = x8[i % 8];
     } else {
 #pragma unroll
-      for (int i = 0; i < AS_TPT; ++i) x[i] = ok[i] ? ldf(rowp + tt[i]) : 0.f;
+      for (int i = 0; i < TPT; ++i) x[i] = ok[i] ? ldf(rowp + tt[i]) : 0.f;
     }
 #pragma unroll
     for (int g = 0; g < MAXG; ++g) {
       const float w = s_q[g][j];
 #pragma unroll
-      for (int i = 0; i < AS_TPT; ++i) acc[g][i] = fmaf(w, x[i], acc[g][i]);
+      for (int i = 0; i < TPT; ++i) acc[g][i] = fmaf(w, x[i], acc[g][i]);
     }
   }
   // write the logits and reduce (max, sum exp) per head over the block
@@ -331,13 +338,13 @@ logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv,
     float m = -CUDART_INF_F;
     if (vec) {
       float4 *dst = reinterpret_cast<float4 *>(srow + tb);
-      dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-      dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+      dst[0] = make_float4(acc[g][0 % TPT], acc[g][1 % TPT], acc[g][2 % TPT], acc[g][3 % TPT]);
+      dst[1] = make_float4(acc[g][4 % TPT], acc[g][5 % TPT], acc[g][6 % TPT], acc[g][7 % TPT]);
 #pragma unroll
-      for (int i = 0; i < AS_TPT; ++i) m = fmaxf(m, acc[g][i]);
+      for (int i = 0; i < TPT; ++i) m = fmaxf(m, acc[g][i]);
     } else {
 #pragma unroll
-      for (int i = 0; i < AS_TPT; ++i)
+      for (int i = 0; i < TPT; ++i)
         if (ok[i]) {
           srow[tt[i]] = acc[g][i];
           m = fmaxf(m, acc[g][i]);
@@ -349,7 +356,7 @@ logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv,
   __syncthreads();
   if (threadIdx.x < MAXG && threadIdx.x < nh) {
     float m = -CUDART_INF_F;
-    for (int w = 0; w < AS_THREADS / 32; ++w) m = fmaxf(m, s_red[w][threadIdx.x]);
+    for (int w = 0; w < NT / 32; ++w) m = fmaxf(m, s_red[w][threadIdx.x]);
     s_bm[threadIdx.x] = m;
   }
   __syncthreads();
@@ -359,7 +366,7 @@ logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv,
     const float bm = s_bm[g];
     float l = 0.f;
 #pragma unroll
-    for (int i = 0; i < AS_TPT; ++i)
+    for (int i = 0; i < TPT; ++i)
       if (ok[i]) l += expf(acc[g][i] - bm);
     l = warp_sum(l);
     if (lane == 0) s_red[warp][g] = l;
@@ -367,7 +374,7 @@ logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv,
   __syncthreads();
   if (threadIdx.x < MAXG && threadIdx.x < nh) {
     float l = 0.f;
-    for (int w = 0; w < AS_THREADS / 32; ++w) l += s_red[w][threadIdx.x];
+    for (int w = 0; w < NT / 32; ++w) l += s_red[w][threadIdx.x];
     float *p = part + (((size_t)b * H + h0 + threadIdx.x) * nblk + blk) * 2;
     p[0] = s_bm[threadIdx.x];
     p[1] = l;
@@ -1017,7 +1024,7 @@ int launch_scores(const void *q, const void *kt, int64_t B, int64_t H, int64_t H
   const int nh = (Hs1 == H) ? 1 : (int)(H / Hkv);
   dim3 grid((unsigned)as_nblk(cap), (unsigned)Hs1, (unsigned)B);
 #define KS_SQ(MG)                                                                              \
-  logits_kernel<T, MG><<<grid, AS_THREADS, 0, st>>>((const T *)q, (const T *)kt, (int)H,       \
+  logits_kernel<T, MG, as_logit_threads<MG>()><<<grid, as_logit_threads<MG>(), 0, st>>>((const T *)q, (const T *)kt, (int)H,       \
                                                     (int)Hkv, cap, (int)D, i1, (int)r,         \
                                                     seq_lens, s_hat, part);                    \
   normalize_kernel<MG><<<grid, AS_THREADS, 0, st>>>((int)H, (int)Hkv, cap, seq_lens, part,     \
