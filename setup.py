@@ -11,7 +11,7 @@ Environment variables:
                          torch has CUDA and nvcc is found);
   KVSPARSE_CUDA_ARCH     nvcc targets, e.g. "80;90" (default "80;90");
   KVSPARSE_SANITIZE=1    build the C/C++ code with -fsanitize=address,undefined
-                         (run python with LD_PRELOAD=$(gcc -print-file-name=libasan.so));
+                         (run python with LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)");
   KVSPARSE_DEBUG=1       -O0 -g instead of -O3.
 No network access happens at build time.
 """
