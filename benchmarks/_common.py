@@ -92,3 +92,41 @@ def gpu_header(bw):
     return [f"### GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}",
             "",
             f"Measured device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s (bytes read + written)."]
+
+
+def run_benchmark(name, title, gpu_sections, cpu_table):
+    """The command line shared by the bench_<name>.py scripts.
+
+    ``gpu_sections(quick)`` returns the markdown parts of the GPU tables;
+    ``cpu_table(quick)`` the CPU table. Writes ``<name>_<device>.md`` to
+    ``--out`` (default benchmarks/results) and prints it.
+    """
+    import argparse
+    import datetime
+    import sys
+
+    import kvsparse
+
+    ap = argparse.ArgumentParser(description=f"{title} benchmark")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--quick", action="store_true", help="a few points only")
+    ap.add_argument("--no-cpu", action="store_true", help="skip the CPU table")
+    ap.add_argument("--no-gpu", action="store_true", help="skip the GPU tables")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    parts = [f"# {title} decode benchmark ({date})", "", f"Command: `python benchmarks/bench_{name}.py`", ""]
+    tag = "cpu"
+    if torch.cuda.is_available() and not args.no_gpu:
+        if not kvsparse.has_cuda():
+            sys.exit("kvsparse was built without CUDA kernels")
+        parts += gpu_sections(args.quick)
+        tag = torch.cuda.get_device_name().replace(" ", "_").lower()
+    if not args.no_cpu:
+        parts += [cpu_table(args.quick), ""]
+    text = "\n".join(parts)
+    path = os.path.join(args.out, f"{name}_{tag}.md")
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {path}")

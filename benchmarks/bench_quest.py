@@ -17,8 +17,6 @@ CPU table: smaller shapes, fused op vs torch's CPU SDPA, wall-clock medians.
 
 Usage:  python benchmarks/bench_quest.py [--out benchmarks/results] [--quick]
 """
-import argparse
-import datetime
 import math
 import os
 import sys
@@ -26,11 +24,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import kvsparse
 from kvsparse import quest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cpu_header, gpu_header, hbm_bandwidth, time_cpu, time_eager, time_graph  # noqa: E402
+from _common import cpu_header, gpu_header, hbm_bandwidth, run_benchmark, time_cpu, time_eager, time_graph  # noqa: E402
 
 P = 16
 
@@ -192,31 +189,13 @@ def cpu_table(quick=False):
     return "\n".join(lines)
 
 
+def _gpu_sections(quick):
+    bw, rows = gpu_table(quick)
+    return [gpu_markdown(bw, rows), ""]
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--no-cpu", action="store_true")
-    ap.add_argument("--no-gpu", action="store_true")
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    date = datetime.date.today().isoformat()
-    parts = [f"# Quest decode benchmark ({date})", "", "Command: `python benchmarks/bench_quest.py`", ""]
-    tag = "cpu"
-    if torch.cuda.is_available() and not args.no_gpu:
-        if not kvsparse.has_cuda():
-            sys.exit("kvsparse was built without CUDA kernels")
-        bw, rows = gpu_table(args.quick)
-        parts += [gpu_markdown(bw, rows), ""]
-        tag = torch.cuda.get_device_name().replace(" ", "_").lower()
-    if not args.no_cpu:
-        parts += [cpu_table(args.quick), ""]
-    text = "\n".join(parts)
-    path = os.path.join(args.out, f"quest_{tag}.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(text)
-    print(f"wrote {path}")
+    run_benchmark("quest", "Quest", _gpu_sections, cpu_table)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ of the stages can be compared with the fused op and with each stage's bytes.
 Usage: python benchmarks/profile_quest.py [--ncu]   (--ncu: a few launches only, for ncu)
 """
 import argparse
-import math
 import sys
 
 import torch
