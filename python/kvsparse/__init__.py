@@ -28,13 +28,14 @@ def has_cuda() -> bool:
 
 
 from . import config  # noqa: F401,E402
-from .config import QuestConfig, SparQConfig, make_config  # noqa: E402
+from .config import QAQConfig, QuestConfig, SparQConfig, make_config  # noqa: E402
 
 # Hugging Face integration (needs transformers): imported on first use, so
 # that `import kvsparse` works without transformers installed.
 _LAZY = {
     "patch": "hf", "unpatch": "hf", "patched": "hf", "make_cache": "hf",
-    "QuestCache": "cache", "SparQCache": "cache", "hf": None, "cache": None, "models": None,
+    "QuestCache": "cache", "SparQCache": "cache", "QAQCache": "cache", "hf": None, "cache": None,
+    "models": None,
 }
 
 
@@ -50,5 +51,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ += ["QuestConfig", "SparQConfig", "make_config", "patch", "unpatch", "patched", "make_cache",
-            "QuestCache", "SparQCache", "models"]
+__all__ += ["QuestConfig", "SparQConfig", "QAQConfig", "make_config", "patch", "unpatch", "patched",
+            "make_cache", "QuestCache", "SparQCache", "QAQCache", "models"]

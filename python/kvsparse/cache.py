@@ -1,4 +1,4 @@
-"""Hugging Face ``Cache`` classes holding the KV cache in the layout of the kvsparse ops.
+r"""Hugging Face ``Cache`` classes holding the KV cache in the layout of the kvsparse ops.
 
 Each layer keeps
 
@@ -21,6 +21,11 @@ rotary position, and attention does not depend on the order of the keys), so
 padding is never attended afterwards and ``seq_lens[b]`` counts real tokens.
 Decode appends each sequence's new token at slot ``seq_lens[b]`` (a scatter
 with tensor indices: no host synchronisation) and increments ``seq_lens``.
+
+QAQ (:class:`QAQCacheLayer`) keeps no ``keys`` / ``values`` buffers at all:
+both live in :class:`kvsparse.qaq.QuantStore`\ s (per-token bit-widths,
+packed codes), with the importance window and the key query bound as side
+state; see the class docstring.
 
 Two layer kinds per method:
 
@@ -49,13 +54,14 @@ import warnings
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import quest
-from .config import QuestConfig, SparQConfig
+from . import qaq, quest
+from .config import QAQConfig, QuestConfig, SparQConfig
 
 __all__ = [
     "KVCacheLayer", "QuestCacheLayer", "QuestDynamicLayer", "QuestStaticLayer",
     "SparQCacheLayer", "SparQDynamicLayer", "SparQStaticLayer",
-    "KVSparseCache", "QuestCache", "SparQCache", "cache_geometry",
+    "QAQCacheLayer", "QAQDynamicLayer", "QAQStaticLayer",
+    "KVSparseCache", "QuestCache", "SparQCache", "QAQCache", "cache_geometry",
 ]
 
 
@@ -493,6 +499,408 @@ class SparQStaticLayer(_StaticLengths, SparQCacheLayer):
     """SparQ cache layer preallocated at ``max_cache_len`` tokens (compileable)."""
 
 
+class QAQCacheLayer(KVCacheLayer):
+    """QAQ cache layer: keys and values live in two :class:`kvsparse.qaq.QuantStore`
+    (``ks`` / ``vs``), per-token bit-widths; there are no ``keys`` / ``values``
+    buffers.
+
+    * Prefill (:meth:`commit`): the new tokens (compacted as in the other
+      layers) are quantized at the largest width; :meth:`prefill_importance`
+      then feeds the last ``window`` query rows' attention weights to the
+      window and re-quantizes.
+    * Decode: :meth:`update` quantizes the new token at the largest width at
+      slot ``seq_lens[b]``; :meth:`decode_attention` runs
+      :func:`kvsparse.qaq.attention` on the packed codes (no host
+      synchronisation) and keeps ``p_max`` in a :class:`kvsparse.qaq.AttentionWindow`;
+      every ``requant_every`` steps (a host counter) the widths are
+      recomputed (:func:`kvsparse.qaq.key_bits` with the largest ``|q|^2``
+      since the last re-quantization, :func:`kvsparse.qaq.value_bits` with the
+      window's ``S_t``) and lowered in place (:func:`kvsparse.qaq.requantize`).
+    * Layout: the dynamic layer packs the groups' codes back to back
+      (``packed`` offsets: new tokens at the end of the sequence's used bytes,
+      ``used_k`` / ``used_v``); lowering a width leaves a hole that
+      :meth:`compact` removes (host side, synchronises: after the prefill's
+      re-quantization, every ``compact_every`` re-quantizations and when the
+      arena is full). The static layer keeps fixed slots of the largest width
+      (never moves, never synchronises).
+
+    :meth:`memory_report` counts the bytes in use (codes of the valid tokens,
+    scales/zeros, widths, offsets, outliers) against an fp16 cache.
+    """
+
+    packed = True
+
+    def __init__(self, page_size=1, chunk_size=256, **kwargs):
+        super().__init__(page_size=1, chunk_size=chunk_size, **kwargs)
+        self.cfg = QAQConfig()
+        self.layer_idx = 0
+        self.ks = self.vs = None
+        self.window = None
+        self.q_sq = None
+        self.used_k = self.used_v = None
+        self._bound = {"ks": 0, "vs": 0}
+        self._steps = 0
+        self._requants = 0
+        #: number of compactions, for tests and diagnostics
+        self.num_compactions = 0
+
+    def setup(self, config, layer_idx):
+        """Attach the method config and the layer's index (called by :class:`QAQCache`)."""
+        self.cfg = config
+        self.layer_idx = int(layer_idx)
+        return self
+
+    def __repr__(self):
+        return f"{type(self).__name__}(layer={self.layer_idx}, capacity={self.capacity})"
+
+    # ------------------------------------------------------------ geometry
+    @property
+    def adaptive(self):
+        """Whether this layer's widths are ever lowered."""
+        return self.cfg.adaptive and self.layer_idx >= self.cfg.dense_layers
+
+    @property
+    def width(self):
+        """Width of newly stored tokens."""
+        return self.cfg.max_width
+
+    @property
+    def groups(self):
+        return 1 if self.cfg.shared else self.num_heads
+
+    @property
+    def group_elems(self):
+        return self.head_dim * self.num_heads // self.groups
+
+    def _token_bytes(self):
+        """Code bytes of one token (all its groups) at the largest width."""
+        return self.groups * self.group_elems * self.width // 8
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        self.model_dtype = key_states.dtype
+        self.dtype = self.cfg.store_dtype(key_states.dtype)
+        B = self.batch_size
+        self.used_k = torch.zeros(B, dtype=torch.int64, device=self.device)
+        self.used_v = torch.zeros(B, dtype=torch.int64, device=self.device)
+        self.q_sq = torch.zeros(B, self.groups, dtype=torch.float32, device=self.device)
+
+    def _new_store(self, name, capacity, arena_bytes):
+        alpha = self.cfg.alpha if name == "ks" else self.cfg.value_alpha
+        return qaq.alloc(self.batch_size, self.num_heads, capacity, self.head_dim, self.dtype, self.device,
+                         alpha=alpha, shared=self.cfg.shared, arena_bytes=max(int(arena_bytes), 1))
+
+    def _allocate(self, capacity):
+        """(Re)allocate the per-token tensors at ``capacity`` tokens, keeping the content."""
+        old = self.capacity
+        names = ("offsets", "widths", "sz", "oidx", "oval")
+        for name in ("ks", "vs"):
+            st = getattr(self, name)
+            if self.packed:
+                arena_bytes = capacity * self._token_bytes() if st is None else st.arena.shape[1]
+            else:  # fixed slots of the largest width
+                arena_bytes = capacity * self._token_bytes()
+            new = self._new_store(name, capacity, arena_bytes)
+            if not self.packed:
+                new.offsets.copy_(qaq.slot_offsets(new, self.width))
+            if st is not None:
+                for n in names:
+                    getattr(new, n)[:, :, :old].copy_(getattr(st, n))
+                new = new._replace(arena=st.arena) if self.packed else new
+                if not self.packed:
+                    new.arena[:, : st.arena.shape[1]].copy_(st.arena)
+            setattr(self, name, new)
+        win = qaq.AttentionWindow(self.batch_size, self.num_heads, capacity, n=self.cfg.window, device=self.device)
+        if self.window is not None:
+            win.hist[..., :old].copy_(self.window.hist)
+            win.step = self.window.step
+        self.window = win
+        self.capacity = capacity
+        self.num_allocations += 1
+
+    # ---------------------------------------------------------- packed arena
+    def _ensure_arena(self, extra):
+        """Room for ``extra`` more code bytes per sequence in both arenas (host
+        bound, no synchronisation unless a compaction is needed)."""
+        if not self.packed:
+            return
+        for name in ("ks", "vs"):
+            st = getattr(self, name)
+            if self._bound[name] + extra <= st.arena.shape[1]:
+                continue
+            if self._requants > 0:
+                self.compact()
+                st = getattr(self, name)
+                if self._bound[name] + extra <= st.arena.shape[1]:
+                    continue
+            need = self._bound[name] + extra
+            A = max(2 * st.arena.shape[1], need + self.chunk_size * self._token_bytes())
+            arena = torch.zeros(self.batch_size, A, dtype=torch.uint8, device=self.device)
+            arena[:, : st.arena.shape[1]].copy_(st.arena)
+            setattr(self, name, st._replace(arena=arena))
+
+    def _packed_offsets(self, used, n, counts=None):
+        """int32 ``[B, Hg, n]`` offsets for ``n`` new tokens per sequence placed
+        after ``used`` bytes (token-major, then group); advances ``used`` by the
+        bytes of the ``counts`` valid ones (default all ``n``)."""
+        B, Hg = self.batch_size, self.groups
+        per = self.group_elems * self.width // 8
+        i = torch.arange(n, device=self.device).view(1, 1, n)
+        g = torch.arange(Hg, device=self.device).view(1, Hg, 1)
+        offs = used.view(B, 1, 1) + (i * Hg + g) * per
+        used.add_((n if counts is None else counts.to(torch.int64)) * Hg * per)
+        return offs.to(torch.int32)
+
+    def compact(self):
+        """Re-pack both stores back to back (:func:`kvsparse.qaq.compact`),
+        leaving ``chunk_size`` tokens of headroom; host side (synchronises).
+        No-op on the static layer."""
+        if not self.packed or self.ks is None:
+            return
+        for name, used in (("ks", self.used_k), ("vs", self.used_v)):
+            c = qaq.compact(getattr(self, name), self.seq_lens)
+            _, nbytes = qaq.packed_offsets(c.widths, c.group_elems)
+            bound = int(nbytes.max()) if nbytes.numel() else 0
+            arena = torch.zeros(self.batch_size, bound + self.chunk_size * self._token_bytes(),
+                                dtype=torch.uint8, device=self.device)
+            n = min(bound, c.arena.shape[1])
+            arena[:, :n].copy_(c.arena[:, :n])
+            setattr(self, name, c._replace(arena=arena))
+            used.copy_(nbytes)
+            self._bound[name] = bound
+        self._requants = 0
+        self.num_compactions += 1
+
+    # ---------------------------------------------------------------- writes
+    def _quantize(self, k, v, pos, widths, counts=None):
+        n = k.shape[2]
+        if self.packed:
+            self._ensure_arena(n * self._token_bytes())
+            ok = self._packed_offsets(self.used_k, n, counts)
+            ov = self._packed_offsets(self.used_v, n, counts)
+            for name in ("ks", "vs"):
+                self._bound[name] += n * self._token_bytes()
+        else:
+            ok = ov = None
+        qaq.quantize(self.ks, k.contiguous(), pos.to(torch.int32), widths, ok)
+        qaq.quantize(self.vs, v.contiguous(), pos.to(torch.int32), widths, ov)
+
+    def _append_one(self, key_states, value_states):
+        """Decode: quantize one token per sequence at slot ``seq_lens[b]``."""
+        self._reserve_decode()
+        pos = self.seq_lens
+        if not self.packed:
+            pos = pos.clamp(max=self.capacity - 1)  # a full static cache overwrites its last slot
+        k = key_states.detach().to(self.dtype)
+        v = value_states.detach().to(self.dtype)
+        self._quantize(k, v, pos, self.width)
+        new_lens = self.seq_lens + 1
+        if not self.packed:
+            new_lens = new_lens.clamp(max=self.capacity)
+        self.seq_lens.copy_(new_lens)
+        self._advance(1)
+        return key_states, value_states
+
+    def commit(self, valid=None):
+        """As :meth:`KVCacheLayer.commit`, into the quantized stores (at the
+        largest width; padding slots get width 0 and no code bytes)."""
+        if self.pending is None:
+            if not self.is_initialized:
+                raise RuntimeError("kvsparse: commit() on an empty cache layer")
+            return self.seq_lens.clone(), self.tokens_seen()
+        k, v = self.pending
+        self.pending = None
+        B, H, L, D = k.shape
+        seen = self.tokens_seen()
+        self._reserve(seen + L)
+        k = k.detach().to(self.dtype)
+        v = v.detach().to(self.dtype)
+        if valid is None:
+            counts = torch.full((B,), L, dtype=torch.int32, device=self.device)
+        else:
+            valid = valid.to(device=self.device, dtype=torch.bool)
+            if valid.shape != (B, L):
+                raise ValueError(f"kvsparse: valid must be [{B}, {L}], got {tuple(valid.shape)}")
+            order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+            gidx = order.view(B, 1, L, 1).expand(B, H, L, D)
+            k = k.gather(2, gidx)
+            v = v.gather(2, gidx)
+            counts = valid.sum(dim=1, dtype=torch.int32)
+        start = self.seq_lens.clone()
+        ok = torch.arange(L, device=self.device).view(1, L) < counts.view(B, 1)
+        widths = torch.where(ok, self.width, 0).to(torch.uint8).view(B, 1, L).expand(B, self.groups, L)
+        self._quantize(k, v, start, widths.contiguous(), counts)
+        self.seq_lens.copy_(start + counts)
+        self._advance(L)
+        return start, seen
+
+    def dequantized(self, length=None):
+        """``(keys, values)`` ``[B, Hkv, length, D]`` in the model's dtype,
+        dequantized (zeros past ``seq_lens``); for a prefill continuing the cache."""
+        T = self.capacity if length is None else min(int(length), self.capacity)
+        k = qaq.dequantize(self.ks, self.seq_lens)[:, :, :T]
+        v = qaq.dequantize(self.vs, self.seq_lens)[:, :, :T]
+        return k.to(self.model_dtype), v.to(self.model_dtype)
+
+    # ------------------------------------------------------------ importance
+    @torch.no_grad()
+    def prefill_importance(self, query, start, valid, seen, scaling):
+        """After a committed prefill: the attention weights of the last
+        ``window`` query rows (over the stored tokens, causal, padding
+        excluded) go to the window, ``|q|^2`` of the last row to the key bound,
+        and the widths are re-evaluated (then the dynamic cache is compacted)."""
+        if not self.adaptive:
+            return
+        B, H, L, D = query.shape
+        Hkv, Hg = self.num_heads, self.groups
+        n = min(self.cfg.window, L)
+        T = min(seen + L, self.capacity)
+        keys = qaq.dequantize(self.ks, self.seq_lens)[:, :, :T].float()  # [B, Hkv, T, D]
+        qn = query[:, :, L - n:].detach().float()  # [B, H, n, D]
+        G = H // Hkv
+        s = torch.matmul(qn.reshape(B, Hkv, G * n, D), keys.transpose(-1, -2)).view(B, Hkv, G, n, T) * scaling
+        if valid is None:
+            upto = torch.arange(1, L + 1, device=self.device, dtype=torch.int32).expand(B, L)
+        else:
+            upto = valid.to(device=self.device, dtype=torch.int32).cumsum(dim=1, dtype=torch.int32)
+        limit = (start.view(B, 1) + upto[:, L - n:]).clamp(min=1)  # [B, n]
+        vis = torch.arange(T, device=self.device).view(1, 1, T) < limit.view(B, n, 1)
+        s = s.masked_fill(~vis.view(B, 1, 1, n, T), float("-inf"))
+        p = torch.softmax(s, dim=-1).amax(dim=2)  # [B, Hkv, n, T]
+        row = torch.zeros(B, Hkv, self.capacity, dtype=torch.float32, device=self.device)
+        for j in range(n):
+            row[..., :T].copy_(p[:, :, j])
+            self.window.push(row)
+        qs = qaq.query_sq(query[:, :, L - 1].detach(), Hg, scaling)
+        self.q_sq = torch.maximum(self.q_sq, qs)
+        self.requantize()
+        self.compact()
+
+    def decode_attention(self, q, scaling):
+        """One decode step: ``q`` ``[B, H, D]`` -> ``[B, H, D]`` (q's dtype),
+        attending the packed cache; feeds the window and re-quantizes every
+        ``requant_every`` steps."""
+        qd = q.to(self.dtype).contiguous()
+        if not self.adaptive:
+            return qaq.attention(qd, self.ks, self.vs, self.seq_lens, scaling).to(q.dtype)
+        out, pm = qaq.attention(qd, self.ks, self.vs, self.seq_lens, scaling, return_p_max=True)
+        self.window.push(pm)
+        self.q_sq = torch.maximum(self.q_sq, qaq.query_sq(q, self.groups, scaling))
+        self._steps += 1
+        if self.cfg.requant_every and self._steps >= self.cfg.requant_every:
+            self.requantize()
+            if self.packed and self.cfg.compact_every and self._requants >= self.cfg.compact_every:
+                self.compact()
+        return out.to(q.dtype)
+
+    def requantize(self):
+        """Recompute the widths from the bounds and lower them in place (no sync)."""
+        cfg = self.cfg
+        kb = qaq.key_bits(qaq.stored_range(self.ks), self.q_sq, self.seq_lens, cfg.key_sigma,
+                          cfg.allowed, cfg.n_recent)
+        vb = qaq.value_bits(qaq.stored_range(self.vs), self.window.s_max(self.vs.groups), self.seq_lens,
+                            cfg.value_sigma, cfg.allowed, cfg.n_recent)
+        qaq.requantize(self.ks, kb, self.seq_lens)
+        qaq.requantize(self.vs, vb, self.seq_lens)
+        self.q_sq.zero_()
+        self._steps = 0
+        self._requants += 1
+
+    # --------------------------------------------------------------- memory
+    def memory_report(self):
+        """Bytes in use (keys + values) vs an fp16 cache; see :func:`kvsparse.qaq.memory_report`.
+
+        Adds ``allocated`` (every buffer this layer holds: arenas, per-token
+        tensors at capacity) and ``window`` (the importance window, float32
+        working state; not in ``total``)."""
+        if self.ks is None:
+            return _empty_report()
+        rk = qaq.memory_report(self.ks, self.seq_lens)
+        rv = qaq.memory_report(self.vs, self.seq_lens)
+        rep = {key: rk[key] + rv[key] for key in _REPORT_KEYS}
+        rep["allocated"] = sum(t.numel() * t.element_size() for st in (self.ks, self.vs) for t in st.tensors())
+        rep["window"] = self.window.hist.numel() * 4 if self.adaptive else 0
+        return _finish_report(rep)
+
+    # ------------------------------------------------------ Cache API bits
+    def reset(self):
+        self.pending = None
+        if self.is_initialized:
+            self.seq_lens.zero_()
+            if self.ks is not None:
+                for name in ("ks", "vs"):
+                    st = getattr(self, name)
+                    st.widths.zero_()
+                    st.oidx.fill_(-1)
+                    if not self.packed:
+                        st.offsets.copy_(qaq.slot_offsets(st, self.width))
+                self.window.hist.zero_()
+                self.window.step = 0
+            self.used_k.zero_()
+            self.used_v.zero_()
+            self.q_sq.zero_()
+            self._bound = {"ks": 0, "vs": 0}
+            self._steps = 0
+            self._requants = 0
+
+    def _map_batch(self, fn, in_place):
+        if not self.is_initialized:
+            return
+        if self.pending is not None:
+            self.commit(None)
+
+        def apply(t):
+            new = fn(t)
+            if in_place:
+                t.copy_(new)
+                return t
+            return new.contiguous()
+
+        self.seq_lens = apply(self.seq_lens)
+        self.used_k, self.used_v, self.q_sq = apply(self.used_k), apply(self.used_v), apply(self.q_sq)
+        if self.ks is not None:
+            for name in ("ks", "vs"):
+                st = getattr(self, name)
+                setattr(self, name, st._replace(**{f: apply(getattr(st, f)) for f in st._fields[:6]}))
+            hist = fn(self.window.hist.transpose(0, 1)).transpose(0, 1)
+            if in_place:
+                self.window.hist.copy_(hist)
+            else:
+                self.window.hist = hist.contiguous()
+        self.batch_size = self.seq_lens.shape[0]
+
+
+_REPORT_KEYS = ("codes", "scale_zero", "widths", "offsets", "outliers", "total", "fp16", "arena")
+
+
+def _empty_report():
+    return _finish_report({**{k: 0 for k in _REPORT_KEYS}, "allocated": 0, "window": 0})
+
+
+def _finish_report(rep):
+    rep["ratio"] = rep["total"] / rep["fp16"] if rep["fp16"] else 0.0
+    rep["compression"] = rep["fp16"] / rep["total"] if rep["total"] else 0.0
+    return rep
+
+
+class QAQDynamicLayer(_DynamicLengths, QAQCacheLayer):
+    """QAQ cache layer, packed codes, grown in chunks and compacted (host side)."""
+
+
+class QAQStaticLayer(_StaticLengths, QAQCacheLayer):
+    """QAQ cache layer preallocated at ``max_cache_len`` tokens with fixed slots
+    of the largest width (no compaction, no host synchronisation). Not
+    compileable: the re-quantization period is a host counter."""
+
+    packed = False
+    is_compileable = False
+
+    def lazy_initialization(self, key_states, value_states):
+        QAQCacheLayer.lazy_initialization(self, key_states, value_states)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        self._allocate(self.max_cache_len)
+
+
 def cache_geometry(model_config):
     """``(num_layers, num_kv_heads, head_dim)`` of a decoder config."""
     cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
@@ -541,7 +949,7 @@ class KVSparseCache(Cache):
     @staticmethod
     def for_config(config, **kwargs):
         """The cache class of ``config``'s method, instantiated."""
-        cls = {QuestConfig: QuestCache, SparQConfig: SparQCache}.get(type(config))
+        cls = {QuestConfig: QuestCache, SparQConfig: SparQCache, QAQConfig: QAQCache}.get(type(config))
         if cls is None:
             raise TypeError(f"kvsparse: no cache for a {type(config).__name__}")
         return cls(config=config, **kwargs)
@@ -568,3 +976,30 @@ class SparQCache(KVSparseCache):
 
     layer_classes = (SparQDynamicLayer, SparQStaticLayer)
     default_config = SparQConfig
+
+
+class QAQCache(KVSparseCache):
+    """A :class:`KVSparseCache` of QAQ layers (per-token bit-width quantized keys
+    and values; no fp16 buffers)."""
+
+    layer_classes = (QAQDynamicLayer, QAQStaticLayer)
+    default_config = QAQConfig
+
+    def __init__(self, num_layers=None, config=None, max_cache_len=None, model_config=None):
+        super().__init__(num_layers=num_layers, config=config, max_cache_len=max_cache_len,
+                         model_config=model_config)
+        for i, layer in enumerate(self.layers):
+            layer.setup(self.config, i)
+
+    def memory_report(self):
+        """Sum of the layers' :meth:`QAQCacheLayer.memory_report`: true bytes
+        in use (``total``: codes, scales/zeros, widths, offsets, outliers) vs
+        an fp16 cache of the same tokens (``fp16``); ``compression = fp16 / total``."""
+        reps = [layer.memory_report() for layer in self.layers]
+        keys = [k for k in reps[0] if k not in ("ratio", "compression")] if reps else list(_REPORT_KEYS)
+        return _finish_report({k: sum(r.get(k, 0) for r in reps) for k in keys})
+
+    def compact(self):
+        """Compact every dynamic layer (host side)."""
+        for layer in self.layers:
+            layer.compact()

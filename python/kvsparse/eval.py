@@ -33,7 +33,14 @@ Runs are independent, so tasks can run as parallel processes and be combined wit
 
 Methods are generic: a run is a method name plus a kwargs dict handed to
 ``kvsparse.patch(model, method=name, **kwargs)``; ``("dense", {})`` is the unpatched
-model. Other methods (SparQ, QAQ) plug in by name once ``kvsparse.patch`` knows them.
+model. Quest is swept over ``--budgets``, SparQ over ``--compressions``, QAQ over
+``--sigmas``; ``--method-kwargs`` may be a list of dicts (one sweep per dict).
+
+QAQ runs also report the *measured* compression: fp16 bytes / bytes in use of the
+cache (``QAQCache.memory_report()``: codes, scales/zeros, widths, offsets,
+outliers) at the end of each perplexity pass / passkey answer. A QAQ prefill
+chooses the prompt's bit-widths from its own attention, so QAQ runs prefill under
+the method (no shared dense prefill).
 """
 import argparse
 import contextlib
@@ -72,6 +79,7 @@ __all__ = [
     "run_ppl",
     "new_cache",
     "cache_family",
+    "cache_memory",
     "SharedPrefill",
     "smollm2_installed",
     "write_report",
@@ -88,9 +96,13 @@ SMOLLM2_MISSING = (
 METHOD_DEFAULTS = {"quest": {"page_size": 16}}
 # The keyword that the sweep sets, per method: --budgets (token budgets) for Quest,
 # --compressions (target transfer ratios) for SparQ.
-BUDGET_KWARG = {"quest": "token_budget", "sparq": "compression"}
+BUDGET_KWARG = {"quest": "token_budget", "sparq": "compression", "qaq": "sigma"}
 # Methods swept over --compressions rather than --budgets.
 COMPRESSION_METHODS = ("sparq",)
+# Methods swept over --sigmas (QAQ: the error target of the bit-width bounds).
+SIGMA_METHODS = ("qaq",)
+# Keyword arguments that fix a method's configuration, so that it is not swept.
+NO_SWEEP_KWARGS = {"sparq": ("r", "k"), "qaq": ("sigma_k", "sigma_v", "uniform_bits")}
 
 
 def _log(*a):
@@ -154,7 +166,7 @@ class MethodRun:
         return {"method": self.method, "kwargs": dict(self.kwargs), "label": self.label}
 
 
-def make_runs(methods, budgets, extra_kwargs=None, include_dense=True, compressions=None):
+def make_runs(methods, budgets, extra_kwargs=None, include_dense=True, compressions=None, sigmas=None):
     """The runs of an evaluation: ``dense`` then every method at every budget.
 
     Args:
@@ -162,17 +174,28 @@ def make_runs(methods, budgets, extra_kwargs=None, include_dense=True, compressi
         budgets: token budgets, e.g. ``[64, 128]`` (Quest).
         extra_kwargs: kwargs added to every non-dense run (over ``METHOD_DEFAULTS``).
         compressions: target transfer ratios, e.g. ``[0.5, 0.125]`` (SparQ).
+        sigmas: error targets, e.g. ``[0.02, 0.05]`` (QAQ: ``sigma``).
+
+    ``extra_kwargs`` may also be a list of dicts: every method is then swept
+    once per dict (e.g. QAQ with and without outliers).
     """
     runs = [MethodRun("dense", {})] if include_dense else []
+    if isinstance(extra_kwargs, (list, tuple)):
+        for kw in extra_kwargs:
+            for r in make_runs(methods, budgets, kw, include_dense=False, compressions=compressions,
+                               sigmas=sigmas):
+                if r.label not in [x.label for x in runs]:
+                    runs.append(r)
+        return runs
     for m in methods:
         if m == "dense":
             continue
         base = dict(METHOD_DEFAULTS.get(m, {}))
         base.update(extra_kwargs or {})
         key = BUDGET_KWARG.get(m)
-        sweep = compressions if m in COMPRESSION_METHODS else budgets
-        conv = float if m in COMPRESSION_METHODS else int
-        explicit = m == "sparq" and ("r" in base or "k" in base)  # r and k given: no sweep
+        sweep = compressions if m in COMPRESSION_METHODS else sigmas if m in SIGMA_METHODS else budgets
+        conv = float if m in COMPRESSION_METHODS or m in SIGMA_METHODS else int
+        explicit = any(k in base for k in NO_SWEEP_KWARGS.get(m, ()))  # e.g. r and k given: no sweep
         if key and sweep and key not in base and not explicit:
             for b in sweep:
                 runs.append(MethodRun(m, {key: conv(b), **base}))
@@ -302,6 +325,19 @@ def _cache_from_dense(model, run, dense_cache):
         dst.update(src.keys, src.values)
         dst.commit(None)
     return cache
+
+
+def cache_memory(cache):
+    """The cache's ``memory_report()`` (QAQ: true bytes in use vs fp16) as a
+    dict, or None for a cache without one (dense, Quest, SparQ)."""
+    fn = getattr(cache, "memory_report", None)
+    if fn is None:
+        return None
+    try:
+        rep = fn()
+    except Exception:  # pragma: no cover - a report must never break an evaluation
+        return None
+    return {k: (float(v) if isinstance(v, float) else int(v)) for k, v in rep.items()}
 
 
 # --------------------------------------------------------------------------- models
@@ -696,6 +732,7 @@ def run_passkey(model, tok, runs, lengths, depths, trials, seed=0, fmt="plain",
                         logits, cache, prefill_s = shared.get(run)
                         new, steps, secs = greedy_answer(model, cache, p.question_ids, max_new_tokens,
                                                          eos, logits=logits)
+                    mem = cache_memory(cache)
                     del cache
                     answer = _decode(tok, new)
                     records.append({
@@ -705,6 +742,7 @@ def run_passkey(model, tok, runs, lengths, depths, trials, seed=0, fmt="plain",
                         "correct": score_passkey(answer, p.key), "decode_steps": steps,
                         "decode_s": secs, "prefill_s": prefill_s,
                         "decode_tok_s": steps / secs if secs > 0 else float("nan"),
+                        **({"compression": mem["compression"], "memory": mem} if mem else {}),
                     })
                     bar.update(1)
                     bar.set_postfix_str(f"L={L} d={depth:g} {run.label}: {answer.strip()[:12]!r}")
@@ -798,8 +836,12 @@ def run_ppl(model, tok, runs, text, lengths, prefix=64, window=None, progress=Tr
             with method_applied(model, run):
                 logits, cache, prefill_s = shared.get(run)
                 ppl, nll, steps, secs = decode_nll(model, ids, pfx, Ls, progress=bar, prefilled=(logits, cache))
+            mem = cache_memory(cache)  # at the end of the pass (the cache is updated in place)
             del cache
             r = recs[run.label]
+            if mem:
+                r.setdefault("compression", {})[str(max(Ls))] = mem["compression"]
+                r.setdefault("memory", {})[str(max(Ls))] = mem
             for L, v in ppl.items():
                 r["ppl"][str(L)] = v
                 r["scored"][str(L)] = [pfx, L]
@@ -828,8 +870,10 @@ def _mean(xs):
 def passkey_tables(records, runs, lengths, depths):
     """Markdown: accuracy per run x length (+ decode tok/s), and per run x (length, depth)."""
     labels = [r.label for r in runs]
-    lines = ["| method | " + " | ".join(f"{L} tok" for L in lengths) + " | all | decode tok/s |",
-             "|---|" + "---:|" * (len(lengths) + 2)]
+    with_mem = any("compression" in r for r in records)
+    lines = ["| method | " + " | ".join(f"{L} tok" for L in lengths) + " | all | decode tok/s |"
+             + (" measured compression |" if with_mem else ""),
+             "|---|" + "---:|" * (len(lengths) + 2 + with_mem)]
     for lab in labels:
         rs = [r for r in records if r["run"] == lab]
         cells = []
@@ -838,7 +882,11 @@ def passkey_tables(records, runs, lengths, depths):
             cells.append(f"{100 * _mean(x):.0f}% ({sum(x)}/{len(x)})" if x else "-")
         allx = [r["correct"] for r in rs]
         tps = _mean(r["decode_tok_s"] for r in rs)
-        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {100 * _mean(allx):.0f}% | {tps:.1f} |")
+        row = f"| {lab} | " + " | ".join(cells) + f" | {100 * _mean(allx):.0f}% | {tps:.1f} |"
+        if with_mem:
+            cx = [r["compression"] for r in rs if "compression" in r]
+            row += f" {_mean(cx):.2f}x |" if cx else " - |"
+        lines.append(row)
     summary = "\n".join(lines)
 
     cols = [(L, d) for L in lengths for d in depths]
@@ -864,11 +912,23 @@ def passkey_tables(records, runs, lengths, depths):
 
 
 def ppl_table(records, lengths):
-    lines = ["| method | " + " | ".join(f"ppl @ {L}" for L in lengths) + " | decode tok/s |",
-             "|---|" + "---:|" * (len(lengths) + 1)]
+    """Markdown: perplexity per run x length (+ decode tok/s); when a run measured
+    its cache (QAQ), also the measured compression (fp16 bytes / bytes in use, at
+    the end of the pass) per length."""
+    with_mem = any(r.get("compression") for r in records)
+    head = "| method | " + " | ".join(f"ppl @ {L}" for L in lengths) + " | decode tok/s |"
+    ncol = len(lengths) + 1
+    if with_mem:
+        head += " " + " | ".join(f"measured compression @ {L}" for L in lengths) + " |"
+        ncol += len(lengths)
+    lines = [head, "|---|" + "---:|" * ncol]
     for r in records:
         cells = [f"{r['ppl'][str(L)]:.3f}" if str(L) in r["ppl"] else "-" for L in lengths]
-        lines.append(f"| {r['run']} | " + " | ".join(cells) + f" | {r['decode_tok_s']:.1f} |")
+        row = f"| {r['run']} | " + " | ".join(cells) + f" | {r['decode_tok_s']:.1f} |"
+        if with_mem:
+            comp = r.get("compression") or {}
+            row += " " + " | ".join(f"{comp[str(L)]:.2f}x" if str(L) in comp else "-" for L in lengths) + " |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -991,8 +1051,11 @@ def build_parser():
     ap.add_argument("--budgets", default="64,128,256,512,1024", help="Quest token budgets (default %(default)s)")
     ap.add_argument("--compressions", default="0.5,0.25,0.125,0.0625",
                     help="SparQ target transfer ratios (default %(default)s)")
+    ap.add_argument("--sigmas", default="0.003,0.005,0.01,0.03",
+                    help="QAQ error targets (sigma_k = sigma_v = sigma) (default %(default)s)")
     ap.add_argument("--method-kwargs", default="{}",
-                    help='JSON dict of extra kwargs for kvsparse.patch, e.g. \'{"page_size": 32}\'')
+                    help='JSON dict of extra kwargs for kvsparse.patch, e.g. \'{"page_size": 32}\', or a '
+                         'list of dicts (each swept), e.g. \'[{}, {"alpha": 0.01}, {"uniform_bits": 4}]\'')
     ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline run")
     ap.add_argument("--lengths", default="2048,4096,8192", help="passkey prompt lengths (default %(default)s)")
     ap.add_argument("--ppl-lengths", default=None, help="perplexity context lengths (default: --lengths)")
@@ -1044,6 +1107,7 @@ def main(argv=None):
         args.trials = 1
         args.budgets = ",".join(b for b in args.budgets.split(",") if b.strip() in ("64", "256")) or "64,256"
         args.compressions = "0.5,0.125"
+        args.sigmas = ",".join(args.sigmas.split(",")[:2])
     lengths = _ints(args.lengths)
     ppl_lengths = _ints(args.ppl_lengths) if args.ppl_lengths else lengths
     depths = _floats(args.depths)
@@ -1079,7 +1143,7 @@ def main(argv=None):
     _log(f"model loaded in {load_s:.1f} s: {model_name}")
 
     runs = _usable_runs(make_runs(methods, budgets, extra, include_dense=not args.no_dense,
-                                  compressions=_floats(args.compressions)))
+                                  compressions=_floats(args.compressions), sigmas=_floats(args.sigmas)))
     configs = {}
     for run in runs:
         if run.method == "dense":
@@ -1194,8 +1258,9 @@ def merge_results(paths, out):
                     y = by_label.setdefault(x["run"], dict(x, ppl={}, scored={}, token_nll={},
                                                            decode_steps=0, decode_s=0.0, prefill_s=0.0))
                     if y is not x:
-                        for k in ("ppl", "scored", "token_nll"):
-                            y[k] = {**y.get(k, {}), **x.get(k, {})}
+                        for k in ("ppl", "scored", "token_nll", "compression", "memory"):
+                            if k in x or k in y:
+                                y[k] = {**y.get(k, {}), **x.get(k, {})}
                         for k in ("decode_steps", "decode_s", "prefill_s"):
                             y[k] = y.get(k, 0) + x.get(k, 0)
                         y["decode_tok_s"] = y["decode_steps"] / y["decode_s"] if y["decode_s"] else float("nan")

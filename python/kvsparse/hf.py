@@ -1,9 +1,10 @@
-"""Drop-in sparse decode attention (Quest, SparQ) for Hugging Face LLaMA-family models.
+"""Drop-in sparse / quantized decode attention (Quest, SparQ, QAQ) for Hugging Face LLaMA-family models.
 
     model = AutoModelForCausalLM.from_pretrained(...)
     kvsparse.patch(model, method="quest", token_budget=1024, page_size=16)
     out = model.generate(**inputs, max_new_tokens=64)
     kvsparse.patch(model, method="sparq", compression=1/8)    # or r=16, k=512
+    kvsparse.patch(model, method="qaq", sigma=0.01)           # per-token bit-widths, packed cache
     kvsparse.unpatch(model)          # the original attention, bit for bit
 
     with kvsparse.patched(model, token_budget=512):
@@ -22,8 +23,8 @@ How it plugs into transformers (5.x):
   ``**kwargs`` through). The hook is pure (no state), so it traces under
   ``torch.compile``.
 * ``model._prepare_cache_for_generation`` is overridden on the instance so
-  that ``generate()`` creates the method's cache (:class:`~kvsparse.cache.QuestCache`
-  or :class:`~kvsparse.cache.SparQCache`; dynamic;
+  that ``generate()`` creates the method's cache (:class:`~kvsparse.cache.QuestCache`,
+  :class:`~kvsparse.cache.SparQCache` or :class:`~kvsparse.cache.QAQCache`; dynamic;
   static when ``max_cache_len`` is configured or
   ``cache_implementation="static"`` is requested). A cache can also be made
   with :func:`make_cache` and passed as ``past_key_values=``.
@@ -42,6 +43,15 @@ The attention function:
   buffer (Quest: every page; SparQ: ``k`` = the capacity, no reallocation):
   exact dense attention over ``[0, seq_lens[b])``. No host synchronisation,
   static shapes.
+* QAQ: the prefill is the model's dense attention too; the cache then
+  quantizes the prompt and :meth:`~kvsparse.cache.QAQCacheLayer.prefill_importance`
+  takes the last ``window`` query rows' attention weights (recomputed from the
+  prefill's query states and the stored keys) to choose the widths. A decode
+  step is :meth:`~kvsparse.cache.QAQCacheLayer.decode_attention`
+  (:func:`kvsparse.qaq.attention` on the packed codes, no host sync); every
+  ``requant_every`` steps the widths are lowered, and the dynamic cache
+  compacts its arena from time to time (host side, synchronises). A prefill
+  continuing a QAQ cache attends to the dequantized stored tokens.
 * without a kvsparse cache (e.g. ``model(...)`` with the default cache): the
   original attention.
 
@@ -56,8 +66,10 @@ import warnings
 import torch
 
 from . import quest, sparq
-from .cache import KVSparseCache, QuestCacheLayer, SparQCacheLayer, cache_geometry
-from .config import QuestConfig, SparQConfig, make_config
+from .cache import KVSparseCache, QAQCacheLayer, QuestCacheLayer, SparQCacheLayer, cache_geometry
+from .config import QAQConfig, QuestConfig, SparQConfig, make_config
+
+_CONFIGS = (QuestConfig, SparQConfig, QAQConfig)
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "make_cache", "supported_models"]
 
@@ -138,10 +150,12 @@ def _valid_from_mask(mask, seen, length, batch):
     return row.expand(batch, length)
 
 
-def _continuation_attention(module, query, layer, start, valid, seen, scaling, **kwargs):
+def _continuation_attention(module, query, layer, start, valid, seen, scaling, kv=None, **kwargs):
     """A multi-token call on a non-empty cache (a later turn, a prefill
     chunk): attend to the stored tokens (compacted) and the new ones,
-    causally, with transformers' SDPA attention and an explicit bool mask."""
+    causally, with transformers' SDPA attention and an explicit bool mask.
+    ``kv``: the stored ``(keys, values)`` when the layer has no dense buffers
+    (QAQ: dequantized)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     B, _, L, _ = query.shape
@@ -152,8 +166,7 @@ def _continuation_attention(module, query, layer, start, valid, seen, scaling, *
         upto = valid.to(torch.int32).cumsum(dim=1, dtype=torch.int32)
     limit = (start.view(B, 1) + upto).clamp(min=1)  # [B, L]; >= 1 so no row is empty
     mask = torch.arange(T, device=query.device).view(1, 1, T) < limit.view(B, L, 1)
-    keys = layer.keys[:, :, :T]
-    values = layer.values[:, :, :T]
+    keys, values = (layer.keys[:, :, :T], layer.values[:, :, :T]) if kv is None else kv
     return sdpa_attention_forward(module, query, keys, values, mask.unsqueeze(1), scaling=scaling, dropout=0.0, **kwargs)
 
 
@@ -181,6 +194,11 @@ def _sparq_decode(q, layer, cfg, dense, scaling):
     )
 
 
+def _qaq_decode(q, layer, cfg, dense, scaling):
+    # dense_layers is handled by the layer (kept at the largest width)
+    return layer.decode_attention(q, scaling)
+
+
 def _make_attention_function(impl):
     def kvsparse_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         cache = kwargs.pop("kvsparse_cache", None)
@@ -193,6 +211,8 @@ def _make_attention_function(impl):
             decode = _quest_decode
         elif isinstance(layer, SparQCacheLayer) and isinstance(cfg, SparQConfig):
             decode = _sparq_decode
+        elif isinstance(layer, QAQCacheLayer) and isinstance(cfg, QAQConfig):
+            decode = _qaq_decode
         else:
             return dense_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
@@ -209,12 +229,18 @@ def _make_attention_function(impl):
         seen = layer.tokens_seen()
         valid = _valid_from_mask(attention_mask, seen, L, B)
         start, seen = layer.commit(valid)
+        is_qaq = decode is _qaq_decode
         if seen == 0:
             mask = attention_mask
             if torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[-1] > key.shape[-2]:
                 mask = mask[..., : key.shape[-2]]  # static caches size the mask to max_cache_len
-            return dense_fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
-        return _continuation_attention(module, query, layer, start, valid, seen, scaling, **kwargs)
+            out = dense_fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+        else:
+            kv = layer.dequantized(seen + L) if is_qaq else None
+            out = _continuation_attention(module, query, layer, start, valid, seen, scaling, kv=kv, **kwargs)
+        if is_qaq:  # widths from the last query rows' attention
+            layer.prefill_importance(query, start, valid, seen, scaling)
+        return out
 
     kvsparse_attention.__name__ = f"kvsparse_attention_{impl}"
     return kvsparse_attention
@@ -263,7 +289,8 @@ def _set_attn_implementation(model, name):
 # ------------------------------------------------------------------- caches
 def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=None, device=None):
     """The kvsparse cache of the configured method for ``model``
-    (:class:`~kvsparse.cache.QuestCache` or :class:`~kvsparse.cache.SparQCache`).
+    (:class:`~kvsparse.cache.QuestCache`, :class:`~kvsparse.cache.SparQCache` or
+    :class:`~kvsparse.cache.QAQCache`).
 
     Args:
         model: a (patched) supported model.
@@ -283,8 +310,9 @@ def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=No
     """
     if config is None:
         config = getattr(model, "kvsparse_config", None) or QuestConfig()
-    if not isinstance(config, (QuestConfig, SparQConfig)):
-        raise TypeError(f"kvsparse: make_cache needs a QuestConfig or SparQConfig, got {type(config).__name__}")
+    if not isinstance(config, _CONFIGS):
+        raise TypeError(
+            f"kvsparse: make_cache needs a QuestConfig, SparQConfig or QAQConfig, got {type(config).__name__}")
     num_layers, kv_heads, head_dim = cache_geometry(model.config)
     if isinstance(config, SparQConfig) and config.r is not None and config.r > head_dim:
         raise ValueError(f"kvsparse: r ({config.r}) must be <= the model's head dim ({head_dim})")
@@ -335,12 +363,13 @@ def patch(model, method="quest", config=None, **kwargs):
     Args:
         model: ``LlamaForCausalLM``, ``MistralForCausalLM`` or
             ``Qwen2ForCausalLM`` (or their base models / subclasses).
-        method: ``"quest"`` or ``"sparq"`` (or a config object).
+        method: ``"quest"``, ``"sparq"`` or ``"qaq"`` (or a config object).
         config: a config object (:class:`~kvsparse.config.QuestConfig`,
             :class:`~kvsparse.config.SparQConfig`); ``kwargs`` override its fields.
         **kwargs: the config fields (Quest: ``token_budget``, ``page_size``,
             ...; SparQ: ``compression`` or ``r`` and ``k``, ``local_window``,
-            ``reallocate``, ...).
+            ``reallocate``, ...; QAQ: ``sigma`` or ``sigma_k`` / ``sigma_v``,
+            ``allowed``, ``alpha``, ``window``, ``shared``, ``uniform_bits``, ...).
 
     The config is stored as ``model.kvsparse_config``. Patching a patched
     model replaces its config.
@@ -349,7 +378,7 @@ def patch(model, method="quest", config=None, **kwargs):
         cfg = make_config(config, **kwargs)
     else:
         cfg = make_config(method, **kwargs)
-    if not isinstance(cfg, (QuestConfig, SparQConfig)):  # pragma: no cover
+    if not isinstance(cfg, _CONFIGS):  # pragma: no cover
         raise ValueError(f"kvsparse: method {cfg.method!r} is not supported by patch()")
     _check_supported(model)
     if isinstance(cfg, SparQConfig) and cfg.r is not None:
