@@ -204,22 +204,17 @@ class KVCacheLayer(CacheLayerMixin):
         self._advance(1)
         return self.keys, self.values
 
-    def commit(self, valid=None):
-        """Store the pending multi-token update, compacting out invalid tokens.
-
-        Args:
-            valid: ``None`` (every token is valid) or bool ``[B, L]``, True
-                for the tokens to keep (not padding).
-
-        Returns:
-            ``(start_lens, seen_before)``: int32 ``[B]`` lengths before the
-            append (a copy) and the host int :meth:`tokens_seen` before it.
-            Without a pending update: a no-op returning the current values.
-        """
+    def _take_pending(self, valid):
+        """The pending multi-token update, compacted: ``(k, v, counts, start,
+        seen)`` with ``k``/``v`` ``[B, H, L, D]`` in the cache dtype, the valid
+        tokens of each sequence first (in order), ``counts`` int32 ``[B]`` of
+        them, ``start`` the lengths before the append (a copy) and ``seen``
+        :meth:`tokens_seen` before it; room for ``L`` more tokens is reserved.
+        None when nothing is pending."""
         if self.pending is None:  # nothing pending (e.g. a one-token update): no-op
             if not self.is_initialized:
                 raise RuntimeError("kvsparse: commit() on an empty cache layer")
-            return self.seq_lens.clone(), self.tokens_seen()
+            return None
         k, v = self.pending
         self.pending = None
         B, H, L, D = k.shape
@@ -239,7 +234,25 @@ class KVCacheLayer(CacheLayerMixin):
             k = k.gather(2, gidx)
             v = v.gather(2, gidx)
             counts = valid.sum(dim=1, dtype=torch.int32)
-        start = self.seq_lens.clone()
+        return k, v, counts, self.seq_lens.clone(), seen
+
+    def commit(self, valid=None):
+        """Store the pending multi-token update, compacting out invalid tokens.
+
+        Args:
+            valid: ``None`` (every token is valid) or bool ``[B, L]``, True
+                for the tokens to keep (not padding).
+
+        Returns:
+            ``(start_lens, seen_before)``: int32 ``[B]`` lengths before the
+            append (a copy) and the host int :meth:`tokens_seen` before it.
+            Without a pending update: a no-op returning the current values.
+        """
+        taken = self._take_pending(valid)
+        if taken is None:
+            return self.seq_lens.clone(), self.tokens_seen()
+        k, v, counts, start, seen = taken
+        B, H, L, D = k.shape
         if seen == 0:
             self.keys[:, :, :L].copy_(k)
             self.values[:, :, :L].copy_(v)
@@ -704,29 +717,11 @@ class QAQCacheLayer(KVCacheLayer):
     def commit(self, valid=None):
         """As :meth:`KVCacheLayer.commit`, into the quantized stores (at the
         largest width; padding slots get width 0 and no code bytes)."""
-        if self.pending is None:
-            if not self.is_initialized:
-                raise RuntimeError("kvsparse: commit() on an empty cache layer")
+        taken = self._take_pending(valid)
+        if taken is None:
             return self.seq_lens.clone(), self.tokens_seen()
-        k, v = self.pending
-        self.pending = None
+        k, v, counts, start, seen = taken
         B, H, L, D = k.shape
-        seen = self.tokens_seen()
-        self._reserve(seen + L)
-        k = k.detach().to(self.dtype)
-        v = v.detach().to(self.dtype)
-        if valid is None:
-            counts = torch.full((B,), L, dtype=torch.int32, device=self.device)
-        else:
-            valid = valid.to(device=self.device, dtype=torch.bool)
-            if valid.shape != (B, L):
-                raise ValueError(f"kvsparse: valid must be [{B}, {L}], got {tuple(valid.shape)}")
-            order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
-            gidx = order.view(B, 1, L, 1).expand(B, H, L, D)
-            k = k.gather(2, gidx)
-            v = v.gather(2, gidx)
-            counts = valid.sum(dim=1, dtype=torch.int32)
-        start = self.seq_lens.clone()
         ok = torch.arange(L, device=self.device).view(1, L) < counts.view(B, 1)
         widths = torch.where(ok, self.width, 0).to(torch.uint8).view(B, 1, L).expand(B, self.groups, L)
         self._quantize(k, v, start, widths.contiguous(), counts)
