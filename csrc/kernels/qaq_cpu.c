@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ks_cpu_util.h"
 #include "ks_dtype.h"
 #include "qaq.h"
 
@@ -286,18 +287,6 @@ void ks_qaq_requantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv,
 
 /* ---- 5. attention ---------------------------------------------------------------------------------- */
 
-static inline float qq_dot(const float *a, const float *b, int64_t n)
-{
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int64_t d = 0, j;
-    for (; d + 8 <= n; d += 8)
-        for (j = 0; j < 8; j++)
-            acc[j] += a[d + j] * b[d + j];
-    for (; d < n; d++)
-        acc[0] += a[d] * b[d];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-}
-
 /* row t of KV head hk of a quantized cache into dst[0..D) */
 static inline void qq_row(const ks_qaq_store *s, ks_dtype dt, int64_t b, int64_t hk, int64_t hpg,
                           int64_t cap, int64_t D, int64_t t, float *dst)
@@ -341,7 +330,7 @@ void ks_qaq_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int6
             for (t = 0; t < len; t++) {
                 qq_row(&kq, dt, b, hk, khpg, cap, D, t, row);
                 for (g = 0; g < G; g++)
-                    s[g * cap + t] = qq_dot(qf + g * D, row, D);
+                    s[g * cap + t] = ks_dot(qf + g * D, row, D);
             }
             for (g = 0; g < G; g++) {
                 float *sg = s + g * cap, m = -INFINITY, sum = 0.f, inv;

@@ -9,26 +9,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ks_cpu_util.h"
 #include "ks_dtype.h"
 #include "quest.h"
 
 static inline int64_t ks_n_pages(int32_t len, int64_t P)
 {
     return len <= 0 ? 0 : ((int64_t)len + P - 1) / P;
-}
-
-/* dot product with 8 independent accumulators so that gcc can vectorise it
- * without -ffast-math. */
-static inline float ks_dot(const float *a, const float *b, int64_t n)
-{
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int64_t d = 0, j;
-    for (; d + 8 <= n; d += 8)
-        for (j = 0; j < 8; j++)
-            acc[j] += a[d + j] * b[d + j];
-    for (; d < n; d++)
-        acc[0] += a[d] * b[d];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
 /* sum_d max(q*lo, q*hi) */
@@ -201,52 +188,6 @@ void ks_quest_scores_cpu(const void *q, const void *kmin, const void *kmax, ks_d
 }
 
 /* ---- 3. selection --------------------------------------------------------- */
-
-/* Order key: nan sorts as -inf so that the order stays total. */
-static inline float ks_key(float s)
-{
-    return s != s ? -INFINITY : s;
-}
-
-/* strict "a ranks above b": higher score, ties to the lower page index */
-static inline int ks_above(const float *sc, int32_t a, int32_t b)
-{
-    const float sa = ks_key(sc[a]), sb = ks_key(sc[b]);
-    return sa > sb || (sa == sb && a < b);
-}
-
-/* min-heap (worst at the root) of page indices */
-static void ks_heap_down(int32_t *heap, int64_t n, int64_t i, const float *sc)
-{
-    for (;;) {
-        int64_t l = 2 * i + 1, r = l + 1, w = i;
-        int32_t tmp;
-        if (l < n && ks_above(sc, heap[w], heap[l]))
-            w = l;
-        if (r < n && ks_above(sc, heap[w], heap[r]))
-            w = r;
-        if (w == i)
-            return;
-        tmp = heap[i];
-        heap[i] = heap[w];
-        heap[w] = tmp;
-        i = w;
-    }
-}
-
-static void ks_heap_up(int32_t *heap, int64_t i, const float *sc)
-{
-    while (i > 0) {
-        int64_t parent = (i - 1) / 2;
-        int32_t tmp;
-        if (!ks_above(sc, heap[parent], heap[i]))
-            return;
-        tmp = heap[i];
-        heap[i] = heap[parent];
-        heap[parent] = tmp;
-        i = parent;
-    }
-}
 
 void ks_quest_select_cpu(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
                          const int32_t *seq_lens, int64_t page_size, int64_t n_sel,

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ks_cpu_util.h"
 #include "ks_dtype.h"
 #include "sparq.h"
 
@@ -21,25 +22,6 @@
 static inline int64_t sp_clamp_len(int32_t len, int64_t cap)
 {
     return len < 0 ? 0 : (len > cap ? cap : (int64_t)len);
-}
-
-/* Order key: NaN ranks as -inf so that the order stays total. */
-static inline float sp_key(float s)
-{
-    return s != s ? -INFINITY : s;
-}
-
-/* dot product with 8 independent accumulators (vectorises without -ffast-math) */
-static inline float sp_dot(const float *a, const float *b, int64_t n)
-{
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int64_t d = 0, j;
-    for (; d + 8 <= n; d += 8)
-        for (j = 0; j < 8; j++)
-            acc[j] += a[d + j] * b[d + j];
-    for (; d < n; d++)
-        acc[0] += a[d] * b[d];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
 /* ---- 1. cache maintenance -------------------------------------------------- */
@@ -193,7 +175,7 @@ void ks_sparq_top_channels_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H,
                             key[d] += fabsf(x[d]);
                     }
                     for (d = 0; d < D; d++) {
-                        items[d].key = sp_key(key[d]);
+                        items[d].key = ks_key(key[d]);
                         items[d].idx = (int32_t)d;
                         flag[d] = 0;
                     }
@@ -290,46 +272,6 @@ void ks_sparq_approx_scores_cpu(const void *q, const void *kt, ks_dtype dt, int6
 
 /* ---- 4. top-k positions ------------------------------------------------------- */
 
-/* strict "a ranks above b": higher key, ties to the lower position */
-static inline int sp_above(const float *key, int32_t a, int32_t b)
-{
-    const float ka = sp_key(key[a]), kb = sp_key(key[b]);
-    return ka > kb || (ka == kb && a < b);
-}
-
-/* min-heap (worst at the root) of positions */
-static void sp_heap_down(int32_t *heap, int64_t n, int64_t i, const float *key)
-{
-    for (;;) {
-        int64_t l = 2 * i + 1, rr = l + 1, w = i;
-        int32_t tmp;
-        if (l < n && sp_above(key, heap[w], heap[l]))
-            w = l;
-        if (rr < n && sp_above(key, heap[w], heap[rr]))
-            w = rr;
-        if (w == i)
-            return;
-        tmp = heap[i];
-        heap[i] = heap[w];
-        heap[w] = tmp;
-        i = w;
-    }
-}
-
-static void sp_heap_up(int32_t *heap, int64_t i, const float *key)
-{
-    while (i > 0) {
-        int64_t parent = (i - 1) / 2;
-        int32_t tmp;
-        if (!sp_above(key, heap[parent], heap[i]))
-            return;
-        tmp = heap[i];
-        heap[i] = heap[parent];
-        heap[parent] = tmp;
-        i = parent;
-    }
-}
-
 void ks_sparq_top_positions_cpu(const float *s_hat, int64_t B, int64_t H, int64_t cap,
                                 const int32_t *seq_lens, int64_t n_sel, int64_t local_window,
                                 int64_t group_size, int32_t *i2)
@@ -371,11 +313,11 @@ void ks_sparq_top_positions_cpu(const float *s_hat, int64_t B, int64_t H, int64_
                         for (t = 0; t < m; t++) {
                             if (n < kk) {
                                 heap[n] = (int32_t)t;
-                                sp_heap_up(heap, n, key);
+                                ks_heap_up(heap, n, key);
                                 n++;
-                            } else if (sp_above(key, (int32_t)t, heap[0])) {
+                            } else if (ks_above(key, (int32_t)t, heap[0])) {
                                 heap[0] = (int32_t)t;
-                                sp_heap_down(heap, n, 0, key);
+                                ks_heap_down(heap, n, 0, key);
                             }
                         }
                         /* heap[0] is the kk-th best; the order is total, so exactly
@@ -383,7 +325,7 @@ void ks_sparq_top_positions_cpu(const float *s_hat, int64_t B, int64_t H, int64_
                         {
                             const int32_t thr = heap[0];
                             for (t = 0; t < m && w < kk; t++)
-                                if (t == thr || sp_above(key, (int32_t)t, thr))
+                                if (t == thr || ks_above(key, (int32_t)t, thr))
                                     out[w++] = (int32_t)t;
                         }
                     }
@@ -467,7 +409,7 @@ void ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dt
                         const float *kr =
                             ks_row_f32(ks_cptr(k, dt, (kvbase + tok[t]) * D), dt, D, kbuf);
                         for (j = 0; j < nh; j++)
-                            sbuf[j * SP_ACH + t] = sp_dot(qf + j * D, kr, D);
+                            sbuf[j * SP_ACH + t] = ks_dot(qf + j * D, kr, D);
                     }
                     for (j = 0; j < nh; j++) {
                         float pm = -INFINITY, psum = 0.f;
