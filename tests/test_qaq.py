@@ -10,29 +10,16 @@ import math
 import pytest
 import torch
 
-import kvsparse
 from kvsparse import qaq
 from kvsparse import reference as ref
 
-HAS_GPU = torch.cuda.is_available() and kvsparse.has_cuda()
-_GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and kvsparse built with CUDA")]
+from kvs_testing import ATTN_TOL, DEVICES, DT_IDS, DTYPES, HAS_GPU  # noqa: E402
+from kvs_testing import dirty as _dirty  # noqa: E402
+from kvs_testing import seed as _seed  # noqa: E402
 
-DEVICES = ["cpu", pytest.param("cuda", marks=_GPU_MARKS)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_IDS = ["f32", "f16", "bf16"]
-
-# (atol, rtol) of an attention output against the float64 reference over the
-# dequantized cache (output rounded to the input dtype)
-ATTN_TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+# attention outputs are checked with ATTN_TOL against the float64 reference
+# over the dequantized cache (output rounded to the input dtype)
 EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-
-
-def _seed(*parts):
-    h = 0
-    for p in parts:
-        for ch in str(p):
-            h = (h * 131 + ord(ch)) % (2**31 - 1)
-    return h
 
 
 def _randn(shape, g, dtype, device):
@@ -40,11 +27,6 @@ def _randn(shape, g, dtype, device):
     x = torch.randn(shape, generator=g)
     x = torch.where(x.abs() < 1e-3, torch.full_like(x, 1e-3), x)
     return x.to(dtype=dtype).to(device)
-
-
-def _dirty(device, nbytes=1 << 22):
-    t = torch.full((nbytes // 4,), float("nan"), dtype=torch.float32, device=device)
-    del t
 
 
 def _group_view(x, Hg):

@@ -13,49 +13,16 @@ import kvsparse
 from kvsparse import quest
 from kvsparse import reference as ref
 
-HAS_GPU = torch.cuda.is_available() and kvsparse.has_cuda()
+from kvs_testing import DEVICES, DTYPES, HAS_GPU  # noqa: E402
+from kvs_testing import assert_close as _assert_close  # noqa: E402
+from kvs_testing import dirty as _dirty  # noqa: E402
+from kvs_testing import make_qkv as _make  # noqa: E402
+from kvs_testing import seed as _seed  # noqa: E402
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and kvsparse built with CUDA")],
-    ),
-]
-gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and kvsparse built with CUDA")]
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 P = 16  # page size used by most tests
 
-# (atol, rtol) of an attention output against the float64 reference; the
-# output is rounded to the input dtype.
-ATTN_TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 # scores are float32 sums of D exact products (fp16/bf16 products are exact in float32)
 SCORE_TOL = dict(atol=2e-3, rtol=1e-5)
-
-
-def _seed(*parts):
-    """A deterministic per-test seed."""
-    h = 0
-    for p in parts:
-        for ch in str(p):
-            h = (h * 131 + ord(ch)) % (2**31 - 1)
-    return h
-
-
-def _make(device, B, H, Hkv, cap, D, dtype, lens, seed):
-    """Random q, k, v (never zeros) and seq_lens. Tokens past seq_lens are random too."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, D, generator=g).to(device=device, dtype=dtype)
-    k = torch.randn(B, Hkv, cap, D, generator=g).to(device=device, dtype=dtype)
-    v = torch.randn(B, Hkv, cap, D, generator=g).to(device=device, dtype=dtype)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-    return q, k, v, seq_lens
-
-
-def _assert_close(actual, expected, dtype, what):
-    atol, rtol = ATTN_TOL[dtype]
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
 def _assert_scores_close(actual, expected):
@@ -65,12 +32,6 @@ def _assert_scores_close(actual, expected):
     assert not torch.isnan(a).any()
     fin = torch.isfinite(e)
     torch.testing.assert_close(a[fin], e[fin], **SCORE_TOL)
-
-
-def _dirty(device, nbytes=1 << 22):
-    """Leave NaN bytes in memory the allocator may hand out next (best effort)."""
-    t = torch.full((nbytes // 4,), float("nan"), dtype=torch.float32, device=device)
-    del t
 
 
 def _skip_d(device, D):

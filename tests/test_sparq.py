@@ -9,46 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kvsparse
 from kvsparse import reference as ref
 from kvsparse import sparq
 
-HAS_GPU = torch.cuda.is_available() and kvsparse.has_cuda()
-_GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and kvsparse built with CUDA")]
+from kvs_testing import DEVICES, DT_IDS, DTYPES, HAS_GPU  # noqa: E402
+from kvs_testing import assert_close as _assert_close  # noqa: E402
+from kvs_testing import dirty as _dirty  # noqa: E402
+from kvs_testing import make_qkv as _make  # noqa: E402
+from kvs_testing import seed as _seed  # noqa: E402
 
-DEVICES = ["cpu", pytest.param("cuda", marks=_GPU_MARKS)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_IDS = ["f32", "f16", "bf16"]
-
-# (atol, rtol) of an attention output against the float64 reference (output
-# rounded to the input dtype)
-ATTN_TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 # s_hat: float32 logits of exactly representable products, then exp / sum
 SHAT_TOL = dict(atol=1e-6, rtol=2e-4)
-
-
-def _seed(*parts):
-    h = 0
-    for p in parts:
-        for ch in str(p):
-            h = (h * 131 + ord(ch)) % (2**31 - 1)
-    return h
-
-
-def _make(device, B, H, Hkv, cap, D, dtype, lens, seed):
-    """Random q, k, v (never zeros) and seq_lens; the cache tail past seq_lens is random too."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, D, generator=g).to(device=device, dtype=dtype)
-    k = torch.randn(B, Hkv, cap, D, generator=g).to(device=device, dtype=dtype)
-    v = torch.randn(B, Hkv, cap, D, generator=g).to(device=device, dtype=dtype)
-    sl = torch.tensor(lens, dtype=torch.int32, device=device)
-    return q, k, v, sl
-
-
-def _dirty(device, nbytes=1 << 22):
-    """Leave NaN bytes in memory the allocator may hand out next (best effort)."""
-    t = torch.full((nbytes // 4,), float("nan"), dtype=torch.float32, device=device)
-    del t
 
 
 def _bits_equal(a, b):
@@ -57,12 +28,6 @@ def _bits_equal(a, b):
         return False
     it = torch.int32 if a.element_size() == 4 else torch.int16
     return torch.equal(a.contiguous().view(it), b.contiguous().view(it))
-
-
-def _assert_close(actual, expected, dtype, what):
-    atol, rtol = ATTN_TOL[dtype]
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol,
-                               msg=lambda m: f"{what}: {m}")
 
 
 def _assert_shat(s, expected, sl):
