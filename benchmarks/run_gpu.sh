@@ -35,14 +35,14 @@ for s in $stages; do
       python3 benchmarks/profile_$b.py 2>&1 | tee "$OUT/profile_$b.log" | tail -12
     done ;;
   ncu)
-    # kernel-level counters of the fused SparQ op (score/select and attention kernels)
-    ncu --clock-control none --kernel-name regex:"score_select|sparse_attn|select_|logits|normalize" \
+    # kernel-level counters of the SparQ decode op's kernels
+    ncu --clock-control none --kernel-name regex:"sparse_attn|select_|logits|normalize" \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
       python3 benchmarks/profile_sparq.py --ncu >"$OUT/ncu_sparq.txt" 2>&1
-    grep -E "score_select|sparse_attn|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Waves Per SM|Cluster" "$OUT/ncu_sparq.txt" | head -80 ;;
+    grep -E "_kernel|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Waves Per SM|Cluster" "$OUT/ncu_sparq.txt" | head -80 ;;
   ncu-detail)
-    # stall reasons and hot instructions of one fused score/select launch (H_kv = 8)
-    ncu --clock-control none --kernel-name regex:"score_select" --launch-skip 3 --launch-count 1 --set full \
+    # stall reasons and hot instructions of one top-k selection launch (H_kv = 8)
+    ncu --clock-control none --kernel-name regex:"select_" --launch-skip 3 --launch-count 1 --set full \
       python3 benchmarks/profile_sparq.py --ncu >"$OUT/ncu_detail.txt" 2>&1
     grep -A40 "Section: Warp State Statistics" "$OUT/ncu_detail.txt" | head -60
     grep -B2 -A30 "Section: Source Counters" "$OUT/ncu_detail.txt" | head -50 ;;
