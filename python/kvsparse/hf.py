@@ -287,6 +287,12 @@ def _set_attn_implementation(model, name):
 
 
 # ------------------------------------------------------------------- caches
+def _check_fits(config, head_dim):
+    """A SparQ config with explicit ``r`` must not ask for more channels than the model has."""
+    if isinstance(config, SparQConfig) and config.r is not None and config.r > head_dim:
+        raise ValueError(f"kvsparse: r ({config.r}) must be <= the model's head dim ({head_dim})")
+
+
 def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=None, device=None):
     """The kvsparse cache of the configured method for ``model``
     (:class:`~kvsparse.cache.QuestCache`, :class:`~kvsparse.cache.SparQCache` or
@@ -314,8 +320,7 @@ def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=No
         raise TypeError(
             f"kvsparse: make_cache needs a QuestConfig, SparQConfig or QAQConfig, got {type(config).__name__}")
     num_layers, kv_heads, head_dim = cache_geometry(model.config)
-    if isinstance(config, SparQConfig) and config.r is not None and config.r > head_dim:
-        raise ValueError(f"kvsparse: r ({config.r}) must be <= the model's head dim ({head_dim})")
+    _check_fits(config, head_dim)
     cache = KVSparseCache.for_config(config, num_layers=num_layers, max_cache_len=max_cache_len)
     if batch_size is not None:
         param = next(model.parameters())
@@ -381,10 +386,7 @@ def patch(model, method="quest", config=None, **kwargs):
     if not isinstance(cfg, _CONFIGS):  # pragma: no cover
         raise ValueError(f"kvsparse: method {cfg.method!r} is not supported by patch()")
     _check_supported(model)
-    if isinstance(cfg, SparQConfig) and cfg.r is not None:
-        head_dim = cache_geometry(model.config)[2]
-        if cfg.r > head_dim:
-            raise ValueError(f"kvsparse: r ({cfg.r}) must be <= the model's head dim ({head_dim})")
+    _check_fits(cfg, cache_geometry(model.config)[2])
     attn_modules = _attention_modules(model)
     if is_patched(model):
         unpatch(model)
