@@ -11,7 +11,8 @@ import sys
 import torch
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from bench_quest import hbm_bandwidth, n_copies, time_graph  # noqa: E402
+from _common import hbm_bandwidth, time_graph  # noqa: E402
+from bench_quest import n_copies  # noqa: E402
 from kvsparse import quest  # noqa: E402
 
 P = 16
