@@ -35,17 +35,47 @@ for s in $stages; do
       python3 benchmarks/profile_$b.py 2>&1 | tee "$OUT/profile_$b.log" | tail -12
     done ;;
   ncu)
-    # kernel-level counters of the SparQ decode op's kernels
-    ncu --clock-control none --kernel-name regex:"sparse_attn|select_|logits|normalize" \
+    # kernel-level counters of one method's decode kernels (NCU_METHOD: sparq or qaq)
+    m=${NCU_METHOD:-sparq}
+    if [ "$m" = qaq ]; then kre="qa_attn|qa_pmax"; args=""; else kre="sparse_attn|select_|logits|normalize"; args="--ncu"; fi
+    ncu --clock-control none --kernel-name regex:"$kre" \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis \
-      python3 benchmarks/profile_sparq.py --ncu >"$OUT/ncu_sparq.txt" 2>&1
-    grep -E "_kernel|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Waves Per SM|Cluster" "$OUT/ncu_sparq.txt" | head -80 ;;
+      python3 benchmarks/profile_$m.py $args >"$OUT/ncu_$m.txt" 2>&1
+    grep -E "_kernel|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Waves Per SM|Cluster|Executed Ipc" "$OUT/ncu_$m.txt" | head -80 ;;
   ncu-detail)
     # stall reasons and hot instructions of one top-k selection launch (H_kv = 8)
-    ncu --clock-control none --kernel-name regex:"select_" --launch-skip 3 --launch-count 1 --set full \
-      python3 benchmarks/profile_sparq.py --ncu >"$OUT/ncu_detail.txt" 2>&1
+    if [ "${NCU_METHOD:-sparq}" = qaq ]; then
+      ncu --clock-control none --kernel-name regex:"qa_attn" --launch-skip 1 --launch-count 1 --set full \
+        -f -o "$OUT/qaq_detail" python3 benchmarks/profile_qaq.py >"$OUT/ncu_run.txt" 2>&1
+      ncu -i "$OUT/qaq_detail.ncu-rep" --page details >"$OUT/ncu_detail.txt" 2>&1
+      ncu -i "$OUT/qaq_detail.ncu-rep" --page source --print-source sass --csv >"$OUT/ncu_sass.csv" 2>&1
+    else
+      ncu --clock-control none --kernel-name regex:"select_" --launch-skip 3 --launch-count 1 --set full \
+        python3 benchmarks/profile_sparq.py --ncu >"$OUT/ncu_detail.txt" 2>&1
+    fi
+    grep -E "Executed Instructions |Issued Instructions |Registers Per|Local Memory|Issue Slots Busy|Executed Ipc A" "$OUT/ncu_detail.txt" | head -12
     grep -A40 "Section: Warp State Statistics" "$OUT/ncu_detail.txt" | head -60
     grep -B2 -A30 "Section: Source Counters" "$OUT/ncu_detail.txt" | head -50 ;;
+  sass-qaq)
+    # instruction mix of the QAQ attention kernels (fp16, D=128) from the built extension
+    so=$(python3 -c "import kvsparse._C as c; print(c.__file__)")
+    cuobjdump -sass "$so" >"$OUT/sass_all.txt" 2>&1
+    python3 - "$OUT/sass_all.txt" <<'PYEOF'
+import re, sys, collections
+txt = open(sys.argv[1]).read()
+for fn in re.split(r"\n\s*Function : ", txt)[1:]:
+    name = fn.split("\n", 1)[0]
+    if "qa_attn_kernel" not in name or "__half" not in name and "6__half" not in name:
+        continue
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", fn)
+    c = collections.Counter(ops)
+    print(name[:90], "instructions:", len(ops))
+    print("  ", ", ".join(f"{k} {v}" for k, v in c.most_common(28)))
+PYEOF
+    ;;
+  time-qaq)
+    # the fused QAQ op per kernel variant (blocks per SM), B=1 H_kv=8 S=32k
+    for nb in ${QA_BLOCKS_LIST:-4 3 2}; do KVSPARSE_QA_BLOCKS=$nb python3 benchmarks/profile_qaq.py --time 2>&1 | tail -3; done ;;
   bench-quick)
     for b in ${BENCH:-quest sparq}; do
       python3 benchmarks/bench_$b.py --quick --no-cpu --out "$OUT" 2>&1 | tee "$OUT/bench_$b.log" | tail -30

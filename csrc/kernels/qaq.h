@@ -20,10 +20,17 @@
  *   oidx     [B, Hg, cap, n_out] int16   outlier element index in [0, E), -1 = unused
  *   oval     [B, Hg, cap, n_out] dt      outlier value (the cache dtype: exact)
  *
- * Codes: element e of a group with width w > 0 is the w-bit unsigned code at
- * bit e*w of the group's code bytes arena[b][off .. off + E*w/8), little-endian
- * (byte (e*w)/8, bits (e*w)%8 ..); w divides 8, so a code never straddles a
- * byte. w = 0 stores no codes. A group whose code bytes would not lie inside
+ * Codes: a group with width w > 0 owns the code bytes arena[b][off .. off + E*w/8),
+ * read as little-endian 32-bit words (word j = bytes 4j .. 4j+3), each holding
+ * n = 32/w w-bit unsigned codes. Element e lives in word j = e / n at slot
+ * s = sigma(e % n), i.e. bits [s*w, s*w + w) of the word, where in a whole word
+ *   sigma(i) = i/2 + (i%2) * n/2     (even elements in the low half-word,
+ *                                     odd ones in the high half-word)
+ * and in a final partial word (E*w not a multiple of 32) sigma(i) = i.
+ * ks_qaq_code_bit() below gives the bit position. The interleave lets the CUDA
+ * attention turn one shifted and masked word into a pair of 16-bit floats
+ * (element 2m in the low half, 2m+1 in the high half) with no byte shuffling.
+ * w divides 8, so a code never straddles a byte. w = 0 stores no codes. A group whose code bytes would not lie inside
  * [0, A) is read and written as if w were 0 (CPU bindings reject it). Widths
  * outside {0,1,2,4,8} read as 0. The code bytes of different groups must not
  * overlap (the kernels write groups in parallel); offsets are the caller's.
@@ -67,6 +74,22 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+#if defined(__CUDACC__)
+#define KS_QAQ_HD __host__ __device__
+#else
+#define KS_QAQ_HD
+#endif
+
+/* Bit position of element e's code inside the code bytes of a group of E
+ * elements at width w in {1, 2, 4, 8} (see "Codes" above). */
+static inline KS_QAQ_HD int64_t ks_qaq_code_bit(int64_t e, int w, int64_t E)
+{
+    const int ln = w == 1 ? 5 : w == 2 ? 4 : w == 4 ? 3 : 2; /* log2(32 / w) */
+    const int64_t n = (int64_t)1 << ln, j = e >> ln, i = e & (n - 1);
+    const int64_t s = (j + 1) * n <= E ? (i >> 1) + (i & 1) * (n >> 1) : i;
+    return j * 32 + s * w;
+}
 
 /* One quantized cache (keys or values). Hg is Hkv (per-head groups) or 1
  * (shared groups); E = D * Hkv / Hg. */

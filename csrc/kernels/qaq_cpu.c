@@ -145,12 +145,13 @@ static void qq_pack_group(const float *x, int64_t E, int w, const int16_t *idx, 
     {
         const float maxc = (float)((1 << w) - 1);
         for (e = 0; e < E; e++) {
+            const int64_t bit = ks_qaq_code_bit(e, w, E);
             float r = sf > 0.f ? floorf((x[e] - zf) / sf + 0.5f) : 0.f;
             unsigned c;
             r = r >= 0.f ? r : 0.f; /* also NaN -> 0 */
             r = r > maxc ? maxc : r;
             c = (unsigned)r;
-            codes[(e * w) >> 3] |= (uint8_t)(c << ((e * w) & 7));
+            codes[bit >> 3] |= (uint8_t)(c << (bit & 7));
         }
     }
 }
@@ -169,7 +170,7 @@ static void qq_unpack(const uint8_t *codes, int w, const uint16_t *sz, const int
     } else {
         const unsigned mask = (1u << w) - 1u;
         for (e = 0; e < n; e++) {
-            const int64_t bit = (e0 + e) * w;
+            const int64_t bit = ks_qaq_code_bit(e0 + e, w, E);
             const unsigned c = (codes[bit >> 3] >> (bit & 7)) & mask;
             dst[e] = z + s * (float)c;
         }

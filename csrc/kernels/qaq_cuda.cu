@@ -25,6 +25,7 @@
 #include <cuda_bf16.h>
 #include <math_constants.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "qaq.h"
 
@@ -58,9 +59,10 @@ __device__ __forceinline__ int eff_w(int w, int64_t off, int64_t E, int64_t A) {
 }
 
 // dequantized element e of a group (codes may be null when w == 0)
-__device__ __forceinline__ float deq(const uint8_t *codes, int w, float s, float z, int64_t e) {
+__device__ __forceinline__ float deq(const uint8_t *codes, int w, float s, float z, int64_t e,
+                                     int64_t E) {
   if (w == 0) return __fadd_rn(z, __fmul_rn(s, 0.5f));
-  const int64_t bit = e * w;
+  const int64_t bit = ks_qaq_code_bit(e, w, E);
   const unsigned c = (codes[bit >> 3] >> (bit & 7)) & ((1u << w) - 1u);
   return __fadd_rn(z, __fmul_rn(s, (float)c));
 }
@@ -71,6 +73,25 @@ __device__ __forceinline__ unsigned code_of(float x, float sf, float zf, int w) 
   r = r >= 0.f ? r : 0.f;
   r = r > maxc ? maxc : r;
   return (unsigned)r;
+}
+
+// Packs the codes of a group word by word, in increasing order (see "Codes" in
+// qaq.h): value(e) gives element e's float value. Word j is written only after
+// all its elements were read, so a requantization can read the old, wider codes
+// of the same bytes: the old bytes of words <= j hold elements read already.
+template <typename F>
+__device__ __forceinline__ void pack_codes(uint8_t *codes, int64_t E, int w, float sf, float zf,
+                                           F value) {
+  const int64_t n = 32 / w, nbytes = E * w / 8;
+  for (int64_t j = 0; j * n < E; ++j) {
+    const bool whole = (j + 1) * n <= E;
+    uint32_t word = 0;
+    for (int64_t i = 0; i < n && j * n + i < E; ++i) {
+      const int64_t s = whole ? (i >> 1) + (i & 1) * (n >> 1) : i;
+      word |= code_of(value(j * n + i), sf, zf, w) << (s * w);
+    }
+    for (int k = 0; k < 4 && 4 * j + k < nbytes; ++k) codes[4 * j + k] = (uint8_t)(word >> (8 * k));
+  }
 }
 
 // ------------------------------------------------------------------ bits ----
@@ -158,17 +179,8 @@ __global__ void k_quantize(const T *x, int64_t B, int64_t Hkv, int64_t n, int64_
   st.sz[2 * gi] = s16;
   st.sz[2 * gi + 1] = z16;
   if (w == 0) return;
-  const float sf = h2f(s16), zf = h2f(z16);
-  uint8_t *codes = st.arena + b * st.A + off;
-  unsigned acc = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t bit = e * w;
-    acc |= code_of(QQ_X(e), sf, zf, w) << (bit & 7);
-    if (((bit + w) & 7) == 0) {
-      codes[bit >> 3] = (uint8_t)acc;
-      acc = 0;
-    }
-  }
+  pack_codes(st.arena + b * st.A + off, E, w, h2f(s16), h2f(z16),
+             [&](int64_t e) { return QQ_X(e); });
 #undef QQ_X
 }
 
@@ -185,7 +197,7 @@ __global__ void k_dequantize(ks_qaq_store st, int64_t B, int64_t Hkv, int64_t ca
   const int64_t e = (hk % hpg) * D + d;
   const int32_t off = st.offsets[gi];
   const int w = eff_w(st.widths[gi], off, E, st.A);
-  float v = deq(st.arena + b * st.A + off, w, h2f(st.sz[2 * gi]), h2f(st.sz[2 * gi + 1]), e);
+  float v = deq(st.arena + b * st.A + off, w, h2f(st.sz[2 * gi]), h2f(st.sz[2 * gi + 1]), e, E);
   const T *ov = reinterpret_cast<const T *>(st.oval) + gi * st.n_out;
   for (int64_t j = 0; j < st.n_out; ++j)
     if (st.oidx[gi * st.n_out + j] == e) v = to_f<T>(ov[j]);
@@ -215,7 +227,7 @@ __global__ void k_requantize(ks_qaq_store st, int64_t B, int64_t Hkv, int64_t ca
     bool taken = false;
     for (int64_t j = 0; j < n_out; ++j) taken |= (oi[j] == e);
     if (taken) continue;
-    const float v = deq(codes, w_old, s_old, z_old, e);
+    const float v = deq(codes, w_old, s_old, z_old, e, E);
     mn = v < mn ? v : mn;
     mx = v > mx ? v : mx;
   }
@@ -223,21 +235,13 @@ __global__ void k_requantize(ks_qaq_store st, int64_t B, int64_t Hkv, int64_t ca
   const float s = w_new > 0 ? __fdiv_rn(__fsub_rn(mx, mn), (float)((1 << w_new) - 1))
                             : __fsub_rn(mx, mn);
   const uint16_t s16 = f2h(s), z16 = f2h(mn);
-  if (w_new > 0) {
-    const float sf = h2f(s16), zf = h2f(z16);
-    unsigned acc = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      float v = deq(codes, w_old, s_old, z_old, e);
+  if (w_new > 0)
+    pack_codes(codes, E, w_new, h2f(s16), h2f(z16), [&](int64_t e) {
+      float v = deq(codes, w_old, s_old, z_old, e, E);
       for (int64_t j = 0; j < n_out; ++j)
         if (oi[j] == e) v = to_f<T>(ov[j]);
-      const int64_t bit = e * w_new;
-      acc |= code_of(v, sf, zf, w_new) << (bit & 7);
-      if (((bit + w_new) & 7) == 0) {
-        codes[bit >> 3] = (uint8_t)acc;
-        acc = 0;
-      }
-    }
-  }
+      return v;
+    });
   st.sz[2 * gi] = s16;
   st.sz[2 * gi + 1] = z16;
   st.widths[gi] = (uint8_t)nw;
@@ -245,34 +249,49 @@ __global__ void k_requantize(ks_qaq_store st, int64_t B, int64_t Hkv, int64_t ca
 
 // ------------------------------------------------------------- attention ----
 //
-// One split-K kernel (+ an optional p_max kernel); a memset zeroes the merge
-// counters first. Grid (nsplit, Hkv, B); a block streams a contiguous token
-// range of one KV head for all G query heads of that head.
+// One split-K kernel on tensor cores (+ an optional p_max kernel); a memset
+// zeroes the merge counters first. Grid (nsplit, Hkv, B): a block of QA_WARPS
+// warps streams a token range of one KV head for all G <= 8 query heads of it,
+// a warp 16 tokens (a tile) at a time, with two mma.m16n8k16 products per tile:
 //
-// Lane layout: a token's D elements are covered by LPT = D / 8 lanes of
-// 8 elements each (c = lane % LPT), so a warp step covers TPS = 32 / LPT
-// tokens (sub = lane / LPT), U steps per chunk. Per token a lane reads the
-// group's offset / width / (scale, zero) (broadcast loads, coalesced over the
-// tokens of the warp) and its 8 codes as one w-byte word (u8 / u16 / u32 /
-// uint2, byte loads only when the arena address is misaligned). Codes become
-// floats with the 0x4B000000 trick; the dot product runs in code space:
-//   q . x = s * sum_e q_e c_e + z * sum_e q_e + sum_outliers q_j (oval_j - x_j)
-// (width 0: codes 0, z + s / 2 as the zero). The outlier owner lane adds the
-// correction; V outliers go to a lane-private shared-memory accumulator.
-// Online softmax per chunk (exp2 domain), per-split partials (acc, M, L), the
-// last block of a (b, hk) merges the splits in split order (deterministic).
-// p_max: the kernel writes the G log2-logits per token when asked and the
-// merge writes lambda = M + log2 L per head; a light kernel then takes
-// max_g exp2(s_g - lambda_g) per token.
+//   S = K Q^T   (16 tokens x 8 heads, k = D): A = the K codes as fp16 integers,
+//               B = q in fp16 (scaled by a power of two per head so that its
+//               largest |q_d| lies in [2^14, 2^15); float32 q as hi + lo pieces)
+//   O^T += V^T P'  (D x 8 heads, k = 16 tokens): A = the V codes as bf16
+//               integers, B = P' = p * (value scale) in bf16 (hi + lo pieces
+//               for fp16 / float32 caches)
+//
+// The dot products run in code space, x = zero + scale * code:
+//   q . x = scale * (q . codes) + zero * sum(q) + sum_outliers q_e (x_e - x~_e)
+//   sum_t p_t x_t = sum_t (p_t scale_t) codes_t + sum_t p_t zero_t + outliers
+// (width 0: codes 0, zero + scale / 2 as the zero). Codes become 16-bit floats
+// by or-ing a shifted, masked word into a magic exponent (1024 + c in fp16,
+// 128 + c in bf16, then a packed subtraction); the interleaved code order of
+// qaq.h makes each such word a pair (element 2m, 2m + 1), so
+//   - lane (gid = lane / 4, tig = lane % 4) holds the K codes of tokens gid and
+//     gid + 8 of the tile for elements [tig * D/4, (tig + 1) * D/4): pair 2s and
+//     2s + 1 are its k-step s (the element order inside the product is free as
+//     long as q's fragment uses the same one);
+//   - for V it holds tokens 2 tig, 2 tig + 1, 2 tig + 8, 2 tig + 9 over elements
+//     [gid * D/8, (gid + 1) * D/8); a byte permute pairs two tokens per element,
+//     and output row gid (gid + 8) of m-tile s is element gid * D/8 + 2s (+1);
+//   - P leaves the first product in the accumulator layout (tokens x heads) and
+//     movmatrix.trans turns it into the second product's B fragment;
+//   - the lane's output heads (2 tig, 2 tig + 1) are the heads of its logits, so
+//     the online-softmax rescaling of the accumulators needs no data exchange.
+// Each row's width picks its load and unpack code (a switch: tokens of mixed
+// widths in one warp diverge). K outliers correct the logits in registers; V
+// outliers go to a per-warp shared-memory accumulator kept relative to a
+// reference maximum (rescaled only when the running maximum passes it by 2^64).
+// Per-split partials (acc, M, L); the last block of a (b, hk) merges the splits
+// in split order (deterministic). p_max: the kernel writes the G log2-logits
+// per token when asked and the merge writes lambda = M + log2 L per head; a
+// light kernel then takes max_g exp2(s_g - lambda_g) per token.
 
 #define QQ_GMAX 8
+#define QA_WARPS 4
+#define QA_BLOCKS 4       // blocks per SM asked of the register allocator (<= 128 registers)
 #define QA_MIN_SPLIT 256  // fewest tokens per split
-
-template <int MAXG> __host__ __device__ constexpr int qa_warps() { return MAXG >= 4 ? 4 : 8; }
-// blocks per SM asked of the register allocator: 16 warps per SM for G <= 2
-// (<= 128 registers), 12 for G <= 4 (<= 170), 4 for G <= 8
-template <int MAXG> __host__ __device__ constexpr int qa_min_blocks() { return MAXG >= 8 ? 1 : MAXG >= 4 ? 3 : 2; }
-template <int MAXG> __host__ __device__ constexpr int qa_unroll() { return MAXG >= 8 ? 2 : 4; }
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -284,292 +303,484 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+// max / sum over the 8 lanes of equal tig (lane bits 2..4)
+__device__ __forceinline__ float gid_max(float v) {
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float gid_sum(float v) {
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
 
-// the metadata of one group (per token)
-struct QaMeta {
-  int32_t off;
-  int w;        // effective width (0 when invalid / out of the arena)
-  uint32_t sz;  // fp16 scale (low half), fp16 zero (high half)
+// precision of the two products per cache dtype: NQ fp16 pieces of q, NP bf16
+// pieces of P' (float32: ~22 and ~16 significant bits; fp16: q exact, P' ~16;
+// bf16: q exact, P' 8 bits, the output's own precision)
+template <typename T> struct QaPrec { static constexpr int NQ = 2, NP = 2; };
+template <> struct QaPrec<__half> { static constexpr int NQ = 1, NP = 2; };
+template <> struct QaPrec<__nv_bfloat16> { static constexpr int NQ = 1, NP = 1; };
+
+__device__ __forceinline__ void mma_f16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                        uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// the transpose of an 8x8 16-bit matrix held one row pair per lane
+__device__ __forceinline__ uint32_t trans8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t h2_bits(__half2 h) { return *reinterpret_cast<uint32_t *>(&h); }
+__device__ __forceinline__ uint32_t b2_bits(__nv_bfloat162 h) {
+  return *reinterpret_cast<uint32_t *>(&h);
+}
+__device__ __forceinline__ float bf_lo(uint32_t x) { return __uint_as_float(x << 16); }
+__device__ __forceinline__ float bf_hi(uint32_t x) { return __uint_as_float(x & 0xffff0000u); }
+
+// two codes (bits 0.. and 16..) as an fp16 pair
+__device__ __forceinline__ uint32_t f16_pair(uint32_t v) {
+  uint32_t r = v | 0x64006400u;
+  __half2 h = __hsub2(*reinterpret_cast<__half2 *>(&r), __half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400)));
+  return h2_bits(h);
+}
+// two codes < 128 (bits 0.. and 16..) as a bf16 pair
+__device__ __forceinline__ uint32_t bf16_pair(uint32_t v) {
+  uint32_t r = v | 0x43004300u;
+  const uint32_t m = 0x43004300u;
+  __nv_bfloat162 h = __hsub2(*reinterpret_cast<__nv_bfloat162 *>(&r),
+                             *reinterpret_cast<const __nv_bfloat162 *>(&m));
+  return b2_bits(h);
+}
+// two 8-bit codes (bits 0..7 and 16..23) as a bf16 pair (through float32: exact)
+__device__ __forceinline__ uint32_t bf16_pair8(uint32_t v) {
+  const float lo = __uint_as_float(0x4B000000u | (v & 0xffu)) - 8388608.f;
+  const float hi = __uint_as_float(0x4B000000u | (v >> 16)) - 8388608.f;
+  return b2_bits(__floats2bfloat162_rn(lo, hi));
+}
+
+// NW consecutive 32-bit words at p, with the widest loads its alignment allows
+template <int NW>
+__device__ __forceinline__ void load_words(const uint8_t *p, uint32_t *w) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (NW % 4 == 0 && (a & 15) == 0) {
+#pragma unroll
+    for (int i = 0; i < NW / 4; ++i) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4 *>(p) + i);
+      w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+    }
+  } else if (NW % 2 == 0 && (a & 7) == 0) {
+#pragma unroll
+    for (int i = 0; i < NW / 2; ++i) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2 *>(p) + i);
+      w[2 * i] = v.x; w[2 * i + 1] = v.y;
+    }
+  } else if ((a & 3) == 0) {
+#pragma unroll
+    for (int i = 0; i < NW; ++i) w[i] = __ldg(reinterpret_cast<const unsigned int *>(p) + i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < NW; ++i)
+      w[i] = (uint32_t)__ldg(p + 4 * i) | ((uint32_t)__ldg(p + 4 * i + 1) << 8) |
+             ((uint32_t)__ldg(p + 4 * i + 2) << 16) | ((uint32_t)__ldg(p + 4 * i + 3) << 24);
+  }
+}
+
+// A lane's chunk: elements [e0, e0 + 2 NPAIR) of a group (e0 a multiple of
+// 2 NPAIR); at width W it spans NW whole words, or lies inside one word.
+template <int W, int NPAIR> struct QaChunk {
+  static constexpr int N = 32 / W;  // codes per word
+  static constexpr int NW = 2 * NPAIR >= N ? 2 * NPAIR / N : 1;
 };
 
-__device__ __forceinline__ QaMeta qa_meta(const ks_qaq_store &st, int64_t gi, int64_t E) {
+// the words of a lane's chunk (nothing for width 0)
+template <int NPAIR, int NMAX>
+__device__ __forceinline__ void load_chunk(uint32_t (&raw)[NMAX], int w, const uint8_t *codes,
+                                           int e0) {
+  switch (w) {
+    case 1: load_words<QaChunk<1, NPAIR>::NW>(codes + (e0 / 32) * 4, raw); break;
+    case 2: load_words<QaChunk<2, NPAIR>::NW>(codes + (e0 / 16) * 4, raw); break;
+    case 4: load_words<QaChunk<4, NPAIR>::NW>(codes + (e0 / 8) * 4, raw); break;
+    case 8: load_words<QaChunk<8, NPAIR>::NW>(codes + (e0 / 4) * 4, raw); break;
+    default: break;
+  }
+}
+
+// pair m of the chunk: codes of elements e0 + 2m, e0 + 2m + 1 at bits 0.. and 16..
+template <int W, int NPAIR, int NMAX>
+__device__ __forceinline__ uint32_t chunk_pair(const uint32_t (&raw)[NMAX], int e0, int m) {
+  constexpr int N = 32 / W;
+  constexpr uint32_t M = ((1u << W) - 1u) * 0x00010001u;
+  if (2 * NPAIR >= N) return (raw[m / (N / 2)] >> (W * (m % (N / 2)))) & M;
+  return (raw[0] >> (W * ((e0 % N) / 2 + m))) & M;
+}
+
+// the chunk's pairs as fp16 (K) or bf16 (V) integer pairs; zeros for width 0
+template <bool BF, int NPAIR, int NMAX>
+__device__ __forceinline__ void unpack_chunk(const uint32_t (&raw)[NMAX], int w, int e0,
+                                             uint32_t (&out)[NPAIR]) {
+#define QA_UNPACK(W_, CVT)                                                          \
+  _Pragma("unroll") for (int m = 0; m < NPAIR; ++m) out[m] = CVT(chunk_pair<W_, NPAIR>(raw, e0, m)); \
+  break;
+  if (BF) {
+    switch (w) {
+      case 1: QA_UNPACK(1, bf16_pair)
+      case 2: QA_UNPACK(2, bf16_pair)
+      case 4: QA_UNPACK(4, bf16_pair)
+      case 8: QA_UNPACK(8, bf16_pair8)
+      default:
+#pragma unroll
+        for (int m = 0; m < NPAIR; ++m) out[m] = 0u;
+    }
+  } else {
+    switch (w) {
+      case 1: QA_UNPACK(1, f16_pair)
+      case 2: QA_UNPACK(2, f16_pair)
+      case 4: QA_UNPACK(4, f16_pair)
+      case 8: QA_UNPACK(8, f16_pair)
+      default:
+#pragma unroll
+        for (int m = 0; m < NPAIR; ++m) out[m] = 0u;
+    }
+  }
+#undef QA_UNPACK
+}
+
+// code of element e of a group (width w in {1, 2, 4, 8}), read from the arena;
+// ks_qaq_code_bit in 32-bit arithmetic (e < E < 2^15)
+__device__ __forceinline__ float code_at(const uint8_t *codes, int w, int e, int E) {
+  const int ln = w == 1 ? 5 : w == 2 ? 4 : w == 4 ? 3 : 2, n = 1 << ln, j = e >> ln, i = e & (n - 1);
+  const int s = ((j + 1) << ln) <= E ? (i >> 1) + (i & 1) * (n >> 1) : i;
+  const int bit = j * 32 + s * w;
+  return (float)((__ldg(codes + (bit >> 3)) >> (bit & 7)) & ((1u << w) - 1u));
+}
+
+// the metadata of one group (per token): effective width, code bytes, scale,
+// zero (the midpoint for width 0)
+struct QaMeta {
+  const uint8_t *codes;
+  int w;
+  float s, z;
+};
+
+__device__ __forceinline__ QaMeta qa_meta(const ks_qaq_store &st, const uint8_t *arena, int64_t gi,
+                                          int64_t E, bool ok) {
   QaMeta m;
-  m.off = __ldg(st.offsets + gi);
-  m.w = eff_w(__ldg(st.widths + gi), m.off, E, st.A);
-  m.sz = __ldg(reinterpret_cast<const uint32_t *>(st.sz) + gi);
+  m.codes = arena;
+  m.w = 0;
+  m.s = 0.f;
+  m.z = 0.f;
+  if (ok) {
+    const int32_t off = __ldg(st.offsets + gi);
+    m.w = eff_w(__ldg(st.widths + gi), off, E, st.A);
+    m.codes = arena + off;
+    const uint32_t sz = __ldg(reinterpret_cast<const uint32_t *>(st.sz) + gi);
+    m.s = h2f((uint16_t)(sz & 0xffffu));
+    m.z = h2f((uint16_t)(sz >> 16));
+    if (m.w == 0) m.z = __fadd_rn(m.z, __fmul_rn(m.s, 0.5f));
+  }
   return m;
 }
 
-// the w bytes of a lane's 8 codes (w in {0, 1, 2, 4, 8}) as a 64-bit word (lo, hi)
-__device__ __forceinline__ uint2 qa_codes(const uint8_t *p, int w) {
-  uint2 r = make_uint2(0u, 0u);
-  if (w == 0) return r;
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  if ((a & (uintptr_t)(w - 1)) == 0) {
-    if (w == 8) r = __ldg(reinterpret_cast<const uint2 *>(p));
-    else if (w == 4) r.x = __ldg(reinterpret_cast<const unsigned int *>(p));
-    else if (w == 2) r.x = __ldg(reinterpret_cast<const unsigned short *>(p));
-    else r.x = __ldg(p);
-  } else {  // misaligned arena address: byte by byte
-    for (int k = 0; k < w; ++k) {
-      const uint32_t byte = __ldg(p + k);
-      if (k < 4) r.x |= byte << (8 * k);
-      else r.y |= byte << (8 * (k - 4));
-    }
-  }
-  return r;
-}
-
-// the 8 codes as floats (exact); mask 0 gives zeros
-__device__ __forceinline__ void qa_unpack(uint2 bits, int w, uint32_t mask, float cf[8]) {
-  uint32_t x = bits.x;
-  const int sh = w > 0 ? w : 0;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    if (i == 4 && w == 8) x = bits.y;
-    cf[i] = __uint_as_float((x & mask) | 0x4B000000u) - 8388608.f;
-    x >>= sh;
-  }
-}
-
-// code rel (0..7) of the word
-__device__ __forceinline__ float qa_code_at(uint2 bits, int w, uint32_t mask, int rel) {
-  const int bit = rel * w;
-  const uint32_t x = bit >= 32 ? (bits.y >> (bit - 32)) : (bits.x >> bit);
-  return (float)(x & mask);
-}
-
-template <typename T, int D, int MAXG>
-__global__ void __launch_bounds__(qa_warps<MAXG>() * 32, qa_min_blocks<MAXG>())
+template <typename T, int D, int MINB>
+__global__ void __launch_bounds__(QA_WARPS * 32, MINB)
     qa_attn_kernel(const T *__restrict__ q, ks_qaq_store kq, ks_qaq_store vq, int H, int Hkv,
                    int64_t cap, const int32_t *__restrict__ seq_lens, float scale_log2,
                    int per_split, float *__restrict__ part, int *__restrict__ counters,
                    float *__restrict__ lam, float *__restrict__ slog, T *__restrict__ out) {
-  constexpr int W = qa_warps<MAXG>();
-  constexpr int NT = W * 32;
-  constexpr int EPL = 8;
-  constexpr int LPT = D / EPL;   // lanes per token
-  constexpr int TPS = 32 / LPT;  // tokens per warp step
-  constexpr int U = qa_unroll<MAXG>();
-  constexpr int CH = TPS * U;    // tokens per warp chunk
-  constexpr int REC = D + 2;     // partial record: acc[D], M, L
+  constexpr int W = QA_WARPS, NT = W * 32, MAXG = QQ_GMAX;
+  constexpr int NQ = QaPrec<T>::NQ, NP = QaPrec<T>::NP;
+  constexpr int NS = D / 16;                  // k-steps of S = m-tiles of O^T
+  constexpr int EPK = D / 4, NPK = EPK / 2;   // K elements / pairs of a lane per token
+  constexpr int EPV = D / 8, NPV = EPV / 2;   // V elements / pairs of a lane per token (NPV = NS)
+  constexpr int NWK = D / 16, NWV = D / 32;   // most words of a lane's K / V chunk (width 8)
+  constexpr int REC = D + 2;                  // partial record: acc[D], M, L
   const int split = blockIdx.x, nsplit = gridDim.x, hk = blockIdx.y, b = blockIdx.z;
   const int G = H / Hkv;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int c = lane % LPT, sub = lane / LPT;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
   const int64_t len = clamp_len(seq_lens[b], cap);
 
-  __shared__ float qs[MAXG][D];
-  __shared__ float s_qsum[MAXG];
-  // lane-private V outlier sums [MAXG][8][NT] during the stream; the warps'
-  // merge buffers afterwards
-  constexpr int VC = MAXG * 8 * NT;
-  constexpr int MB = W * MAXG * D;
-  __shared__ float s_buf[VC > MB ? VC : MB];
+  __shared__ float qs[MAXG][D];  // q (float32; zero rows past G)
+  __shared__ float s_qsum[MAXG], s_qpow[MAXG];
+  // per warp: V outlier sums relative to m_ref during the stream, the warp's
+  // merge record afterwards
+  __shared__ float s_buf[W][MAXG][D];
   __shared__ float s_m[W][MAXG], s_l[W][MAXG];
 
   for (int i = tid; i < MAXG * D; i += NT) {
     const int g = i / D;
-    qs[g][i % D] = g < G ? to_f<T>(q[((int64_t)b * H + (int64_t)hk * G) * D + i]) * scale_log2 : 0.f;
+    qs[g][i % D] = g < G ? to_f<T>(q[((int64_t)b * H + (int64_t)hk * G) * D + i]) : 0.f;
+    (&s_buf[0][0][0])[i] = 0.f;
   }
+  for (int i = MAXG * D + tid; i < W * MAXG * D; i += NT) (&s_buf[0][0][0])[i] = 0.f;
   __syncthreads();
   for (int g = warp; g < MAXG; g += W) {
-    float x = 0.f;
-    for (int d = lane; d < D; d += 32) x += qs[g][d];
-    x = warp_sum(x);
-    if (lane == 0) s_qsum[g] = x;
+    float sm = 0.f, mx = 0.f;
+    for (int d = lane; d < D; d += 32) {
+      sm += qs[g][d];
+      mx = fmaxf(mx, fabsf(qs[g][d]));
+    }
+    sm = warp_sum(sm);
+    mx = warp_max(mx);
+    if (lane == 0) {
+      int e = 0;
+      (void)frexpf(mx, &e);  // mx < 2^e
+      const int k = 15 - e < 127 ? 15 - e : 127;
+      s_qsum[g] = sm;
+      s_qpow[g] = mx > 0.f && mx <= 3.0e38f ? ldexpf(1.f, k) : 1.f;
+    }
   }
   __syncthreads();
-  float qv[MAXG][EPL], qsum[MAXG];
+  // B fragments of q: column gid, k-step s: elements tig*EPK + 4s + {0,1} / {2,3}
+  uint32_t qf[NQ][NS][2];
+  {
+    const float pw = s_qpow[gid];
 #pragma unroll
-  for (int g = 0; g < MAXG; ++g) {
-    qsum[g] = s_qsum[g];
+    for (int s = 0; s < NS; ++s)
 #pragma unroll
-    for (int i = 0; i < EPL; ++i) qv[g][i] = qs[g][c * EPL + i];
+      for (int h = 0; h < 2; ++h) {
+        const int e = tig * EPK + 4 * s + 2 * h;
+        const float x0 = qs[gid][e] * pw, x1 = qs[gid][e + 1] * pw;
+        const __half2 hi = __floats2half2_rn(x0, x1);
+        qf[0][s][h] = h2_bits(hi);
+        if (NQ > 1)
+          qf[NQ - 1][s][h] = h2_bits(__floats2half2_rn(x0 - __low2float(hi), x1 - __high2float(hi)));
+      }
   }
-  float *vcorr = s_buf + tid;  // entry (g, i) at vcorr[(g * 8 + i) * NT]
+  // this lane's heads: g0 = 2 tig, g1 = 2 tig + 1
+  float kc[2], kz[2];
 #pragma unroll
-  for (int k = 0; k < MAXG * 8; ++k) vcorr[k * NT] = 0.f;
-
-  float m_run[MAXG], l_run[MAXG], z_run[MAXG], acc[MAXG][EPL];
-#pragma unroll
-  for (int g = 0; g < MAXG; ++g) {
-    m_run[g] = -CUDART_INF_F; l_run[g] = 0.f; z_run[g] = 0.f;
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) acc[g][i] = 0.f;
+  for (int i = 0; i < 2; ++i) {
+    kc[i] = scale_log2 / s_qpow[2 * tig + i];
+    kz[i] = scale_log2 * s_qsum[2 * tig + i];
   }
 
   const int64_t hpg_k = Hkv / kq.Hg, E_k = hpg_k * D, hb_k = (hk % hpg_k) * D;
   const int64_t hpg_v = Hkv / vq.Hg, E_v = hpg_v * D, hb_v = (hk % hpg_v) * D;
   const int64_t gk0 = ((int64_t)b * kq.Hg + hk / hpg_k) * cap;
   const int64_t gv0 = ((int64_t)b * vq.Hg + hk / hpg_v) * cap;
-  const uint8_t *ak = kq.arena + (int64_t)b * kq.A;  // codes of a lane: + off + (hb + 8c) * w / 8
+  const uint8_t *ak = kq.arena + (int64_t)b * kq.A;
   const uint8_t *av = vq.arena + (int64_t)b * vq.A;
   const int64_t nk = kq.n_out, nv = vq.n_out;
   const T *okv = reinterpret_cast<const T *>(kq.oval);
   const T *ovv = reinterpret_cast<const T *>(vq.oval);
-  const int rel0_k = (int)hb_k + c * EPL, rel0_v = (int)hb_v + c * EPL;
+  const int e0k = (int)hb_k + tig * EPK, e0v = (int)hb_v + gid * EPV;
 
   const int64_t t_begin = (int64_t)split * per_split;
   const int64_t t_end = t_begin + per_split < len ? t_begin + per_split : len;
   float *slog_b = slog ? slog + ((int64_t)b * Hkv + hk) * cap * G : nullptr;
 
-  for (int64_t t0 = t_begin + (int64_t)warp * CH; t0 < t_end; t0 += (int64_t)W * CH) {
-    QaMeta mk[U], mv[U];
-    bool ok[U];
+  float oacc[NS][4];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t t = t0 + u * TPS + sub;
-      ok[u] = t < t_end;
-      if (ok[u]) {
-        mk[u] = qa_meta(kq, gk0 + t, E_k);
-        mv[u] = qa_meta(vq, gv0 + t, E_v);
-      } else {
-        mk[u].off = 0; mk[u].w = 0; mk[u].sz = 0u;
-        mv[u].off = 0; mv[u].w = 0; mv[u].sz = 0u;
+  for (int s = 0; s < NS; ++s) oacc[s][0] = oacc[s][1] = oacc[s][2] = oacc[s][3] = 0.f;
+  float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F}, l_run[2] = {0.f, 0.f}, z_run[2] = {0.f, 0.f};
+  float m_ref[2] = {-CUDART_INF_F, -CUDART_INF_F};
+  float *vc0 = &s_buf[warp][2 * tig][0], *vc1 = &s_buf[warp][2 * tig + 1][0];
+
+  for (int64_t t0 = t_begin + (int64_t)warp * 16; t0 < t_end; t0 += (int64_t)W * 16) {
+    // ---- metadata: rows gid, gid + 8 (K and V), V tokens 2tig + {0, 1, 8, 9}
+    QaMeta mk[2], mvr[2], mv[4];
+    bool okr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t t = t0 + gid + 8 * r;
+      okr[r] = t < t_end;
+      mk[r] = qa_meta(kq, ak, gk0 + t, E_k, okr[r]);
+      mvr[r] = qa_meta(vq, av, gv0 + t, E_v, okr[r]);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t t = t0 + 2 * tig + (i & 1) + 8 * (i >> 1);
+      mv[i].codes = av;
+      mv[i].w = 0;
+      if (t < t_end) {
+        const int32_t off = __ldg(vq.offsets + gv0 + t);
+        mv[i].w = eff_w(__ldg(vq.widths + gv0 + t), off, E_v, vq.A);
+        mv[i].codes = av + off;
       }
     }
-    uint2 bk[U], bv[U];
+    // ---- code words
+    uint32_t rk[2][NWK], rv[4][NWV];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      bk[u] = qa_codes(ak + mk[u].off + (hb_k / 8 + c) * mk[u].w, mk[u].w);
-      bv[u] = qa_codes(av + mv[u].off + (hb_v / 8 + c) * mv[u].w, mv[u].w);
+    for (int r = 0; r < 2; ++r) load_chunk<NPK>(rk[r], mk[r].w, mk[r].codes, e0k);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) load_chunk<NPV>(rv[i], mv[i].w, mv[i].codes, e0v);
+
+    // ---- S = K Q^T: lane holds (row gid, heads g0 g1), (row gid + 8, heads g0 g1)
+    float sc[4] = {0.f, 0.f, 0.f, 0.f};
+    {
+      uint32_t kp[2][NPK];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) unpack_chunk<false, NPK>(rk[r], mk[r].w, e0k, kp[r]);
+#pragma unroll
+      for (int s = 0; s < NS; ++s)
+#pragma unroll
+        for (int p = 0; p < NQ; ++p)
+          mma_f16(sc, kp[0][2 * s], kp[1][2 * s], kp[0][2 * s + 1], kp[1][2 * s + 1], qf[p][s][0],
+                  qf[p][s][1]);
     }
-    // ---- K: log2-domain logits of the chunk's tokens
-    float sc[MAXG][U];
+    float lg[4];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int w = mk[u].w;
-      const uint32_t mask = w > 0 ? (1u << w) - 1u : 0u;
-      const float s = h2f((uint16_t)(mk[u].sz & 0xffffu)), z = h2f((uint16_t)(mk[u].sz >> 16));
-      const float ze = w > 0 ? z : __fadd_rn(z, __fmul_rn(s, 0.5f));
-      float cf[EPL];
-      qa_unpack(bk[u], w, mask, cf);
-      float part_g[MAXG];
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
-      for (int g = 0; g < MAXG; ++g) {
-        float d = 0.f;
+      for (int i = 0; i < 2; ++i)
+        lg[2 * r + i] = okr[r] ? fmaf(mk[r].s * kc[i], sc[2 * r + i], mk[r].z * kz[i]) : -CUDART_INF_F;
+    // K outliers: q_e (x_e - x~_e) for this lane's heads
 #pragma unroll
-        for (int i = 0; i < EPL; ++i) d = fmaf(qv[g][i], cf[i], d);
-        part_g[g] = s * d;
-      }
-      if (ok[u]) {
-        const int64_t t = t0 + u * TPS + sub;
-        const int16_t *oi = kq.oidx + (gk0 + t) * nk;
-        for (int64_t j = 0; j < nk; ++j) {
-          const int rel = (int)__ldg(oi + j) - rel0_k;
-          if ((unsigned)rel < (unsigned)EPL) {
-            const float xo = to_f<T>(okv[(gk0 + t) * nk + j]);
-            const float xd = __fadd_rn(ze, __fmul_rn(s, qa_code_at(bk[u], w, mask, rel)));
-            const float delta = xo - xd;
+    for (int r = 0; r < 2; ++r) {
+      if (!okr[r]) continue;
+      const int64_t gi = gk0 + t0 + gid + 8 * r;
+      const int16_t *oi = kq.oidx + gi * nk;
+      const T *ov = okv + gi * nk;
+      for (int j = 0; j < (int)nk; ++j) {
+        const int rel = (int)__ldg(oi + j) - (int)hb_k;
+        if ((unsigned)rel < (unsigned)D) {
+          const float xo = to_f<T>(ov[j]);
+          const float c = mk[r].w > 0 ? code_at(mk[r].codes, mk[r].w, (int)hb_k + rel, (int)E_k) : 0.f;
+          const float delta = xo - fmaf(mk[r].s, c, mk[r].z);
 #pragma unroll
-            for (int g = 0; g < MAXG; ++g) part_g[g] = fmaf(qs[g][c * EPL + rel], delta, part_g[g]);
-          }
+          for (int i = 0; i < 2; ++i)
+            lg[2 * r + i] = fmaf(qs[2 * tig + i][rel] * scale_log2, delta, lg[2 * r + i]);
         }
       }
+    }
+    if (slog_b) {
 #pragma unroll
-      for (int g = 0; g < MAXG; ++g) {
-        float x = part_g[g];
+      for (int r = 0; r < 2; ++r)
 #pragma unroll
-        for (int o = LPT / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-        sc[g][u] = ok[u] ? fmaf(ze, qsum[g], x) : -CUDART_INF_F;
+        for (int i = 0; i < 2; ++i)
+          if (okr[r] && 2 * tig + i < G) slog_b[(t0 + gid + 8 * r) * G + 2 * tig + i] = lg[2 * r + i];
+    }
+    // ---- online softmax (exp2 domain) for heads g0, g1
+    float p[4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float mnew = fmaxf(m_run[i], gid_max(fmaxf(lg[i], lg[2 + i])));
+      const float corr = mnew == -CUDART_INF_F ? 1.f : exp2f(m_run[i] - mnew);
+      m_run[i] = mnew;
+      l_run[i] *= corr;
+      z_run[i] *= corr;
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        oacc[s][i] *= corr;
+        oacc[s][2 + i] *= corr;
       }
-      if (slog_b && ok[u] && c == 0) {
-        const int64_t t = t0 + u * TPS + sub;
 #pragma unroll
-        for (int g = 0; g < MAXG; ++g)
-          if (g < G) slog_b[t * G + g] = sc[g][u];
+      for (int r = 0; r < 2; ++r) {
+        p[2 * r + i] = mnew == -CUDART_INF_F ? 0.f : exp2f(lg[2 * r + i] - mnew);
+        l_run[i] += p[2 * r + i];
+        z_run[i] = fmaf(p[2 * r + i], mvr[r].z, z_run[i]);
+      }
+      if (m_ref[i] == -CUDART_INF_F) m_ref[i] = mnew;
+    }
+    // ---- P' = p * value scale in bf16 pieces, transposed into B fragments
+    uint32_t pb[NP][2];
+    {
+      uint32_t ph[2], pl[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float x0 = p[2 * r] * mvr[r].s, x1 = p[2 * r + 1] * mvr[r].s;
+        ph[r] = b2_bits(__floats2bfloat162_rn(x0, x1));
+        if (NP > 1) pl[r] = b2_bits(__floats2bfloat162_rn(x0 - bf_lo(ph[r]), x1 - bf_hi(ph[r])));
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        pb[0][r] = trans8x8(ph[r]);
+        if (NP > 1) pb[NP - 1][r] = trans8x8(pl[r]);
       }
     }
-    // ---- online softmax (the LPT lanes of a token slot agree on everything)
-    float p[MAXG][U];
+    // ---- O^T += V^T P'
+    {
+      uint32_t vp[4][NPV];
 #pragma unroll
-    for (int g = 0; g < MAXG; ++g) {
-      float smax = -CUDART_INF_F;
+      for (int i = 0; i < 4; ++i) unpack_chunk<true, NPV>(rv[i], mv[i].w, e0v, vp[i]);
 #pragma unroll
-      for (int u = 0; u < U; ++u) smax = fmaxf(smax, sc[g][u]);
-      const float mnew = fmaxf(m_run[g], smax);
-      if (mnew != m_run[g]) {  // mnew > -inf here
-        const float corr = exp2f(m_run[g] - mnew);
-        l_run[g] *= corr;
-        z_run[g] *= corr;
+      for (int s = 0; s < NS; ++s) {
+        const uint32_t a0 = __byte_perm(vp[0][s], vp[1][s], 0x5410);
+        const uint32_t a1 = __byte_perm(vp[0][s], vp[1][s], 0x7632);
+        const uint32_t a2 = __byte_perm(vp[2][s], vp[3][s], 0x5410);
+        const uint32_t a3 = __byte_perm(vp[2][s], vp[3][s], 0x7632);
 #pragma unroll
-        for (int i = 0; i < EPL; ++i) {
-          acc[g][i] *= corr;
-          vcorr[(g * 8 + i) * NT] *= corr;
+        for (int pp = 0; pp < NP; ++pp) mma_bf16(oacc[s], a0, a1, a2, a3, pb[pp][0], pb[pp][1]);
+      }
+    }
+    // ---- V outliers: p (x_e - x~_e) into the warp's shared sums (relative to m_ref)
+    bool big = false;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) big |= m_run[i] - m_ref[i] > 64.f;
+    if (__any_sync(0xffffffffu, big)) {  // rare: move the reference up first
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        if (m_run[i] - m_ref[i] > 64.f) {
+          const float f = exp2f(m_ref[i] - m_run[i]);
+          float *vc = i ? vc1 : vc0;
+          for (int d = gid; d < D; d += 8) vc[d] *= f;
+          m_ref[i] = m_run[i];
         }
-        m_run[g] = mnew;
       }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        p[g][u] = m_run[g] == -CUDART_INF_F ? 0.f : exp2f(sc[g][u] - m_run[g]);
-        l_run[g] += p[g][u];
-      }
+      __syncwarp();
     }
-    // ---- V: acc += p * s * codes, z_run += p * zero, outliers apart
+    float cr[2];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int w = mv[u].w;
-      const uint32_t mask = w > 0 ? (1u << w) - 1u : 0u;
-      const float s = h2f((uint16_t)(mv[u].sz & 0xffffu)), z = h2f((uint16_t)(mv[u].sz >> 16));
-      const float ze = w > 0 ? z : __fadd_rn(z, __fmul_rn(s, 0.5f));
-      float cf[EPL];
-      qa_unpack(bv[u], w, mask, cf);
+    for (int i = 0; i < 2; ++i) cr[i] = m_ref[i] == -CUDART_INF_F ? 0.f : exp2f(m_run[i] - m_ref[i]);
 #pragma unroll
-      for (int g = 0; g < MAXG; ++g) {
-        const float pw = p[g][u] * s;
-#pragma unroll
-        for (int i = 0; i < EPL; ++i) acc[g][i] = fmaf(pw, cf[i], acc[g][i]);
-        z_run[g] = fmaf(p[g][u], ze, z_run[g]);
-      }
-      if (ok[u]) {
-        const int64_t t = t0 + u * TPS + sub;
-        const int16_t *oi = vq.oidx + (gv0 + t) * nv;
-        for (int64_t j = 0; j < nv; ++j) {
-          const int rel = (int)__ldg(oi + j) - rel0_v;
-          if ((unsigned)rel < (unsigned)EPL) {
-            const float xo = to_f<T>(ovv[(gv0 + t) * nv + j]);
-            const float xd = __fadd_rn(ze, __fmul_rn(s, qa_code_at(bv[u], w, mask, rel)));
-            const float delta = xo - xd;
-#pragma unroll
-            for (int g = 0; g < MAXG; ++g) vcorr[(g * 8 + rel) * NT] += p[g][u] * delta;
-          }
+    for (int r = 0; r < 2; ++r) {
+      if (!okr[r]) continue;
+      const int64_t gi = gv0 + t0 + gid + 8 * r;
+      const int16_t *oi = vq.oidx + gi * nv;
+      const T *ov = ovv + gi * nv;
+      for (int j = 0; j < (int)nv; ++j) {
+        const int rel = (int)__ldg(oi + j) - (int)hb_v;
+        if ((unsigned)rel < (unsigned)D) {
+          const float xo = to_f<T>(ov[j]);
+          const float c = mvr[r].w > 0 ? code_at(mvr[r].codes, mvr[r].w, (int)hb_v + rel, (int)E_v) : 0.f;
+          const float delta = xo - fmaf(mvr[r].s, c, mvr[r].z);
+          atomicAdd(vc0 + rel, p[2 * r] * cr[0] * delta);
+          atomicAdd(vc1 + rel, p[2 * r + 1] * cr[1] * delta);
         }
       }
     }
   }
-  // fold the zero-point and outlier sums into acc
+  // ---- the warp's record: acc[g][d] = O + z_run + outlier sums, M, L
 #pragma unroll
-  for (int g = 0; g < MAXG; ++g)
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) acc[g][i] += z_run[g] + vcorr[(g * 8 + i) * NT];
-  // merge the TPS token slots of the warp (lanes with equal c)
-#pragma unroll
-  for (int g = 0; g < MAXG; ++g) {
-#pragma unroll
-    for (int o = LPT; o < 32; o <<= 1) {
-      const float mo = __shfl_xor_sync(0xffffffffu, m_run[g], o);
-      const float lo = __shfl_xor_sync(0xffffffffu, l_run[g], o);
-      const float mnew = fmaxf(m_run[g], mo);
-      const float ca = mnew == -CUDART_INF_F ? 0.f : exp2f(m_run[g] - mnew);
-      const float cb = mnew == -CUDART_INF_F ? 0.f : exp2f(mo - mnew);
-#pragma unroll
-      for (int i = 0; i < EPL; ++i) {
-        const float ao = __shfl_xor_sync(0xffffffffu, acc[g][i], o);
-        acc[g][i] = acc[g][i] * ca + ao * cb;
-      }
-      l_run[g] = l_run[g] * ca + lo * cb;
-      m_run[g] = mnew;
-    }
+  for (int i = 0; i < 2; ++i) {
+    l_run[i] = gid_sum(l_run[i]);
+    z_run[i] = gid_sum(z_run[i]);
   }
-  // merge the warps through shared memory (s_buf reused: [W][MAXG][D])
-  __syncthreads();
-  if (sub == 0) {
+  __syncwarp();
+  {
+    float f[2];
 #pragma unroll
-    for (int g = 0; g < MAXG; ++g) {
+    for (int i = 0; i < 2; ++i) f[i] = m_ref[i] == -CUDART_INF_F ? 0.f : exp2f(m_ref[i] - m_run[i]);
 #pragma unroll
-      for (int i = 0; i < EPL; ++i) s_buf[(warp * MAXG + g) * D + c * EPL + i] = acc[g][i];
-      if (c == 0) { s_m[warp][g] = m_run[g]; s_l[warp][g] = l_run[g]; }
+    for (int s = 0; s < NS; ++s) {
+      const int d = gid * EPV + 2 * s;
+      vc0[d] = oacc[s][0] + z_run[0] + vc0[d] * f[0];
+      vc1[d] = oacc[s][1] + z_run[1] + vc1[d] * f[1];
+      vc0[d + 1] = oacc[s][2] + z_run[0] + vc0[d + 1] * f[0];
+      vc1[d + 1] = oacc[s][3] + z_run[1] + vc1[d + 1] * f[1];
+    }
+    if (gid == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        s_m[warp][2 * tig + i] = m_run[i];
+        s_l[warp][2 * tig + i] = l_run[i];
+      }
     }
   }
   __syncthreads();
@@ -585,7 +796,7 @@ __global__ void __launch_bounds__(qa_warps<MAXG>() * 32, qa_min_blocks<MAXG>())
       for (int wi = 0; wi < W; ++wi) {
         const float cw = exp2f(s_m[wi][g] - M);
         L += s_l[wi][g] * cw;
-        A += s_buf[(wi * MAXG + g) * D + d] * cw;
+        A += s_buf[wi][g][d] * cw;
       }
     }
     if (nsplit == 1) {
@@ -689,8 +900,6 @@ inline unsigned nblocks(int64_t n, int per) { return (unsigned)((n + per - 1) / 
 
 inline size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
 
-inline int maxg_bucket(int64_t g) { return g <= 1 ? 1 : g <= 2 ? 2 : g <= 4 ? 4 : g <= 8 ? 8 : 0; }
-
 // multiprocessors of the current device (shape-only sizing: never changes in a process)
 int qa_sm_count() {
   static int n = 0;
@@ -707,12 +916,22 @@ int qa_sm_count() {
   return n;
 }
 
+// blocks per SM the kernel is built for: QA_BLOCKS, or KVSPARSE_QA_BLOCKS
+// (2, 3 or 4; an experiment switch of the benchmarks)
+int qa_blocks() {
+  static int n = 0;
+  if (n == 0) {
+    const char *e = getenv("KVSPARSE_QA_BLOCKS");
+    n = e && (e[0] == '2' || e[0] == '3' || e[0] == '4') && e[1] == 0 ? e[0] - '0' : QA_BLOCKS;
+  }
+  return n;
+}
+
 // tokens per split: about one full wave of blocks (the blocks per SM the
 // kernel is built for), at least QA_MIN_SPLIT tokens each, a multiple of 64
 int64_t qa_per_split(int64_t B, int64_t H, int64_t Hkv, int64_t cap) {
   if (cap <= 0) return QA_MIN_SPLIT;
-  const int mg = maxg_bucket(H / Hkv);
-  const int per_sm = mg >= 8 ? qa_min_blocks<8>() : mg >= 4 ? qa_min_blocks<4>() : qa_min_blocks<2>();
+  const int per_sm = qa_blocks();
   const int64_t rows = B * Hkv > 0 ? B * Hkv : 1;
   const int64_t want = ((int64_t)per_sm * qa_sm_count() + rows - 1) / rows;
   int64_t ns = (cap + QA_MIN_SPLIT - 1) / QA_MIN_SPLIT;
@@ -734,31 +953,28 @@ inline int64_t qa_nsplit(int64_t B, int64_t H, int64_t Hkv, int64_t cap) {
 
 namespace {
 
-template <typename T, int D, int MAXG>
+template <typename T, int D>
 int launch_attn(const T *q, int64_t B, int64_t H, int64_t Hkv, int64_t cap, const ks_qaq_store &kq,
                 const ks_qaq_store &vq, const int32_t *seq_lens, float scale, float *lam,
                 float *slog, float *part, int *counters, T *out, cudaStream_t s) {
   const int64_t per = qa_per_split(B, H, Hkv, cap);
   const int64_t ns = qa_nsplit(B, H, Hkv, cap);
   const dim3 grid((unsigned)ns, (unsigned)Hkv, (unsigned)B);
-  qa_attn_kernel<T, D, MAXG><<<grid, qa_warps<MAXG>() * 32, 0, s>>>(
-      q, kq, vq, (int)H, (int)Hkv, cap, seq_lens, scale * 1.4426950408889634f, (int)per, part,
-      counters, lam, slog, out);
-  return (int)cudaGetLastError();
-}
-
-template <typename T, int D>
-int launch_attn_d(const T *q, int64_t B, int64_t H, int64_t Hkv, int64_t cap,
-                  const ks_qaq_store &kq, const ks_qaq_store &vq, const int32_t *seq_lens,
-                  float scale, float *lam, float *slog, float *part, int *counters, T *out,
-                  cudaStream_t s) {
-  switch (maxg_bucket(H / Hkv)) {
-    case 1: return launch_attn<T, D, 1>(q, B, H, Hkv, cap, kq, vq, seq_lens, scale, lam, slog, part, counters, out, s);
-    case 2: return launch_attn<T, D, 2>(q, B, H, Hkv, cap, kq, vq, seq_lens, scale, lam, slog, part, counters, out, s);
-    case 4: return launch_attn<T, D, 4>(q, B, H, Hkv, cap, kq, vq, seq_lens, scale, lam, slog, part, counters, out, s);
-    case 8: return launch_attn<T, D, 8>(q, B, H, Hkv, cap, kq, vq, seq_lens, scale, lam, slog, part, counters, out, s);
-    default: return (int)cudaErrorInvalidValue;
+  const float sl2 = scale * 1.4426950408889634f;
+  switch (qa_blocks()) {
+    case 2:
+      qa_attn_kernel<T, D, 2><<<grid, QA_WARPS * 32, 0, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
+          seq_lens, sl2, (int)per, part, counters, lam, slog, out);
+      break;
+    case 3:
+      qa_attn_kernel<T, D, 3><<<grid, QA_WARPS * 32, 0, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
+          seq_lens, sl2, (int)per, part, counters, lam, slog, out);
+      break;
+    default:
+      qa_attn_kernel<T, D, 4><<<grid, QA_WARPS * 32, 0, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
+          seq_lens, sl2, (int)per, part, counters, lam, slog, out);
   }
+  return (int)cudaGetLastError();
 }
 
 // workspace: counters [B * Hkv] int | partials [B * H * nsplit * (D + 2)] |
@@ -789,9 +1005,9 @@ int attention_t(const T *q, int64_t B, int64_t H, int64_t Hkv, int64_t cap, int6
     cudaError_t e = cudaMemsetAsync(counters, 0, (size_t)B * Hkv * sizeof(int), s);
     if (e != cudaSuccess) return (int)e;
   }
-  int rc = D == 64 ? launch_attn_d<T, 64>(q, B, H, Hkv, cap, kq, vq, seq_lens, scale, lam, slog,
+  int rc = D == 64 ? launch_attn<T, 64>(q, B, H, Hkv, cap, kq, vq, seq_lens, scale, lam, slog,
                                           part, counters, out, s)
-                   : launch_attn_d<T, 128>(q, B, H, Hkv, cap, kq, vq, seq_lens, scale, lam, slog,
+                   : launch_attn<T, 128>(q, B, H, Hkv, cap, kq, vq, seq_lens, scale, lam, slog,
                                            part, counters, out, s);
   if (rc != 0) return rc;
   if (p_max && cap > 0) {

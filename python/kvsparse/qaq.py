@@ -25,8 +25,10 @@ for the values of a layer; ``Hg = Hkv``, or ``1`` when shared;
 
 ==========  =====================  ============================================
 arena       [B, A] uint8           packed codes; group codes at a byte offset of
-                                   its sequence's row, ``E * w / 8`` bytes,
-                                   element ``e`` at bit ``e * w``, little-endian
+                                   its sequence's row, ``E * w / 8`` bytes read
+                                   as 32-bit little-endian words of ``32 / w``
+                                   codes, even elements in the low half-word,
+                                   odd ones in the high (see qaq.h)
 offsets     [B, Hg, cap] int32     byte offset of each group's codes
 widths      [B, Hg, cap] uint8     bit-width, one of {0, 1, 2, 4, 8}
 sz          [B, Hg, cap, 2] fp16   (scale, zero): x = zero + scale * code

@@ -398,6 +398,17 @@ def qaq_quantize_group_ref(x, w, n_out):
     return codes, torch.stack([s16, z16], -1), oidx.to(torch.int16), oval
 
 
+def qaq_code_bit_ref(e, w, E):
+    """Bit position of element e's code in a group of E elements at width w: the
+    group's bytes are 32-bit little-endian words of n = 32 / w codes; in a whole
+    word element i sits at slot i // 2 + (i % 2) * n / 2 (even elements in the low
+    half-word, odd in the high), in a final partial word at slot i."""
+    n = 32 // w
+    j, i = e // n, e % n
+    slot = torch.where((j + 1) * n <= E, i // 2 + (i % 2) * (n // 2), i)
+    return j * 32 + slot * w
+
+
 def qaq_unpack_codes_ref(arena, offsets, widths, group_elems):
     """Codes of every group read from the arena (int64 [B, Hg, cap, E]; 0 for width 0)."""
     arena, offsets, widths = arena.cpu(), offsets.cpu().long(), widths.cpu().long()
@@ -410,9 +421,10 @@ def qaq_unpack_codes_ref(arena, offsets, widths, group_elems):
         if not sel.any():
             continue
         bidx = torch.arange(B)[:, None, None].expand(B, Hg, cap)[sel]
-        byte = offsets[sel][:, None] + (e * w // 8)[None]
+        bit = qaq_code_bit_ref(e, w, E)
+        byte = offsets[sel][:, None] + (bit // 8)[None]
         val = arena[bidx[:, None], byte].long()
-        codes[sel] = (val >> (e * w % 8)[None]) & ((1 << w) - 1)
+        codes[sel] = (val >> (bit % 8)[None]) & ((1 << w) - 1)
     return codes
 
 
