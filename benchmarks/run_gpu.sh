@@ -75,7 +75,7 @@ PYEOF
     ;;
   time-qaq)
     # the fused QAQ op per kernel variant (blocks per SM), B=1 H_kv=8 S=32k
-    for nb in ${QA_BLOCKS_LIST:-4 3 2}; do KVSPARSE_QA_BLOCKS=$nb python3 benchmarks/profile_qaq.py --time 2>&1 | tail -3; done ;;
+    for nb in ${QA_BLOCKS_LIST:-4 3 2}; do KVSPARSE_QA_BLOCKS=$nb python3 benchmarks/profile_qaq.py --time 2>&1 | tail -3; done | tee "$OUT/time_qaq.log" ;;
   bench-quick)
     for b in ${BENCH:-quest sparq}; do
       python3 benchmarks/bench_$b.py --quick --no-cpu --out "$OUT" 2>&1 | tee "$OUT/bench_$b.log" | tail -30

@@ -469,31 +469,39 @@ __device__ __forceinline__ float code_at(const uint8_t *codes, int w, int e, int
   return (float)((__ldg(codes + (bit >> 3)) >> (bit & 7)) & ((1u << w) - 1u));
 }
 
-// the metadata of one group (per token): effective width, code bytes, scale,
-// zero (the midpoint for width 0)
-struct QaMeta {
-  const uint8_t *codes;
-  int w;
-  float s, z;
+// the per-block view of one store's metadata for one (sequence, group row)
+struct QaRow {
+  const int32_t *off;
+  const uint8_t *w;
+  const uint32_t *sz;  // (scale, zero) fp16 pairs
+  const int16_t *oidx;
+  int lim;             // largest valid end byte of a group's codes (arena bytes, clamped to int)
 };
 
-__device__ __forceinline__ QaMeta qa_meta(const ks_qaq_store &st, const uint8_t *arena, int64_t gi,
-                                          int64_t E, bool ok) {
-  QaMeta m;
-  m.codes = arena;
-  m.w = 0;
-  m.s = 0.f;
-  m.z = 0.f;
-  if (ok) {
-    const int32_t off = __ldg(st.offsets + gi);
-    m.w = eff_w(__ldg(st.widths + gi), off, E, st.A);
-    m.codes = arena + off;
-    const uint32_t sz = __ldg(reinterpret_cast<const uint32_t *>(st.sz) + gi);
-    m.s = h2f((uint16_t)(sz & 0xffffu));
-    m.z = h2f((uint16_t)(sz >> 16));
-    if (m.w == 0) m.z = __fadd_rn(m.z, __fmul_rn(m.s, 0.5f));
-  }
-  return m;
+__device__ __forceinline__ QaRow qa_row(const ks_qaq_store &st, int64_t g0) {
+  QaRow r;
+  r.off = st.offsets + g0;
+  r.w = st.widths + g0;
+  r.sz = reinterpret_cast<const uint32_t *>(st.sz) + g0;
+  r.oidx = st.oidx + g0 * st.n_out;
+  r.lim = st.A < 0x7fffffff ? (int)st.A : 0x7fffffff;
+  return r;
+}
+
+// one token's group: effective width (0 when invalid or out of the arena),
+// code byte offset, scale, zero (the midpoint for width 0); zeros when !ok
+__device__ __forceinline__ void qa_token(const QaRow &r, int t, int E, bool ok, int &off, int &w,
+                                         float &sc, float &z) {
+  off = 0; w = 0; sc = 0.f; z = 0.f;
+  if (!ok) return;
+  off = __ldg(r.off + t);
+  const int wr = __ldg(r.w + t);
+  const uint32_t sz = __ldg(r.sz + t);
+  const bool valid = (wr == 1 || wr == 2 || wr == 4 || wr == 8) && off >= 0 && off <= r.lim - ((E * wr) >> 3);
+  w = valid ? wr : 0;
+  sc = h2f((uint16_t)(sz & 0xffffu));
+  z = h2f((uint16_t)(sz >> 16));
+  if (w == 0) z = __fadd_rn(z, __fmul_rn(sc, 0.5f));
 }
 
 template <typename T, int D, int MINB>
@@ -575,10 +583,17 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   const int64_t gv0 = ((int64_t)b * vq.Hg + hk / hpg_v) * cap;
   const uint8_t *ak = kq.arena + (int64_t)b * kq.A;
   const uint8_t *av = vq.arena + (int64_t)b * vq.A;
-  const int64_t nk = kq.n_out, nv = vq.n_out;
-  const T *okv = reinterpret_cast<const T *>(kq.oval);
-  const T *ovv = reinterpret_cast<const T *>(vq.oval);
-  const int e0k = (int)hb_k + tig * EPK, e0v = (int)hb_v + gid * EPV;
+  const int nk = (int)kq.n_out, nv = (int)vq.n_out;
+  const T *okv = reinterpret_cast<const T *>(kq.oval) + gk0 * nk;
+  const T *ovv = reinterpret_cast<const T *>(vq.oval) + gv0 * nv;
+  const QaRow rowk = qa_row(kq, gk0), rowv = qa_row(vq, gv0);
+  const int Ek = (int)E_k, Ev = (int)E_v, hbk = (int)hb_k, hbv = (int)hb_v;
+  const int e0k = hbk + tig * EPK, e0v = hbv + gid * EPV;
+  // lanes 0-15 read the K metadata of the tile's tokens, lanes 16-31 the V's
+  const QaRow rowm = lane < 16 ? rowk : rowv;
+  const int Em = lane < 16 ? Ek : Ev;
+  // V outliers go to the shared sums only from lanes of real heads
+  const bool vheads = 2 * tig < G;
 
   const int64_t t_begin = (int64_t)split * per_split;
   const int64_t t_end = t_begin + per_split < len ? t_begin + per_split : len;
@@ -592,40 +607,48 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   float *vc0 = &s_buf[warp][2 * tig][0], *vc1 = &s_buf[warp][2 * tig + 1][0];
 
   for (int64_t t0 = t_begin + (int64_t)warp * 16; t0 < t_end; t0 += (int64_t)W * 16) {
-    // ---- metadata: rows gid, gid + 8 (K and V), V tokens 2tig + {0, 1, 8, 9}
-    QaMeta mk[2], mvr[2], mv[4];
+    // ---- metadata: each lane reads one token's (K or V), the users get it by shuffles:
+    // K and V rows gid, gid + 8 (the S / softmax layout), V tokens 2tig + {0, 1, 8, 9}
+    const int t0i = (int)t0;
+    int m_off, m_w;
+    float m_s, m_z;
+    qa_token(rowm, t0i + (lane & 15), Em, t0 + (lane & 15) < t_end, m_off, m_w, m_s, m_z);
     bool okr[2];
+    int kw[2], koff[2], vrw[2], vroff[2];
+    float ks_[2], kz_[2], vs_[2], vz_[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int64_t t = t0 + gid + 8 * r;
-      okr[r] = t < t_end;
-      mk[r] = qa_meta(kq, ak, gk0 + t, E_k, okr[r]);
-      mvr[r] = qa_meta(vq, av, gv0 + t, E_v, okr[r]);
+      const int src = gid + 8 * r;
+      okr[r] = t0 + src < t_end;
+      kw[r] = __shfl_sync(0xffffffffu, m_w, src);
+      koff[r] = __shfl_sync(0xffffffffu, m_off, src);
+      ks_[r] = __shfl_sync(0xffffffffu, m_s, src);
+      kz_[r] = __shfl_sync(0xffffffffu, m_z, src);
+      vrw[r] = __shfl_sync(0xffffffffu, m_w, 16 + src);
+      vroff[r] = __shfl_sync(0xffffffffu, m_off, 16 + src);
+      vs_[r] = __shfl_sync(0xffffffffu, m_s, 16 + src);
+      vz_[r] = __shfl_sync(0xffffffffu, m_z, 16 + src);
     }
+    int vw[4], voff[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int64_t t = t0 + 2 * tig + (i & 1) + 8 * (i >> 1);
-      mv[i].codes = av;
-      mv[i].w = 0;
-      if (t < t_end) {
-        const int32_t off = __ldg(vq.offsets + gv0 + t);
-        mv[i].w = eff_w(__ldg(vq.widths + gv0 + t), off, E_v, vq.A);
-        mv[i].codes = av + off;
-      }
+      const int src = 16 + 2 * tig + (i & 1) + 8 * (i >> 1);
+      vw[i] = __shfl_sync(0xffffffffu, m_w, src);
+      voff[i] = __shfl_sync(0xffffffffu, m_off, src);
     }
     // ---- code words
     uint32_t rk[2][NWK], rv[4][NWV];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) load_chunk<NPK>(rk[r], mk[r].w, mk[r].codes, e0k);
+    for (int r = 0; r < 2; ++r) load_chunk<NPK>(rk[r], kw[r], ak + koff[r], e0k);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) load_chunk<NPV>(rv[i], mv[i].w, mv[i].codes, e0v);
+    for (int i = 0; i < 4; ++i) load_chunk<NPV>(rv[i], vw[i], av + voff[i], e0v);
 
     // ---- S = K Q^T: lane holds (row gid, heads g0 g1), (row gid + 8, heads g0 g1)
     float sc[4] = {0.f, 0.f, 0.f, 0.f};
     {
       uint32_t kp[2][NPK];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) unpack_chunk<false, NPK>(rk[r], mk[r].w, e0k, kp[r]);
+      for (int r = 0; r < 2; ++r) unpack_chunk<false, NPK>(rk[r], kw[r], e0k, kp[r]);
 #pragma unroll
       for (int s = 0; s < NS; ++s)
 #pragma unroll
@@ -638,20 +661,18 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
     for (int r = 0; r < 2; ++r)
 #pragma unroll
       for (int i = 0; i < 2; ++i)
-        lg[2 * r + i] = okr[r] ? fmaf(mk[r].s * kc[i], sc[2 * r + i], mk[r].z * kz[i]) : -CUDART_INF_F;
+        lg[2 * r + i] = okr[r] ? fmaf(ks_[r] * kc[i], sc[2 * r + i], kz_[r] * kz[i]) : -CUDART_INF_F;
     // K outliers: q_e (x_e - x~_e) for this lane's heads
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (!okr[r]) continue;
-      const int64_t gi = gk0 + t0 + gid + 8 * r;
-      const int16_t *oi = kq.oidx + gi * nk;
-      const T *ov = okv + gi * nk;
-      for (int j = 0; j < (int)nk; ++j) {
-        const int rel = (int)__ldg(oi + j) - (int)hb_k;
+      const int t = t0i + gid + 8 * r;
+      for (int j = 0; j < nk; ++j) {
+        const int rel = (int)__ldg(rowk.oidx + t * nk + j) - hbk;
         if ((unsigned)rel < (unsigned)D) {
-          const float xo = to_f<T>(ov[j]);
-          const float c = mk[r].w > 0 ? code_at(mk[r].codes, mk[r].w, (int)hb_k + rel, (int)E_k) : 0.f;
-          const float delta = xo - fmaf(mk[r].s, c, mk[r].z);
+          const float xo = to_f<T>(okv[t * nk + j]);
+          const float c = kw[r] > 0 ? code_at(ak + koff[r], kw[r], hbk + rel, Ek) : 0.f;
+          const float delta = xo - fmaf(ks_[r], c, kz_[r]);
 #pragma unroll
           for (int i = 0; i < 2; ++i)
             lg[2 * r + i] = fmaf(qs[2 * tig + i][rel] * scale_log2, delta, lg[2 * r + i]);
@@ -683,7 +704,7 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
       for (int r = 0; r < 2; ++r) {
         p[2 * r + i] = mnew == -CUDART_INF_F ? 0.f : exp2f(lg[2 * r + i] - mnew);
         l_run[i] += p[2 * r + i];
-        z_run[i] = fmaf(p[2 * r + i], mvr[r].z, z_run[i]);
+        z_run[i] = fmaf(p[2 * r + i], vz_[r], z_run[i]);
       }
       if (m_ref[i] == -CUDART_INF_F) m_ref[i] = mnew;
     }
@@ -693,7 +714,7 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
       uint32_t ph[2], pl[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const float x0 = p[2 * r] * mvr[r].s, x1 = p[2 * r + 1] * mvr[r].s;
+        const float x0 = p[2 * r] * vs_[r], x1 = p[2 * r + 1] * vs_[r];
         ph[r] = b2_bits(__floats2bfloat162_rn(x0, x1));
         if (NP > 1) pl[r] = b2_bits(__floats2bfloat162_rn(x0 - bf_lo(ph[r]), x1 - bf_hi(ph[r])));
       }
@@ -707,7 +728,7 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
     {
       uint32_t vp[4][NPV];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) unpack_chunk<true, NPV>(rv[i], mv[i].w, e0v, vp[i]);
+      for (int i = 0; i < 4; ++i) unpack_chunk<true, NPV>(rv[i], vw[i], e0v, vp[i]);
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
         const uint32_t a0 = __byte_perm(vp[0][s], vp[1][s], 0x5410);
@@ -738,20 +759,36 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
     float cr[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) cr[i] = m_ref[i] == -CUDART_INF_F ? 0.f : exp2f(m_run[i] - m_ref[i]);
+    // every lane runs the same (row, slot) steps; lanes that would add to the
+    // same (head, element) in one step take the atomic path, the others a plain
+    // read-modify-write (lanes of equal tig share heads; other tigs never collide)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if (!okr[r]) continue;
-      const int64_t gi = gv0 + t0 + gid + 8 * r;
-      const int16_t *oi = vq.oidx + gi * nv;
-      const T *ov = ovv + gi * nv;
-      for (int j = 0; j < (int)nv; ++j) {
-        const int rel = (int)__ldg(oi + j) - (int)hb_v;
-        if ((unsigned)rel < (unsigned)D) {
-          const float xo = to_f<T>(ov[j]);
-          const float c = mvr[r].w > 0 ? code_at(mvr[r].codes, mvr[r].w, (int)hb_v + rel, (int)E_v) : 0.f;
-          const float delta = xo - fmaf(mvr[r].s, c, mvr[r].z);
-          atomicAdd(vc0 + rel, p[2 * r] * cr[0] * delta);
-          atomicAdd(vc1 + rel, p[2 * r + 1] * cr[1] * delta);
+      const int t = t0i + gid + 8 * r;
+      for (int j = 0; j < nv; ++j) {
+        int rel = -1;
+        float d0 = 0.f;
+        if (okr[r]) {
+          rel = (int)__ldg(rowv.oidx + t * nv + j) - hbv;
+          if ((unsigned)rel < (unsigned)D) {
+            const float xo = to_f<T>(ovv[t * nv + j]);
+            const float c = vrw[r] > 0 ? code_at(av + vroff[r], vrw[r], hbv + rel, Ev) : 0.f;
+            d0 = xo - fmaf(vs_[r], c, vz_[r]);
+          } else {
+            rel = -1;
+          }
+        }
+        const bool add = rel >= 0 && vheads;
+        const unsigned same = __match_any_sync(0xffffffffu, add ? rel + (tig << 16) : -1 - lane);
+        if (add) {
+          const float a0 = p[2 * r] * cr[0] * d0, a1 = p[2 * r + 1] * cr[1] * d0;
+          if (__popc(same) == 1) {
+            vc0[rel] += a0;
+            vc1[rel] += a1;
+          } else {
+            atomicAdd(vc0 + rel, a0);
+            atomicAdd(vc1 + rel, a1);
+          }
         }
       }
     }
