@@ -49,7 +49,8 @@
  *   scale     = fp16(w > 0 ? (mx - mn) / (2^w - 1) : mx - mn), zero = fp16(mn)
  *   code[e]   = clamp(floor((x[e] - zero) / scale + 0.5), 0, 2^w - 1)
  *               (float32, IEEE division; 0 when scale == 0 or the quotient is
- *               NaN); outlier elements get codes too (unused).
+ *               NaN); outlier elements get code 0 (so that a kernel can take
+ *               the outlier's correction x - zero without reading its code).
  * Per element the error of an inlier is at most scale/2 plus the fp16
  * rounding of zero and scale; outliers are exact. Values must lie in the
  * fp16 range (the scale and zero point are fp16).

@@ -146,7 +146,7 @@ static void qq_pack_group(const float *x, int64_t E, int w, const int16_t *idx, 
         const float maxc = (float)((1 << w) - 1);
         for (e = 0; e < E; e++) {
             const int64_t bit = ks_qaq_code_bit(e, w, E);
-            float r = sf > 0.f ? floorf((x[e] - zf) / sf + 0.5f) : 0.f;
+            float r = sf > 0.f && !qq_taken(idx, n_out, e) ? floorf((x[e] - zf) / sf + 0.5f) : 0.f;
             unsigned c;
             r = r >= 0.f ? r : 0.f; /* also NaN -> 0 */
             r = r > maxc ? maxc : r;

@@ -179,8 +179,12 @@ __global__ void k_quantize(const T *x, int64_t B, int64_t Hkv, int64_t n, int64_
   st.sz[2 * gi] = s16;
   st.sz[2 * gi + 1] = z16;
   if (w == 0) return;
-  pack_codes(st.arena + b * st.A + off, E, w, h2f(s16), h2f(z16),
-             [&](int64_t e) { return QQ_X(e); });
+  const float zf_code = h2f(z16);  // the zero point: quantizes to code 0
+  pack_codes(st.arena + b * st.A + off, E, w, h2f(s16), h2f(z16), [&](int64_t e) {
+    for (int64_t k = 0; k < n_out; ++k)
+      if (idx[k] == e) return zf_code;  // outlier elements get code 0
+    return QQ_X(e);
+  });
 #undef QQ_X
 }
 
@@ -237,10 +241,9 @@ __global__ void k_requantize(ks_qaq_store st, int64_t B, int64_t Hkv, int64_t ca
   const uint16_t s16 = f2h(s), z16 = f2h(mn);
   if (w_new > 0)
     pack_codes(codes, E, w_new, h2f(s16), h2f(z16), [&](int64_t e) {
-      float v = deq(codes, w_old, s_old, z_old, e, E);
       for (int64_t j = 0; j < n_out; ++j)
-        if (oi[j] == e) v = to_f<T>(ov[j]);
-      return v;
+        if (oi[j] == e) return h2f(z16);  // outlier elements get code 0
+      return deq(codes, w_old, s_old, z_old, e, E);
     });
   st.sz[2 * gi] = s16;
   st.sz[2 * gi + 1] = z16;
@@ -292,6 +295,8 @@ __global__ void k_requantize(ks_qaq_store st, int64_t B, int64_t Hkv, int64_t ca
 #define QA_WARPS 4
 #define QA_BLOCKS 4       // blocks per SM asked of the register allocator (<= 128 registers)
 #define QA_MIN_SPLIT 256  // fewest tokens per split
+#define QA_OUT 2          // outlier slots per row read ahead of use (more are read when used)
+static_assert(QA_OUT == 2, "the outlier loops pick slot 0 or 1 of the read-ahead");
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -429,12 +434,13 @@ __device__ __forceinline__ uint32_t chunk_pair(const uint32_t (&raw)[NMAX], int 
   return (raw[0] >> (W * ((e0 % N) / 2 + m))) & M;
 }
 
-// the chunk's pairs as fp16 (K) or bf16 (V) integer pairs; zeros for width 0
-template <bool BF, int NPAIR, int NMAX>
+// pairs [M0, M0 + NM) of the chunk as fp16 (K) or bf16 (V) integer pairs
+// (out[m - M0]); zeros for width 0
+template <bool BF, int NPAIR, int M0, int NM, int NMAX>
 __device__ __forceinline__ void unpack_chunk(const uint32_t (&raw)[NMAX], int w, int e0,
-                                             uint32_t (&out)[NPAIR]) {
-#define QA_UNPACK(W_, CVT)                                                          \
-  _Pragma("unroll") for (int m = 0; m < NPAIR; ++m) out[m] = CVT(chunk_pair<W_, NPAIR>(raw, e0, m)); \
+                                             uint32_t (&out)[NM]) {
+#define QA_UNPACK(W_, CVT)                                                                  \
+  _Pragma("unroll") for (int m = 0; m < NM; ++m) out[m] = CVT(chunk_pair<W_, NPAIR>(raw, e0, M0 + m)); \
   break;
   if (BF) {
     switch (w) {
@@ -444,7 +450,7 @@ __device__ __forceinline__ void unpack_chunk(const uint32_t (&raw)[NMAX], int w,
       case 8: QA_UNPACK(8, bf16_pair8)
       default:
 #pragma unroll
-        for (int m = 0; m < NPAIR; ++m) out[m] = 0u;
+        for (int m = 0; m < NM; ++m) out[m] = 0u;
     }
   } else {
     switch (w) {
@@ -454,19 +460,10 @@ __device__ __forceinline__ void unpack_chunk(const uint32_t (&raw)[NMAX], int w,
       case 8: QA_UNPACK(8, f16_pair)
       default:
 #pragma unroll
-        for (int m = 0; m < NPAIR; ++m) out[m] = 0u;
+        for (int m = 0; m < NM; ++m) out[m] = 0u;
     }
   }
 #undef QA_UNPACK
-}
-
-// code of element e of a group (width w in {1, 2, 4, 8}), read from the arena;
-// ks_qaq_code_bit in 32-bit arithmetic (e < E < 2^15)
-__device__ __forceinline__ float code_at(const uint8_t *codes, int w, int e, int E) {
-  const int ln = w == 1 ? 5 : w == 2 ? 4 : w == 4 ? 3 : 2, n = 1 << ln, j = e >> ln, i = e & (n - 1);
-  const int s = ((j + 1) << ln) <= E ? (i >> 1) + (i & 1) * (n >> 1) : i;
-  const int bit = j * 32 + s * w;
-  return (float)((__ldg(codes + (bit >> 3)) >> (bit & 7)) & ((1u << w) - 1u));
 }
 
 // the per-block view of one store's metadata for one (sequence, group row)
@@ -606,15 +603,26 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   float m_ref[2] = {-CUDART_INF_F, -CUDART_INF_F};
   float *vc0 = &s_buf[warp][2 * tig][0], *vc1 = &s_buf[warp][2 * tig + 1][0];
 
+  // metadata: each lane reads one token's (K or V) for the tile after the
+  // current one (a prefetch); the users get it by shuffles
+  int n_off, n_w;
+  float n_s, n_z;
+  {
+    const int64_t t = t_begin + (int64_t)warp * 16 + (lane & 15);
+    qa_token(rowm, (int)t, Em, t < t_end, n_off, n_w, n_s, n_z);
+  }
   for (int64_t t0 = t_begin + (int64_t)warp * 16; t0 < t_end; t0 += (int64_t)W * 16) {
-    // ---- metadata: each lane reads one token's (K or V), the users get it by shuffles:
-    // K and V rows gid, gid + 8 (the S / softmax layout), V tokens 2tig + {0, 1, 8, 9}
+    // ---- metadata of K and V rows gid, gid + 8 (the S / softmax layout) and of
+    // V tokens 2tig + {0, 1, 8, 9}
     const int t0i = (int)t0;
-    int m_off, m_w;
-    float m_s, m_z;
-    qa_token(rowm, t0i + (lane & 15), Em, t0 + (lane & 15) < t_end, m_off, m_w, m_s, m_z);
+    const int m_off = n_off, m_w = n_w;
+    const float m_s = n_s, m_z = n_z;
+    {
+      const int64_t t = t0 + (int64_t)W * 16 + (lane & 15);
+      qa_token(rowm, (int)t, Em, t < t_end, n_off, n_w, n_s, n_z);
+    }
     bool okr[2];
-    int kw[2], koff[2], vrw[2], vroff[2];
+    int kw[2], koff[2];
     float ks_[2], kz_[2], vs_[2], vz_[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -624,8 +632,6 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
       koff[r] = __shfl_sync(0xffffffffu, m_off, src);
       ks_[r] = __shfl_sync(0xffffffffu, m_s, src);
       kz_[r] = __shfl_sync(0xffffffffu, m_z, src);
-      vrw[r] = __shfl_sync(0xffffffffu, m_w, 16 + src);
-      vroff[r] = __shfl_sync(0xffffffffu, m_off, 16 + src);
       vs_[r] = __shfl_sync(0xffffffffu, m_s, 16 + src);
       vz_[r] = __shfl_sync(0xffffffffu, m_z, 16 + src);
     }
@@ -642,19 +648,46 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
     for (int r = 0; r < 2; ++r) load_chunk<NPK>(rk[r], kw[r], ak + koff[r], e0k);
 #pragma unroll
     for (int i = 0; i < 4; ++i) load_chunk<NPV>(rv[i], vw[i], av + voff[i], e0v);
+    // ---- the first QA_OUT outlier slots of rows gid, gid + 8 (index, value)
+    int koi[2][QA_OUT], voi[2][QA_OUT];
+    float kov[2][QA_OUT], vov[2][QA_OUT];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int t = t0i + gid + 8 * r;
+#pragma unroll
+      for (int j = 0; j < QA_OUT; ++j) {
+        koi[r][j] = voi[r][j] = -1;
+        kov[r][j] = vov[r][j] = 0.f;
+        if (okr[r] && j < nk) {
+          koi[r][j] = (int)__ldg(rowk.oidx + t * nk + j) - hbk;
+          kov[r][j] = to_f<T>(okv[t * nk + j]);
+        }
+        if (okr[r] && j < nv) {
+          voi[r][j] = (int)__ldg(rowv.oidx + t * nv + j) - hbv;
+          vov[r][j] = to_f<T>(ovv[t * nv + j]);
+        }
+      }
+    }
 
     // ---- S = K Q^T: lane holds (row gid, heads g0 g1), (row gid + 8, heads g0 g1)
     float sc[4] = {0.f, 0.f, 0.f, 0.f};
-    {
-      uint32_t kp[2][NPK];
+    // in two halves of the k-steps (fewer live registers)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) unpack_chunk<false, NPK>(rk[r], kw[r], e0k, kp[r]);
+    for (int hh = 0; hh < 2; ++hh) {
+      uint32_t kp[2][NPK / 2];
 #pragma unroll
-      for (int s = 0; s < NS; ++s)
+      for (int r = 0; r < 2; ++r) {
+        if (hh == 0) unpack_chunk<false, NPK, 0, NPK / 2>(rk[r], kw[r], e0k, kp[r]);
+        else unpack_chunk<false, NPK, NPK / 2, NPK / 2>(rk[r], kw[r], e0k, kp[r]);
+      }
+#pragma unroll
+      for (int s2 = 0; s2 < NS / 2; ++s2) {
+        const int s = hh * (NS / 2) + s2;
 #pragma unroll
         for (int p = 0; p < NQ; ++p)
-          mma_f16(sc, kp[0][2 * s], kp[1][2 * s], kp[0][2 * s + 1], kp[1][2 * s + 1], qf[p][s][0],
+          mma_f16(sc, kp[0][2 * s2], kp[1][2 * s2], kp[0][2 * s2 + 1], kp[1][2 * s2 + 1], qf[p][s][0],
                   qf[p][s][1]);
+      }
     }
     float lg[4];
 #pragma unroll
@@ -662,17 +695,22 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
 #pragma unroll
       for (int i = 0; i < 2; ++i)
         lg[2 * r + i] = okr[r] ? fmaf(ks_[r] * kc[i], sc[2 * r + i], kz_[r] * kz[i]) : -CUDART_INF_F;
-    // K outliers: q_e (x_e - x~_e) for this lane's heads
+    // K outliers: q_e (x_e - zero) for this lane's heads (an outlier's code is 0)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if (!okr[r]) continue;
       const int t = t0i + gid + 8 * r;
       for (int j = 0; j < nk; ++j) {
-        const int rel = (int)__ldg(rowk.oidx + t * nk + j) - hbk;
+        int rel;
+        float xo;
+        if (j < QA_OUT) {
+          rel = j == 0 ? koi[r][0] : koi[r][QA_OUT - 1];
+          xo = j == 0 ? kov[r][0] : kov[r][QA_OUT - 1];
+        } else {
+          rel = okr[r] ? (int)__ldg(rowk.oidx + t * nk + j) - hbk : -1;
+          xo = okr[r] ? to_f<T>(okv[t * nk + j]) : 0.f;
+        }
         if ((unsigned)rel < (unsigned)D) {
-          const float xo = to_f<T>(okv[t * nk + j]);
-          const float c = kw[r] > 0 ? code_at(ak + koff[r], kw[r], hbk + rel, Ek) : 0.f;
-          const float delta = xo - fmaf(ks_[r], c, kz_[r]);
+          const float delta = xo - kz_[r];
 #pragma unroll
           for (int i = 0; i < 2; ++i)
             lg[2 * r + i] = fmaf(qs[2 * tig + i][rel] * scale_log2, delta, lg[2 * r + i]);
@@ -695,10 +733,12 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
       m_run[i] = mnew;
       l_run[i] *= corr;
       z_run[i] *= corr;
+      if (corr != 1.f) {
 #pragma unroll
-      for (int s = 0; s < NS; ++s) {
-        oacc[s][i] *= corr;
-        oacc[s][2 + i] *= corr;
+        for (int s = 0; s < NS; ++s) {
+          oacc[s][i] *= corr;
+          oacc[s][2 + i] *= corr;
+        }
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -725,16 +765,21 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
       }
     }
     // ---- O^T += V^T P'
-    {
-      uint32_t vp[4][NPV];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) unpack_chunk<true, NPV>(rv[i], vw[i], e0v, vp[i]);
+    for (int hh = 0; hh < 2; ++hh) {
+      uint32_t vp[4][NPV / 2];
 #pragma unroll
-      for (int s = 0; s < NS; ++s) {
-        const uint32_t a0 = __byte_perm(vp[0][s], vp[1][s], 0x5410);
-        const uint32_t a1 = __byte_perm(vp[0][s], vp[1][s], 0x7632);
-        const uint32_t a2 = __byte_perm(vp[2][s], vp[3][s], 0x5410);
-        const uint32_t a3 = __byte_perm(vp[2][s], vp[3][s], 0x7632);
+      for (int i = 0; i < 4; ++i) {
+        if (hh == 0) unpack_chunk<true, NPV, 0, NPV / 2>(rv[i], vw[i], e0v, vp[i]);
+        else unpack_chunk<true, NPV, NPV / 2, NPV / 2>(rv[i], vw[i], e0v, vp[i]);
+      }
+#pragma unroll
+      for (int s2 = 0; s2 < NS / 2; ++s2) {
+        const int s = hh * (NS / 2) + s2;
+        const uint32_t a0 = __byte_perm(vp[0][s2], vp[1][s2], 0x5410);
+        const uint32_t a1 = __byte_perm(vp[0][s2], vp[1][s2], 0x7632);
+        const uint32_t a2 = __byte_perm(vp[2][s2], vp[3][s2], 0x5410);
+        const uint32_t a3 = __byte_perm(vp[2][s2], vp[3][s2], 0x7632);
 #pragma unroll
         for (int pp = 0; pp < NP; ++pp) mma_bf16(oacc[s], a0, a1, a2, a3, pb[pp][0], pb[pp][1]);
       }
@@ -766,18 +811,17 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
     for (int r = 0; r < 2; ++r) {
       const int t = t0i + gid + 8 * r;
       for (int j = 0; j < nv; ++j) {
-        int rel = -1;
-        float d0 = 0.f;
-        if (okr[r]) {
-          rel = (int)__ldg(rowv.oidx + t * nv + j) - hbv;
-          if ((unsigned)rel < (unsigned)D) {
-            const float xo = to_f<T>(ovv[t * nv + j]);
-            const float c = vrw[r] > 0 ? code_at(av + vroff[r], vrw[r], hbv + rel, Ev) : 0.f;
-            d0 = xo - fmaf(vs_[r], c, vz_[r]);
-          } else {
-            rel = -1;
-          }
+        int rel;
+        float xo;
+        if (j < QA_OUT) {
+          rel = j == 0 ? voi[r][0] : voi[r][QA_OUT - 1];
+          xo = j == 0 ? vov[r][0] : vov[r][QA_OUT - 1];
+        } else {
+          rel = okr[r] ? (int)__ldg(rowv.oidx + t * nv + j) - hbv : -1;
+          xo = okr[r] ? to_f<T>(ovv[t * nv + j]) : 0.f;
         }
+        if ((unsigned)rel >= (unsigned)D) rel = -1;
+        const float d0 = xo - vz_[r];
         const bool add = rel >= 0 && vheads;
         const unsigned same = __match_any_sync(0xffffffffu, add ? rel + (tig << 16) : -1 - lane);
         if (add) {
@@ -790,6 +834,7 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
             atomicAdd(vc1 + rel, a1);
           }
         }
+        __syncwarp();
       }
     }
   }

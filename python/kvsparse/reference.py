@@ -393,7 +393,7 @@ def qaq_quantize_group_ref(x, w, n_out):
     u = torch.where(sf > 0, u, torch.zeros_like(u))
     u = torch.nan_to_num(u, nan=0.0).clamp_min(0)
     codes = torch.minimum(u, steps[..., None]).long()
-    codes = torch.where(w[..., None] > 0, codes, torch.zeros_like(codes))
+    codes = torch.where((w[..., None] > 0) & ~out_mask, codes, torch.zeros_like(codes))
     oval = torch.gather(x, -1, oidx)
     return codes, torch.stack([s16, z16], -1), oidx.to(torch.int16), oval
 
