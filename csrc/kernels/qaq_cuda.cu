@@ -293,7 +293,7 @@ __global__ void k_requantize(ks_qaq_store st, int64_t B, int64_t Hkv, int64_t ca
 
 #define QQ_GMAX 8
 #define QA_WARPS 4
-#define QA_BLOCKS 4       // blocks per SM asked of the register allocator (<= 128 registers)
+#define QA_BLOCKS 3       // blocks per SM asked of the register allocator (<= 168 registers)
 #define QA_MIN_SPLIT 256  // fewest tokens per split
 #define QA_OUT 2          // outlier slots per row read ahead of use (more are read when used)
 static_assert(QA_OUT == 2, "the outlier loops pick slot 0 or 1 of the read-ahead");
@@ -405,6 +405,8 @@ __device__ __forceinline__ void load_words(const uint8_t *p, uint32_t *w) {
   }
 }
 
+template <int W> struct QaW { static constexpr int value = W; };
+
 // A lane's chunk: elements [e0, e0 + 2 NPAIR) of a group (e0 a multiple of
 // 2 NPAIR); at width W it spans NW whole words, or lies inside one word.
 template <int W, int NPAIR> struct QaChunk {
@@ -412,11 +414,12 @@ template <int W, int NPAIR> struct QaChunk {
   static constexpr int NW = 2 * NPAIR >= N ? 2 * NPAIR / N : 1;
 };
 
-// the words of a lane's chunk (nothing for width 0)
-template <int NPAIR, int NMAX>
+// the words of a lane's chunk (nothing for width 0); WF > 0: every row of the
+// tile has width WF (the switch folds away)
+template <int NPAIR, int WF, int NMAX>
 __device__ __forceinline__ void load_chunk(uint32_t (&raw)[NMAX], int w, const uint8_t *codes,
                                            int e0) {
-  switch (w) {
+  switch (WF ? WF : w) {
     case 1: load_words<QaChunk<1, NPAIR>::NW>(codes + (e0 / 32) * 4, raw); break;
     case 2: load_words<QaChunk<2, NPAIR>::NW>(codes + (e0 / 16) * 4, raw); break;
     case 4: load_words<QaChunk<4, NPAIR>::NW>(codes + (e0 / 8) * 4, raw); break;
@@ -436,9 +439,10 @@ __device__ __forceinline__ uint32_t chunk_pair(const uint32_t (&raw)[NMAX], int 
 
 // pairs [M0, M0 + NM) of the chunk as fp16 (K) or bf16 (V) integer pairs
 // (out[m - M0]); zeros for width 0
-template <bool BF, int NPAIR, int M0, int NM, int NMAX>
-__device__ __forceinline__ void unpack_chunk(const uint32_t (&raw)[NMAX], int w, int e0,
+template <bool BF, int NPAIR, int M0, int NM, int WF, int NMAX>
+__device__ __forceinline__ void unpack_chunk(const uint32_t (&raw)[NMAX], int w_row, int e0,
                                              uint32_t (&out)[NM]) {
+  const int w = WF ? WF : w_row;
 #define QA_UNPACK(W_, CVT)                                                                  \
   _Pragma("unroll") for (int m = 0; m < NM; ++m) out[m] = CVT(chunk_pair<W_, NPAIR>(raw, e0, M0 + m)); \
   break;
@@ -642,147 +646,162 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
       vw[i] = __shfl_sync(0xffffffffu, m_w, src);
       voff[i] = __shfl_sync(0xffffffffu, m_off, src);
     }
-    // ---- code words
-    uint32_t rk[2][NWK], rv[4][NWV];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) load_chunk<NPK>(rk[r], kw[r], ak + koff[r], e0k);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) load_chunk<NPV>(rv[i], vw[i], av + voff[i], e0v);
-    // ---- the first QA_OUT outlier slots of rows gid, gid + 8 (index, value)
-    int koi[2][QA_OUT], voi[2][QA_OUT];
-    float kov[2][QA_OUT], vov[2][QA_OUT];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int t = t0i + gid + 8 * r;
-#pragma unroll
-      for (int j = 0; j < QA_OUT; ++j) {
-        koi[r][j] = voi[r][j] = -1;
-        kov[r][j] = vov[r][j] = 0.f;
-        if (okr[r] && j < nk) {
-          koi[r][j] = (int)__ldg(rowk.oidx + t * nk + j) - hbk;
-          kov[r][j] = to_f<T>(okv[t * nk + j]);
-        }
-        if (okr[r] && j < nv) {
-          voi[r][j] = (int)__ldg(rowv.oidx + t * nv + j) - hbv;
-          vov[r][j] = to_f<T>(ovv[t * nv + j]);
-        }
-      }
-    }
-
-    // ---- S = K Q^T: lane holds (row gid, heads g0 g1), (row gid + 8, heads g0 g1)
-    float sc[4] = {0.f, 0.f, 0.f, 0.f};
-    // in two halves of the k-steps (fewer live registers)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      uint32_t kp[2][NPK / 2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        if (hh == 0) unpack_chunk<false, NPK, 0, NPK / 2>(rk[r], kw[r], e0k, kp[r]);
-        else unpack_chunk<false, NPK, NPK / 2, NPK / 2>(rk[r], kw[r], e0k, kp[r]);
-      }
-#pragma unroll
-      for (int s2 = 0; s2 < NS / 2; ++s2) {
-        const int s = hh * (NS / 2) + s2;
-#pragma unroll
-        for (int p = 0; p < NQ; ++p)
-          mma_f16(sc, kp[0][2 * s2], kp[1][2 * s2], kp[0][2 * s2 + 1], kp[1][2 * s2 + 1], qf[p][s][0],
-                  qf[p][s][1]);
-      }
-    }
-    float lg[4];
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-        lg[2 * r + i] = okr[r] ? fmaf(ks_[r] * kc[i], sc[2 * r + i], kz_[r] * kz[i]) : -CUDART_INF_F;
-    // K outliers: q_e (x_e - zero) for this lane's heads (an outlier's code is 0)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int t = t0i + gid + 8 * r;
-      for (int j = 0; j < nk; ++j) {
-        int rel;
-        float xo;
-        if (j < QA_OUT) {
-          rel = j == 0 ? koi[r][0] : koi[r][QA_OUT - 1];
-          xo = j == 0 ? kov[r][0] : kov[r][QA_OUT - 1];
-        } else {
-          rel = okr[r] ? (int)__ldg(rowk.oidx + t * nk + j) - hbk : -1;
-          xo = okr[r] ? to_f<T>(okv[t * nk + j]) : 0.f;
-        }
-        if ((unsigned)rel < (unsigned)D) {
-          const float delta = xo - kz_[r];
-#pragma unroll
-          for (int i = 0; i < 2; ++i)
-            lg[2 * r + i] = fmaf(qs[2 * tig + i][rel] * scale_log2, delta, lg[2 * r + i]);
-        }
-      }
-    }
-    if (slog_b) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-          if (okr[r] && 2 * tig + i < G) slog_b[(t0 + gid + 8 * r) * G + 2 * tig + i] = lg[2 * r + i];
-    }
-    // ---- online softmax (exp2 domain) for heads g0, g1
+    // ---- the width-dependent part of the tile, compiled for tiles whose 16
+    // tokens share one K and one V width (no per-row dispatch) and for any mix
     float p[4];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float mnew = fmaxf(m_run[i], gid_max(fmaxf(lg[i], lg[2 + i])));
-      const float corr = mnew == -CUDART_INF_F ? 1.f : exp2f(m_run[i] - mnew);
-      m_run[i] = mnew;
-      l_run[i] *= corr;
-      z_run[i] *= corr;
-      if (corr != 1.f) {
-#pragma unroll
-        for (int s = 0; s < NS; ++s) {
-          oacc[s][i] *= corr;
-          oacc[s][2 + i] *= corr;
+    int voi[2][QA_OUT];
+    float vov[2][QA_OUT];
+    auto tile = [&](auto kt, auto vt) {
+      constexpr int WK = decltype(kt)::value, WV = decltype(vt)::value;
+      // ---- code words
+      uint32_t rk[2][NWK], rv[4][NWV];
+  #pragma unroll
+      for (int r = 0; r < 2; ++r) load_chunk<NPK, WK>(rk[r], kw[r], ak + koff[r], e0k);
+  #pragma unroll
+      for (int i = 0; i < 4; ++i) load_chunk<NPV, WV>(rv[i], vw[i], av + voff[i], e0v);
+      // ---- the first QA_OUT outlier slots of rows gid, gid + 8 (index, value)
+      int koi[2][QA_OUT];
+      float kov[2][QA_OUT];
+  #pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int t = t0i + gid + 8 * r;
+  #pragma unroll
+        for (int j = 0; j < QA_OUT; ++j) {
+          koi[r][j] = voi[r][j] = -1;
+          kov[r][j] = vov[r][j] = 0.f;
+          if (okr[r] && j < nk) {
+            koi[r][j] = (int)__ldg(rowk.oidx + t * nk + j) - hbk;
+            kov[r][j] = to_f<T>(okv[t * nk + j]);
+          }
+          if (okr[r] && j < nv) {
+            voi[r][j] = (int)__ldg(rowv.oidx + t * nv + j) - hbv;
+            vov[r][j] = to_f<T>(ovv[t * nv + j]);
+          }
         }
       }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        p[2 * r + i] = mnew == -CUDART_INF_F ? 0.f : exp2f(lg[2 * r + i] - mnew);
-        l_run[i] += p[2 * r + i];
-        z_run[i] = fmaf(p[2 * r + i], vz_[r], z_run[i]);
+
+      // ---- S = K Q^T: lane holds (row gid, heads g0 g1), (row gid + 8, heads g0 g1)
+      float sc[4] = {0.f, 0.f, 0.f, 0.f};
+      // in two halves of the k-steps (fewer live registers)
+  #pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        uint32_t kp[2][NPK / 2];
+  #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          if (hh == 0) unpack_chunk<false, NPK, 0, NPK / 2, WK>(rk[r], kw[r], e0k, kp[r]);
+          else unpack_chunk<false, NPK, NPK / 2, NPK / 2, WK>(rk[r], kw[r], e0k, kp[r]);
+        }
+  #pragma unroll
+        for (int s2 = 0; s2 < NS / 2; ++s2) {
+          const int s = hh * (NS / 2) + s2;
+  #pragma unroll
+          for (int p = 0; p < NQ; ++p)
+            mma_f16(sc, kp[0][2 * s2], kp[1][2 * s2], kp[0][2 * s2 + 1], kp[1][2 * s2 + 1], qf[p][s][0],
+                    qf[p][s][1]);
+        }
       }
-      if (m_ref[i] == -CUDART_INF_F) m_ref[i] = mnew;
-    }
-    // ---- P' = p * value scale in bf16 pieces, transposed into B fragments
-    uint32_t pb[NP][2];
+      float lg[4];
+  #pragma unroll
+      for (int r = 0; r < 2; ++r)
+  #pragma unroll
+        for (int i = 0; i < 2; ++i)
+          lg[2 * r + i] = okr[r] ? fmaf(ks_[r] * kc[i], sc[2 * r + i], kz_[r] * kz[i]) : -CUDART_INF_F;
+      // K outliers: q_e (x_e - zero) for this lane's heads (an outlier's code is 0)
+  #pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int t = t0i + gid + 8 * r;
+        for (int j = 0; j < nk; ++j) {
+          int rel;
+          float xo;
+          if (j < QA_OUT) {
+            rel = j == 0 ? koi[r][0] : koi[r][QA_OUT - 1];
+            xo = j == 0 ? kov[r][0] : kov[r][QA_OUT - 1];
+          } else {
+            rel = okr[r] ? (int)__ldg(rowk.oidx + t * nk + j) - hbk : -1;
+            xo = okr[r] ? to_f<T>(okv[t * nk + j]) : 0.f;
+          }
+          if ((unsigned)rel < (unsigned)D) {
+            const float delta = xo - kz_[r];
+  #pragma unroll
+            for (int i = 0; i < 2; ++i)
+              lg[2 * r + i] = fmaf(qs[2 * tig + i][rel] * scale_log2, delta, lg[2 * r + i]);
+          }
+        }
+      }
+      if (slog_b) {
+  #pragma unroll
+        for (int r = 0; r < 2; ++r)
+  #pragma unroll
+          for (int i = 0; i < 2; ++i)
+            if (okr[r] && 2 * tig + i < G) slog_b[(t0 + gid + 8 * r) * G + 2 * tig + i] = lg[2 * r + i];
+      }
+      // ---- online softmax (exp2 domain) for heads g0, g1
+  #pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float mnew = fmaxf(m_run[i], gid_max(fmaxf(lg[i], lg[2 + i])));
+        const float corr = mnew == -CUDART_INF_F ? 1.f : exp2f(m_run[i] - mnew);
+        m_run[i] = mnew;
+        l_run[i] *= corr;
+        z_run[i] *= corr;
+        if (corr != 1.f) {
+  #pragma unroll
+          for (int s = 0; s < NS; ++s) {
+            oacc[s][i] *= corr;
+            oacc[s][2 + i] *= corr;
+          }
+        }
+  #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          p[2 * r + i] = mnew == -CUDART_INF_F ? 0.f : exp2f(lg[2 * r + i] - mnew);
+          l_run[i] += p[2 * r + i];
+          z_run[i] = fmaf(p[2 * r + i], vz_[r], z_run[i]);
+        }
+        if (m_ref[i] == -CUDART_INF_F) m_ref[i] = mnew;
+      }
+      // ---- P' = p * value scale in bf16 pieces, transposed into B fragments
+      uint32_t pb[NP][2];
+      {
+        uint32_t ph[2], pl[2];
+  #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float x0 = p[2 * r] * vs_[r], x1 = p[2 * r + 1] * vs_[r];
+          ph[r] = b2_bits(__floats2bfloat162_rn(x0, x1));
+          if (NP > 1) pl[r] = b2_bits(__floats2bfloat162_rn(x0 - bf_lo(ph[r]), x1 - bf_hi(ph[r])));
+        }
+  #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          pb[0][r] = trans8x8(ph[r]);
+          if (NP > 1) pb[NP - 1][r] = trans8x8(pl[r]);
+        }
+      }
+      // ---- O^T += V^T P'
+  #pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        uint32_t vp[4][NPV / 2];
+  #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (hh == 0) unpack_chunk<true, NPV, 0, NPV / 2, WV>(rv[i], vw[i], e0v, vp[i]);
+          else unpack_chunk<true, NPV, NPV / 2, NPV / 2, WV>(rv[i], vw[i], e0v, vp[i]);
+        }
+  #pragma unroll
+        for (int s2 = 0; s2 < NS / 2; ++s2) {
+          const int s = hh * (NS / 2) + s2;
+          const uint32_t a0 = __byte_perm(vp[0][s2], vp[1][s2], 0x5410);
+          const uint32_t a1 = __byte_perm(vp[0][s2], vp[1][s2], 0x7632);
+          const uint32_t a2 = __byte_perm(vp[2][s2], vp[3][s2], 0x5410);
+          const uint32_t a3 = __byte_perm(vp[2][s2], vp[3][s2], 0x7632);
+  #pragma unroll
+          for (int pp = 0; pp < NP; ++pp) mma_bf16(oacc[s], a0, a1, a2, a3, pb[pp][0], pb[pp][1]);
+        }
+      }
+    };
     {
-      uint32_t ph[2], pl[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float x0 = p[2 * r] * vs_[r], x1 = p[2 * r + 1] * vs_[r];
-        ph[r] = b2_bits(__floats2bfloat162_rn(x0, x1));
-        if (NP > 1) pl[r] = b2_bits(__floats2bfloat162_rn(x0 - bf_lo(ph[r]), x1 - bf_hi(ph[r])));
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        pb[0][r] = trans8x8(ph[r]);
-        if (NP > 1) pb[NP - 1][r] = trans8x8(pl[r]);
-      }
-    }
-    // ---- O^T += V^T P'
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      uint32_t vp[4][NPV / 2];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if (hh == 0) unpack_chunk<true, NPV, 0, NPV / 2>(rv[i], vw[i], e0v, vp[i]);
-        else unpack_chunk<true, NPV, NPV / 2, NPV / 2>(rv[i], vw[i], e0v, vp[i]);
-      }
-#pragma unroll
-      for (int s2 = 0; s2 < NS / 2; ++s2) {
-        const int s = hh * (NS / 2) + s2;
-        const uint32_t a0 = __byte_perm(vp[0][s2], vp[1][s2], 0x5410);
-        const uint32_t a1 = __byte_perm(vp[0][s2], vp[1][s2], 0x7632);
-        const uint32_t a2 = __byte_perm(vp[2][s2], vp[3][s2], 0x5410);
-        const uint32_t a3 = __byte_perm(vp[2][s2], vp[3][s2], 0x7632);
-#pragma unroll
-        for (int pp = 0; pp < NP; ++pp) mma_bf16(oacc[s], a0, a1, a2, a3, pb[pp][0], pb[pp][1]);
-      }
+      const int wk0 = __shfl_sync(0xffffffffu, m_w, 0), wv0 = __shfl_sync(0xffffffffu, m_w, 16);
+      const bool uni = __all_sync(0xffffffffu, m_w == (lane < 16 ? wk0 : wv0));
+      if (uni && wk0 == 4 && wv0 == 4) tile(QaW<4>{}, QaW<4>{});
+      else if (uni && wk0 == 2 && wv0 == 2) tile(QaW<2>{}, QaW<2>{});
+      else if (uni && wk0 == 8 && wv0 == 8) tile(QaW<8>{}, QaW<8>{});
+      else tile(QaW<0>{}, QaW<0>{});
     }
     // ---- V outliers: p (x_e - x~_e) into the warp's shared sums (relative to m_ref)
     bool big = false;
