@@ -196,7 +196,7 @@ def gpu_markdown(bw, rows):
         "`bytes` = K + V bytes the fused op reads (codes + offset + width + scale/zero + outliers, MiB);",
         "`byte ratio` = fp16 K + V bytes / `bytes`; `roof` = bytes / copy bandwidth; `%roof` = roof / qaq;",
         "`+p_max` = the op also returning p_max; `eager` = one Python call per step;",
-        "`rel.err` = vs float32 SDPA over the dequantized cache.",
+        "`rel.err` = vs float32 SDPA over the dequantized cache (checked where B * H_kv * S <= 256k: n/a above).",
         "",
         "| B | H_kv | S | width (mean K/V) | dense SDPA | qaq (fused) | speedup | byte ratio | bytes MiB | roof | %roof | +p_max | eager | rel.err |",
         "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -204,7 +204,8 @@ def gpu_markdown(bw, rows):
         lines.append(f"| {x['B']} | {x['Hkv']} | {x['S']} | {x['w']} ({x['wk']:.2f}/{x['wv']:.2f}) | "
                      f"{x['dense']:.4f} | {x['qaq']:.4f} | {x['dense'] / x['qaq']:.2f}x | "
                      f"{x['dense_mb'] / x['mb']:.2f}x | {x['mb']:.1f} | {x['roof']:.4f} | "
-                     f"{100 * x['roof'] / x['qaq']:.0f}% | {x['pm']:.4f} | {x['eager']:.4f} | {x['err']:.1e} |")
+                     f"{100 * x['roof'] / x['qaq']:.0f}% | {x['pm']:.4f} | {x['eager']:.4f} | "
+                     f"{'n/a' if x['err'] != x['err'] else format(x['err'], '.1e')} |")
     return "\n".join(lines)
 
 

@@ -168,6 +168,27 @@ def test_requantize_lowers_in_place(device, shared):
     assert torch.equal(ag.gather(-1, oi)[valid], xg.gather(-1, oi)[valid])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w", [1, 2, 4, 8])
+def test_code_order_in_words_and_outlier_codes(device, w):
+    """The documented layout, spelled out: in each little-endian 32-bit word of n = 32 / w
+    codes, element i of the word sits at slot i // 2 + (i % 2) * n / 2; outliers have code 0."""
+    B, Hkv, cap, D = 1, 1, 3, 64
+    st, x, _ = _fill(device, B, Hkv, cap, D, torch.float32, [cap], torch.full((B, Hkv, cap), w, dtype=torch.uint8),
+                     _seed("order", w), alpha=0.05)
+    codes, _, oidx, _ = ref.qaq_quantize_group_ref(_group_view(x.cpu(), Hkv), w, st.oidx.shape[-1])
+    n = 32 // w
+    arena, offs = st.arena.cpu(), st.offsets.cpu()
+    for t in range(cap):
+        c = codes[0, 0, t].tolist()
+        assert all(c[int(e)] == 0 for e in oidx[0, 0, t])
+        base = int(offs[0, 0, t])
+        for j in range(D // n):
+            word = int.from_bytes(bytes(arena[0, base + 4 * j: base + 4 * j + 4].tolist()), "little")
+            exp = sum(c[j * n + i] << (w * (i // 2 + (i % 2) * (n // 2))) for i in range(n))
+            assert word == exp, (t, j)
+
+
 # --------------------------------------------------------------------------
 # bit-widths
 

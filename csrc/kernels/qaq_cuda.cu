@@ -6,14 +6,14 @@
 //
 //   bits         one thread per (sequence, group, token); float64 formulas
 //   quantize     one thread per (sequence, group, new token): outlier picks,
-//                range, codes packed a byte at a time
+//                range, codes packed a 32-bit word at a time (interleaved order)
 //   dequantize   one thread per output element
-//   requantize   one thread per group; reads every old code of a byte before
-//                the new byte overwrites it (the new width is lower, so in
-//                element order a new byte never covers an old byte still to read)
-//   attention    one split-K kernel over (splits, KV heads, sequences): all G
-//                query heads of a KV head per block, codes read as one word
-//                per lane and token, dot products in code space, online
+//   requantize   one thread per group; reads every old code of a word before
+//                the new word overwrites it (the new width is lower, so a new
+//                word never covers an old code still to read)
+//   attention    one split-K kernel over (splits, KV heads, sequences) on
+//                tensor cores: all G <= 8 query heads of a KV head per block,
+//                16 tokens per warp step, dot products in code space, online
 //                softmax, last-block merge of the splits (fixed order:
 //                deterministic); p_max: the kernel stores the log2-logits and
 //                a light kernel normalizes them (see the attention section).
