@@ -489,6 +489,19 @@ __device__ __forceinline__ QaRow qa_row(const ks_qaq_store &st, int64_t g0) {
   return r;
 }
 
+// outlier slot j of token t of a row (n slots per group): its element relative
+// to the head's base hb (-1 when !ok) and its value
+template <typename T>
+__device__ __forceinline__ void qa_outlier(const QaRow &row, const T *oval, int t, int n, int j, int hb,
+                                           bool ok, int &rel, float &xo) {
+  rel = -1;
+  xo = 0.f;
+  if (ok) {
+    rel = (int)__ldg(row.oidx + t * n + j) - hb;
+    xo = to_f<T>(oval[t * n + j]);
+  }
+}
+
 // one token's group: effective width (0 when invalid or out of the arena),
 // code byte offset, scale, zero (the midpoint for width 0); zeros when !ok
 __device__ __forceinline__ void qa_token(const QaRow &r, int t, int E, bool ok, int &off, int &w,
@@ -667,16 +680,8 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
         const int t = t0i + gid + 8 * r;
   #pragma unroll
         for (int j = 0; j < QA_OUT; ++j) {
-          koi[r][j] = voi[r][j] = -1;
-          kov[r][j] = vov[r][j] = 0.f;
-          if (okr[r] && j < nk) {
-            koi[r][j] = (int)__ldg(rowk.oidx + t * nk + j) - hbk;
-            kov[r][j] = to_f<T>(okv[t * nk + j]);
-          }
-          if (okr[r] && j < nv) {
-            voi[r][j] = (int)__ldg(rowv.oidx + t * nv + j) - hbv;
-            vov[r][j] = to_f<T>(ovv[t * nv + j]);
-          }
+          qa_outlier(rowk, okv, t, nk, j, hbk, okr[r] && j < nk, koi[r][j], kov[r][j]);
+          qa_outlier(rowv, ovv, t, nv, j, hbv, okr[r] && j < nv, voi[r][j], vov[r][j]);
         }
       }
 
@@ -717,8 +722,7 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
             rel = j == 0 ? koi[r][0] : koi[r][QA_OUT - 1];
             xo = j == 0 ? kov[r][0] : kov[r][QA_OUT - 1];
           } else {
-            rel = okr[r] ? (int)__ldg(rowk.oidx + t * nk + j) - hbk : -1;
-            xo = okr[r] ? to_f<T>(okv[t * nk + j]) : 0.f;
+            qa_outlier(rowk, okv, t, nk, j, hbk, okr[r], rel, xo);
           }
           if ((unsigned)rel < (unsigned)D) {
             const float delta = xo - kz_[r];
@@ -836,8 +840,7 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
           rel = j == 0 ? voi[r][0] : voi[r][QA_OUT - 1];
           xo = j == 0 ? vov[r][0] : vov[r][QA_OUT - 1];
         } else {
-          rel = okr[r] ? (int)__ldg(rowv.oidx + t * nv + j) - hbv : -1;
-          xo = okr[r] ? to_f<T>(ovv[t * nv + j]) : 0.f;
+          qa_outlier(rowv, ovv, t, nv, j, hbv, okr[r], rel, xo);
         }
         if ((unsigned)rel >= (unsigned)D) rel = -1;
         const float d0 = xo - vz_[r];
