@@ -407,6 +407,68 @@ __device__ __forceinline__ void load_words(const uint8_t *p, uint32_t *w) {
 
 template <int W> struct QaW { static constexpr int value = W; };
 
+// ---- asynchronous copies into a lane's staging record (cp.async, sm_80+).
+// A warp stages a tile in shared memory while it computes the previous one:
+// per lane and stage QA_SG 16-byte groups, laid out [group][lane] so that every
+// lane reads its own record with conflict-free 16-byte loads. Groups: 0-3 the
+// K chunks of rows gid, gid + 8 (two groups each), 4-7 the V chunks of tokens
+// 2tig + {0, 1, 8, 9}; from word 32 the first two outlier slots of rows gid, gid + 8:
+// K indices (words 32, 33: two int16 each), K values (34-35 / 36-37), V indices
+// (38, 39), V values (40-41 / 42-43; one word per row for 16-bit dtypes).
+#define QA_SG 11
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+template <int N>
+__device__ __forceinline__ void cp_async(uint32_t dst, const void *src) {
+  if (N == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(src), "n"(N) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+// word k of a lane's record at dst (the address of its group 0)
+__device__ __forceinline__ uint32_t rec_word(uint32_t dst, int k) {
+  return dst + (uint32_t)((k >> 2) * 32 * 16 + (k & 3) * 4);
+}
+// nw consecutive 32-bit words from src into record words [0, nw) at dst, with
+// the widest copies the source alignment allows (synchronous byte loads when
+// it is not even 4-byte aligned)
+__device__ __forceinline__ void copy_words(uint32_t dst, const uint8_t *src, int nw) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(src);
+  if ((a & 15) == 0 && (nw & 3) == 0) {
+    for (int k = 0; k < nw; k += 4) cp_async<16>(rec_word(dst, k), src + 4 * k);
+  } else if ((a & 7) == 0 && (nw & 1) == 0) {
+    for (int k = 0; k < nw; k += 2) cp_async<8>(rec_word(dst, k), src + 4 * k);
+  } else if ((a & 3) == 0) {
+    for (int k = 0; k < nw; ++k) cp_async<4>(rec_word(dst, k), src + 4 * k);
+  } else {
+    for (int k = 0; k < nw; ++k) {
+      const uint32_t v = (uint32_t)__ldg(src + 4 * k) | ((uint32_t)__ldg(src + 4 * k + 1) << 8) |
+                         ((uint32_t)__ldg(src + 4 * k + 2) << 16) | ((uint32_t)__ldg(src + 4 * k + 3) << 24);
+      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(rec_word(dst, k)), "r"(v) : "memory");
+    }
+  }
+}
+// NW words of a lane's record (dst = its group 0) into registers
+template <int NW>
+__device__ __forceinline__ void read_words(uint32_t src, uint32_t *w) {
+#pragma unroll
+  for (int g = 0; g < (NW + 3) / 4; ++g) {
+    uint32_t x, y, z, v;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(x), "=r"(y), "=r"(z), "=r"(v)
+                 : "r"(src + (uint32_t)(g * 32 * 16))
+                 : "memory");
+    if (4 * g < NW) w[4 * g] = x;
+    if (4 * g + 1 < NW) w[4 * g + 1] = y;
+    if (4 * g + 2 < NW) w[4 * g + 2] = z;
+    if (4 * g + 3 < NW) w[4 * g + 3] = v;
+  }
+}
+
 // A lane's chunk: elements [e0, e0 + 2 NPAIR) of a group (e0 a multiple of
 // 2 NPAIR); at width W it spans NW whole words, or lies inside one word.
 template <int W, int NPAIR> struct QaChunk {
@@ -489,6 +551,18 @@ __device__ __forceinline__ QaRow qa_row(const ks_qaq_store &st, int64_t g0) {
   return r;
 }
 
+// value j of the outlier values stored from word w on (cache dtype)
+template <typename T> __device__ __forceinline__ float qa_word_val(const uint32_t *w, int j);
+template <> __device__ __forceinline__ float qa_word_val<float>(const uint32_t *w, int j) {
+  return __uint_as_float(w[j]);
+}
+template <> __device__ __forceinline__ float qa_word_val<__half>(const uint32_t *w, int j) {
+  return h2f((uint16_t)(w[0] >> (16 * j)));
+}
+template <> __device__ __forceinline__ float qa_word_val<__nv_bfloat16>(const uint32_t *w, int j) {
+  return __uint_as_float((w[0] >> (16 * j)) << 16);
+}
+
 // outlier slot j of token t of a row (n slots per group): its element relative
 // to the head's base hb (-1 when !ok) and its value
 template <typename T>
@@ -542,6 +616,7 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   // merge record afterwards
   __shared__ float s_buf[W][MAXG][D];
   __shared__ float s_m[W][MAXG], s_l[W][MAXG];
+  extern __shared__ uint4 s_stage[];  // [W][2 stages][QA_SG][32 lanes]
 
   for (int i = tid; i < MAXG * D; i += NT) {
     const int g = i / D;
@@ -620,45 +695,84 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   float m_ref[2] = {-CUDART_INF_F, -CUDART_INF_F};
   float *vc0 = &s_buf[warp][2 * tig][0], *vc1 = &s_buf[warp][2 * tig + 1][0];
 
-  // metadata: each lane reads one token's (K or V) for the tile after the
-  // current one (a prefetch); the users get it by shuffles
-  int n_off, n_w;
-  float n_s, n_z;
+  // Pipeline per warp, tile i: its metadata was read two steps ahead (one lane
+  // per token, K or V), its codes and first outlier slots were copied into
+  // stage i % 2 one step ahead (cp.async); step i issues the copies of tile
+  // i + 1 and the metadata reads of tile i + 2, then waits for tile i's copies.
+  const uint32_t rec0 = smem_addr(s_stage + ((size_t)warp * 2 * QA_SG * 32 + lane));
+  const int wstep = W * 16;
+  auto issue = [&](int64_t tt, int off_l, int w_l, int stage) {
+    const uint32_t rec = rec0 + (uint32_t)(stage * QA_SG * 32 * 16);
+    const int tti = (int)tt;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int src = gid + 8 * r;
+      const int w = __shfl_sync(0xffffffffu, w_l, src), off = __shfl_sync(0xffffffffu, off_l, src);
+      const bool ok = tt + src < t_end;
+      if (w) {
+        const int nw = (EPK * w) >> 5;
+        copy_words(rec_word(rec, 8 * r), ak + off + ((e0k * w) >> 5) * 4, nw > 0 ? nw : 1);
+      }
+      // (n_out is even, so slot 0 of a row starts 4-byte aligned)
+      if (ok && nk) {
+        cp_async<4>(rec_word(rec, 32 + r), rowk.oidx + (tti + src) * nk);
+        for (int k = 0; k < (int)(QA_OUT * sizeof(T)) / 4; ++k)
+          cp_async<4>(rec_word(rec, 34 + 2 * r + k), reinterpret_cast<const uint32_t *>(okv + (tti + src) * nk) + k);
+      }
+      if (ok && nv) {
+        cp_async<4>(rec_word(rec, 38 + r), rowv.oidx + (tti + src) * nv);
+        for (int k = 0; k < (int)(QA_OUT * sizeof(T)) / 4; ++k)
+          cp_async<4>(rec_word(rec, 40 + 2 * r + k), reinterpret_cast<const uint32_t *>(ovv + (tti + src) * nv) + k);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int src = 16 + 2 * tig + (i & 1) + 8 * (i >> 1);
+      const int w = __shfl_sync(0xffffffffu, w_l, src), off = __shfl_sync(0xffffffffu, off_l, src);
+      if (w) {
+        const int nw = (EPV * w) >> 5;
+        copy_words(rec_word(rec, 16 + 4 * i), av + off + ((e0v * w) >> 5) * 4, nw > 0 ? nw : 1);
+      }
+    }
+  };
+  int m_off, m_w, n_off, n_w;
+  float m_s, m_z, n_s, n_z;
   {
     const int64_t t = t_begin + (int64_t)warp * 16 + (lane & 15);
-    qa_token(rowm, (int)t, Em, t < t_end, n_off, n_w, n_s, n_z);
+    qa_token(rowm, (int)t, Em, t < t_end, m_off, m_w, m_s, m_z);
+    if (t_begin + (int64_t)warp * 16 < t_end) issue(t_begin + (int64_t)warp * 16, m_off, m_w, 0);
+    cp_async_commit();
+    qa_token(rowm, (int)(t + wstep), Em, t + wstep < t_end, n_off, n_w, n_s, n_z);
   }
-  for (int64_t t0 = t_begin + (int64_t)warp * 16; t0 < t_end; t0 += (int64_t)W * 16) {
-    // ---- metadata of K and V rows gid, gid + 8 (the S / softmax layout) and of
-    // V tokens 2tig + {0, 1, 8, 9}
+  int stage = 0;
+  for (int64_t t0 = t_begin + (int64_t)warp * 16; t0 < t_end; t0 += wstep, stage ^= 1) {
     const int t0i = (int)t0;
-    const int m_off = n_off, m_w = n_w;
-    const float m_s = n_s, m_z = n_z;
+    if (t0 + wstep < t_end) issue(t0 + wstep, n_off, n_w, stage ^ 1);
+    cp_async_commit();
+    int nn_off, nn_w;
+    float nn_s, nn_z;
     {
-      const int64_t t = t0 + (int64_t)W * 16 + (lane & 15);
-      qa_token(rowm, (int)t, Em, t < t_end, n_off, n_w, n_s, n_z);
+      const int64_t t = t0 + 2 * wstep + (lane & 15);
+      qa_token(rowm, (int)t, Em, t < t_end, nn_off, nn_w, nn_s, nn_z);
     }
     bool okr[2];
-    int kw[2], koff[2];
+    int kw[2];
     float ks_[2], kz_[2], vs_[2], vz_[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int src = gid + 8 * r;
       okr[r] = t0 + src < t_end;
       kw[r] = __shfl_sync(0xffffffffu, m_w, src);
-      koff[r] = __shfl_sync(0xffffffffu, m_off, src);
       ks_[r] = __shfl_sync(0xffffffffu, m_s, src);
       kz_[r] = __shfl_sync(0xffffffffu, m_z, src);
       vs_[r] = __shfl_sync(0xffffffffu, m_s, 16 + src);
       vz_[r] = __shfl_sync(0xffffffffu, m_z, 16 + src);
     }
-    int vw[4], voff[4];
+    int vw[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int src = 16 + 2 * tig + (i & 1) + 8 * (i >> 1);
-      vw[i] = __shfl_sync(0xffffffffu, m_w, src);
-      voff[i] = __shfl_sync(0xffffffffu, m_off, src);
-    }
+    for (int i = 0; i < 4; ++i) vw[i] = __shfl_sync(0xffffffffu, m_w, 16 + 2 * tig + (i & 1) + 8 * (i >> 1));
+    cp_async_wait1();  // this tile's copies have landed (each lane reads only its own record)
+    const uint32_t rec = rec0 + (uint32_t)(stage * QA_SG * 32 * 16);
     // ---- the width-dependent part of the tile, compiled for tiles whose 16
     // tokens share one K and one V width (no per-row dispatch) and for any mix
     float p[4];
@@ -666,22 +780,29 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
     float vov[2][QA_OUT];
     auto tile = [&](auto kt, auto vt) {
       constexpr int WK = decltype(kt)::value, WV = decltype(vt)::value;
-      // ---- code words
+      // ---- code words and the first outlier slots, from the staging record
+      constexpr int RWK = WK ? QaChunk<WK ? WK : 1, NPK>::NW : NWK;
+      constexpr int RWV = WV ? QaChunk<WV ? WV : 1, NPV>::NW : NWV;
       uint32_t rk[2][NWK], rv[4][NWV];
-  #pragma unroll
-      for (int r = 0; r < 2; ++r) load_chunk<NPK, WK>(rk[r], kw[r], ak + koff[r], e0k);
-  #pragma unroll
-      for (int i = 0; i < 4; ++i) load_chunk<NPV, WV>(rv[i], vw[i], av + voff[i], e0v);
-      // ---- the first QA_OUT outlier slots of rows gid, gid + 8 (index, value)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) read_words<RWK>(rec_word(rec, 8 * r), rk[r]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) read_words<RWV>(rec_word(rec, 16 + 4 * i), rv[i]);
       int koi[2][QA_OUT];
       float kov[2][QA_OUT];
-  #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int t = t0i + gid + 8 * r;
-  #pragma unroll
-        for (int j = 0; j < QA_OUT; ++j) {
-          qa_outlier(rowk, okv, t, nk, j, hbk, okr[r] && j < nk, koi[r][j], kov[r][j]);
-          qa_outlier(rowv, ovv, t, nv, j, hbv, okr[r] && j < nv, voi[r][j], vov[r][j]);
+      {
+        uint32_t o[12];
+        read_words<12>(rec_word(rec, 32), o);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+          for (int j = 0; j < QA_OUT; ++j) {
+            const bool okk = okr[r] && nk > 0, okv_ = okr[r] && nv > 0;
+            koi[r][j] = okk ? (int)(int16_t)(o[r] >> (16 * j)) - hbk : -1;
+            voi[r][j] = okv_ ? (int)(int16_t)(o[6 + r] >> (16 * j)) - hbv : -1;
+            kov[r][j] = okk ? qa_word_val<T>(o + 2 + 2 * r, j) : 0.f;
+            vov[r][j] = okv_ ? qa_word_val<T>(o + 8 + 2 * r, j) : 0.f;
+          }
         }
       }
 
@@ -859,6 +980,8 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
         __syncwarp();
       }
     }
+    m_off = n_off; m_w = n_w; m_s = n_s; m_z = n_z;
+    n_off = nn_off; n_w = nn_w; n_s = nn_s; n_z = nn_z;
   }
   // ---- the warp's record: acc[g][d] = O + z_run + outlier sums, M, L
 #pragma unroll
@@ -1020,6 +1143,19 @@ int qa_sm_count() {
   return n;
 }
 
+// dynamic shared memory of the attention kernel: the staging records
+inline size_t qa_stage_bytes() { return (size_t)QA_WARPS * 2 * QA_SG * 32 * 16; }
+// lets a kernel take that much on top of its static shared memory (once per kernel)
+template <typename T, int D, int MINB>
+void qa_set_smem() {
+  static bool done = false;
+  if (!done) {
+    cudaFuncSetAttribute(qa_attn_kernel<T, D, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         (int)qa_stage_bytes());
+    done = true;
+  }
+}
+
 // blocks per SM the kernel is built for: QA_BLOCKS, or KVSPARSE_QA_BLOCKS
 // (2, 3 or 4; an experiment switch of the benchmarks)
 int qa_blocks() {
@@ -1065,17 +1201,21 @@ int launch_attn(const T *q, int64_t B, int64_t H, int64_t Hkv, int64_t cap, cons
   const int64_t ns = qa_nsplit(B, H, Hkv, cap);
   const dim3 grid((unsigned)ns, (unsigned)Hkv, (unsigned)B);
   const float sl2 = scale * 1.4426950408889634f;
+  const size_t dyn = qa_stage_bytes();
   switch (qa_blocks()) {
     case 2:
-      qa_attn_kernel<T, D, 2><<<grid, QA_WARPS * 32, 0, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
+      qa_set_smem<T, D, 2>();
+      qa_attn_kernel<T, D, 2><<<grid, QA_WARPS * 32, dyn, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
           seq_lens, sl2, (int)per, part, counters, lam, slog, out);
       break;
     case 3:
-      qa_attn_kernel<T, D, 3><<<grid, QA_WARPS * 32, 0, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
+      qa_set_smem<T, D, 3>();
+      qa_attn_kernel<T, D, 3><<<grid, QA_WARPS * 32, dyn, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
           seq_lens, sl2, (int)per, part, counters, lam, slog, out);
       break;
     default:
-      qa_attn_kernel<T, D, 4><<<grid, QA_WARPS * 32, 0, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
+      qa_set_smem<T, D, 4>();
+      qa_attn_kernel<T, D, 4><<<grid, QA_WARPS * 32, dyn, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
           seq_lens, sl2, (int)per, part, counters, lam, slog, out);
   }
   return (int)cudaGetLastError();
