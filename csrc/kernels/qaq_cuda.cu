@@ -576,19 +576,32 @@ __device__ __forceinline__ void qa_outlier(const QaRow &row, const T *oval, int 
   }
 }
 
-// one token's group: effective width (0 when invalid or out of the arena),
-// code byte offset, scale, zero (the midpoint for width 0); zeros when !ok
-__device__ __forceinline__ void qa_token(const QaRow &r, int t, int E, bool ok, int &off, int &w,
-                                         float &sc, float &z) {
-  off = 0; w = 0; sc = 0.f; z = 0.f;
-  if (!ok) return;
-  off = __ldg(r.off + t);
-  const int wr = __ldg(r.w + t);
-  const uint32_t sz = __ldg(r.sz + t);
-  const bool valid = (wr == 1 || wr == 2 || wr == 4 || wr == 8) && off >= 0 && off <= r.lim - ((E * wr) >> 3);
+// one token's group, read (qa_token_load) and decoded later (qa_token_decode, so
+// that a prefetch does not wait for its loads): effective width (0 when invalid
+// or out of the arena), code byte offset, scale, zero (the midpoint for width 0);
+// zeros when !ok
+struct QaRaw {
+  int off, w;
+  uint32_t sz;
+};
+__device__ __forceinline__ QaRaw qa_token_load(const QaRow &r, int t, bool ok) {
+  QaRaw x;
+  x.off = 0; x.w = 0; x.sz = 0u;
+  if (ok) {
+    x.off = __ldg(r.off + t);
+    x.w = __ldg(r.w + t);
+    x.sz = __ldg(r.sz + t);
+  }
+  return x;
+}
+__device__ __forceinline__ void qa_token_decode(const QaRaw &x, int lim, int E, int &off, int &w,
+                                                float &sc, float &z) {
+  const int wr = x.w;
+  off = x.off;
+  const bool valid = (wr == 1 || wr == 2 || wr == 4 || wr == 8) && off >= 0 && off <= lim - ((E * wr) >> 3);
   w = valid ? wr : 0;
-  sc = h2f((uint16_t)(sz & 0xffffu));
-  z = h2f((uint16_t)(sz >> 16));
+  sc = h2f((uint16_t)(x.sz & 0xffffu));
+  z = h2f((uint16_t)(x.sz >> 16));
   if (w == 0) z = __fadd_rn(z, __fmul_rn(sc, 0.5f));
 }
 
@@ -739,21 +752,21 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   float m_s, m_z, n_s, n_z;
   {
     const int64_t t = t_begin + (int64_t)warp * 16 + (lane & 15);
-    qa_token(rowm, (int)t, Em, t < t_end, m_off, m_w, m_s, m_z);
+    qa_token_decode(qa_token_load(rowm, (int)t, t < t_end), rowm.lim, Em, m_off, m_w, m_s, m_z);
     if (t_begin + (int64_t)warp * 16 < t_end) issue(t_begin + (int64_t)warp * 16, m_off, m_w, 0);
     cp_async_commit();
-    qa_token(rowm, (int)(t + wstep), Em, t + wstep < t_end, n_off, n_w, n_s, n_z);
+    qa_token_decode(qa_token_load(rowm, (int)(t + wstep), t + wstep < t_end), rowm.lim, Em, n_off, n_w,
+                    n_s, n_z);
   }
   int stage = 0;
   for (int64_t t0 = t_begin + (int64_t)warp * 16; t0 < t_end; t0 += wstep, stage ^= 1) {
     const int t0i = (int)t0;
     if (t0 + wstep < t_end) issue(t0 + wstep, n_off, n_w, stage ^ 1);
     cp_async_commit();
-    int nn_off, nn_w;
-    float nn_s, nn_z;
+    QaRaw nn;  // tile i + 2, decoded at the end of this step
     {
       const int64_t t = t0 + 2 * wstep + (lane & 15);
-      qa_token(rowm, (int)t, Em, t < t_end, nn_off, nn_w, nn_s, nn_z);
+      nn = qa_token_load(rowm, (int)t, t < t_end);
     }
     bool okr[2];
     int kw[2];
@@ -950,38 +963,55 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
     for (int i = 0; i < 2; ++i) cr[i] = m_ref[i] == -CUDART_INF_F ? 0.f : exp2f(m_run[i] - m_ref[i]);
     // every lane runs the same (row, slot) steps; lanes that would add to the
     // same (head, element) in one step take the atomic path, the others a plain
-    // read-modify-write (lanes of equal tig share heads; other tigs never collide)
+    // read-modify-write (lanes of equal tig share heads; other tigs never collide).
+    // The read-ahead slots are matched first, all at once (the matches' latency
+    // overlaps), then added; further slots one at a time.
+    auto vadd = [&](int rel, float a0, float a1, unsigned same) {
+      if (rel >= 0) {
+        if (__popc(same) == 1) {
+          vc0[rel] += a0;
+          vc1[rel] += a1;
+        } else {
+          atomicAdd(vc0 + rel, a0);
+          atomicAdd(vc1 + rel, a1);
+        }
+      }
+      __syncwarp();
+    };
+    {
+      int rel[2 * QA_OUT];
+      float a0[2 * QA_OUT], a1[2 * QA_OUT];
+      unsigned same[2 * QA_OUT];
+#pragma unroll
+      for (int k = 0; k < 2 * QA_OUT; ++k) {
+        const int r = k / QA_OUT, j = k % QA_OUT;
+        const int e = j < nv ? voi[r][j] : -1;
+        rel[k] = (unsigned)e < (unsigned)D && vheads ? e : -1;
+        const float d0 = vov[r][j] - vz_[r];
+        a0[k] = p[2 * r] * cr[0] * d0;
+        a1[k] = p[2 * r + 1] * cr[1] * d0;
+      }
+#pragma unroll
+      for (int k = 0; k < 2 * QA_OUT; ++k)
+        same[k] = __match_any_sync(0xffffffffu, rel[k] >= 0 ? rel[k] + (tig << 16) : -1 - lane);
+#pragma unroll
+      for (int k = 0; k < 2 * QA_OUT; ++k) vadd(rel[k], a0[k], a1[k], same[k]);
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int t = t0i + gid + 8 * r;
-      for (int j = 0; j < nv; ++j) {
-        int rel;
+      for (int j = QA_OUT; j < nv; ++j) {
+        int e;
         float xo;
-        if (j < QA_OUT) {
-          rel = j == 0 ? voi[r][0] : voi[r][QA_OUT - 1];
-          xo = j == 0 ? vov[r][0] : vov[r][QA_OUT - 1];
-        } else {
-          qa_outlier(rowv, ovv, t, nv, j, hbv, okr[r], rel, xo);
-        }
-        if ((unsigned)rel >= (unsigned)D) rel = -1;
+        qa_outlier(rowv, ovv, t, nv, j, hbv, okr[r], e, xo);
+        const int rel = (unsigned)e < (unsigned)D && vheads ? e : -1;
         const float d0 = xo - vz_[r];
-        const bool add = rel >= 0 && vheads;
-        const unsigned same = __match_any_sync(0xffffffffu, add ? rel + (tig << 16) : -1 - lane);
-        if (add) {
-          const float a0 = p[2 * r] * cr[0] * d0, a1 = p[2 * r + 1] * cr[1] * d0;
-          if (__popc(same) == 1) {
-            vc0[rel] += a0;
-            vc1[rel] += a1;
-          } else {
-            atomicAdd(vc0 + rel, a0);
-            atomicAdd(vc1 + rel, a1);
-          }
-        }
-        __syncwarp();
+        const unsigned same = __match_any_sync(0xffffffffu, rel >= 0 ? rel + (tig << 16) : -1 - lane);
+        vadd(rel, p[2 * r] * cr[0] * d0, p[2 * r + 1] * cr[1] * d0, same);
       }
     }
     m_off = n_off; m_w = n_w; m_s = n_s; m_z = n_z;
-    n_off = nn_off; n_w = nn_w; n_s = nn_s; n_z = nn_z;
+    qa_token_decode(nn, rowm.lim, Em, n_off, n_w, n_s, n_z);
   }
   // ---- the warp's record: acc[g][d] = O + z_run + outlier sums, M, L
 #pragma unroll
