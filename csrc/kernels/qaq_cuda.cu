@@ -407,15 +407,19 @@ __device__ __forceinline__ void load_words(const uint8_t *p, uint32_t *w) {
 
 template <int W> struct QaW { static constexpr int value = W; };
 
-// ---- asynchronous copies into a lane's staging record (cp.async, sm_80+).
-// A warp stages a tile in shared memory while it computes the previous one:
-// per lane and stage QA_SG 16-byte groups, laid out [group][lane] so that every
-// lane reads its own record with conflict-free 16-byte loads. Groups: 0-3 the
-// K chunks of rows gid, gid + 8 (two groups each), 4-7 the V chunks of tokens
-// 2tig + {0, 1, 8, 9}; from word 32 the first two outlier slots of rows gid, gid + 8:
-// K indices (words 32, 33: two int16 each), K values (34-35 / 36-37), V indices
-// (38, 39), V values (40-41 / 42-43; one word per row for 16-bit dtypes).
-#define QA_SG 11
+// ---- asynchronous copies into a warp's staging area (cp.async, sm_80+).
+// A warp stages the next tile in shared memory while it computes the current
+// one. Per stage: the codes of the tile's 16 tokens for this KV head, K then V,
+// QA_KS bytes a token (D bytes at 8 bits, padded), then per token 16 bytes of
+// K outlier slots 0-1 (4 bytes of indices, 4 or 8 of values) and 16 of V's.
+// Lane L copies token L % 16 of K (L < 16) or V (L >= 16), with its own
+// metadata; the lanes then read their chunks of the tokens they compute.
+template <int D> struct QaStage {
+  static constexpr int KS = D + 16;            // bytes per token's codes (padded)
+  static constexpr int CODES = 16 * KS;        // one store's codes
+  static constexpr int OUT = 2 * CODES;        // offset of the outlier slots
+  static constexpr int BYTES = OUT + 2 * 16 * 16;
+};
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
   return (uint32_t)__cvta_generic_to_shared(p);
 }
@@ -429,43 +433,39 @@ __device__ __forceinline__ void cp_async(uint32_t dst, const void *src) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 
-// word k of a lane's record at dst (the address of its group 0)
-__device__ __forceinline__ uint32_t rec_word(uint32_t dst, int k) {
-  return dst + (uint32_t)((k >> 2) * 32 * 16 + (k & 3) * 4);
-}
-// nw consecutive 32-bit words from src into record words [0, nw) at dst, with
-// the widest copies the source alignment allows (synchronous byte loads when
-// it is not even 4-byte aligned)
-__device__ __forceinline__ void copy_words(uint32_t dst, const uint8_t *src, int nw) {
+// n bytes (a multiple of 4) from src to dst, with the widest copies the source
+// alignment allows (synchronous byte loads when it is not even 4-byte aligned)
+__device__ __forceinline__ void copy_bytes(uint32_t dst, const uint8_t *src, int n) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(src);
-  if ((a & 15) == 0 && (nw & 3) == 0) {
-    for (int k = 0; k < nw; k += 4) cp_async<16>(rec_word(dst, k), src + 4 * k);
-  } else if ((a & 7) == 0 && (nw & 1) == 0) {
-    for (int k = 0; k < nw; k += 2) cp_async<8>(rec_word(dst, k), src + 4 * k);
+  if ((a & 15) == 0 && (n & 15) == 0) {
+    for (int k = 0; k < n; k += 16) cp_async<16>(dst + k, src + k);
+  } else if ((a & 7) == 0 && (n & 7) == 0) {
+    for (int k = 0; k < n; k += 8) cp_async<8>(dst + k, src + k);
   } else if ((a & 3) == 0) {
-    for (int k = 0; k < nw; ++k) cp_async<4>(rec_word(dst, k), src + 4 * k);
+    for (int k = 0; k < n; k += 4) cp_async<4>(dst + k, src + k);
   } else {
-    for (int k = 0; k < nw; ++k) {
-      const uint32_t v = (uint32_t)__ldg(src + 4 * k) | ((uint32_t)__ldg(src + 4 * k + 1) << 8) |
-                         ((uint32_t)__ldg(src + 4 * k + 2) << 16) | ((uint32_t)__ldg(src + 4 * k + 3) << 24);
-      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(rec_word(dst, k)), "r"(v) : "memory");
+    for (int k = 0; k < n; k += 4) {
+      const uint32_t v = (uint32_t)__ldg(src + k) | ((uint32_t)__ldg(src + k + 1) << 8) |
+                         ((uint32_t)__ldg(src + k + 2) << 16) | ((uint32_t)__ldg(src + k + 3) << 24);
+      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(dst + k), "r"(v) : "memory");
     }
   }
 }
-// NW words of a lane's record (dst = its group 0) into registers
-template <int NW>
+// NW 32-bit words at a shared address (4-byte aligned; 16-byte loads when NW is
+// a multiple of 4 and ALIGNED16)
+template <int NW, bool ALIGNED16>
 __device__ __forceinline__ void read_words(uint32_t src, uint32_t *w) {
+  if (ALIGNED16 && NW % 4 == 0) {
 #pragma unroll
-  for (int g = 0; g < (NW + 3) / 4; ++g) {
-    uint32_t x, y, z, v;
-    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(x), "=r"(y), "=r"(z), "=r"(v)
-                 : "r"(src + (uint32_t)(g * 32 * 16))
-                 : "memory");
-    if (4 * g < NW) w[4 * g] = x;
-    if (4 * g + 1 < NW) w[4 * g + 1] = y;
-    if (4 * g + 2 < NW) w[4 * g + 2] = z;
-    if (4 * g + 3 < NW) w[4 * g + 3] = v;
+    for (int g = 0; g < NW / 4; ++g)
+      asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(w[4 * g]), "=r"(w[4 * g + 1]), "=r"(w[4 * g + 2]), "=r"(w[4 * g + 3])
+                   : "r"(src + 16 * g)
+                   : "memory");
+  } else {
+#pragma unroll
+    for (int k = 0; k < NW; ++k)
+      asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(w[k]) : "r"(src + 4 * k) : "memory");
   }
 }
 
@@ -629,7 +629,7 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   // merge record afterwards
   __shared__ float s_buf[W][MAXG][D];
   __shared__ float s_m[W][MAXG], s_l[W][MAXG];
-  extern __shared__ uint4 s_stage[];  // [W][2 stages][QA_SG][32 lanes]
+  extern __shared__ uint4 s_stage[];  // [W][2 stages] staging areas (QaStage<D>)
 
   for (int i = tid; i < MAXG * D; i += NT) {
     const int g = i / D;
@@ -656,21 +656,27 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   }
   __syncthreads();
   // B fragments of q: column gid, k-step s: elements tig*EPK + 4s + {0,1} / {2,3}
-  uint32_t qf[NQ][NS][2];
-  {
+  // (kept in shared memory, one 8-byte fragment per lane and k-step: registers
+  // are what limits the warps per SM)
+  __shared__ uint2 s_qf[NQ][NS][32];
+  if (warp == 0) {
     const float pw = s_qpow[gid];
 #pragma unroll
-    for (int s = 0; s < NS; ++s)
+    for (int s = 0; s < NS; ++s) {
+      uint32_t f[NQ][2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int e = tig * EPK + 4 * s + 2 * h;
         const float x0 = qs[gid][e] * pw, x1 = qs[gid][e + 1] * pw;
         const __half2 hi = __floats2half2_rn(x0, x1);
-        qf[0][s][h] = h2_bits(hi);
-        if (NQ > 1)
-          qf[NQ - 1][s][h] = h2_bits(__floats2half2_rn(x0 - __low2float(hi), x1 - __high2float(hi)));
+        f[0][h] = h2_bits(hi);
+        if (NQ > 1) f[NQ - 1][h] = h2_bits(__floats2half2_rn(x0 - __low2float(hi), x1 - __high2float(hi)));
       }
+#pragma unroll
+      for (int pq = 0; pq < NQ; ++pq) s_qf[pq][s][lane] = make_uint2(f[pq][0], f[pq][1]);
+    }
   }
+  __syncthreads();
   // this lane's heads: g0 = 2 tig, g1 = 2 tig + 1
   float kc[2], kz[2];
 #pragma unroll
@@ -712,40 +718,27 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   // per token, K or V), its codes and first outlier slots were copied into
   // stage i % 2 one step ahead (cp.async); step i issues the copies of tile
   // i + 1 and the metadata reads of tile i + 2, then waits for tile i's copies.
-  const uint32_t rec0 = smem_addr(s_stage + ((size_t)warp * 2 * QA_SG * 32 + lane));
+  using SG = QaStage<D>;
+  const uint32_t stage0 = smem_addr(s_stage) + (uint32_t)(warp * 2 * SG::BYTES);
   const int wstep = W * 16;
+  const bool mine_k = lane < 16;
+  const uint8_t *arena_m = mine_k ? ak : av;
+  const int hbm = mine_k ? hbk : hbv, nm = mine_k ? nk : nv;
+  const int16_t *oidx_m = rowm.oidx;
+  const T *oval_m = mine_k ? okv : ovv;
+  // this lane's token of tile tt: its codes (width w_l at offset off_l) and outlier slots 0-1
   auto issue = [&](int64_t tt, int off_l, int w_l, int stage) {
-    const uint32_t rec = rec0 + (uint32_t)(stage * QA_SG * 32 * 16);
-    const int tti = (int)tt;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int src = gid + 8 * r;
-      const int w = __shfl_sync(0xffffffffu, w_l, src), off = __shfl_sync(0xffffffffu, off_l, src);
-      const bool ok = tt + src < t_end;
-      if (w) {
-        const int nw = (EPK * w) >> 5;
-        copy_words(rec_word(rec, 8 * r), ak + off + ((e0k * w) >> 5) * 4, nw > 0 ? nw : 1);
-      }
+    const uint32_t base = stage0 + (uint32_t)(stage * SG::BYTES);
+    const int k = lane & 15, t = (int)tt + k;
+    if (w_l) copy_bytes(base + (mine_k ? 0 : SG::CODES) + k * SG::KS, arena_m + off_l + ((hbm * w_l) >> 3),
+                        (D * w_l) >> 3 >= 4 ? (D * w_l) >> 3 : 4);
+    if (tt + k < t_end && nm) {
       // (n_out is even, so slot 0 of a row starts 4-byte aligned)
-      if (ok && nk) {
-        cp_async<4>(rec_word(rec, 32 + r), rowk.oidx + (tti + src) * nk);
-        for (int k = 0; k < (int)(QA_OUT * sizeof(T)) / 4; ++k)
-          cp_async<4>(rec_word(rec, 34 + 2 * r + k), reinterpret_cast<const uint32_t *>(okv + (tti + src) * nk) + k);
-      }
-      if (ok && nv) {
-        cp_async<4>(rec_word(rec, 38 + r), rowv.oidx + (tti + src) * nv);
-        for (int k = 0; k < (int)(QA_OUT * sizeof(T)) / 4; ++k)
-          cp_async<4>(rec_word(rec, 40 + 2 * r + k), reinterpret_cast<const uint32_t *>(ovv + (tti + src) * nv) + k);
-      }
-    }
+      const uint32_t o = base + SG::OUT + (mine_k ? 0 : 256) + k * 16;
+      cp_async<4>(o, oidx_m + (int64_t)t * nm);
+      const uint32_t *vals = reinterpret_cast<const uint32_t *>(oval_m + (int64_t)t * nm);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int src = 16 + 2 * tig + (i & 1) + 8 * (i >> 1);
-      const int w = __shfl_sync(0xffffffffu, w_l, src), off = __shfl_sync(0xffffffffu, off_l, src);
-      if (w) {
-        const int nw = (EPV * w) >> 5;
-        copy_words(rec_word(rec, 16 + 4 * i), av + off + ((e0v * w) >> 5) * 4, nw > 0 ? nw : 1);
-      }
+      for (int j = 0; j < (int)(QA_OUT * sizeof(T)) / 4; ++j) cp_async<4>(o + 4 + 4 * j, vals + j);
     }
   };
   int m_off, m_w, n_off, n_w;
@@ -785,7 +778,7 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
 #pragma unroll
     for (int i = 0; i < 4; ++i) vw[i] = __shfl_sync(0xffffffffu, m_w, 16 + 2 * tig + (i & 1) + 8 * (i >> 1));
     cp_async_wait1();  // this tile's copies have landed (each lane reads only its own record)
-    const uint32_t rec = rec0 + (uint32_t)(stage * QA_SG * 32 * 16);
+    const uint32_t sbase = stage0 + (uint32_t)(stage * SG::BYTES);
     // ---- the width-dependent part of the tile, compiled for tiles whose 16
     // tokens share one K and one V width (no per-row dispatch) and for any mix
     float p[4];
@@ -793,29 +786,40 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
     float vov[2][QA_OUT];
     auto tile = [&](auto kt, auto vt) {
       constexpr int WK = decltype(kt)::value, WV = decltype(vt)::value;
-      // ---- code words and the first outlier slots, from the staging record
+      // ---- code words and the first outlier slots, from the staging area
       constexpr int RWK = WK ? QaChunk<WK ? WK : 1, NPK>::NW : NWK;
       constexpr int RWV = WV ? QaChunk<WV ? WV : 1, NPV>::NW : NWV;
       uint32_t rk[2][NWK], rv[4][NWV];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) read_words<RWK>(rec_word(rec, 8 * r), rk[r]);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) read_words<RWV>(rec_word(rec, 16 + 4 * i), rv[i]);
-      int koi[2][QA_OUT];
-      float kov[2][QA_OUT];
       {
-        uint32_t o[12];
-        read_words<12>(rec_word(rec, 32), o);
+        const int wk_ = WK ? WK : 0;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
+          const int w = WK ? wk_ : kw[r];
+          const uint32_t a = sbase + (gid + 8 * r) * SG::KS + (((tig * EPK * w) >> 5) << 2);
+          read_words<RWK, (WK * EPK) % 128 == 0 && WK != 0>(a, rk[r]);
+        }
 #pragma unroll
-          for (int j = 0; j < QA_OUT; ++j) {
-            const bool okk = okr[r] && nk > 0, okv_ = okr[r] && nv > 0;
-            koi[r][j] = okk ? (int)(int16_t)(o[r] >> (16 * j)) - hbk : -1;
-            voi[r][j] = okv_ ? (int)(int16_t)(o[6 + r] >> (16 * j)) - hbv : -1;
-            kov[r][j] = okk ? qa_word_val<T>(o + 2 + 2 * r, j) : 0.f;
-            vov[r][j] = okv_ ? qa_word_val<T>(o + 8 + 2 * r, j) : 0.f;
-          }
+        for (int i = 0; i < 4; ++i) {
+          const int w = WV ? WV : vw[i];
+          const uint32_t a = sbase + SG::CODES + (2 * tig + (i & 1) + 8 * (i >> 1)) * SG::KS +
+                             (((gid * EPV * w) >> 5) << 2);
+          read_words<RWV, (WV * EPV) % 128 == 0 && WV != 0>(a, rv[i]);
+        }
+      }
+      int koi[2][QA_OUT];
+      float kov[2][QA_OUT];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        uint32_t ok4[4], ov4[4];
+        read_words<4, true>(sbase + SG::OUT + (gid + 8 * r) * 16, ok4);
+        read_words<4, true>(sbase + SG::OUT + 256 + (gid + 8 * r) * 16, ov4);
+        const bool okk = okr[r] && nk > 0, okv_ = okr[r] && nv > 0;
+#pragma unroll
+        for (int j = 0; j < QA_OUT; ++j) {
+          koi[r][j] = okk ? (int)(int16_t)(ok4[0] >> (16 * j)) - hbk : -1;
+          voi[r][j] = okv_ ? (int)(int16_t)(ov4[0] >> (16 * j)) - hbv : -1;
+          kov[r][j] = okk ? qa_word_val<T>(ok4 + 1, j) : 0.f;
+          vov[r][j] = okv_ ? qa_word_val<T>(ov4 + 1, j) : 0.f;
         }
       }
 
@@ -835,8 +839,10 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
           const int s = hh * (NS / 2) + s2;
   #pragma unroll
           for (int p = 0; p < NQ; ++p)
-            mma_f16(sc, kp[0][2 * s2], kp[1][2 * s2], kp[0][2 * s2 + 1], kp[1][2 * s2 + 1], qf[p][s][0],
-                    qf[p][s][1]);
+          {
+            const uint2 qb = s_qf[p][s][lane];
+            mma_f16(sc, kp[0][2 * s2], kp[1][2 * s2], kp[0][2 * s2 + 1], kp[1][2 * s2 + 1], qb.x, qb.y);
+          }
         }
       }
       float lg[4];
@@ -1174,14 +1180,16 @@ int qa_sm_count() {
 }
 
 // dynamic shared memory of the attention kernel: the staging records
-inline size_t qa_stage_bytes() { return (size_t)QA_WARPS * 2 * QA_SG * 32 * 16; }
+inline size_t qa_stage_bytes(int64_t D) {
+  return (size_t)QA_WARPS * 2 * (D == 64 ? QaStage<64>::BYTES : QaStage<128>::BYTES);
+}
 // lets a kernel take that much on top of its static shared memory (once per kernel)
 template <typename T, int D, int MINB>
 void qa_set_smem() {
   static bool done = false;
   if (!done) {
     cudaFuncSetAttribute(qa_attn_kernel<T, D, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         (int)qa_stage_bytes());
+                         (int)qa_stage_bytes(D));
     done = true;
   }
 }
@@ -1231,7 +1239,7 @@ int launch_attn(const T *q, int64_t B, int64_t H, int64_t Hkv, int64_t cap, cons
   const int64_t ns = qa_nsplit(B, H, Hkv, cap);
   const dim3 grid((unsigned)ns, (unsigned)Hkv, (unsigned)B);
   const float sl2 = scale * 1.4426950408889634f;
-  const size_t dyn = qa_stage_bytes();
+  const size_t dyn = qa_stage_bytes(D);
   switch (qa_blocks()) {
     case 2:
       qa_set_smem<T, D, 2>();
