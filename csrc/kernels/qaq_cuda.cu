@@ -378,33 +378,6 @@ __device__ __forceinline__ uint32_t bf16_pair8(uint32_t v) {
   return b2_bits(__floats2bfloat162_rn(lo, hi));
 }
 
-// NW consecutive 32-bit words at p, with the widest loads its alignment allows
-template <int NW>
-__device__ __forceinline__ void load_words(const uint8_t *p, uint32_t *w) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  if (NW % 4 == 0 && (a & 15) == 0) {
-#pragma unroll
-    for (int i = 0; i < NW / 4; ++i) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4 *>(p) + i);
-      w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
-    }
-  } else if (NW % 2 == 0 && (a & 7) == 0) {
-#pragma unroll
-    for (int i = 0; i < NW / 2; ++i) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2 *>(p) + i);
-      w[2 * i] = v.x; w[2 * i + 1] = v.y;
-    }
-  } else if ((a & 3) == 0) {
-#pragma unroll
-    for (int i = 0; i < NW; ++i) w[i] = __ldg(reinterpret_cast<const unsigned int *>(p) + i);
-  } else {
-#pragma unroll
-    for (int i = 0; i < NW; ++i)
-      w[i] = (uint32_t)__ldg(p + 4 * i) | ((uint32_t)__ldg(p + 4 * i + 1) << 8) |
-             ((uint32_t)__ldg(p + 4 * i + 2) << 16) | ((uint32_t)__ldg(p + 4 * i + 3) << 24);
-  }
-}
-
 template <int W> struct QaW { static constexpr int value = W; };
 
 // ---- asynchronous copies into a warp's staging area (cp.async, sm_80+).
@@ -476,20 +449,6 @@ template <int W, int NPAIR> struct QaChunk {
   static constexpr int NW = 2 * NPAIR >= N ? 2 * NPAIR / N : 1;
 };
 
-// the words of a lane's chunk (nothing for width 0); WF > 0: every row of the
-// tile has width WF (the switch folds away)
-template <int NPAIR, int WF, int NMAX>
-__device__ __forceinline__ void load_chunk(uint32_t (&raw)[NMAX], int w, const uint8_t *codes,
-                                           int e0) {
-  switch (WF ? WF : w) {
-    case 1: load_words<QaChunk<1, NPAIR>::NW>(codes + (e0 / 32) * 4, raw); break;
-    case 2: load_words<QaChunk<2, NPAIR>::NW>(codes + (e0 / 16) * 4, raw); break;
-    case 4: load_words<QaChunk<4, NPAIR>::NW>(codes + (e0 / 8) * 4, raw); break;
-    case 8: load_words<QaChunk<8, NPAIR>::NW>(codes + (e0 / 4) * 4, raw); break;
-    default: break;
-  }
-}
-
 // pair m of the chunk: codes of elements e0 + 2m, e0 + 2m + 1 at bits 0.. and 16..
 template <int W, int NPAIR, int NMAX>
 __device__ __forceinline__ uint32_t chunk_pair(const uint32_t (&raw)[NMAX], int e0, int m) {
@@ -500,7 +459,8 @@ __device__ __forceinline__ uint32_t chunk_pair(const uint32_t (&raw)[NMAX], int 
 }
 
 // pairs [M0, M0 + NM) of the chunk as fp16 (K) or bf16 (V) integer pairs
-// (out[m - M0]); zeros for width 0
+// (out[m - M0]); zeros for width 0. WF > 0: every row of the tile has width WF
+// (the switch on the row's width folds away)
 template <bool BF, int NPAIR, int M0, int NM, int WF, int NMAX>
 __device__ __forceinline__ void unpack_chunk(const uint32_t (&raw)[NMAX], int w_row, int e0,
                                              uint32_t (&out)[NM]) {
