@@ -27,22 +27,16 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "ks_cuda.cuh"
 #include "qaq.h"
 
 namespace {
 
-template <typename T> __device__ __forceinline__ float to_f(T x);
-template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+using ks_cuda::from_f;
+using ks_cuda::to_f;
+using ks_cuda::warp_max;
+using ks_cuda::warp_sum;
+
 
 __device__ __forceinline__ float h2f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 __device__ __forceinline__ uint16_t f2h(float f) { return __half_as_ushort(__float2half_rn(f)); }
@@ -298,16 +292,6 @@ __global__ void k_requantize(ks_qaq_store st, int64_t B, int64_t Hkv, int64_t ca
 #define QA_OUT 2          // outlier slots per row read ahead of use (more are read when used)
 static_assert(QA_OUT == 2, "the outlier loops pick slot 0 or 1 of the read-ahead");
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 // max / sum over the 8 lanes of equal tig (lane bits 2..4)
 __device__ __forceinline__ float gid_max(float v) {
 #pragma unroll

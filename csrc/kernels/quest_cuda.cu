@@ -19,9 +19,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "ks_cuda.cuh"
 #include "quest.h"
 
 namespace {
+
+using ks_cuda::block_exclusive_scan;
+using ks_cuda::clamp_len;
+using ks_cuda::from_f;
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -112,14 +117,6 @@ template <> struct Vec8<__nv_bfloat16> {
   }
 };
 
-// scalar float -> T without relying on implicit conversions (torch builds
-// define __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__)
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 __device__ __forceinline__ int n_pages_of(int len, int P) { return (len + P - 1) / P; }
 
@@ -138,11 +135,6 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-__device__ __forceinline__ int clamp_len(const int32_t *seq_lens, int b, int64_t cap) {
-  int len = seq_lens[b];
-  len = len < 0 ? 0 : len;
-  return len > cap ? (int)cap : len;
-}
 
 // ------------------------------------------------------------- metadata ----
 template <typename T, int D>
@@ -270,33 +262,6 @@ __device__ __forceinline__ uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Exclusive prefix sum over the block (blockDim.x <= 1024, multiple of 32).
-// Returns the exclusive sum for this thread; *total gets the block total.
-__device__ __forceinline__ int block_exclusive_scan(int v, int *smem, int *total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  int x = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    int y = __shfl_up_sync(0xffffffffu, x, o);
-    if (lane >= o) x += y;
-  }
-  if (lane == 31) smem[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    int w = lane < nw ? smem[lane] : 0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      int y = __shfl_up_sync(0xffffffffu, w, o);
-      if (lane >= o) w += y;
-    }
-    smem[32 + lane] = w;  // inclusive sums of warp totals
-  }
-  __syncthreads();
-  const int before = warp > 0 ? smem[32 + warp - 1] : 0;
-  *total = smem[32 + nw - 1];
-  __syncthreads();
-  return before + x - v;
-}
 
 __global__ void __launch_bounds__(SEL_THREADS)
 select_kernel(const float *__restrict__ scores, int max_pages, const int32_t *seq_lens, int P,
@@ -682,7 +647,7 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
     }
     if (nsplit == 1) {
       // single split: finish here
-      out[((size_t)b * H + h0 + g) * D + d] = from_float<T>(L > 0.f ? A / L : 0.f);
+      out[((size_t)b * H + h0 + g) * D + d] = from_f<T>(L > 0.f ? A / L : 0.f);
     } else {
       my_part[g * (D + 2) + d] = A;
       if (d == 0) { my_part[g * (D + 2) + D] = M; my_part[g * (D + 2) + D + 1] = L; }
@@ -759,7 +724,7 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
     if (idx < qh * D) {
       const int g = idx / D, d = idx % D;
       const float L = s_L[g];
-      out[((size_t)b * H + h0 + g) * D + d] = from_float<T>(L > 0.f ? A[it] / L : 0.f);
+      out[((size_t)b * H + h0 + g) * D + d] = from_f<T>(L > 0.f ? A[it] / L : 0.f);
     }
   }
   if (threadIdx.x == 0) counters[(size_t)b * Hs + r] = 0;  // ready for reuse

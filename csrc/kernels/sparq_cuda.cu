@@ -33,23 +33,19 @@
 #include <math_constants.h>
 #include <stdint.h>
 
+#include "ks_cuda.cuh"
 #include "sparq.h"
 
 namespace {
 
+using ks_cuda::block_exclusive_scan;
+using ks_cuda::clamp_len;
+using ks_cuda::from_f;
+using ks_cuda::to_f;
+using ks_cuda::warp_max;
+using ks_cuda::warp_sum;
+
 // ---------------------------------------------------------- conversions ----
-template <typename T> __device__ __forceinline__ float to_f(T x);
-template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 // read-only scalar load through the texture path
 template <typename T> __device__ __forceinline__ float ldf(const T *p) { return to_f<T>(__ldg(p)); }
 
@@ -98,22 +94,7 @@ template <> struct V8<__nv_bfloat16> {
   }
 };
 
-__device__ __forceinline__ int clamp_len(const int32_t *seq_lens, int b, int64_t cap) {
-  int len = seq_lens[b];
-  len = len < 0 ? 0 : len;
-  return (int64_t)len > cap ? (int)cap : len;
-}
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
 
 // Order key of a float: larger float -> larger key; NaN ranks as -inf and
 // -0 as +0, so that the order matches the CPU's comparisons exactly. Integer
@@ -447,33 +428,6 @@ __global__ void group_sum_kernel(const float *__restrict__ s_hat, int H, int gs,
 // --------------------------------------------------------------- top-k -----
 constexpr int SEL_THREADS = 1024;
 
-// Exclusive block-wide prefix sum (blockDim.x a multiple of 32, <= 1024);
-// *total gets the block total. Contains __syncthreads: call uniformly.
-__device__ __forceinline__ int block_scan(int v, int *smem, int *total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  int x = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, x, o);
-    if (lane >= o) x += y;
-  }
-  if (lane == 31) smem[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    int w = lane < nw ? smem[lane] : 0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, w, o);
-      if (lane >= o) w += y;
-    }
-    smem[32 + lane] = w;
-  }
-  __syncthreads();
-  const int before = warp > 0 ? smem[32 + warp - 1] : 0;
-  *total = smem[32 + nw - 1];
-  __syncthreads();
-  return before + x - v;
-}
 
 // keys: [B, Hs, cap] floats. One block per (row, b).
 __global__ void __launch_bounds__(SEL_THREADS)
@@ -526,7 +480,7 @@ select_kernel(const float *__restrict__ keys, int64_t cap, const int32_t *seq_le
     const int t = threadIdx.x;
     const int v = t < 256 ? hist[255 - t] : 0;  // bins from the top
     int total;
-    const int excl = block_scan(v, scan_smem, &total);
+    const int excl = block_exclusive_scan(v, scan_smem, &total);
     if (t < 256 && excl < need && excl + v >= need) {
       s_prefix = prefix | ((uint32_t)(255 - t) << shift);
       s_need = need - excl;
@@ -545,10 +499,10 @@ select_kernel(const float *__restrict__ keys, int64_t cap, const int32_t *seq_le
     const uint32_t key = i < m ? order_key(__ldg(sc + i)) : 0u;
     const int is_eq = (i < m && key == prefix) ? 1 : 0;
     int tot_eq;
-    const int eq_rank = eq_seen + block_scan(is_eq, scan_smem, &tot_eq);
+    const int eq_rank = eq_seen + block_exclusive_scan(is_eq, scan_smem, &tot_eq);
     const int take = (i < m && (key > prefix || (is_eq && eq_rank < need))) ? 1 : 0;
     int tot_take;
-    const int pos = taken + block_scan(take, scan_smem, &tot_take);
+    const int pos = taken + block_exclusive_scan(take, scan_smem, &tot_take);
     if (take) out[pos] = i;
     taken += tot_take;
     eq_seen += tot_eq;
@@ -605,7 +559,7 @@ __device__ __forceinline__ void cluster_threshold(const uint32_t (&kk)[KPT], uin
     if (t < 256)
       for (int r = 0; r < CL; ++r) v += cluster.map_shared_rank(h, r)[255 - t];
     int total;
-    const int excl = block_scan(v, scan_smem, &total);
+    const int excl = block_exclusive_scan(v, scan_smem, &total);
     if (t < 256 && excl < need && excl + v >= need) {
       *s_prefix = prefix | ((uint32_t)(255 - t) << shift);
       *s_need = need - excl;
@@ -638,8 +592,8 @@ __device__ __forceinline__ void cluster_compact(const uint32_t (&kk)[KPT], uint3
     eq += (c && kk[j] == prefix) ? 1 : 0;
   }
   int tot_gt, tot_eq;
-  const int excl_gt = block_scan(gt, scan_smem, &tot_gt);
-  const int excl_eq = block_scan(eq, scan_smem, &tot_eq);
+  const int excl_gt = block_exclusive_scan(gt, scan_smem, &tot_gt);
+  const int excl_eq = block_exclusive_scan(eq, scan_smem, &tot_eq);
   if (threadIdx.x == 0) { s_cnt[0] = tot_gt; s_cnt[1] = tot_eq; }
   cluster.sync();
   if (threadIdx.x == 0) {
