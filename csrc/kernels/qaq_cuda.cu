@@ -261,7 +261,8 @@ __global__ void k_requantize(ks_qaq_store st, int64_t B, int64_t Hkv, int64_t ca
 // The dot products run in code space, x = zero + scale * code:
 //   q . x = scale * (q . codes) + zero * sum(q) + sum_outliers q_e (x_e - x~_e)
 //   sum_t p_t x_t = sum_t (p_t scale_t) codes_t + sum_t p_t zero_t + outliers
-// (width 0: codes 0, zero + scale / 2 as the zero). Codes become 16-bit floats
+// (width 0: codes 0, zero + scale / 2 as the zero; an outlier's code is 0, so
+// its correction is q_e (x_e - zero)). Codes become 16-bit floats
 // by or-ing a shifted, masked word into a magic exponent (1024 + c in fp16,
 // 128 + c in bf16, then a packed subtraction); the interleaved code order of
 // qaq.h makes each such word a pair (element 2m, 2m + 1), so
@@ -276,7 +277,12 @@ __global__ void k_requantize(ks_qaq_store st, int64_t B, int64_t Hkv, int64_t ca
 //     movmatrix.trans turns it into the second product's B fragment;
 //   - the lane's output heads (2 tig, 2 tig + 1) are the heads of its logits, so
 //     the online-softmax rescaling of the accumulators needs no data exchange.
-// Each row's width picks its load and unpack code (a switch: tokens of mixed
+// Data movement: each warp stages the next tile in shared memory with cp.async
+// while it computes the current one (lane L copies the K (L < 16) or V codes of
+// token L % 16 and its first two outlier slots, with its own metadata, read two
+// tiles ahead); the lanes then read their chunks from there. A tile whose 16
+// tokens share one K and one V width runs code compiled for those widths; in a
+// mixed tile each row's width picks its unpack code (a switch: tokens of mixed
 // widths in one warp diverge). K outliers correct the logits in registers; V
 // outliers go to a per-warp shared-memory accumulator kept relative to a
 // reference maximum (rescaled only when the running maximum passes it by 2^64).
