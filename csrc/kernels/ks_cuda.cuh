@@ -1,11 +1,13 @@
 // Device helpers shared by the CUDA kernels (quest_cuda.cu, sparq_cuda.cu,
 // qaq_cuda.cu): dtype conversions, warp reductions, a block-wide scan, the
-// clamped sequence length. No torch, no Python.
+// clamped sequence length, the merge of split-K attention partials. No torch,
+// no Python.
 #ifndef KVSPARSE_KS_CUDA_CUH
 #define KVSPARSE_KS_CUDA_CUH
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <math_constants.h>
 #include <stdint.h>
 
 namespace ks_cuda {
@@ -70,6 +72,63 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int *smem, int *total
   *total = smem[32 + nw - 1];
   __syncthreads();
   return before + x - v;
+}
+
+// The merge step of a split-K decode attention, run by the last block of a row
+// once every split has written its record rp[sp][g][0 .. REC): the unnormalised
+// output acc[0 .. D), the log2-domain maximum M at D and the sum L at D + 1,
+// for heads g < G <= MAXG. Splits are merged in split order (deterministic).
+// Leaves the merged maximum and sum in s_M[g], s_L[g] (shared, MAXG entries
+// each) and returns in A[it] the merged acc of output ix = it * blockDim.x +
+// threadIdx.x for ix < G * D (head ix / D, element ix % D). Every thread of the
+// block calls it (it contains __syncthreads); blockDim.x is a multiple of 32.
+template <int MAXG, int PER>
+__device__ __forceinline__ void merge_splits(const float *rp, int nsplit, int G, int D, int REC,
+                                             float *s_M, float *s_L, float (&A)[PER]) {
+  constexpr int MS = 64;  // splits weighted at a time through shared memory
+  __shared__ float s_w[MS][MAXG];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int g = warp; g < G; g += nwarps) {  // a warp: maximum and sum of head g
+    float M = -CUDART_INF_F;
+    for (int sp = lane; sp < nsplit; sp += 32) M = fmaxf(M, __ldcg(rp + ((int64_t)sp * G + g) * REC + D));
+    M = warp_max(M);
+    float L = 0.f;
+    for (int sp = lane; sp < nsplit; sp += 32) {
+      const float *ps = rp + ((int64_t)sp * G + g) * REC;
+      const float ms = __ldcg(ps + D);
+      if (ms != -CUDART_INF_F) L += __ldcg(ps + D + 1) * exp2f(ms - M);
+    }
+    L = warp_sum(L);
+    if (lane == 0) {
+      s_M[g] = M;
+      s_L[g] = L;
+    }
+  }
+#pragma unroll
+  for (int it = 0; it < PER; ++it) A[it] = 0.f;
+  for (int c0 = 0; c0 < nsplit; c0 += MS) {
+    const int nc = min(MS, nsplit - c0);
+    __syncthreads();
+    for (int i = threadIdx.x; i < nc * G; i += blockDim.x) {
+      const int sp = i / G, g = i % G;
+      const float ms = __ldcg(rp + ((int64_t)(c0 + sp) * G + g) * REC + D);
+      s_w[sp][g] = ms == -CUDART_INF_F ? 0.f : exp2f(ms - s_M[g]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int it = 0; it < PER; ++it) {
+      const int ix = it * blockDim.x + threadIdx.x;
+      if (ix < G * D) {
+        const int g = ix / D, d = ix % D;
+        float a = 0.f;
+#pragma unroll 8
+        for (int sp = 0; sp < nc; ++sp)
+          a = fmaf(s_w[sp][g], __ldcg(rp + ((int64_t)(c0 + sp) * G + g) * REC + d), a);
+        A[it] += a;
+      }
+    }
+  }
+  __syncthreads();
 }
 
 }  // namespace ks_cuda

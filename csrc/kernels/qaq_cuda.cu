@@ -33,6 +33,7 @@
 namespace {
 
 using ks_cuda::from_f;
+using ks_cuda::merge_splits;
 using ks_cuda::to_f;
 using ks_cuda::warp_max;
 using ks_cuda::warp_sum;
@@ -776,18 +777,18 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
       // ---- S = K Q^T: lane holds (row gid, heads g0 g1), (row gid + 8, heads g0 g1)
       float sc[4] = {0.f, 0.f, 0.f, 0.f};
       // in two halves of the k-steps (fewer live registers)
-  #pragma unroll
+#pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         uint32_t kp[2][NPK / 2];
-  #pragma unroll
+#pragma unroll
         for (int r = 0; r < 2; ++r) {
           if (hh == 0) unpack_chunk<false, NPK, 0, NPK / 2, WK>(rk[r], kw[r], e0k, kp[r]);
           else unpack_chunk<false, NPK, NPK / 2, NPK / 2, WK>(rk[r], kw[r], e0k, kp[r]);
         }
-  #pragma unroll
+#pragma unroll
         for (int s2 = 0; s2 < NS / 2; ++s2) {
           const int s = hh * (NS / 2) + s2;
-  #pragma unroll
+#pragma unroll
           for (int p = 0; p < NQ; ++p)
           {
             const uint2 qb = s_qf[p][s][lane];
@@ -796,13 +797,13 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
         }
       }
       float lg[4];
-  #pragma unroll
+#pragma unroll
       for (int r = 0; r < 2; ++r)
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < 2; ++i)
           lg[2 * r + i] = okr[r] ? fmaf(ks_[r] * kc[i], sc[2 * r + i], kz_[r] * kz[i]) : -CUDART_INF_F;
       // K outliers: q_e (x_e - zero) for this lane's heads (an outlier's code is 0)
-  #pragma unroll
+#pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int t = t0i + gid + 8 * r;
         for (int j = 0; j < nk; ++j) {
@@ -816,21 +817,21 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
           }
           if ((unsigned)rel < (unsigned)D) {
             const float delta = xo - kz_[r];
-  #pragma unroll
+#pragma unroll
             for (int i = 0; i < 2; ++i)
               lg[2 * r + i] = fmaf(qs[2 * tig + i][rel] * scale_log2, delta, lg[2 * r + i]);
           }
         }
       }
       if (slog_b) {
-  #pragma unroll
+#pragma unroll
         for (int r = 0; r < 2; ++r)
-  #pragma unroll
+#pragma unroll
           for (int i = 0; i < 2; ++i)
             if (okr[r] && 2 * tig + i < G) slog_b[(t0 + gid + 8 * r) * G + 2 * tig + i] = lg[2 * r + i];
       }
       // ---- online softmax (exp2 domain) for heads g0, g1
-  #pragma unroll
+#pragma unroll
       for (int i = 0; i < 2; ++i) {
         const float mnew = fmaxf(m_run[i], gid_max(fmaxf(lg[i], lg[2 + i])));
         const float corr = mnew == -CUDART_INF_F ? 1.f : exp2f(m_run[i] - mnew);
@@ -838,13 +839,13 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
         l_run[i] *= corr;
         z_run[i] *= corr;
         if (corr != 1.f) {
-  #pragma unroll
+#pragma unroll
           for (int s = 0; s < NS; ++s) {
             oacc[s][i] *= corr;
             oacc[s][2 + i] *= corr;
           }
         }
-  #pragma unroll
+#pragma unroll
         for (int r = 0; r < 2; ++r) {
           p[2 * r + i] = mnew == -CUDART_INF_F ? 0.f : exp2f(lg[2 * r + i] - mnew);
           l_run[i] += p[2 * r + i];
@@ -856,35 +857,35 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
       uint32_t pb[NP][2];
       {
         uint32_t ph[2], pl[2];
-  #pragma unroll
+#pragma unroll
         for (int r = 0; r < 2; ++r) {
           const float x0 = p[2 * r] * vs_[r], x1 = p[2 * r + 1] * vs_[r];
           ph[r] = b2_bits(__floats2bfloat162_rn(x0, x1));
           if (NP > 1) pl[r] = b2_bits(__floats2bfloat162_rn(x0 - bf_lo(ph[r]), x1 - bf_hi(ph[r])));
         }
-  #pragma unroll
+#pragma unroll
         for (int r = 0; r < 2; ++r) {
           pb[0][r] = trans8x8(ph[r]);
           if (NP > 1) pb[NP - 1][r] = trans8x8(pl[r]);
         }
       }
       // ---- O^T += V^T P'
-  #pragma unroll
+#pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         uint32_t vp[4][NPV / 2];
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < 4; ++i) {
           if (hh == 0) unpack_chunk<true, NPV, 0, NPV / 2, WV>(rv[i], vw[i], e0v, vp[i]);
           else unpack_chunk<true, NPV, NPV / 2, NPV / 2, WV>(rv[i], vw[i], e0v, vp[i]);
         }
-  #pragma unroll
+#pragma unroll
         for (int s2 = 0; s2 < NS / 2; ++s2) {
           const int s = hh * (NS / 2) + s2;
           const uint32_t a0 = __byte_perm(vp[0][s2], vp[1][s2], 0x5410);
           const uint32_t a1 = __byte_perm(vp[0][s2], vp[1][s2], 0x7632);
           const uint32_t a2 = __byte_perm(vp[2][s2], vp[3][s2], 0x5410);
           const uint32_t a3 = __byte_perm(vp[2][s2], vp[3][s2], 0x7632);
-  #pragma unroll
+#pragma unroll
           for (int pp = 0; pp < NP; ++pp) mma_bf16(oacc[s], a0, a1, a2, a3, pb[pp][0], pb[pp][1]);
         }
       }
@@ -1034,53 +1035,13 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   if (!s_last) return;
   __threadfence();
   const float *rp = part + row0 * nsplit * (int64_t)G * REC;
-  constexpr int MS = 64;  // splits weighted at a time through shared memory
-  __shared__ float s_w[MS][MAXG];
   __shared__ float s_M[MAXG], s_L[MAXG];
-  for (int g = warp; g < G; g += W) {
-    float M = -CUDART_INF_F;
-    for (int sp = lane; sp < nsplit; sp += 32) M = fmaxf(M, __ldcg(rp + ((int64_t)sp * G + g) * REC + D));
-    M = warp_max(M);
-    float L = 0.f;
-    for (int sp = lane; sp < nsplit; sp += 32) {
-      const float *ps = rp + ((int64_t)sp * G + g) * REC;
-      const float ms = __ldcg(ps + D);
-      if (ms != -CUDART_INF_F) L += __ldcg(ps + D + 1) * exp2f(ms - M);
-    }
-    L = warp_sum(L);
-    if (lane == 0) {
-      s_M[g] = M;
-      s_L[g] = L;
-      if (lam) lam[(int64_t)b * H + (int64_t)hk * G + g] = L > 0.f ? M + __log2f(L) : 0.f;
-    }
-  }
   constexpr int PER = (MAXG * D + NT - 1) / NT;
   float A[PER];
-#pragma unroll
-  for (int it = 0; it < PER; ++it) A[it] = 0.f;
-  for (int c0 = 0; c0 < nsplit; c0 += MS) {
-    const int nc = min(MS, nsplit - c0);
-    __syncthreads();
-    for (int i = tid; i < nc * G; i += NT) {
-      const int sp = i / G, g = i % G;
-      const float ms = __ldcg(rp + ((int64_t)(c0 + sp) * G + g) * REC + D);
-      s_w[sp][g] = ms == -CUDART_INF_F ? 0.f : exp2f(ms - s_M[g]);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int it = 0; it < PER; ++it) {
-      const int ix = it * NT + tid;
-      if (ix < G * D) {
-        const int g = ix / D, d = ix % D;
-        float a = 0.f;
-#pragma unroll 8
-        for (int sp = 0; sp < nc; ++sp)
-          a = fmaf(s_w[sp][g], __ldcg(rp + ((int64_t)(c0 + sp) * G + g) * REC + d), a);
-        A[it] += a;
-      }
-    }
-  }
-  __syncthreads();
+  merge_splits<MAXG>(rp, nsplit, G, D, REC, s_M, s_L, A);
+  if (lam)
+    for (int g = tid; g < G; g += NT)
+      lam[(int64_t)b * H + (int64_t)hk * G + g] = s_L[g] > 0.f ? s_M[g] + __log2f(s_L[g]) : 0.f;
 #pragma unroll
   for (int it = 0; it < PER; ++it) {
     const int ix = it * NT + tid;

@@ -41,6 +41,7 @@ namespace {
 using ks_cuda::block_exclusive_scan;
 using ks_cuda::clamp_len;
 using ks_cuda::from_f;
+using ks_cuda::merge_splits;
 using ks_cuda::to_f;
 using ks_cuda::warp_max;
 using ks_cuda::warp_sum;
@@ -874,49 +875,16 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
   if (!s_last) return;
   __threadfence();
   const float *rp = part + ((size_t)b * Hs + row) * nsplit * (size_t)qh * REC;
-  constexpr int MS = 64;  // splits weighted at a time through shared memory
-  __shared__ float s_w[MS][MAXG];
   __shared__ float s_M[MAXG], s_L[MAXG], s_AL[MAXG];
-  for (int g = warp; g < qh; g += AT_WARPS) {  // warp: max, sum and alpha of head g
-    float M = -CUDART_INF_F;
-    for (int sp = lane; sp < nsplit; sp += 32) M = fmaxf(M, __ldcg(rp + ((size_t)sp * qh + g) * REC + D));
-    M = warp_max(M);
-    float L = 0.f, AL = 0.f;
-    for (int sp = lane; sp < nsplit; sp += 32) {
-      const float *ps = rp + ((size_t)sp * qh + g) * REC;
-      const float ms = __ldcg(ps + D);
-      if (ms != -CUDART_INF_F) L += __ldcg(ps + D + 1) * exp2f(ms - M);
-      AL += __ldcg(ps + D + 2);
-    }
-    L = warp_sum(L);
-    AL = warp_sum(AL);
-    if (lane == 0) { s_M[g] = M; s_L[g] = L; s_AL[g] = AL; }
-  }
   // MAXG <= 8 heads and D <= 128: qh * D <= 1024 = 8 outputs per thread
   constexpr int PER = (MAXG * D + AT_WARPS * 32 - 1) / (AT_WARPS * 32);
   float A[PER];
-#pragma unroll
-  for (int it = 0; it < PER; ++it) A[it] = 0.f;
-  for (int c0 = 0; c0 < nsplit; c0 += MS) {
-    const int nc = min(MS, nsplit - c0);
-    __syncthreads();
-    for (int i = threadIdx.x; i < nc * qh; i += blockDim.x) {
-      const int sp = i / qh, g = i % qh;
-      const float ms = __ldcg(rp + ((size_t)(c0 + sp) * qh + g) * REC + D);
-      s_w[sp][g] = ms == -CUDART_INF_F ? 0.f : exp2f(ms - s_M[g]);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int it = 0; it < PER; ++it) {
-      const int ix = it * blockDim.x + threadIdx.x;
-      if (ix < qh * D) {
-        const int g = ix / D, d = ix % D;
-        float a = 0.f;
-        for (int sp = 0; sp < nc; ++sp)
-          a = fmaf(s_w[sp][g], __ldcg(rp + ((size_t)(c0 + sp) * qh + g) * REC + d), a);
-        A[it] += a;
-      }
-    }
+  merge_splits<MAXG>(rp, nsplit, qh, D, REC, s_M, s_L, A);
+  for (int g = warp; g < qh; g += AT_WARPS) {  // a warp: the summed alpha of head g
+    float AL = 0.f;
+    for (int sp = lane; sp < nsplit; sp += 32) AL += __ldcg(rp + ((size_t)sp * qh + g) * REC + D + 2);
+    AL = warp_sum(AL);
+    if (lane == 0) s_AL[g] = AL;
   }
   __syncthreads();
 #pragma unroll
