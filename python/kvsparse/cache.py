@@ -49,12 +49,10 @@ Use this cache only with a model patched by :func:`kvsparse.patch`: its
 decode ``update`` returns the whole buffers, whose valid part is described by
 ``seq_lens`` rather than by the attention mask.
 """
-import warnings
-
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import qaq, quest
+from . import _compat, qaq, quest
 from .config import QAQConfig, QuestConfig, SparQConfig
 
 __all__ = [
@@ -98,6 +96,9 @@ class KVCacheLayer(CacheLayerMixin):
         self.capacity = 0
         self.seq_lens = None
         self.pending = None
+        #: a decode token was appended and the kvsparse attention has not yet
+        #: read it (checked outside torch.compile: see :meth:`update`)
+        self.awaiting_attention = False
         #: number of buffer (re)allocations, for tests and diagnostics
         self.num_allocations = 0
 
@@ -105,7 +106,9 @@ class KVCacheLayer(CacheLayerMixin):
         return f"{type(self).__name__}(page_size={self.page_size}, capacity={self.capacity})"
 
     # ----------------------------------------------------------------- setup
-    def lazy_initialization(self, key_states, value_states):
+    def lazy_initialization(self, key_states, value_states=None):
+        if value_states is None:  # transformers 4.57 passes the keys alone
+            value_states = key_states
         if key_states.shape[-1] != value_states.shape[-1]:
             raise ValueError(
                 "kvsparse: keys and values must have the same head dim, got "
@@ -170,14 +173,20 @@ class KVCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.pending is not None:
-            warnings.warn(
-                "kvsparse: a QuestCache prefill was never committed: is the model patched "
-                "(kvsparse.patch)? Treating every token as valid.",
-                RuntimeWarning,
-                stacklevel=2,
+            raise _compat.IntegrationError(
+                f"kvsparse: a prefill stored in {type(self).__name__} was never committed by the kvsparse "
+                f"attention (transformers {_compat.transformers_version()}): the model is not patched "
+                "(kvsparse.patch), or this transformers version's attention did not reach the patch"
             )
-            self.commit(None)
         if key_states.shape[-2] == 1:
+            if not _is_compiling():
+                if self.awaiting_attention:
+                    raise _compat.IntegrationError(
+                        f"kvsparse: the previous decode step did not read {type(self).__name__} through the "
+                        f"kvsparse attention (transformers {_compat.transformers_version()}): the model is not "
+                        "patched (kvsparse.patch), or this version's attention did not reach the patch"
+                    )
+                self.awaiting_attention = True
             return self._append_one(key_states, value_states)
         # Multi-token update (prefill): record it; the attention function
         # commits it with the validity of each token.
@@ -275,6 +284,7 @@ class KVCacheLayer(CacheLayerMixin):
 
     def reset(self):
         self.pending = None
+        self.awaiting_attention = False
         if self.is_initialized:
             self.seq_lens.zero_()
             if self.capacity > 0:
@@ -434,10 +444,13 @@ class _DynamicLengths:
         return self._seen
 
     def get_mask_sizes(self, query_length):
-        return self._seen + query_length, 0
+        return self._seen + _compat.query_length(query_length), 0
 
     def get_max_length(self):
         return -1
+
+    def get_max_cache_shape(self):  # the name of get_max_length up to transformers 5.12
+        return self.get_max_length()
 
     def reset(self):
         super().reset()
@@ -457,7 +470,7 @@ class _StaticLengths:
         # a tensor (as in StaticLayer): changing it must not trigger recompilation
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)
 
-    def lazy_initialization(self, key_states, value_states):
+    def lazy_initialization(self, key_states, value_states=None):
         super().lazy_initialization(key_states, value_states)
         self.cumulative_length = self.cumulative_length.to(self.device)
         self._allocate(_round_up(self.max_cache_len, self.page_size))
@@ -490,6 +503,9 @@ class _StaticLengths:
 
     def get_max_length(self):
         return self.max_cache_len
+
+    def get_max_cache_shape(self):  # the name of get_max_length up to transformers 5.12
+        return self.get_max_length()
 
     def reset(self):
         super().reset()
@@ -589,7 +605,7 @@ class QAQCacheLayer(KVCacheLayer):
         """Code bytes of one token (all its groups) at the largest width."""
         return self.groups * self.group_elems * self.width // 8
 
-    def lazy_initialization(self, key_states, value_states):
+    def lazy_initialization(self, key_states, value_states=None):
         super().lazy_initialization(key_states, value_states)
         self.model_dtype = key_states.dtype
         self.dtype = self.cfg.store_dtype(key_states.dtype)
@@ -820,6 +836,7 @@ class QAQCacheLayer(KVCacheLayer):
     # ------------------------------------------------------ Cache API bits
     def reset(self):
         self.pending = None
+        self.awaiting_attention = False
         if self.is_initialized:
             self.seq_lens.zero_()
             if self.ks is not None:
@@ -890,7 +907,7 @@ class QAQStaticLayer(_StaticLengths, QAQCacheLayer):
     packed = False
     is_compileable = False
 
-    def lazy_initialization(self, key_states, value_states):
+    def lazy_initialization(self, key_states, value_states=None):
         QAQCacheLayer.lazy_initialization(self, key_states, value_states)
         self.cumulative_length = self.cumulative_length.to(self.device)
         self._allocate(self.max_cache_len)

@@ -621,11 +621,15 @@ def _step(model, ids, cache):
 
 @torch.inference_mode()
 def prefill(model, ids, cache=None, chunk=2048):
-    """Prefill ``ids`` (list of ints) in chunks; returns ``(last_logits, cache)``."""
+    """Prefill ``ids`` (list of ints) in chunks; returns ``(last_logits, cache)``.
+    ``cache=None``: a new one, the method's cache when ``model`` is patched
+    (a patched model refuses to decode over a plain ``DynamicCache``)."""
     from transformers import DynamicCache
 
+    from . import hf
+
     if cache is None:
-        cache = DynamicCache(config=model.config)
+        cache = hf.make_cache(model) if hf.is_patched(model) else DynamicCache(config=model.config)
     logits = None
     for s in range(0, len(ids), chunk):
         logits, cache = _step(model, ids[s:s + chunk], cache)

@@ -65,7 +65,7 @@ import warnings
 
 import torch
 
-from . import quest, sparq
+from . import _compat, quest, sparq
 from .cache import KVSparseCache, QAQCacheLayer, QuestCacheLayer, SparQCacheLayer, cache_geometry
 from .config import QAQConfig, QuestConfig, SparQConfig, make_config
 
@@ -199,27 +199,62 @@ def _qaq_decode(q, layer, cfg, dense, scaling):
     return layer.decode_attention(q, scaling)
 
 
+def _decode_for(layer, cfg):
+    """The decode function for a cache layer and a method config, or ``None``."""
+    if isinstance(layer, QuestCacheLayer) and isinstance(cfg, QuestConfig):
+        return _quest_decode
+    if isinstance(layer, SparQCacheLayer) and isinstance(cfg, SparQConfig):
+        return _sparq_decode
+    if isinstance(layer, QAQCacheLayer) and isinstance(cfg, QAQConfig):
+        return _qaq_decode
+    return None
+
+
+def _not_reached(cfg, what):
+    method = getattr(cfg, "method", "?")
+    return _compat.IntegrationError(
+        f"kvsparse: the model is patched for {method!r} but {what} "
+        f"(transformers {_compat.transformers_version()}); the step would run dense attention"
+    )
+
+
 def _make_attention_function(impl):
     def kvsparse_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if "kvsparse_config" not in kwargs:
+            raise _compat.IntegrationError(
+                f"kvsparse: {type(module).__name__} called the kvsparse attention without the patch's "
+                f"pre-hook (transformers {_compat.transformers_version()}): patch the model with kvsparse.patch"
+            )
         cache = kwargs.pop("kvsparse_cache", None)
-        cfg = kwargs.pop("kvsparse_config", None)
+        cfg = kwargs.pop("kvsparse_config")
         dense_fn = _original_attention(impl, module)
-        layer = None
-        if isinstance(cache, KVSparseCache) and cfg is not None and module.layer_idx < len(cache.layers):
-            layer = cache.layers[module.layer_idx]
-        if isinstance(layer, QuestCacheLayer) and isinstance(cfg, QuestConfig):
-            decode = _quest_decode
-        elif isinstance(layer, SparQCacheLayer) and isinstance(cfg, SparQConfig):
-            decode = _sparq_decode
-        elif isinstance(layer, QAQCacheLayer) and isinstance(cfg, QAQConfig):
-            decode = _qaq_decode
-        else:
+        decoding = query.shape[2] == 1
+        if cache is None:
+            # no cache at all (use_cache=False): every call is a full forward,
+            # which the method computes densely too
             return dense_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if not isinstance(cache, KVSparseCache):
+            if decoding or _held_before(cache, module.layer_idx, key.shape[-2]):
+                raise _not_reached(
+                    cfg, f"the cache is a {type(cache).__name__}, not a kvsparse cache (let generate() make "
+                    "it, or pass kvsparse.make_cache(model, ...))")
+            # a prefill into a foreign cache is what the method computes too
+            return dense_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if module.layer_idx >= len(cache.layers):
+            raise _not_reached(cfg, f"the cache has {len(cache.layers)} layers and layer {module.layer_idx} ran")
+        layer = cache.layers[module.layer_idx]
+        decode = _decode_for(layer, cfg)
+        if decode is None:
+            raise _not_reached(
+                cfg, f"the cache is a {type(cache).__name__} (layer {type(layer).__name__}) made for "
+                f"{getattr(cache.config, 'method', '?')!r}; make it with kvsparse.make_cache(model, ...)")
 
         if scaling is None:
             scaling = module.head_dim ** -0.5
-        if query.shape[2] == 1 and layer.pending is None:
+        if decoding and layer.pending is None:
             # decode: the token is already in the buffers
+            if not _is_compiling():
+                layer.awaiting_attention = False
             q = query.squeeze(2).contiguous()
             dense = module.layer_idx < cfg.dense_layers
             return decode(q, layer, cfg, dense, scaling).unsqueeze(1), None
@@ -263,11 +298,31 @@ def _register(impl):
     return name
 
 
-def _kvsparse_pre_hook(cfg):
+def _held_before(cache, layer_idx, new_tokens):
+    """Whether a foreign cache held tokens of this layer before this call's
+    ``new_tokens`` (a multi-token call is then a continuation, which the
+    method would not compute densely)."""
+    try:
+        return int(cache.get_seq_length(layer_idx)) > new_tokens
+    except Exception:  # noqa: BLE001 - a cache without lengths: treat as a prefill
+        return False
+
+
+def _is_compiling():
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return False
+
+
+def _kvsparse_pre_hook(cfg, name, index):
+    """Forward the layer's cache (the forward's parameter ``name``, positional
+    index ``index`` after ``self``; see :func:`kvsparse._compat.cache_kwarg`)
+    and the config to the attention function."""
     def hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        if cache is None and len(args) > 3:
-            cache = args[3]  # forward(hidden_states, position_embeddings, attention_mask, past_key_values)
+        cache = kwargs.get(name)
+        if cache is None and index is not None and len(args) > index:
+            cache = args[index]
         new_kwargs = dict(kwargs)
         new_kwargs["kvsparse_cache"] = cache
         new_kwargs["kvsparse_config"] = cfg
@@ -339,8 +394,9 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     make ``generate()`` use the kvsparse cache of the configured method."""
     original = type(self)._prepare_cache_for_generation
     impl = generation_config.cache_implementation
+    key = self.__dict__[_STATE_ATTR]["cache_kwarg"]
     if (
-        model_kwargs.get("past_key_values") is not None
+        any(model_kwargs.get(k) is not None for k in _compat.CACHE_KWARGS)
         or generation_config.use_cache is False
         or impl not in (None, "dynamic", "static")
     ):
@@ -348,13 +404,13 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     cfg = self.kvsparse_config
     max_len = cfg.max_cache_len
     if impl == "static":
-        max_len = max(max_cache_length, generation_config.max_cache_len or 0, max_len or 0)
+        max_len = max(max_cache_length, _compat.generation_max_cache_len(generation_config) or 0, max_len or 0)
     elif max_len is not None and max_len < max_cache_length:
         raise ValueError(
             f"kvsparse: max_cache_len={max_len} is smaller than the generation length {max_cache_length}"
         )
     cache_batch = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
-    model_kwargs["past_key_values"] = make_cache(self, batch_size=cache_batch, max_cache_len=max_len, config=cfg)
+    model_kwargs[key] = make_cache(self, batch_size=cache_batch, max_cache_len=max_len, config=cfg)
 
 
 # -------------------------------------------------------------- patch/unpatch
@@ -362,7 +418,7 @@ def is_patched(model):
     return _STATE_ATTR in model.__dict__
 
 
-def patch(model, method="quest", config=None, **kwargs):
+def patch(model, method="quest", config=None, self_check=True, **kwargs):
     """Make ``model`` use sparse decode attention (in place); returns ``model``.
 
     Args:
@@ -376,8 +432,19 @@ def patch(model, method="quest", config=None, **kwargs):
             ``reallocate``, ...; QAQ: ``sigma`` or ``sigma_k`` / ``sigma_v``,
             ``allowed``, ``alpha``, ``window``, ``shared``, ``uniform_bits``, ...).
 
+        self_check: run a 4-token prefill and one decode step on a fresh
+            cache and raise :class:`~kvsparse._compat.IntegrationError` if
+            any layer did not go through the kvsparse attention (e.g. a
+            transformers release that passes the cache differently).
+
     The config is stored as ``model.kvsparse_config``. Patching a patched
     model replaces its config.
+
+    Never silently dense: besides the self-check, a decode step over a cache
+    that is not the method's kvsparse cache, a prefill that the kvsparse
+    attention did not commit, and (outside ``torch.compile``) a decode token
+    the kvsparse attention did not read all raise
+    :class:`~kvsparse._compat.IntegrationError`.
     """
     if config is not None:
         cfg = make_config(config, **kwargs)
@@ -391,10 +458,15 @@ def patch(model, method="quest", config=None, **kwargs):
     if is_patched(model):
         unpatch(model)
 
+    # the cache's parameter name in the forwards (transformers-dependent)
+    model_key, _ = _compat.cache_kwarg(type(model).forward, f"{type(model).__name__}.forward")
+    attn_keys = {type(m): _compat.cache_kwarg(type(m).forward, f"{type(m).__name__}.forward") for m in attn_modules}
+
     original_impl = model.config._attn_implementation
     name = _register(original_impl)
     state = {
         "original_impl": original_impl,
+        "cache_kwarg": model_key,
         "hooks": [],
         "compiled": {k: model.__dict__[k] for k in ("_compiled_call", "_last_compile_config") if k in model.__dict__},
     }
@@ -402,19 +474,52 @@ def patch(model, method="quest", config=None, **kwargs):
         del model.__dict__[k]  # compile afresh for the patched model
     try:
         _set_attn_implementation(model, name)
-        hook = _kvsparse_pre_hook(cfg)
+        hooks = {cls: _kvsparse_pre_hook(cfg, *key) for cls, key in attn_keys.items()}
         for m in attn_modules:
-            state["hooks"].append(m.register_forward_pre_hook(hook, with_kwargs=True))
+            state["hooks"].append(m.register_forward_pre_hook(hooks[type(m)], with_kwargs=True))
         if hasattr(type(model), "_prepare_cache_for_generation"):
             model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
+        model.kvsparse_config = cfg
+        model.__dict__[_STATE_ATTR] = state
+        if self_check:
+            _self_check(model, cfg)
     except Exception:
         for h in state["hooks"]:
             h.remove()
-        model.config._attn_implementation_internal = original_impl
+        for k in ("_prepare_cache_for_generation", "kvsparse_config", _STATE_ATTR):
+            model.__dict__.pop(k, None)
+        model.__dict__.update(state["compiled"])
+        _set_attn_implementation(model, original_impl)
         raise
-    model.kvsparse_config = cfg
-    model.__dict__[_STATE_ATTR] = state
     return model
+
+
+@torch.no_grad()
+def _self_check(model, cfg):
+    """A 4-token prefill and one decode step on a fresh dynamic cache of the
+    method: every layer must commit the prefill and read the decode token
+    through the kvsparse attention, or :class:`~kvsparse._compat.IntegrationError`."""
+    cache = KVSparseCache.for_config(cfg.replace(max_cache_len=None), num_layers=cache_geometry(model.config)[0])
+    emb = model.get_input_embeddings()
+    vocab = emb.weight.shape[0] if emb is not None else 8
+    device = emb.weight.device if emb is not None else next(model.parameters()).device
+    ids = (torch.arange(1, 6, device=device) % max(vocab, 1)).view(1, 5)
+    key = model.__dict__[_STATE_ATTR]["cache_kwarg"]
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids=ids[:, :4], use_cache=True, **{key: cache})
+        for i, layer in enumerate(cache.layers):
+            if not layer.is_initialized or layer.pending is not None:
+                raise _not_reached(cfg, f"its self-check prefill was not stored by the kvsparse attention of "
+                                        f"layer {i} (the cache argument {key!r} did not reach it)")
+        model(input_ids=ids[:, 4:], use_cache=True, **{key: cache})
+        for i, layer in enumerate(cache.layers):
+            if layer.awaiting_attention or int(layer.seq_lens[0]) != 5:
+                raise _not_reached(cfg, f"its self-check decode step did not read layer {i} through the "
+                                        "kvsparse attention")
+    finally:
+        model.train(was_training)
 
 
 def unpatch(model):

@@ -1,0 +1,85 @@
+"""The one place where kvsparse adapts to the installed transformers.
+
+Supported: transformers 4.57 (the last 4.x) through the newest 5.x (see the
+``hf`` extra in ``pyproject.toml``). Differences are keyed on features found
+at run time (signatures, attributes), not on version strings:
+
+* **the cache keyword of the forwards**: ``past_key_values`` up to 5.23,
+  ``cache`` from 5.24 (attention and decoder-layer forwards, ``generate``'s
+  ``model_kwargs``). :func:`cache_kwarg` reads it from a forward's signature.
+* **cache-layer API**: up to 5.12 a layer's maximum length is the abstract
+  ``get_max_cache_shape``; later ones use ``get_max_length``.
+  ``lazy_initialization`` takes ``key_states`` alone on 4.57 and
+  ``(key_states, value_states)`` later; ``get_mask_sizes`` receives
+  ``cache_position`` (a tensor) on 4.57 and ``query_length`` (an int) later.
+  The kvsparse layers accept both forms (see :func:`query_length`).
+* **generation config**: ``max_cache_len`` exists only on recent versions
+  (:func:`generation_max_cache_len`).
+
+Anything that cannot be found raises :class:`IntegrationError` naming the
+transformers version and what is missing: a patched model never runs dense
+silently.
+"""
+import inspect
+
+import torch
+
+__all__ = [
+    "IntegrationError", "transformers_version", "cache_kwarg", "query_length",
+    "generation_max_cache_len", "MIN_TRANSFORMERS",
+]
+
+#: the oldest transformers release kvsparse supports (also in pyproject's ``hf`` extra)
+MIN_TRANSFORMERS = "4.57"
+
+#: names a forward may give its cache argument, newest first
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
+class IntegrationError(RuntimeError):
+    """The patched model's decode step would not go through kvsparse (a
+    transformers change, a cache of the wrong kind, an uncommitted prefill)."""
+
+
+def transformers_version():
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - the hf extra is missing
+        return "not installed"
+    return transformers.__version__
+
+
+def cache_kwarg(fn, what):
+    """The name of ``fn``'s cache parameter (one of :data:`CACHE_KWARGS`) and
+    its positional index (``None`` when keyword-only).
+
+    Raises :class:`IntegrationError` when ``fn`` takes none of them."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError) as e:  # pragma: no cover - builtins
+        raise IntegrationError(f"kvsparse: cannot read the signature of {what}: {e}") from e
+    names = [p.name for p in params]
+    for name in CACHE_KWARGS:
+        if name in names:
+            p = params[names.index(name)]
+            positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            # the index among the arguments after ``self`` (hooks see args without self)
+            idx = [q.name for q in params if q.name != "self"].index(name) if positional else None
+            return name, idx
+    raise IntegrationError(
+        f"kvsparse: {what} takes no cache argument (looked for {', '.join(CACHE_KWARGS)}; "
+        f"transformers {transformers_version()}); this version's attention is not supported"
+    )
+
+
+def query_length(arg):
+    """``get_mask_sizes``'s argument as the number of new tokens: an int
+    (transformers >= 5) or ``cache_position`` (a 1-D tensor, 4.57)."""
+    if torch.is_tensor(arg):
+        return int(arg.shape[0]) if arg.dim() > 0 else 1
+    return int(arg)
+
+
+def generation_max_cache_len(generation_config):
+    """``generation_config.max_cache_len``, or ``None`` on versions without it."""
+    return getattr(generation_config, "max_cache_len", None)
