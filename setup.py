@@ -10,7 +10,7 @@ Environment variables:
   KVSPARSE_CUDA=1|0      force the CUDA kernels on or off (default: on when
                          torch has CUDA and nvcc is found);
   KVSPARSE_CUDA_ARCH     nvcc targets, e.g. "80;90" (default "80;90");
-  KVSPARSE_SANITIZE=1    build the C/C++ code with -fsanitize=address,undefined
+  KVSPARSE_SANITIZE=1    build the C/C++ code with -fsanitize=address,undefined -fno-wrapv
                          (run python with LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)");
   KVSPARSE_DEBUG=1       -O0 -g instead of -O3.
 No network access happens at build time.
@@ -50,7 +50,9 @@ DEBUG = bool(_flag("KVSPARSE_DEBUG"))
 WITH_CUDA = bool(_want_cuda())
 
 opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"] if SANITIZE else []
+# -fno-wrapv: CPython's flags carry -fwrapv, under which UBSan cannot see signed overflow
+san = ["-fsanitize=address,undefined,signed-integer-overflow", "-fno-wrapv", "-fno-omit-frame-pointer",
+       "-fno-sanitize-recover=all"] if SANITIZE else []
 C_FLAGS = ["-std=c99", "-fPIC", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"] + opt + san
 CXX_FLAGS = ["-fopenmp"] + opt + san
 LINK_FLAGS = ["-fopenmp"] + san

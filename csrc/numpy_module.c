@@ -203,6 +203,11 @@ static PyArrayObject *kv_array(PyObject *o, const char *name, ks_dtype *dt)
     PyArrayObject *a = as_array(o, name, 4, 0);
     if (!a || float_dtype(a, name, dt) < 0 || check_head_dim(PyArray_DIM(a, 3), name) < 0)
         return NULL;
+    if ((int64_t)PyArray_DIM(a, 2) > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s.shape[2] (cap) must be <= 2^31 - 1, got %zd", name,
+                     (Py_ssize_t)PyArray_DIM(a, 2));
+        return NULL;
+    }
     return a;
 }
 
@@ -234,7 +239,38 @@ static int np_type(ks_dtype dt)
 
 static npy_intp ceil_div(npy_intp a, npy_intp b)
 {
-    return (a + b - 1) / b;
+    return a / b + (a % b != 0);
+}
+
+/* a * b for a, b >= 0, saturated at INT64_MAX (only compared against lengths) */
+static int64_t sat_mul(int64_t a, int64_t b)
+{
+    if (a == 0 || b == 0)
+        return 0;
+    return a > INT64_MAX / b ? INT64_MAX : a * b;
+}
+
+/* CPU kernels return 0 or KS_ERR_NOMEM; call with the GIL held. */
+static int kernel_rc(int rc)
+{
+    if (rc != 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* C-contiguous arrays a (written) and b must not share bytes. */
+static int no_overlap(PyArrayObject *a, const char *an, PyArrayObject *b, const char *bn)
+{
+    const char *pa = (const char *)PyArray_DATA(a), *pb = (const char *)PyArray_DATA(b);
+    const npy_intp na = PyArray_NBYTES(a), nb = PyArray_NBYTES(b);
+    if (na > 0 && nb > 0 && pa < pb + nb && pb < pa + na) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s (written in place) shares memory with %s; pass separate arrays", an, bn);
+        return -1;
+    }
+    return 0;
 }
 
 /* ---- page_metadata -------------------------------------------------------- */
@@ -310,6 +346,13 @@ static PyObject *py_update_metadata(PyObject *self, PyObject *args, PyObject *kw
     if (!(lens = lens_array(lo, "seq_lens", B, cap)) ||
         !(starts = lens_array(so, "start_lens", B, cap)))
         return NULL;
+    if (no_overlap(kmin, "kmin", kmax, "kmax") < 0 || no_overlap(kmin, "kmin", k, "k") < 0 ||
+        no_overlap(kmax, "kmax", k, "k") < 0 ||
+        no_overlap(kmin, "kmin", (PyArrayObject *)lo, "seq_lens") < 0 ||
+        no_overlap(kmax, "kmax", (PyArrayObject *)lo, "seq_lens") < 0 ||
+        no_overlap(kmin, "kmin", (PyArrayObject *)so, "start_lens") < 0 ||
+        no_overlap(kmax, "kmax", (PyArrayObject *)so, "start_lens") < 0)
+        return NULL;
     for (i = 0; i < B; i++)
         if (starts[i] > lens[i]) {
             PyErr_Format(PyExc_ValueError, "start_lens[%zd] = %d exceeds seq_lens[%zd] = %d",
@@ -335,6 +378,7 @@ static PyObject *py_page_scores(PyObject *self, PyObject *args, PyObject *kwargs
     const int32_t *lens;
     ks_dtype dt;
     npy_intp B, H, Hkv, D, mp, dims[3];
+    int rc = 0;
     (void)self;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|np:page_scores", kwlist, &qo, &mino,
                                      &maxo, &lo, &P, &group))
@@ -350,7 +394,7 @@ static PyObject *py_page_scores(PyObject *self, PyObject *args, PyObject *kwargs
     mp = PyArray_DIM(kmin, 2);
     if (!(kmin = meta_array(mino, "kmin", dt, "q", B, Hkv, mp, D, 0)) ||
         !(kmax = meta_array(maxo, "kmax", dt, "q", B, Hkv, mp, D, 0)) ||
-        check_heads(H, Hkv) < 0 || !(lens = lens_array(lo, "seq_lens", B, (int64_t)mp * P)))
+        check_heads(H, Hkv) < 0 || !(lens = lens_array(lo, "seq_lens", B, sat_mul(mp, P))))
         return NULL;
     dims[0] = B;
     dims[1] = group ? Hkv : H;
@@ -358,9 +402,13 @@ static PyObject *py_page_scores(PyObject *self, PyObject *args, PyObject *kwargs
     if (!(scores = new_array(3, dims, NPY_FLOAT32)))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    ks_quest_scores_cpu(PyArray_DATA(q), PyArray_DATA(kmin), PyArray_DATA(kmax), dt, B, H, Hkv,
-                        mp, D, lens, P, group, (float *)PyArray_DATA(scores));
+    rc = ks_quest_scores_cpu(PyArray_DATA(q), PyArray_DATA(kmin), PyArray_DATA(kmax), dt, B, H,
+                             Hkv, mp, D, lens, P, group, (float *)PyArray_DATA(scores));
     Py_END_ALLOW_THREADS
+    if (kernel_rc(rc) < 0) {
+        Py_DECREF(scores);
+        return NULL;
+    }
     return (PyObject *)scores;
 }
 
@@ -374,6 +422,7 @@ static PyObject *py_select_pages(PyObject *self, PyObject *args, PyObject *kwarg
     PyArrayObject *scores, *idx;
     const int32_t *lens;
     npy_intp B, Hs, mp, n_sel, dims[3];
+    int rc = 0;
     (void)self;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|nn:select_pages", kwlist, &so, &lo, &P,
                                      &budget))
@@ -389,7 +438,7 @@ static PyObject *py_select_pages(PyObject *self, PyObject *args, PyObject *kwarg
     B = PyArray_DIM(scores, 0);
     Hs = PyArray_DIM(scores, 1);
     mp = PyArray_DIM(scores, 2);
-    if (!(lens = lens_array(lo, "seq_lens", B, (int64_t)mp * P)))
+    if (!(lens = lens_array(lo, "seq_lens", B, sat_mul(mp, P))))
         return NULL;
     n_sel = budget / P < mp ? budget / P : mp;
     dims[0] = B;
@@ -399,9 +448,13 @@ static PyObject *py_select_pages(PyObject *self, PyObject *args, PyObject *kwarg
         return NULL;
     if (n_sel > 0) {
         Py_BEGIN_ALLOW_THREADS
-        ks_quest_select_cpu((const float *)PyArray_DATA(scores), B, Hs, mp, lens, P, n_sel,
-                            (int32_t *)PyArray_DATA(idx));
+        rc = ks_quest_select_cpu((const float *)PyArray_DATA(scores), B, Hs, mp, lens, P, n_sel,
+                                 (int32_t *)PyArray_DATA(idx));
         Py_END_ALLOW_THREADS
+        if (kernel_rc(rc) < 0) {
+            Py_DECREF(idx);
+            return NULL;
+        }
     }
     return (PyObject *)idx;
 }
@@ -418,6 +471,7 @@ static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *k
     ks_dtype dt, kdt;
     npy_intp B, H, Hkv, cap, D, Hs, n_sel, mp, i, n;
     float scale;
+    int rc = 0;
     (void)self;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|nO:sparse_attention", kwlist, &qo, &ko,
                                      &vo, &io, &lo, &P, &scale_o))
@@ -466,10 +520,17 @@ static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *k
         if (!(out = new_array(3, dims, np_type(dt))))
             return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
-    ks_quest_sparse_attn_cpu(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v), dt, B, H, Hkv,
-                             cap, D, ip, Hs, n_sel, lens, P, scale, PyArray_DATA(out));
-    Py_END_ALLOW_THREADS
+    if (B * H > 0 && n_sel > 0 && cap > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = ks_quest_sparse_attn_cpu(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v), dt, B, H,
+                                      Hkv, cap, D, ip, Hs, n_sel, lens, P, scale,
+                                      PyArray_DATA(out));
+        Py_END_ALLOW_THREADS
+    }
+    if (kernel_rc(rc) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
     return (PyObject *)out;
 }
 
@@ -488,6 +549,7 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwargs)
     npy_intp B, H, Hkv, cap, D, mp, Hs, n_sel;
     float scale, *scores_ws = NULL;
     int32_t *idx_ws = NULL;
+    int rc = 0;
     (void)self;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|nnpO:attention", kwlist, &qo, &ko,
                                      &vo, &mino, &maxo, &lo, &P, &budget, &group, &scale_o))
@@ -531,12 +593,16 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwargs)
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
-    ks_quest_decode_cpu(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v), PyArray_DATA(kmin),
-                        PyArray_DATA(kmax), dt, B, H, Hkv, cap, D, mp, lens, P, n_sel, group,
-                        scale, scores_ws, idx_ws, PyArray_DATA(out));
+    rc = ks_quest_decode_cpu(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v),
+                             PyArray_DATA(kmin), PyArray_DATA(kmax), dt, B, H, Hkv, cap, D, mp,
+                             lens, P, n_sel, group, scale, scores_ws, idx_ws, PyArray_DATA(out));
     Py_END_ALLOW_THREADS
     PyMem_RawFree(scores_ws);
     PyMem_RawFree(idx_ws);
+    if (kernel_rc(rc) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
     return (PyObject *)out;
 }
 

@@ -19,6 +19,7 @@
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #ifdef KVSPARSE_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -28,8 +29,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "quest.h"
 #include "sparq.h"
@@ -112,8 +116,11 @@ void check_size(const Tensor &t, int64_t d, int64_t expected, const char *name, 
                     ") must be ", expected, ", got shape ", t.sizes());
 }
 
+// Quest size limits, in one place: 1 <= page_size <= KS_MAX_PAGE_SIZE (int32
+// positions), cap <= INT32_MAX (check_cache); max_pages = ceil_div(cap, P).
 void check_page_size(int64_t page_size) {
-  TORCH_CHECK_VALUE(page_size >= 1, "kvsparse: page_size must be >= 1, got ", page_size);
+  TORCH_CHECK_VALUE(page_size >= 1 && page_size <= KS_MAX_PAGE_SIZE,
+                    "kvsparse: page_size must be in [1, ", KS_MAX_PAGE_SIZE, "], got ", page_size);
 }
 
 void check_token_budget(int64_t token_budget, int64_t page_size) {
@@ -132,7 +139,41 @@ void check_head_dim(int64_t D, bool cuda) {
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ceil(a / b) for a >= 0, b >= 1, without forming a + b - 1 (b may be huge)
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+// a * b for a, b >= 0, saturated at INT64_MAX (only compared against lengths)
+int64_t sat_mul(int64_t a, int64_t b) {
+  if (a == 0 || b == 0) return 0;
+  return a > INT64_MAX / b ? INT64_MAX : a * b;
+}
+
+// CPU kernels return 0 or KS_ERR_NOMEM (a scratch allocation failed).
+void check_cpu_rc(int rc, const char *op) {
+  TORCH_CHECK_WITH(OutOfMemoryError, rc == 0, "kvsparse: ", op,
+                   ": out of host memory for the kernel's scratch buffers");
+}
+
+// Tensors an op writes must not share memory with any other argument: the
+// kernels read and write in parallel, so an overlap gives silent garbage.
+// Every argument is contiguous here, so the overlap test is exact.
+struct Arg {
+  const Tensor *t;
+  std::string name;
+};
+void check_no_overlap(std::initializer_list<Arg> written, std::initializer_list<Arg> read) {
+  for (auto w = written.begin(); w != written.end(); ++w) {
+    auto test = [&](const Arg &o) {
+      if (!w->t->defined() || !o.t->defined()) return;
+      const auto st = at::get_overlap_status(*w->t, *o.t);
+      TORCH_CHECK_VALUE(st == at::MemOverlapStatus::No, "kvsparse: ", w->name,
+                        " (written by the op) shares memory with ", o.name,
+                        "; pass separate tensors (e.g. .clone())");
+    };
+    for (auto o = w + 1; o != written.end(); ++o) test(*o);
+    for (const Arg &o : read) test(o);
+  }
+}
 
 // seq_lens: int32 [B], contiguous, same device as ref.
 void check_lens_tensor(const Tensor &lens, const char *name, int64_t B, const Tensor &ref,
@@ -197,6 +238,8 @@ KDims check_cache(const Tensor &k, const char *name) {
   check_contig(k, name);
   TORCH_CHECK_VALUE(k.size(1) >= 1, "kvsparse: ", name,
                     " must have at least one KV head, got shape ", k.sizes());
+  TORCH_CHECK_VALUE(k.size(2) <= INT32_MAX, "kvsparse: ", name,
+                    ".shape[2] (cap) must be <= 2^31 - 1 (positions are int32), got ", k.size(2));
   return {k.size(0), k.size(1), k.size(2), k.size(3)};
 }
 
@@ -274,6 +317,8 @@ void update_metadata_impl(const Tensor &k, const Tensor &kmin, const Tensor &kma
   check_size(kmin, 2, a.max_pages, "kmin", "max_pages = ceil(cap / page_size)");
   check_size(kmax, 2, a.max_pages, "kmax", "max_pages = ceil(cap / page_size)");
   check_lens_tensor(start_lens, "start_lens", a.k.B, k, "k");
+  check_no_overlap({{&kmin, "kmin"}, {&kmax, "kmax"}},
+                   {{&k, "k"}, {&start_lens, "start_lens"}, {&seq_lens, "seq_lens"}});
   if (!cuda) check_start_values(start_lens, seq_lens);
   if (kmin.numel() == 0) return;
   if (!cuda) {
@@ -310,15 +355,16 @@ Tensor page_scores_impl(const Tensor &q, const Tensor &kmin, const Tensor &kmax,
   check_size(kmax, 2, max_pages, "kmax", "max_pages, as kmin");
   check_gqa(qd.H, Hkv);
   check_lens_tensor(seq_lens, "seq_lens", qd.B, q, "q");
-  if (!cuda) check_lens_values(seq_lens, "seq_lens", max_pages * page_size, "max_pages * page_size");
+  if (!cuda) check_lens_values(seq_lens, "seq_lens", sat_mul(max_pages, page_size), "max_pages * page_size");
   const int64_t Hs = group ? Hkv : qd.H;
   Tensor scores = at::empty({qd.B, Hs, max_pages}, q.options().dtype(at::kFloat));
   if (scores.numel() == 0) return scores;
   const ks_dtype dt = to_ks_dtype(q, "q");
   if (!cuda) {
-    ks_quest_scores_cpu(q.data_ptr(), kmin.data_ptr(), kmax.data_ptr(), dt, qd.B, qd.H, Hkv,
-                        max_pages, qd.D, seq_lens.data_ptr<int32_t>(), page_size, group ? 1 : 0,
-                        scores.data_ptr<float>());
+    check_cpu_rc(ks_quest_scores_cpu(q.data_ptr(), kmin.data_ptr(), kmax.data_ptr(), dt, qd.B, qd.H, Hkv,
+                          max_pages, qd.D, seq_lens.data_ptr<int32_t>(), page_size, group ? 1 : 0,
+                          scores.data_ptr<float>()),
+                 "quest_page_scores");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     int rc = ks_quest_scores_cuda(q.data_ptr(), kmin.data_ptr(), kmax.data_ptr(), dt, qd.B, qd.H,
@@ -343,13 +389,14 @@ Tensor select_pages_impl(const Tensor &scores, const Tensor &seq_lens, int64_t p
   check_token_budget(token_budget, page_size);
   const int64_t B = scores.size(0), Hs = scores.size(1), max_pages = scores.size(2);
   check_lens_tensor(seq_lens, "seq_lens", B, scores, "scores");
-  if (!cuda) check_lens_values(seq_lens, "seq_lens", max_pages * page_size, "max_pages * page_size");
+  if (!cuda) check_lens_values(seq_lens, "seq_lens", sat_mul(max_pages, page_size), "max_pages * page_size");
   const int64_t n_sel = std::min(token_budget / page_size, max_pages);
   Tensor page_idx = at::empty({B, Hs, n_sel}, scores.options().dtype(at::kInt));
   if (page_idx.numel() == 0) return page_idx;
   if (!cuda) {
-    ks_quest_select_cpu(scores.data_ptr<float>(), B, Hs, max_pages, seq_lens.data_ptr<int32_t>(),
-                        page_size, n_sel, page_idx.data_ptr<int32_t>());
+    check_cpu_rc(ks_quest_select_cpu(scores.data_ptr<float>(), B, Hs, max_pages, seq_lens.data_ptr<int32_t>(),
+                          page_size, n_sel, page_idx.data_ptr<int32_t>()),
+                 "quest_select_pages");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     int rc = ks_quest_select_cuda(scores.data_ptr<float>(), B, Hs, max_pages,
@@ -412,10 +459,11 @@ Tensor sparse_attention_impl(const Tensor &q, const Tensor &k, const Tensor &v,
     return out;
   }
   if (!cuda) {
-    ks_quest_sparse_attn_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), a.dt, a.B, a.H, a.Hkv,
-                             a.cap, a.D, page_idx.data_ptr<int32_t>(), Hs, n_sel,
-                             seq_lens.data_ptr<int32_t>(), page_size, static_cast<float>(scale),
-                             out.data_ptr());
+    check_cpu_rc(ks_quest_sparse_attn_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), a.dt, a.B, a.H, a.Hkv,
+                               a.cap, a.D, page_idx.data_ptr<int32_t>(), Hs, n_sel,
+                               seq_lens.data_ptr<int32_t>(), page_size, static_cast<float>(scale),
+                               out.data_ptr()),
+                 "quest_sparse_attention");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     size_t ws_bytes = ks_quest_sparse_attn_cuda_workspace(a.B, a.H, a.D, n_sel, page_size);
@@ -456,11 +504,12 @@ Tensor attention_impl(const Tensor &q, const Tensor &k, const Tensor &v, const T
   if (!cuda) {
     Tensor scores_ws = at::empty({a.B, Hs, max_pages}, q.options().dtype(at::kFloat));
     Tensor idx_ws = at::empty({a.B, Hs, n_sel}, q.options().dtype(at::kInt));
-    ks_quest_decode_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), kmin.data_ptr(),
-                        kmax.data_ptr(), a.dt, a.B, a.H, a.Hkv, a.cap, a.D, max_pages,
-                        seq_lens.data_ptr<int32_t>(), page_size, n_sel, group ? 1 : 0,
-                        static_cast<float>(scale), scores_ws.data_ptr<float>(),
-                        idx_ws.data_ptr<int32_t>(), out.data_ptr());
+    check_cpu_rc(ks_quest_decode_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), kmin.data_ptr(),
+                          kmax.data_ptr(), a.dt, a.B, a.H, a.Hkv, a.cap, a.D, max_pages,
+                          seq_lens.data_ptr<int32_t>(), page_size, n_sel, group ? 1 : 0,
+                          static_cast<float>(scale), scores_ws.data_ptr<float>(),
+                          idx_ws.data_ptr<int32_t>(), out.data_ptr()),
+                 "quest_attention");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     size_t ws_bytes = ks_quest_decode_cuda_workspace(a.B, a.H, a.Hkv, a.D, max_pages, n_sel,
@@ -755,6 +804,8 @@ void sparq_append_impl(const Tensor &k_new, const Tensor &v_new, const Tensor &k
   check_kt(kt, k, "k", kd.B, kd.Hkv, kd.D, kd.cap);
   check_v_mean(v_mean, k, "k", kd.B, kd.Hkv, kd.D);
   check_lens_tensor(seq_lens, "seq_lens", kd.B, k, "k");
+  check_no_overlap({{&k, "k"}, {&v, "v"}, {&kt, "kt"}, {&v_mean, "v_mean"}},
+                   {{&k_new, "k_new"}, {&v_new, "v_new"}, {&seq_lens, "seq_lens"}});
   const int64_t n_new = k_new.size(2);
   if (!cuda) {
     const int32_t *p = seq_lens.data_ptr<int32_t>();
@@ -792,8 +843,9 @@ Tensor sparq_top_channels_impl(const Tensor &q, int64_t r, int64_t group_size, b
   if (i1.numel() == 0) return i1;
   const ks_dtype dt = to_ks_dtype(q, "q");
   if (!cuda) {
-    ks_sparq_top_channels_cpu(q.data_ptr(), dt, qd.B, qd.H, qd.D, r, group_size,
-                              i1.data_ptr<int32_t>());
+    check_cpu_rc(ks_sparq_top_channels_cpu(q.data_ptr(), dt, qd.B, qd.H, qd.D, r, group_size,
+                                i1.data_ptr<int32_t>()),
+                 "sparq_top_channels");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     int rc = ks_sparq_top_channels_cuda(q.data_ptr(), dt, qd.B, qd.H, qd.D, r, group_size,
@@ -831,9 +883,10 @@ Tensor sparq_approx_scores_impl(const Tensor &q, const Tensor &kt, const Tensor 
   if (s_hat.numel() == 0) return s_hat;
   const ks_dtype dt = to_ks_dtype(q, "q");
   if (!cuda) {
-    ks_sparq_approx_scores_cpu(q.data_ptr(), kt.data_ptr(), dt, qd.B, qd.H, Hkv, cap, qd.D,
-                               i1.data_ptr<int32_t>(), Hs1, r, seq_lens.data_ptr<int32_t>(),
-                               s_hat.data_ptr<float>());
+    check_cpu_rc(ks_sparq_approx_scores_cpu(q.data_ptr(), kt.data_ptr(), dt, qd.B, qd.H, Hkv, cap, qd.D,
+                                 i1.data_ptr<int32_t>(), Hs1, r, seq_lens.data_ptr<int32_t>(),
+                                 s_hat.data_ptr<float>()),
+                 "sparq_approx_scores");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     Tensor ws = byte_workspace(ks_sparq_approx_scores_cuda_workspace(qd.B, qd.H, cap), q);
@@ -865,8 +918,9 @@ Tensor sparq_top_positions_impl(const Tensor &s_hat, const Tensor &seq_lens, int
   Tensor i2 = at::empty({B, H / group_size, k}, s_hat.options().dtype(at::kInt));
   if (i2.numel() == 0) return i2;
   if (!cuda) {
-    ks_sparq_top_positions_cpu(s_hat.data_ptr<float>(), B, H, cap, seq_lens.data_ptr<int32_t>(),
-                               k, local_window, group_size, i2.data_ptr<int32_t>());
+    check_cpu_rc(ks_sparq_top_positions_cpu(s_hat.data_ptr<float>(), B, H, cap, seq_lens.data_ptr<int32_t>(),
+                                 k, local_window, group_size, i2.data_ptr<int32_t>()),
+                 "sparq_top_positions");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     Tensor ws = byte_workspace(ks_sparq_top_positions_cuda_workspace(B, H, cap, group_size), s_hat);
@@ -897,11 +951,12 @@ Tensor sparq_sparse_attention_impl(const Tensor &q, const Tensor &k, const Tenso
   Tensor out = at::empty({a.B, a.H, a.D}, q.options());
   if (out.numel() == 0) return out;
   if (!cuda) {
-    ks_sparq_sparse_attn_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), a.dt, a.B, a.H, a.Hkv,
-                             a.cap, a.D, i2.data_ptr<int32_t>(), Hs2, n_sel,
-                             s_hat.data_ptr<float>(), v_mean.data_ptr<float>(),
-                             seq_lens.data_ptr<int32_t>(), static_cast<float>(scale),
-                             reallocate ? 1 : 0, out.data_ptr());
+    check_cpu_rc(ks_sparq_sparse_attn_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), a.dt, a.B, a.H, a.Hkv,
+                               a.cap, a.D, i2.data_ptr<int32_t>(), Hs2, n_sel,
+                               s_hat.data_ptr<float>(), v_mean.data_ptr<float>(),
+                               seq_lens.data_ptr<int32_t>(), static_cast<float>(scale),
+                               reallocate ? 1 : 0, out.data_ptr()),
+                 "sparq_sparse_attention");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     Tensor ws = byte_workspace(ks_sparq_sparse_attn_cuda_workspace(a.B, a.H, Hs2, a.D, n_sel), q);
@@ -938,11 +993,12 @@ Tensor sparq_attention_impl(const Tensor &q, const Tensor &k, const Tensor &v, c
     Tensor i1_ws = at::empty({a.B, Hs, r}, q.options().dtype(at::kInt));
     Tensor s_ws = at::empty({a.B, a.H, a.cap}, q.options().dtype(at::kFloat));
     Tensor i2_ws = at::empty({a.B, Hs, k_top}, q.options().dtype(at::kInt));
-    ks_sparq_decode_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), kt.data_ptr(),
-                        v_mean.data_ptr<float>(), a.dt, a.B, a.H, a.Hkv, a.cap, a.D,
-                        seq_lens.data_ptr<int32_t>(), r, k_top, local_window, group ? 1 : 0,
-                        reallocate ? 1 : 0, static_cast<float>(scale), i1_ws.data_ptr<int32_t>(),
-                        s_ws.data_ptr<float>(), i2_ws.data_ptr<int32_t>(), out.data_ptr());
+    check_cpu_rc(ks_sparq_decode_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), kt.data_ptr(),
+                          v_mean.data_ptr<float>(), a.dt, a.B, a.H, a.Hkv, a.cap, a.D,
+                          seq_lens.data_ptr<int32_t>(), r, k_top, local_window, group ? 1 : 0,
+                          reallocate ? 1 : 0, static_cast<float>(scale), i1_ws.data_ptr<int32_t>(),
+                          s_ws.data_ptr<float>(), i2_ws.data_ptr<int32_t>(), out.data_ptr()),
+                 "sparq_attention");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     Tensor ws = byte_workspace(
@@ -1117,6 +1173,8 @@ QDimsQ check_qstore(const QStore &s, const Tensor &ref, const char *ref_name, in
   check_device(s.offsets, no.c_str(), ref, ref_name);
   check_size(s.offsets, 0, B, no.c_str(), "B, as arena.shape[0]");
   const int64_t Hg = s.offsets.size(1), cap = s.offsets.size(2);
+  TORCH_CHECK_VALUE(cap <= INT32_MAX, "kvsparse: ", no,
+                    ".shape[2] (cap) must be <= 2^31 - 1 (positions are int32), got ", cap);
   TORCH_CHECK_VALUE(Hg == Hkv || Hg == 1, "kvsparse: ", no, ".shape[1] (Hg) must be Hkv = ", Hkv,
                     " (per-head groups) or 1 (groups shared across KV heads), got shape ",
                     s.offsets.sizes());
@@ -1144,6 +1202,10 @@ QDimsQ check_qstore(const QStore &s, const Tensor &ref, const char *ref_name, in
                     "kvsparse: ", ni, " must have shape [B, Hg, cap, n_out] = [", B, ", ", Hg,
                     ", ", cap, ", n_out], got ", s.oidx.sizes());
   const int64_t n_out = s.oidx.size(3), E = D * (Hkv / Hg);
+  TORCH_CHECK_VALUE(E <= KS_QAQ_MAX_GROUP, "kvsparse: the group size E = head_dim * num_kv_heads / Hg = ",
+                    D, " * ", Hkv, " / ", Hg, " = ", E, " (from ", ref_name, " and ", no,
+                    ") must be <= ", KS_QAQ_MAX_GROUP,
+                    " (outlier indices are int16); use per-head groups or fewer KV heads per group");
   TORCH_CHECK_VALUE(n_out % 2 == 0 && n_out < E, "kvsparse: ", ni,
                     ".shape[3] (n_out, outlier slots: 2 * ceil(alpha / 2 * E)) must be even and "
                     "smaller than the group size E = ", E, ", got ", n_out, " (alpha too large?)");
@@ -1291,6 +1353,10 @@ void qaq_quantize_impl(const Tensor &x, const Tensor &pos, const Tensor &new_wid
     check_contig(*t, nm);
     check_device(*t, nm, x, "x");
   }
+  check_no_overlap({{&s.arena, "arena"}, {&s.offsets, "offsets"}, {&s.widths, "widths"},
+                    {&s.sz, "sz"}, {&s.oidx, "oidx"}, {&s.oval, "oval"}},
+                   {{&x, "x"}, {&pos, "pos"}, {&new_widths, "new_widths"},
+                    {&new_offsets, "new_offsets"}});
   if (!cuda) {
     const int32_t *p = pos.data_ptr<int32_t>();
     for (int64_t b = 0; b < d.B; ++b)
@@ -1306,13 +1372,31 @@ void qaq_quantize_impl(const Tensor &x, const Tensor &pos, const Tensor &new_wid
                         o[i], " at flat index ", i, " with ", nb,
                         " code bytes does not fit in the arena of ", d.A, " bytes");
     }
+    // the new groups of one sequence are written in parallel into arena[b]:
+    // their code bytes must not overlap (qaq.h)
+    std::vector<std::pair<int64_t, int64_t>> iv;  // (start, flat index)
+    const int64_t per_b = d.Hg * n;
+    for (int64_t b = 0; b < d.B; ++b) {
+      iv.clear();
+      for (int64_t i = b * per_b; i < (b + 1) * per_b; ++i)
+        if (E * w[i] / 8 > 0) iv.emplace_back(o[i], i);
+      std::sort(iv.begin(), iv.end());
+      for (size_t j = 1; j < iv.size(); ++j) {
+        const int64_t prev = iv[j - 1].second, cur = iv[j].second;
+        TORCH_CHECK_VALUE(int64_t(o[prev]) + E * w[prev] / 8 <= int64_t(o[cur]),
+                          "kvsparse: new_offsets: the code bytes of the groups at flat indices ",
+                          prev, " (offset ", o[prev], ", ", E * w[prev] / 8, " bytes) and ", cur,
+                          " (offset ", o[cur], ") overlap in arena[", b, "]");
+      }
+    }
   }
   if (n == 0 || d.B == 0) return;
   ks_qaq_store st = to_store(s, d);
   if (!cuda) {
-    ks_qaq_quantize_cpu(x.data_ptr(), d.dt, d.B, xd.Hkv, n, xd.D, d.cap, pos.data_ptr<int32_t>(),
-                        new_widths.data_ptr<uint8_t>(), new_offsets.data_ptr<int32_t>(),
-                        s.offsets.data_ptr<int32_t>(), st);
+    check_cpu_rc(ks_qaq_quantize_cpu(x.data_ptr(), d.dt, d.B, xd.Hkv, n, xd.D, d.cap, pos.data_ptr<int32_t>(),
+                          new_widths.data_ptr<uint8_t>(), new_offsets.data_ptr<int32_t>(),
+                          s.offsets.data_ptr<int32_t>(), st),
+                 "qaq_quantize");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     int rc = ks_qaq_quantize_cuda(x.data_ptr(), d.dt, d.B, xd.Hkv, n, xd.D, d.cap,
@@ -1340,8 +1424,9 @@ Tensor qaq_dequantize_impl(const QStore &s, const Tensor &seq_lens, int64_t Hkv,
   if (out.numel() == 0) return out;
   ks_qaq_store st = to_store(s, d);
   if (!cuda) {
-    ks_qaq_dequantize_cpu(st, d.dt, d.B, Hkv, d.cap, D, seq_lens.data_ptr<int32_t>(),
-                          out.data_ptr());
+    check_cpu_rc(ks_qaq_dequantize_cpu(st, d.dt, d.B, Hkv, d.cap, D, seq_lens.data_ptr<int32_t>(),
+                            out.data_ptr()),
+                 "qaq_dequantize");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     int rc = ks_qaq_dequantize_cuda(st, d.dt, d.B, Hkv, d.cap, D, seq_lens.data_ptr<int32_t>(),
@@ -1363,6 +1448,9 @@ void qaq_requantize_impl(const QStore &s, const Tensor &new_widths, const Tensor
                     s.widths.sizes(), ", got ", new_widths.sizes());
   check_contig(new_widths, "new_widths");
   check_device(new_widths, "new_widths", s.arena, "arena");
+  check_no_overlap({{&s.arena, "arena"}, {&s.widths, "widths"}, {&s.sz, "sz"}},
+                   {{&s.offsets, "offsets"}, {&s.oidx, "oidx"}, {&s.oval, "oval"},
+                    {&new_widths, "new_widths"}, {&seq_lens, "seq_lens"}});
   if (!cuda) {
     check_lens_values(seq_lens, "seq_lens", d.cap, "cap = offsets.shape[2]");
     check_qstore_values(s, d, D * (Hkv / d.Hg), seq_lens);
@@ -1374,8 +1462,9 @@ void qaq_requantize_impl(const QStore &s, const Tensor &new_widths, const Tensor
   if (d.B == 0 || d.cap == 0) return;
   ks_qaq_store st = to_store(s, d);
   if (!cuda) {
-    ks_qaq_requantize_cpu(st, d.dt, d.B, Hkv, d.cap, D, seq_lens.data_ptr<int32_t>(),
-                          new_widths.data_ptr<uint8_t>());
+    check_cpu_rc(ks_qaq_requantize_cpu(st, d.dt, d.B, Hkv, d.cap, D, seq_lens.data_ptr<int32_t>(),
+                            new_widths.data_ptr<uint8_t>()),
+                 "qaq_requantize");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     int rc = ks_qaq_requantize_cuda(st, d.dt, d.B, Hkv, d.cap, D, seq_lens.data_ptr<int32_t>(),
@@ -1420,9 +1509,10 @@ std::tuple<Tensor, Tensor> qaq_attention_impl(const Tensor &q, const QStore &ks,
   ks_qaq_store kst = to_store(ks, kd), vst = to_store(vs, vd);
   float *pmp = return_p_max && pm.numel() ? pm.data_ptr<float>() : nullptr;
   if (!cuda) {
-    ks_qaq_attention_cpu(q.data_ptr(), kd.dt, qd.B, qd.H, Hkv, kd.cap, qd.D, kst, vst,
-                         seq_lens.data_ptr<int32_t>(), static_cast<float>(scale), pmp,
-                         out.data_ptr());
+    check_cpu_rc(ks_qaq_attention_cpu(q.data_ptr(), kd.dt, qd.B, qd.H, Hkv, kd.cap, qd.D, kst, vst,
+                           seq_lens.data_ptr<int32_t>(), static_cast<float>(scale), pmp,
+                           out.data_ptr()),
+                 "qaq_attention");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     Tensor ws = byte_workspace(ks_qaq_attention_cuda_workspace(qd.B, qd.H, Hkv, kd.cap, qd.D, pmp ? 1 : 0), q);

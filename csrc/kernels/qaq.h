@@ -53,7 +53,11 @@
  *               the outlier's correction x - zero without reading its code).
  * Per element the error of an inlier is at most scale/2 plus the fp16
  * rounding of zero and scale; outliers are exact. Values must lie in the
- * fp16 range (the scale and zero point are fp16).
+ * fp16 range (the scale and zero point are fp16): a group whose inlier range
+ * overflows fp16, or holds a NaN / Inf inlier, dequantizes its inliers to
+ * NaN / Inf (so the attention over it is NaN, see quest.h's NaN policy).
+ * E <= KS_QAQ_MAX_GROUP (oidx is int16); the bindings reject larger groups.
+ * The CPU functions that allocate scratch return 0 or KS_ERR_NOMEM.
  *
  * Bytes per token (per group: E*w/8 codes + 4 offset + 1 width + 4 scale/zero
  * + n_out * (2 + sizeof dt) outliers); qaq.py's memory_report sums them.
@@ -81,6 +85,9 @@ extern "C" {
 #else
 #define KS_QAQ_HD
 #endif
+
+/* Largest group size E: outlier indices are int16, in [0, E). */
+#define KS_QAQ_MAX_GROUP 32768
 
 /* Bit position of element e's code inside the code bytes of a group of E
  * elements at width w in {1, 2, 4, 8} (see "Codes" above). */
@@ -127,20 +134,20 @@ void ks_qaq_bits_cpu(const float *rng, const float *q_sq, const float *s_max, in
  * widths[b,g,t] = new_w[b,g,i], offsets[b,g,t] = new_off[b,g,i] (the caller
  * allocates the code bytes; qaq.py has helpers), and the group of token t (x[b, :, i, :] restricted to the group) is quantized
  * as described above. Tokens with t outside [0, cap) are skipped. */
-void ks_qaq_quantize_cpu(const void *x, ks_dtype dt, int64_t B, int64_t Hkv, int64_t n,
+int ks_qaq_quantize_cpu(const void *x, ks_dtype dt, int64_t B, int64_t Hkv, int64_t n,
                          int64_t D, int64_t cap, const int32_t *pos, const uint8_t *new_w,
                          const int32_t *new_off, int32_t *offsets, ks_qaq_store st);
 
 /* ---- 3. unpack + dequantize ------------------------------------------------------
  * out [B, Hkv, cap, D] (dtype dt): the dequantized groups of tokens t < seq_lens[b],
  * zeros for t >= seq_lens[b]. */
-void ks_qaq_dequantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
+int ks_qaq_dequantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
                            int64_t D, const int32_t *seq_lens, void *out);
 
 /* ---- 4. lower widths in place -------------------------------------------------------
  * For t < seq_lens[b]: where new_w[b,g,t] is a valid width below widths[b,g,t],
  * requantize the group at new_w (see above) and set widths[b,g,t] = new_w. */
-void ks_qaq_requantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
+int ks_qaq_requantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
                            int64_t D, const int32_t *seq_lens, const uint8_t *new_w);
 
 /* ---- 5. fused decode attention over the packed cache ------------------------------------
@@ -152,7 +159,7 @@ void ks_qaq_requantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv,
  * Dequantization happens in registers / a row buffer: no dense copy is made.
  * p_max (float32 [B, Hkv, cap], may be NULL): p_max[b,hk,t] = max over the G
  * query heads of KV head hk of p[t] for t < len, 0 for t >= len. */
-void ks_qaq_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+int ks_qaq_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
                           int64_t cap, int64_t D, ks_qaq_store kq, ks_qaq_store vq,
                           const int32_t *seq_lens, float scale, float *p_max, void *out);
 

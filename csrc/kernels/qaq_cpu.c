@@ -187,15 +187,20 @@ static void qq_unpack(const uint8_t *codes, int w, const uint16_t *sz, const int
 
 /* ---- 2. quantize ------------------------------------------------------------------------ */
 
-void ks_qaq_quantize_cpu(const void *x, ks_dtype dt, int64_t B, int64_t Hkv, int64_t n,
+int ks_qaq_quantize_cpu(const void *x, ks_dtype dt, int64_t B, int64_t Hkv, int64_t n,
                          int64_t D, int64_t cap, const int32_t *pos, const uint8_t *new_w,
                          const int32_t *new_off, int32_t *offsets, ks_qaq_store st)
 {
     const int64_t Hg = st.Hg, hpg = Hkv / Hg, E = hpg * D, n_out = st.n_out;
     int64_t it;
+    int oom = 0;
 #pragma omp parallel if (B * Hkv * n * D * 8 >= QQ_PAR_MIN)
     {
         float *buf = (float *)malloc((size_t)E * sizeof(float));
+        if (!buf) {
+#pragma omp atomic write
+            oom = 1;
+        }
 #pragma omp for schedule(static)
         for (it = 0; it < B * Hg * n; it++) {
             const int64_t b = it / (Hg * n), g = (it / n) % Hg, i = it % n;
@@ -221,25 +226,33 @@ void ks_qaq_quantize_cpu(const void *x, ks_dtype dt, int64_t B, int64_t Hkv, int
         }
         free(buf);
     }
+    return oom ? KS_ERR_NOMEM : 0;
 }
 
 /* ---- 3. dequantize -------------------------------------------------------------------------- */
 
-void ks_qaq_dequantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
+int ks_qaq_dequantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
                            int64_t D, const int32_t *seq_lens, void *out)
 {
     const int64_t Hg = st.Hg, hpg = Hkv / Hg, E = hpg * D, n_out = st.n_out;
     int64_t it;
+    int oom = 0;
 #pragma omp parallel if (B * Hkv * cap * D >= QQ_PAR_MIN)
     {
         float *buf = (float *)malloc((size_t)D * sizeof(float));
+        if (!buf) {
+#pragma omp atomic write
+            oom = 1;
+        }
 #pragma omp for schedule(static)
         for (it = 0; it < B * Hkv * cap; it++) {
             const int64_t b = it / (Hkv * cap), hk = (it / cap) % Hkv, t = it % cap;
             const int64_t g = hk / hpg, gi = (b * Hg + g) * cap + t;
             void *dst = ks_ptr(out, dt, it * D);
             int w;
-            if (t >= qq_clamp_len(seq_lens[b], cap) || !buf) {
+            if (!buf)
+                continue;
+            if (t >= qq_clamp_len(seq_lens[b], cap)) {
                 memset(dst, 0, (size_t)D * ks_dtype_size(dt));
                 continue;
             }
@@ -251,18 +264,24 @@ void ks_qaq_dequantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv,
         }
         free(buf);
     }
+    return oom ? KS_ERR_NOMEM : 0;
 }
 
 /* ---- 4. requantize ----------------------------------------------------------------------------- */
 
-void ks_qaq_requantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
+int ks_qaq_requantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
                            int64_t D, const int32_t *seq_lens, const uint8_t *new_w)
 {
     const int64_t Hg = st.Hg, E = (Hkv / Hg) * D, n_out = st.n_out;
     int64_t gi;
+    int oom = 0;
 #pragma omp parallel if (B * Hkv * cap * D >= QQ_PAR_MIN)
     {
         float *buf = (float *)malloc((size_t)E * sizeof(float));
+        if (!buf) {
+#pragma omp atomic write
+            oom = 1;
+        }
 #pragma omp for schedule(static)
         for (gi = 0; gi < B * Hg * cap; gi++) {
             const int64_t b = gi / (Hg * cap), t = gi % cap;
@@ -284,6 +303,7 @@ void ks_qaq_requantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv,
         }
         free(buf);
     }
+    return oom ? KS_ERR_NOMEM : 0;
 }
 
 /* ---- 5. attention ---------------------------------------------------------------------------------- */
@@ -299,26 +319,29 @@ static inline void qq_row(const ks_qaq_store *s, ks_dtype dt, int64_t b, int64_t
               (hk % hpg) * D, D, dst);
 }
 
-void ks_qaq_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+int ks_qaq_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
                           int64_t cap, int64_t D, ks_qaq_store kq, ks_qaq_store vq,
                           const int32_t *seq_lens, float scale, float *p_max, void *out)
 {
     const int64_t G = H / Hkv, khpg = Hkv / kq.Hg, vhpg = Hkv / vq.Hg;
     int64_t bh;
+    int oom = 0;
 #pragma omp parallel if (B * H * cap * D * 2 >= QQ_PAR_MIN)
     {
         /* qf, acc: G*D; row: D; s: G*cap */
         float *buf = (float *)malloc((size_t)(2 * G * D + D + G * (cap > 0 ? cap : 1)) *
                                      sizeof(float));
+        if (!buf) {
+#pragma omp atomic write
+            oom = 1;
+        }
 #pragma omp for schedule(dynamic, 1)
         for (bh = 0; bh < B * Hkv; bh++) {
             const int64_t b = bh / Hkv, hk = bh % Hkv, len = qq_clamp_len(seq_lens[b], cap);
             float *qf, *acc, *row, *s;
             int64_t g, t, d;
-            if (!buf) {
-                memset(ks_ptr(out, dt, (b * H + hk * G) * D), 0, (size_t)(G * D) * ks_dtype_size(dt));
+            if (!buf)
                 continue;
-            }
             qf = buf;
             acc = qf + G * D;
             row = acc + G * D;
@@ -335,13 +358,20 @@ void ks_qaq_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int6
             }
             for (g = 0; g < G; g++) {
                 float *sg = s + g * cap, m = -INFINITY, sum = 0.f, inv;
-                for (t = 0; t < len; t++)
-                    m = sg[t] > m ? sg[t] : m;
+                int bad = 0;
                 for (t = 0; t < len; t++) {
-                    sg[t] = expf(sg[t] - m);
+                    /* NaN policy (quest.h): a NaN or +inf logit, or all -inf, give NaN */
+                    if (sg[t] != sg[t] || sg[t] == INFINITY)
+                        bad = 1;
+                    m = sg[t] > m ? sg[t] : m;
+                }
+                if (len > 0 && m == -INFINITY)
+                    bad = 1;
+                for (t = 0; t < len; t++) {
+                    sg[t] = bad ? NAN : expf(sg[t] - m);
                     sum += sg[t];
                 }
-                inv = sum > 0.f ? 1.f / sum : 0.f;
+                inv = sum > 0.f ? 1.f / sum : (bad ? NAN : 0.f);
                 for (t = 0; t < len; t++)
                     sg[t] *= inv;
             }
@@ -369,4 +399,5 @@ void ks_qaq_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int6
         }
         free(buf);
     }
+    return oom ? KS_ERR_NOMEM : 0;
 }

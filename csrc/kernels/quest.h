@@ -20,6 +20,18 @@
  *
  * Pages: page p holds tokens [p*P, min((p+1)*P, len)). A sequence of length len
  * has n_pages(len) = ceil(len / P) pages; pages at or past n_pages are "empty".
+ * The page arithmetic never forms len + P or (p+1)*P, so any P >= 1 is safe
+ * (the bindings still cap page_size at KS_MAX_PAGE_SIZE).
+ *
+ * Errors: the CPU functions that allocate scratch memory return 0, or
+ * KS_ERR_NOMEM when an allocation failed (the outputs are then unspecified;
+ * the bindings raise). Sizes are the caller's: they must fit the tensors.
+ *
+ * NaN / Inf (the same in sparq.h and qaq.h): min / max metadata propagate
+ * NaN (a page with a NaN key has NaN kmin / kmax and a NaN score); selections
+ * rank NaN above every number (so a NaN page or token is selected); an
+ * attention row whose logits include a NaN or +inf, or are all -inf, is NaN,
+ * as dense softmax attention gives; a row with no token at all is zeros.
  */
 #ifndef KVSPARSE_QUEST_H
 #define KVSPARSE_QUEST_H
@@ -32,6 +44,13 @@ extern "C" {
 #endif
 
 typedef enum { KS_F32 = 0, KS_F16 = 1, KS_BF16 = 2 } ks_dtype;
+
+/* Return code of a CPU kernel whose scratch allocation failed. */
+#define KS_ERR_NOMEM 1
+
+/* Largest page_size the bindings accept: a page never needs more tokens than
+ * an int32 length can count. */
+#define KS_MAX_PAGE_SIZE ((int64_t)INT32_MAX)
 
 /* ---- 1. page metadata ------------------------------------------------------
  * For every b, kv head and page p in [first_page(b), max_pages):
@@ -54,42 +73,44 @@ void ks_quest_metadata_cpu(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, i
  * group_mode == 0: Hs = H, one row per query head.
  * group_mode != 0: Hs = Hkv, row hk = sum of the scores of query heads
  *                  hk*G .. hk*G+G-1 (G = H / Hkv); empty pages still -INFINITY. */
-void ks_quest_scores_cpu(const void *q, const void *kmin, const void *kmax, ks_dtype dt,
-                         int64_t B, int64_t H, int64_t Hkv, int64_t max_pages, int64_t D,
-                         const int32_t *seq_lens, int64_t page_size, int group_mode,
-                         float *scores);
+int ks_quest_scores_cpu(const void *q, const void *kmin, const void *kmax, ks_dtype dt,
+                        int64_t B, int64_t H, int64_t Hkv, int64_t max_pages, int64_t D,
+                        const int32_t *seq_lens, int64_t page_size, int group_mode,
+                        float *scores);
 
 /* ---- 3. page selection ----------------------------------------------------
  * For each (b, row): with np = n_pages(seq_lens[b]):
  *   if np <= n_sel: all pages 0..np-1;
  *   else: the last page np-1, plus the n_sel-1 highest-scoring pages among
- *         0..np-2, ties broken towards the lower page index.
+ *         0..np-2, ties broken towards the lower page index (NaN ranks
+ *         above every number).
  * Written ascending into page_idx[b,row,0..], the rest of the row = -1.
  * (A sequence of length 0 gets a row of -1.) n_sel >= 1. */
-void ks_quest_select_cpu(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
-                         const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
-                         int32_t *page_idx);
+int ks_quest_select_cpu(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
+                        const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
+                        int32_t *page_idx);
 
 /* ---- 4. sparse decode attention -------------------------------------------
  * out[b,h,:] = softmax_t(scale * q[b,h,:] . k[b,hk,t,:]) @ v[b,hk,t,:]
  * over the tokens t of the pages listed in page_idx[b, r(h), :] (entries -1
  * skipped, tokens t >= seq_lens[b] masked), r(h) = h if Hs == H else h / G.
- * float32 accumulation, numerically stable. A row with no token gives zeros. */
-void ks_quest_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
-                              int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
-                              const int32_t *page_idx, int64_t Hs, int64_t n_sel,
-                              const int32_t *seq_lens, int64_t page_size, float scale,
-                              void *out);
+ * float32 accumulation, numerically stable. A row with no token gives zeros;
+ * NaN / Inf as described at the top. */
+int ks_quest_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
+                             int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                             const int32_t *page_idx, int64_t Hs, int64_t n_sel,
+                             const int32_t *seq_lens, int64_t page_size, float scale,
+                             void *out);
 
 /* ---- 5. fused decode (scores + selection + attention) ----------------------
  * Same result as calling 2, 3 and 4 in turn with n_sel = token_budget / P
  * capped at max_pages. The CPU version takes caller-provided workspaces:
  * scores [B, Hs, max_pages] float and page_idx [B, Hs, n_sel] int32. */
-void ks_quest_decode_cpu(const void *q, const void *k, const void *v, const void *kmin,
-                         const void *kmax, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
-                         int64_t cap, int64_t D, int64_t max_pages, const int32_t *seq_lens,
-                         int64_t page_size, int64_t n_sel, int group_mode, float scale,
-                         float *scores_ws, int32_t *page_idx_ws, void *out);
+int ks_quest_decode_cpu(const void *q, const void *k, const void *v, const void *kmin,
+                        const void *kmax, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                        int64_t cap, int64_t D, int64_t max_pages, const int32_t *seq_lens,
+                        int64_t page_size, int64_t n_sel, int group_mode, float scale,
+                        float *scores_ws, int32_t *page_idx_ws, void *out);
 
 /* ---- CUDA twins (quest_cuda.cu) ---------------------------------------------
  * Same semantics; all pointers are device pointers; stream is a cudaStream_t.

@@ -167,7 +167,11 @@ __global__ void metadata_kernel(const T *__restrict__ k, int64_t cap, const int3
       float x[8];
       Vec8<T>::load(kp + (size_t)t * D, x);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) { mn[i] = fminf(mn[i], x[i]); mx[i] = fmaxf(mx[i], x[i]); }
+      // NaN-propagating min / max (quest.h's NaN policy), as on the CPU
+      for (int i = 0; i < 8; ++i) {
+        mn[i] = (x[i] < mn[i] || x[i] != x[i]) ? x[i] : mn[i];
+        mx[i] = (x[i] > mx[i] || x[i] != x[i]) ? x[i] : mx[i];
+      }
     }
   }
   Vec8<T>::store(kmin + row * D + c * 8, mn);  // min/max of values is exact in T
@@ -230,7 +234,10 @@ scores_kernel(const T *__restrict__ q, const T *__restrict__ kmin, const T *__re
     for (int g = 0; g < MAXG; ++g) {
       float s = 0.f;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) s += fmaxf(qv[g][i] * mn[i], qv[g][i] * mx[i]);
+      for (int i = 0; i < 8; ++i) {
+        const float x = qv[g][i] * mn[i], y = qv[g][i] * mx[i];
+        s += x > y ? x : (x == x ? y : x);  // NaN if either product is NaN
+      }
       part[g] = s;
     }
     if (group_mode) {
@@ -257,8 +264,11 @@ scores_kernel(const T *__restrict__ q, const T *__restrict__ kmin, const T *__re
 // --------------------------------------------------------------- select ----
 constexpr int SEL_THREADS = 1024;
 
+// Order key: larger float -> larger key; NaN ranks as +inf (quest.h's NaN
+// policy: a page with a NaN score is selected, as on the CPU).
 __device__ __forceinline__ uint32_t order_key(float f) {
   uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) u = 0x7f800000u;  // NaN -> +inf
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 

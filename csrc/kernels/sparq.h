@@ -28,8 +28,10 @@
  * A "row" of i1 / i2 serves nh query heads: nh = 1 when it has H rows, nh = G
  * (heads r*G .. r*G+G-1) when it has Hkv rows.
  *
- * Ordering of floats (top channels, top positions): NaN ranks as -inf; ties go
- * to the lower index. Every sum whose rounding decides a selection is a
+ * Ordering of floats (top channels, top positions): NaN ranks above every
+ * number (as +inf); ties go to the lower index. The CPU functions that
+ * allocate scratch return 0 or KS_ERR_NOMEM; the NaN / Inf policy of the
+ * attention is quest.h's. Every sum whose rounding decides a selection is a
  * float32 sum in head order g = 0, 1, ..., starting from 0.
  */
 #ifndef KVSPARSE_SPARQ_H
@@ -71,7 +73,7 @@ void ks_sparq_append_cpu(const void *k_new, const void *v_new, ks_dtype dt, int6
  *                 channel), written in ascending channel order.
  * group_size = 1: one set per query head; group_size = G: one per KV head.
  * 1 <= r <= D. */
-void ks_sparq_top_channels_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t D,
+int ks_sparq_top_channels_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t D,
                                int64_t r, int64_t group_size, int32_t *i1);
 
 /* ---- 3. approximate scores ------------------------------------------------------
@@ -83,7 +85,7 @@ void ks_sparq_top_channels_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H,
  *   s_hat[b,h,t] = 0 for len <= t < cap (probability 0; never -inf).
  * If sum_j |q[c_j]| == 0 the logits are all 0 and s_hat is uniform over t < len.
  * i1 values must be in [0, D). */
-void ks_sparq_approx_scores_cpu(const void *q, const void *kt, ks_dtype dt, int64_t B, int64_t H,
+int ks_sparq_approx_scores_cpu(const void *q, const void *kt, ks_dtype dt, int64_t B, int64_t H,
                                 int64_t Hkv, int64_t cap, int64_t D, const int32_t *i1,
                                 int64_t Hs1, int64_t r, const int32_t *seq_lens, float *s_hat);
 
@@ -96,7 +98,7 @@ void ks_sparq_approx_scores_cpu(const void *q, const void *kt, ks_dtype dt, int6
  *        (ties to the lower position).
  * Written ascending into i2[b,row,:], the rest of the row -1. n_sel >= 1,
  * local_window >= 0, n_sel <= cap. */
-void ks_sparq_top_positions_cpu(const float *s_hat, int64_t B, int64_t H, int64_t cap,
+int ks_sparq_top_positions_cpu(const float *s_hat, int64_t B, int64_t H, int64_t cap,
                                 const int32_t *seq_lens, int64_t n_sel, int64_t local_window,
                                 int64_t group_size, int32_t *i2);
 
@@ -109,7 +111,7 @@ void ks_sparq_top_positions_cpu(const float *s_hat, int64_t B, int64_t H, int64_
  *   reallocate != 0: alpha = sum_{t in T} s_hat[b,h,t] (float32, i2 order),
  *                    out = alpha * y_topk + (1 - alpha) * v_mean[b,hk,:]
  *   reallocate == 0: out = y_topk (s_hat and v_mean are not read; may be NULL). */
-void ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
+int ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
                               int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
                               const int32_t *i2, int64_t Hs2, int64_t n_sel,
                               const float *s_hat, const float *v_mean, const int32_t *seq_lens,
@@ -120,7 +122,7 @@ void ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dt
  * != 0) or 1, n_sel = k_top (1 <= k_top <= cap). The CPU version takes caller
  * workspaces: i1_ws [B, Hs, r] int32, s_hat_ws [B, H, cap] float32,
  * i2_ws [B, Hs, k_top] int32 (Hs = Hkv or H). */
-void ks_sparq_decode_cpu(const void *q, const void *k, const void *v, const void *kt,
+int ks_sparq_decode_cpu(const void *q, const void *k, const void *v, const void *kt,
                          const float *v_mean, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
                          int64_t cap, int64_t D, const int32_t *seq_lens, int64_t r,
                          int64_t k_top, int64_t local_window, int group_mode, int reallocate,

@@ -143,27 +143,29 @@ static int sp_item_cmp(const void *pa, const void *pb)
     return (a->idx > b->idx) - (a->idx < b->idx);
 }
 
-void ks_sparq_top_channels_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t D,
-                               int64_t r, int64_t group_size, int32_t *i1)
+int ks_sparq_top_channels_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t D,
+                              int64_t r, int64_t group_size, int32_t *i1)
 {
     const int64_t G = group_size, Hs = H / G;
     int64_t b, row;
+    int oom = 0;
 #pragma omp parallel if (B * H * D >= SP_PAR_MIN)
     {
         /* items[D], keys[D], qrow[D], flags[D] */
         sp_item *items = (sp_item *)malloc((size_t)D * sizeof(sp_item));
         float *buf = (float *)malloc((size_t)(2 * D) * sizeof(float));
         unsigned char *flag = (unsigned char *)malloc((size_t)D);
+        if (!items || !buf || !flag) {
+#pragma omp atomic write
+            oom = 1;
+        }
 #pragma omp for collapse(2) schedule(static)
         for (b = 0; b < B; b++)
             for (row = 0; row < Hs; row++) {
                 int32_t *out = i1 + (b * Hs + row) * r;
                 int64_t g, d, w = 0;
-                if (!items || !buf || !flag) { /* out of memory: the first r channels */
-                    for (d = 0; d < r; d++)
-                        out[d] = (int32_t)d;
+                if (!items || !buf || !flag)
                     continue;
-                }
                 {
                     float *key = buf, *qr = buf + D;
                     for (d = 0; d < D; d++)
@@ -191,23 +193,29 @@ void ks_sparq_top_channels_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H,
         free(buf);
         free(flag);
     }
+    return oom ? KS_ERR_NOMEM : 0;
 }
 
 /* ---- 3. approximate scores --------------------------------------------------- */
 
 #define SP_TCH 512 /* tokens per chunk of the score accumulation */
 
-void ks_sparq_approx_scores_cpu(const void *q, const void *kt, ks_dtype dt, int64_t B, int64_t H,
+int ks_sparq_approx_scores_cpu(const void *q, const void *kt, ks_dtype dt, int64_t B, int64_t H,
                                 int64_t Hkv, int64_t cap, int64_t D, const int32_t *i1,
                                 int64_t Hs1, int64_t r, const int32_t *seq_lens, float *s_hat)
 {
     const int64_t G = H / Hkv;
     const int64_t nh = (Hs1 == H) ? 1 : G;
     int64_t b, row;
+    int oom = 0;
 #pragma omp parallel if (B * H * cap * (r + 4) >= SP_PAR_MIN)
     {
         /* qf: D, qs: nh*r, xbuf: SP_TCH */
         float *buf = (float *)malloc((size_t)(D + nh * r + SP_TCH) * sizeof(float));
+        if (!buf) {
+#pragma omp atomic write
+            oom = 1;
+        }
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (b = 0; b < B; b++)
             for (row = 0; row < Hs1; row++) {
@@ -268,20 +276,26 @@ void ks_sparq_approx_scores_cpu(const void *q, const void *kt, ks_dtype dt, int6
             }
         free(buf);
     }
+    return oom ? KS_ERR_NOMEM : 0;
 }
 
 /* ---- 4. top-k positions ------------------------------------------------------- */
 
-void ks_sparq_top_positions_cpu(const float *s_hat, int64_t B, int64_t H, int64_t cap,
-                                const int32_t *seq_lens, int64_t n_sel, int64_t local_window,
-                                int64_t group_size, int32_t *i2)
+int ks_sparq_top_positions_cpu(const float *s_hat, int64_t B, int64_t H, int64_t cap,
+                               const int32_t *seq_lens, int64_t n_sel, int64_t local_window,
+                               int64_t group_size, int32_t *i2)
 {
     const int64_t G = group_size, Hs = H / G;
     int64_t b, row;
+    int oom = 0;
 #pragma omp parallel if (B * H * cap * 4 >= SP_PAR_MIN)
     {
         int32_t *heap = (int32_t *)malloc((size_t)(n_sel > 0 ? n_sel : 1) * sizeof(int32_t));
         float *keys = G > 1 ? (float *)malloc((size_t)(cap > 0 ? cap : 1) * sizeof(float)) : NULL;
+        if (!heap || (G > 1 && !keys)) {
+#pragma omp atomic write
+            oom = 1;
+        }
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (b = 0; b < B; b++)
             for (row = 0; row < Hs; row++) {
@@ -338,13 +352,14 @@ void ks_sparq_top_positions_cpu(const float *s_hat, int64_t B, int64_t H, int64_
         free(heap);
         free(keys);
     }
+    return oom ? KS_ERR_NOMEM : 0;
 }
 
 /* ---- 5. sparse attention + mean-value reallocation ------------------------------ */
 
 #define SP_ACH 64 /* i2 entries per online-softmax step */
 
-void ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
+int ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
                               int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
                               const int32_t *i2, int64_t Hs2, int64_t n_sel,
                               const float *s_hat, const float *v_mean, const int32_t *seq_lens,
@@ -353,11 +368,16 @@ void ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dt
     const int64_t G = H / Hkv;
     const int64_t nh = (Hs2 == H) ? 1 : G;
     int64_t b, row;
+    int oom = 0;
 #pragma omp parallel if (B * H * n_sel * D * 2 >= SP_PAR_MIN)
     {
-        /* qf, acc: nh*D; kbuf, vbuf: D; sbuf: nh*SP_ACH; m, l, alpha: nh */
-        float *buf = (float *)malloc((size_t)(2 * nh * D + 2 * D + nh * SP_ACH + 3 * nh) *
+        /* qf, acc: nh*D; kbuf, vbuf: D; sbuf: nh*SP_ACH; m, l, alpha, bad: nh */
+        float *buf = (float *)malloc((size_t)(2 * nh * D + 2 * D + nh * SP_ACH + 4 * nh) *
                                      sizeof(float));
+        if (!buf) {
+#pragma omp atomic write
+            oom = 1;
+        }
         int32_t tok[SP_ACH];
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (b = 0; b < B; b++)
@@ -366,13 +386,11 @@ void ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dt
                 const int64_t len = sp_clamp_len(seq_lens[b], cap);
                 const int32_t *sel = i2 + (b * Hs2 + row) * n_sel;
                 const int64_t kvbase = (b * Hkv + hk) * cap;
-                float *qf, *acc, *kbuf, *vbuf, *sbuf, *m, *l, *alpha;
+                float *qf, *acc, *kbuf, *vbuf, *sbuf, *m, *l, *alpha, *bad;
                 int64_t e0, d, j, t;
-                if (!buf) {
-                    memset(ks_ptr(out, dt, (b * H + h0) * D), 0,
-                           (size_t)(nh * D) * ks_dtype_size(dt));
+                int seen = 0;
+                if (!buf)
                     continue;
-                }
                 qf = buf;
                 acc = qf + nh * D;
                 kbuf = acc + nh * D;
@@ -381,6 +399,7 @@ void ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dt
                 m = sbuf + nh * SP_ACH;
                 l = m + nh;
                 alpha = l + nh;
+                bad = alpha + nh;
                 ks_load_row(ks_cptr(q, dt, (b * H + h0) * D), dt, nh * D, qf);
                 for (d = 0; d < nh * D; d++) {
                     qf[d] *= scale;
@@ -390,6 +409,7 @@ void ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dt
                     m[j] = -INFINITY;
                     l[j] = 0.f;
                     alpha[j] = 0.f;
+                    bad[j] = 0.f;
                 }
                 for (e0 = 0; e0 < n_sel; e0 += SP_ACH) {
                     const int64_t e1 = e0 + SP_ACH < n_sel ? e0 + SP_ACH : n_sel;
@@ -399,6 +419,7 @@ void ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dt
                             tok[n++] = sel[e];
                     if (n == 0)
                         continue;
+                    seen = 1;
                     if (reallocate)
                         for (j = 0; j < nh; j++) {
                             const float *sh = s_hat + (b * H + h0 + j) * cap;
@@ -414,8 +435,12 @@ void ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dt
                     for (j = 0; j < nh; j++) {
                         float pm = -INFINITY, psum = 0.f;
                         float *sj = sbuf + j * SP_ACH;
-                        for (t = 0; t < n; t++)
+                        for (t = 0; t < n; t++) {
+                            /* a NaN or +inf logit makes dense softmax NaN */
+                            if (sj[t] != sj[t] || sj[t] == INFINITY)
+                                bad[j] = 1.f;
                             pm = sj[t] > pm ? sj[t] : pm;
+                        }
                         if (pm > m[j]) {
                             const float corr = expf(m[j] - pm); /* 0 when m == -inf */
                             float *aj = acc + j * D;
@@ -444,8 +469,10 @@ void ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dt
                 for (j = 0; j < nh; j++) {
                     float *aj = acc + j * D;
                     const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
+                    /* NaN policy (quest.h): NaN / +inf logits, or all -inf, give NaN */
+                    const int nan_row = bad[j] != 0.f || (seen && m[j] == -INFINITY);
                     for (d = 0; d < D; d++)
-                        aj[d] *= inv;
+                        aj[d] = nan_row ? NAN : aj[d] * inv;
                     if (reallocate) {
                         const float a = alpha[j], ma = 1.f - alpha[j];
                         const float *vm = v_mean + (b * Hkv + hk) * D;
@@ -457,21 +484,28 @@ void ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dt
             }
         free(buf);
     }
+    return oom ? KS_ERR_NOMEM : 0;
 }
 
 /* ---- 6. fused decode ------------------------------------------------------------- */
 
-void ks_sparq_decode_cpu(const void *q, const void *k, const void *v, const void *kt,
-                         const float *v_mean, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
-                         int64_t cap, int64_t D, const int32_t *seq_lens, int64_t r,
-                         int64_t k_top, int64_t local_window, int group_mode, int reallocate,
-                         float scale, int32_t *i1_ws, float *s_hat_ws, int32_t *i2_ws,
-                         void *out)
+int ks_sparq_decode_cpu(const void *q, const void *k, const void *v, const void *kt,
+                        const float *v_mean, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                        int64_t cap, int64_t D, const int32_t *seq_lens, int64_t r,
+                        int64_t k_top, int64_t local_window, int group_mode, int reallocate,
+                        float scale, int32_t *i1_ws, float *s_hat_ws, int32_t *i2_ws,
+                        void *out)
 {
     const int64_t gs = group_mode ? H / Hkv : 1, Hs = H / gs;
-    ks_sparq_top_channels_cpu(q, dt, B, H, D, r, gs, i1_ws);
-    ks_sparq_approx_scores_cpu(q, kt, dt, B, H, Hkv, cap, D, i1_ws, Hs, r, seq_lens, s_hat_ws);
-    ks_sparq_top_positions_cpu(s_hat_ws, B, H, cap, seq_lens, k_top, local_window, gs, i2_ws);
-    ks_sparq_sparse_attn_cpu(q, k, v, dt, B, H, Hkv, cap, D, i2_ws, Hs, k_top, s_hat_ws, v_mean,
-                             seq_lens, scale, reallocate, out);
+    int rc = ks_sparq_top_channels_cpu(q, dt, B, H, D, r, gs, i1_ws);
+    if (rc == 0)
+        rc = ks_sparq_approx_scores_cpu(q, kt, dt, B, H, Hkv, cap, D, i1_ws, Hs, r, seq_lens,
+                                        s_hat_ws);
+    if (rc == 0)
+        rc = ks_sparq_top_positions_cpu(s_hat_ws, B, H, cap, seq_lens, k_top, local_window, gs,
+                                        i2_ws);
+    if (rc == 0)
+        rc = ks_sparq_sparse_attn_cpu(q, k, v, dt, B, H, Hkv, cap, D, i2_ws, Hs, k_top, s_hat_ws,
+                                      v_mean, seq_lens, scale, reallocate, out);
+    return rc;
 }

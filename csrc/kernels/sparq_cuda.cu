@@ -97,14 +97,14 @@ template <> struct V8<__nv_bfloat16> {
 
 
 
-// Order key of a float: larger float -> larger key; NaN ranks as -inf and
+// Order key of a float: larger float -> larger key; NaN ranks as +inf and
 // -0 as +0, so that the order matches the CPU's comparisons exactly. Integer
 // ops only: builds use --use_fast_math (flush-to-zero), under which float
 // compares would treat subnormals as 0 while the CPU orders them.
 __device__ __forceinline__ uint32_t order_key(float f) {
   uint32_t u = __float_as_uint(f);
   const uint32_t mag = u & 0x7fffffffu;
-  if (mag > 0x7f800000u) u = 0xff800000u;  // NaN -> -inf
+  if (mag > 0x7f800000u) u = 0x7f800000u;  // NaN -> +inf
   else if (mag == 0u) u = 0u;              // -0 -> +0
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }

@@ -10,12 +10,38 @@ import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
 
-__all__ = ["ops", "with_cuda"]
+__all__ = ["ops", "with_cuda", "int_arg", "float_arg"]
 
 ops = torch.ops.kvsparse
 
 #: True when the CUDA kernels were compiled into kvsparse._C.
 with_cuda = bool(getattr(_C, "WITH_CUDA", 0))
+
+
+_I64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def int_arg(x, name):
+    """``x`` as a Python int that fits the ops' int64 arguments.
+
+    Raises TypeError (not an integer) or ValueError (outside int64), naming ``name``.
+    """
+    if isinstance(x, bool) or not hasattr(x, "__index__"):
+        raise TypeError(f"kvsparse: {name} must be an integer, got {type(x).__name__}")
+    v = x.__index__()
+    if not (_I64[0] <= v <= _I64[1]):
+        raise ValueError(f"kvsparse: {name} = {v} does not fit in a 64-bit integer")
+    return v
+
+
+def float_arg(x, name):
+    """``float(x)``; TypeError naming ``name`` when x is not a real number."""
+    if isinstance(x, (str, bytes)) or (torch.is_tensor(x) and x.numel() != 1):
+        raise TypeError(f"kvsparse: {name} must be a real number, got {type(x).__name__}")
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"kvsparse: {name} must be a real number, got {type(x).__name__}") from None
 
 
 def _ceil_div(a, b):

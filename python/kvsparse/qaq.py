@@ -78,6 +78,7 @@ from . import _ops
 
 __all__ = [
     "WIDTHS",
+    "MAX_GROUP_ELEMS",
     "QuantStore",
     "outlier_slots",
     "alloc",
@@ -98,6 +99,9 @@ __all__ = [
 
 #: The bit-widths a token may be stored with.
 WIDTHS = (0, 1, 2, 4, 8)
+
+#: Largest group size E (elements sharing a scale): outlier indices are int16.
+MAX_GROUP_ELEMS = 32768
 
 
 class QuantStore(NamedTuple):
@@ -146,9 +150,31 @@ def outlier_slots(alpha, group_elems):
 
 
 def _check_width(w, name):
-    if int(w) not in WIDTHS:
+    w = _ops.int_arg(w, name)
+    if w not in WIDTHS:
         raise ValueError(f"kvsparse: {name} must be one of {WIDTHS}, got {w}")
-    return int(w)
+    return w
+
+
+def _pos_int(x, name, lo=1):
+    v = _ops.int_arg(x, name)
+    if v < lo:
+        raise ValueError(f"kvsparse: {name} must be >= {lo}, got {v}")
+    return v
+
+
+def _tensor(x, name, dim=None, layout=""):
+    if not torch.is_tensor(x):
+        raise TypeError(f"kvsparse: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if dim is not None and x.dim() != dim:
+        raise ValueError(f"kvsparse: {name} must be a {dim}-D tensor {layout}, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_store(store, name):
+    if not isinstance(store, QuantStore):
+        raise TypeError(f"kvsparse: {name} must be a QuantStore (see alloc), got {type(store).__name__}")
+    return store
 
 
 def alloc(B, num_kv_heads, cap, head_dim, dtype=torch.float16, device="cpu", alpha=0.01, shared=False,
@@ -168,10 +194,19 @@ def alloc(B, num_kv_heads, cap, head_dim, dtype=torch.float16, device="cpu", alp
     Returns:
         :class:`QuantStore` with every width 0 and offsets from :func:`slot_offsets`.
     """
+    B = _pos_int(B, "B", 0)
+    num_kv_heads = _pos_int(num_kv_heads, "num_kv_heads")
+    cap = _pos_int(cap, "cap", 0)
+    head_dim = _pos_int(head_dim, "head_dim")
     Hg = 1 if shared else num_kv_heads
     E = head_dim * (num_kv_heads // Hg)
+    if E > MAX_GROUP_ELEMS:
+        raise ValueError(
+            f"kvsparse: the group size E = head_dim * num_kv_heads{'' if shared else ' / num_kv_heads'}"
+            f" = {E} exceeds {MAX_GROUP_ELEMS} (outlier indices are int16); "
+            f"use shared=False or fewer KV heads")
     n_out = outlier_slots(alpha, E)
-    A = Hg * cap * E if arena_bytes is None else int(arena_bytes)
+    A = Hg * cap * E if arena_bytes is None else _pos_int(arena_bytes, "arena_bytes", 0)
     kw = dict(device=device)
     st = QuantStore(
         arena=torch.zeros(B, A, dtype=torch.uint8, **kw),
@@ -209,6 +244,8 @@ def packed_offsets(widths, group_elems):
         ``(offsets, nbytes)``: int32 ``[B, Hg, cap]`` and int64 ``[B]``, the
         bytes each sequence needs.
     """
+    _tensor(widths, "widths", 3, "[B, Hg, cap]")
+    group_elems = _pos_int(group_elems, "group_elems")
     B = widths.shape[0]
     size = widths.to(torch.int64).reshape(B, -1) * group_elems // 8
     end = size.cumsum(1)
@@ -230,8 +267,15 @@ def quantize(store, x, pos, widths=8, offsets=None):
     Returns:
         None. Writes widths, offsets, (scale, zero), outliers and codes.
     """
+    _check_store(store, "store")
+    _tensor(x, "x", 4, "[B, Hkv, n, D]")
+    _tensor(pos, "pos", 1, "[B]")
+    if x.shape[1] != store.num_kv_heads or x.shape[3] != store.head_dim:
+        raise ValueError(f"kvsparse: x must be [B, Hkv, n, D] with Hkv = {store.num_kv_heads} and "
+                         f"D = {store.head_dim} (the store's num_kv_heads and head_dim), "
+                         f"got shape {tuple(x.shape)}")
     B, Hg, cap = store.offsets.shape
-    n = x.shape[2] if x.dim() == 4 else 0
+    n = x.shape[2]
     dev = store.offsets.device
     if not torch.is_tensor(widths):
         widths = torch.full((B, Hg, n), _check_width(widths, "widths"), dtype=torch.uint8, device=dev)
@@ -248,6 +292,7 @@ def dequantize(store, seq_lens):
     Returns:
         ``[B, Hkv, cap, D]`` in the store's dtype; zeros past ``seq_lens``.
     """
+    _check_store(store, "store")
     return _ops.ops.qaq_dequantize(*store.tensors(), seq_lens, store.num_kv_heads, store.head_dim)
 
 
@@ -259,11 +304,15 @@ def requantize(store, new_widths, seq_lens):
     Args:
         new_widths: uint8 ``[B, Hg, cap]``, values in {0, 1, 2, 4, 8}.
     """
+    _check_store(store, "store")
     _ops.ops.qaq_requantize(*store.tensors(), new_widths, seq_lens, store.num_kv_heads, store.head_dim)
 
 
 def _allowed(allowed):
-    a = [int(w) for w in allowed]
+    try:
+        a = [_ops.int_arg(w, "allowed") for w in allowed]
+    except TypeError:
+        raise TypeError(f"kvsparse: allowed must be an iterable of ints, got {allowed!r}") from None
     if not a or any(w not in WIDTHS for w in a):
         raise ValueError(f"kvsparse: allowed must be a non-empty subset of {WIDTHS}, got {list(allowed)}")
     return a
@@ -284,7 +333,7 @@ def key_bits(rng, q_sq, seq_lens, sigma_s, allowed=WIDTHS, n_recent=5):
     Returns:
         uint8 ``[B, Hg, cap]``.
     """
-    return _ops.ops.qaq_key_bits(rng, q_sq, seq_lens, float(sigma_s), _allowed(allowed), int(n_recent))
+    return _ops.ops.qaq_key_bits(rng, q_sq, seq_lens, _ops.float_arg(sigma_s, "sigma_s"), _allowed(allowed), _ops.int_arg(n_recent, "n_recent"))
 
 
 def value_bits(rng, s_max, seq_lens, sigma_x, allowed=WIDTHS, n_recent=5):
@@ -300,7 +349,7 @@ def value_bits(rng, s_max, seq_lens, sigma_x, allowed=WIDTHS, n_recent=5):
     Returns:
         uint8 ``[B, Hg, cap]``.
     """
-    return _ops.ops.qaq_value_bits(rng, s_max, seq_lens, float(sigma_x), _allowed(allowed), int(n_recent))
+    return _ops.ops.qaq_value_bits(rng, s_max, seq_lens, _ops.float_arg(sigma_x, "sigma_x"), _allowed(allowed), _ops.int_arg(n_recent, "n_recent"))
 
 
 def stored_range(store):
@@ -322,8 +371,14 @@ def query_sq(q, groups, scale=None):
     Returns:
         float32 ``[B, Hg]``.
     """
+    _tensor(q, "q", 3, "[B, H, D]")
     B, H, D = q.shape
-    s = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    groups = _pos_int(groups, "groups")
+    if H % groups:
+        raise ValueError(f"kvsparse: groups ({groups}) must divide the number of query heads H = {H}")
+    if D == 0 and scale is None:
+        raise ValueError(f"kvsparse: q must have D > 0 when scale is None, got shape {tuple(q.shape)}")
+    s = 1.0 / math.sqrt(D) if scale is None else _ops.float_arg(scale, "scale")
     e = (q.float() * s).square().sum(-1)
     return e.view(B, groups, H // groups).amax(-1).contiguous()
 
@@ -337,9 +392,8 @@ class AttentionWindow:
     """
 
     def __init__(self, B, num_kv_heads, cap, n=5, device="cpu"):
-        if n < 1:
-            raise ValueError(f"kvsparse: the window n must be >= 1, got {n}")
-        self.hist = torch.zeros(n, B, num_kv_heads, cap, dtype=torch.float32, device=device)
+        self.hist = torch.zeros(_pos_int(n, "n"), _pos_int(B, "B", 0), _pos_int(num_kv_heads, "num_kv_heads"),
+                                _pos_int(cap, "cap", 0), dtype=torch.float32, device=device)
         self.step = 0
 
     def push(self, p_max):
@@ -349,6 +403,9 @@ class AttentionWindow:
     def s_max(self, groups):
         m = self.hist.amax(0)
         B, Hkv, cap = m.shape
+        groups = _pos_int(groups, "groups")
+        if Hkv % groups:
+            raise ValueError(f"kvsparse: groups ({groups}) must divide the number of KV heads {Hkv}")
         return m.view(B, groups, Hkv // groups, cap).amax(2).contiguous()
 
 
@@ -373,10 +430,19 @@ def attention(q, k_store, v_store, seq_lens, scale=None, return_p_max=False):
         float32 ``[B, Hkv, cap]``: each token's largest attention probability
         over the query heads of its KV head (0 past ``seq_lens``).
     """
+    _check_store(k_store, "k_store")
+    _check_store(v_store, "v_store")
+    _tensor(q, "q", 3, "[B, H, D]")
+    if (v_store.num_kv_heads, v_store.head_dim) != (k_store.num_kv_heads, k_store.head_dim):
+        raise ValueError(f"kvsparse: v_store (num_kv_heads {v_store.num_kv_heads}, head_dim {v_store.head_dim}) "
+                         f"must match k_store ({k_store.num_kv_heads}, {k_store.head_dim})")
+    if q.shape[-1] != k_store.head_dim:
+        raise ValueError(f"kvsparse: q.shape[2] (D) must equal the stores' head_dim = {k_store.head_dim}, "
+                         f"got shape {tuple(q.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     out, pm = _ops.ops.qaq_attention(q, *k_store.tensors(), *v_store.tensors(), seq_lens,
-                                     k_store.num_kv_heads, float(scale), bool(return_p_max))
+                                     k_store.num_kv_heads, _ops.float_arg(scale, "scale"), bool(return_p_max))
     return (out, pm) if return_p_max else out
 
 

@@ -55,10 +55,12 @@ def _group_flag(mode):
 
 def _scale(q, scale):
     if scale is None:
+        if not torch.is_tensor(q):
+            raise TypeError(f"kvsparse: q must be a torch.Tensor, got {type(q).__name__}")
         if q.dim() < 1 or q.shape[-1] == 0:
             raise ValueError(f"kvsparse: q must be [B, H, D] with D > 0, got shape {tuple(q.shape)}")
         return 1.0 / math.sqrt(q.shape[-1])
-    return float(scale)
+    return _ops.float_arg(scale, "scale")
 
 
 def page_metadata(k, seq_lens, page_size=16):
@@ -76,7 +78,7 @@ def page_metadata(k, seq_lens, page_size=16):
         count). Pages with no valid token (at or past ``ceil(len / P)``) are
         zeros.
     """
-    return _ops.ops.quest_page_metadata(k, seq_lens, int(page_size))
+    return _ops.ops.quest_page_metadata(k, seq_lens, _ops.int_arg(page_size, "page_size"))
 
 
 def update_metadata(k, kmin, kmax, start_lens, seq_lens, page_size=16):
@@ -101,7 +103,7 @@ def update_metadata(k, kmin, kmax, start_lens, seq_lens, page_size=16):
     Returns:
         None.
     """
-    _ops.ops.quest_update_metadata(k, kmin, kmax, start_lens, seq_lens, int(page_size))
+    _ops.ops.quest_update_metadata(k, kmin, kmax, start_lens, seq_lens, _ops.int_arg(page_size, "page_size"))
 
 
 def page_scores(q, kmin, kmax, seq_lens, page_size=16, mode="group"):
@@ -123,7 +125,7 @@ def page_scores(q, kmin, kmax, seq_lens, page_size=16, mode="group"):
     Returns:
         float32 ``[B, Hs, max_pages]``.
     """
-    return _ops.ops.quest_page_scores(q, kmin, kmax, seq_lens, int(page_size), _group_flag(mode))
+    return _ops.ops.quest_page_scores(q, kmin, kmax, seq_lens, _ops.int_arg(page_size, "page_size"), _group_flag(mode))
 
 
 def select_pages(scores, seq_lens, page_size=16, token_budget=2048):
@@ -145,7 +147,7 @@ def select_pages(scores, seq_lens, page_size=16, token_budget=2048):
         int32 ``[B, Hs, n_sel]``: kept page indices in ascending order, the
         rest of the row ``-1`` (a sequence of length 0 gives a row of ``-1``).
     """
-    return _ops.ops.quest_select_pages(scores, seq_lens, int(page_size), int(token_budget))
+    return _ops.ops.quest_select_pages(scores, seq_lens, _ops.int_arg(page_size, "page_size"), _ops.int_arg(token_budget, "token_budget"))
 
 
 def sparse_attention(q, k, v, page_idx, seq_lens, page_size=16, scale=None):
@@ -170,7 +172,7 @@ def sparse_attention(q, k, v, page_idx, seq_lens, page_size=16, scale=None):
     Returns:
         ``[B, H, D]`` in q's dtype.
     """
-    return _ops.ops.quest_sparse_attention(q, k, v, page_idx, seq_lens, int(page_size), _scale(q, scale))
+    return _ops.ops.quest_sparse_attention(q, k, v, page_idx, seq_lens, _ops.int_arg(page_size, "page_size"), _scale(q, scale))
 
 
 def attention(q, k, v, kmin, kmax, seq_lens, page_size=16, token_budget=2048, mode="group", scale=None):
@@ -200,5 +202,5 @@ def attention(q, k, v, kmin, kmax, seq_lens, page_size=16, token_budget=2048, mo
     """
     group = _group_flag(mode)
     return _ops.ops.quest_attention(
-        q, k, v, kmin, kmax, seq_lens, int(page_size), int(token_budget), group, _scale(q, scale)
+        q, k, v, kmin, kmax, seq_lens, _ops.int_arg(page_size, "page_size"), _ops.int_arg(token_budget, "token_budget"), group, _scale(q, scale)
     )

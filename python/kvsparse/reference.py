@@ -94,7 +94,8 @@ def quest_select_ref(scores, seq_lens, page_size, token_budget):
         if n <= n_sel:
             out[b, :, :n] = torch.arange(n, dtype=torch.int32, device=scores.device)
             continue
-        s = scores[b, :, : n - 1].double()
+        # NaN ranks as +inf (ties with +inf to the lower index), as the kernels
+        s = torch.nan_to_num(scores[b, :, : n - 1].double(), nan=float("inf"))
         # stable descending sort keeps equal scores in ascending index order
         order = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, : n_sel - 1]
         last = torch.full((Hs, 1), n - 1, dtype=order.dtype, device=scores.device)
@@ -167,7 +168,7 @@ def dense_attention_ref(q, k, v, seq_lens, scale=None):
 # i1 [B,Hs,r] (ascending); s_hat [B,H,cap]; i2 [B,Hs,k] (ascending, -1 padded).
 # Selections (top channels / top positions) order their keys exactly like the
 # kernels: group sums are taken in the input's dtype (float32 for the kernels'
-# outputs) in head order, NaN ranks as -inf, ties go to the lower index.
+# outputs) in head order, NaN ranks as +inf, ties go to the lower index.
 
 __all__ += [
     "sparq_build_ref",
@@ -209,7 +210,7 @@ def sparq_top_channels_ref(q, r, group_size=1):
     """int32 [B, H // group_size, r]: the r channels of largest sum_g |q| (float32, head
     order, like the kernels), ties to the lower channel, in ascending order."""
     key = _group_sum(q.float().abs(), int(group_size))
-    key = torch.nan_to_num(key, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    key = torch.nan_to_num(key, nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., : int(r)]
     return torch.sort(order, dim=-1).values.to(torch.int32)
 
@@ -258,7 +259,7 @@ def sparq_top_positions_ref(s_hat, seq_lens, k, local_window=0, group_size=1):
     gs = int(group_size)
     k = int(k)
     key = _group_sum(s_hat, gs)
-    key = torch.nan_to_num(key, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    key = torch.nan_to_num(key, nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
     Hs = H // gs
     dev = s_hat.device
     out = torch.full((B, Hs, k), -1, dtype=torch.int32, device=dev)

@@ -74,10 +74,12 @@ def _group_flag(mode):
 
 def _scale(q, scale):
     if scale is None:
+        if not torch.is_tensor(q):
+            raise TypeError(f"kvsparse: q must be a torch.Tensor, got {type(q).__name__}")
         if q.dim() < 1 or q.shape[-1] == 0:
             raise ValueError(f"kvsparse: q must be [B, H, D] with D > 0, got shape {tuple(q.shape)}")
         return 1.0 / math.sqrt(q.shape[-1])
-    return float(scale)
+    return _ops.float_arg(scale, "scale")
 
 
 def build(k, v, seq_lens):
@@ -137,7 +139,7 @@ def top_channels(q, r, group_size=1):
         order (which ``r`` channels: largest key first, ties to the lower
         channel, NaN ranks lowest).
     """
-    return _ops.ops.sparq_top_channels(q, int(r), int(group_size))
+    return _ops.ops.sparq_top_channels(q, _ops.int_arg(r, "r"), _ops.int_arg(group_size, "group_size"))
 
 
 def approx_scores(q, kt, i1, seq_lens):
@@ -185,7 +187,7 @@ def top_positions(s_hat, seq_lens, k, local_window=0, group_size=1):
         int32 ``[B, H // group_size, k]``: ascending positions, padded with
         ``-1`` when fewer than ``k`` positions are valid.
     """
-    return _ops.ops.sparq_top_positions(s_hat, seq_lens, int(k), int(local_window), int(group_size))
+    return _ops.ops.sparq_top_positions(s_hat, seq_lens, _ops.int_arg(k, "k"), _ops.int_arg(local_window, "local_window"), _ops.int_arg(group_size, "group_size"))
 
 
 def sparse_attention(q, k, v, i2, s_hat, v_mean, seq_lens, scale=None, reallocate=True):
@@ -246,7 +248,7 @@ def attention(q, k, v, kt, v_mean, seq_lens, r, k_top, local_window=0, mode="gro
     """
     group = _group_flag(mode)
     return _ops.ops.sparq_attention(
-        q, k, v, kt, v_mean, seq_lens, int(r), int(k_top), int(local_window), group,
+        q, k, v, kt, v_mean, seq_lens, _ops.int_arg(r, "r"), _ops.int_arg(k_top, "k_top"), _ops.int_arg(local_window, "local_window"), group,
         bool(reallocate), _scale(q, scale),
     )
 
