@@ -201,10 +201,13 @@ class KVCacheLayer(CacheLayerMixin):
         if self.is_compileable:
             # never write out of bounds (a full static cache overwrites its last slot)
             pos = pos.clamp(max=self.capacity - 1)
-        idx = pos.view(B, 1, 1, 1).expand(B, H, 1, D)
-        # the cache is inference-only: never keep autograd history in the buffers
-        self.keys.scatter_(2, idx, key_states.detach().to(self.dtype))
-        self.values.scatter_(2, idx, value_states.detach().to(self.dtype))
+        # In place, only the new token's slots: an ``index_put_`` with one index
+        # per batch and head row, which torch.compile keeps in place on the
+        # static buffers (a ``scatter_`` there became a copy of the whole
+        # buffer every step). The cache is inference-only: no autograd history.
+        rows = self._rows(pos)
+        self.keys.index_put_(rows, key_states.detach()[:, :, 0].to(self.dtype))
+        self.values.index_put_(rows, value_states.detach()[:, :, 0].to(self.dtype))
         new_lens = self.seq_lens + 1
         if self.is_compileable:
             new_lens = new_lens.clamp(max=self.capacity)
@@ -212,6 +215,14 @@ class KVCacheLayer(CacheLayerMixin):
         self.seq_lens.copy_(new_lens)
         self._advance(1)
         return self.keys, self.values
+
+    def _rows(self, pos):
+        """Advanced-index tuple ``(b, h, pos[b])`` addressing slot ``pos[b]``
+        of every ``[B, H]`` row (broadcast to ``[B, H]``)."""
+        B, H = self.batch_size, self.num_heads
+        b = torch.arange(B, device=self.device).view(B, 1)
+        h = torch.arange(H, device=self.device).view(1, H)
+        return b, h, pos.view(B, 1)
 
     def _take_pending(self, valid):
         """The pending multi-token update, compacted: ``(k, v, counts, start,
@@ -389,8 +400,11 @@ class SparQCacheLayer(KVCacheLayer):
 
     def _side_append_one(self, key_states, value_states, pos, new_lens):
         B, H, _, D = key_states.shape
-        idx = pos.view(B, 1, 1, 1).expand(B, H, D, 1)
-        self.kt.scatter_(3, idx, key_states.detach().to(self.dtype).transpose(2, 3))
+        b, h, p = self._rows(pos)
+        d = torch.arange(D, device=self.device).view(1, 1, D)
+        # column pos[b] of every [D, capacity] slab, in place (see _append_one)
+        self.kt.index_put_((b.view(B, 1, 1), h.view(1, H, 1), d, p.view(B, 1, 1)),
+                           key_states.detach()[:, :, 0].to(self.dtype))
         # running mean over the valid tokens: m += (v - m) / n; a sequence whose
         # length did not grow (a full static cache) keeps its mean
         grown = (new_lens > self.seq_lens).view(B, 1, 1)

@@ -57,6 +57,13 @@ class QuestConfig(MethodConfig):
             shapes and addresses, usable by ``torch.compile`` / CUDA graphs).
         chunk_size: growth granularity of the dynamic buffers, in tokens
             (a multiple of ``page_size``).
+        dense_below: a decode step over at most this many cached tokens runs
+            one dense attention call (SDPA) instead of the page selection;
+            ``None`` (default): ``token_budget``, where Quest attends to every
+            page anyway, so the result is the same and only the overhead of
+            scoring and selecting is saved. The length is the capacity of a
+            static cache (known without a device read, so a compiled step
+            never switches) or the host token count of a dynamic one.
     """
 
     method = "quest"
@@ -67,9 +74,12 @@ class QuestConfig(MethodConfig):
     mode: str = "group"
     max_cache_len: Optional[int] = None
     chunk_size: int = 256
+    dense_below: Optional[int] = None
 
     def validate(self):
         _check_int("page_size", self.page_size, 1)
+        if self.dense_below is not None:
+            _check_int("dense_below", self.dense_below, 0)
         _check_int("token_budget", self.token_budget)
         if self.token_budget < self.page_size:
             raise ValueError(
@@ -85,6 +95,10 @@ class QuestConfig(MethodConfig):
             raise ValueError(
                 f"kvsparse: chunk_size ({self.chunk_size}) must be a multiple of page_size ({self.page_size})"
             )
+
+    def dense_length(self):
+        """Decode steps over at most this many tokens run dense attention."""
+        return self.token_budget if self.dense_below is None else self.dense_below
 
 
 @dataclass(repr=True, eq=True)
@@ -117,6 +131,10 @@ class SparQConfig(MethodConfig):
         dense_layers: the first ``dense_layers`` layers keep dense decode
             attention (default 0: SparQ is applied to every layer, as in the paper).
         max_cache_len, chunk_size: as in :class:`QuestConfig`.
+        dense_below: a decode step over at most this many cached tokens runs
+            dense attention (see :class:`QuestConfig`); default 0: SparQ
+            always runs (unlike Quest below its budget, SparQ's result differs
+            from dense at every length, so switching is left to the user).
     """
 
     method = "sparq"
@@ -130,8 +148,10 @@ class SparQConfig(MethodConfig):
     dense_layers: int = 0
     max_cache_len: Optional[int] = None
     chunk_size: int = 256
+    dense_below: int = 0
 
     def validate(self):
+        _check_int("dense_below", self.dense_below, 0)
         explicit = self.r is not None or self.k is not None
         if explicit:
             if self.r is None or self.k is None:
@@ -154,6 +174,10 @@ class SparQConfig(MethodConfig):
         if self.max_cache_len is not None:
             _check_int("max_cache_len", self.max_cache_len, 1)
         _check_int("chunk_size", self.chunk_size, 1)
+
+    def dense_length(self):
+        """Decode steps over at most this many tokens run dense attention."""
+        return self.dense_below
 
     def r_k(self, head_dim, seq_len):
         """``(r, k)`` for a step over ``seq_len`` cached tokens of head dim ``head_dim``."""

@@ -170,6 +170,32 @@ def _continuation_attention(module, query, layer, start, valid, seen, scaling, k
     return sdpa_attention_forward(module, query, keys, values, mask.unsqueeze(1), scaling=scaling, dropout=0.0, **kwargs)
 
 
+def _below_dense_length(layer, cfg):
+    """Whether this step's length is at most the config's ``dense_length()``:
+    the capacity of a static layer (fixed, so a compiled step never
+    switches), the host token count of a dynamic one (no device read)."""
+    limit = cfg.dense_length()
+    if limit <= 0:
+        return False
+    n = layer.capacity if layer.is_compileable else min(layer.tokens_seen(), layer.capacity)
+    return n <= limit
+
+
+def _dense_decode(query, layer, scaling):
+    """Exact attention of one decode token per sequence over slots
+    ``[0, seq_lens[b])`` of the layer's buffers, with one SDPA call: the ``G``
+    query heads of each KV head are its query rows (no K/V expansion for
+    GQA); the mask comes from ``seq_lens`` (no host read). ``[B, 1, H, D]``."""
+    B, H, _, D = query.shape
+    Hkv = layer.num_heads
+    T = layer.capacity if layer.is_compileable else min(layer.tokens_seen(), layer.capacity)
+    q = query.reshape(B, Hkv, H // Hkv, D).to(layer.dtype)
+    mask = torch.arange(T, device=query.device).view(1, 1, 1, T) < layer.seq_lens.view(B, 1, 1, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, layer.keys[:, :, :T], layer.values[:, :, :T], attn_mask=mask, scale=scaling)
+    return out.reshape(B, 1, H, D).to(query.dtype)
+
+
 def _quest_decode(q, layer, cfg, dense, scaling):
     budget = layer.num_pages * layer.page_size if dense else cfg.token_budget  # every page: dense
     return quest.attention(
@@ -255,8 +281,10 @@ def _make_attention_function(impl):
             # decode: the token is already in the buffers
             if not _is_compiling():
                 layer.awaiting_attention = False
-            q = query.squeeze(2).contiguous()
             dense = module.layer_idx < cfg.dense_layers
+            if decode is not _qaq_decode and (dense or _below_dense_length(layer, cfg)):
+                return _dense_decode(query, layer, scaling), None
+            q = query.squeeze(2).contiguous()
             return decode(q, layer, cfg, dense, scaling).unsqueeze(1), None
 
         # prefill
@@ -293,9 +321,26 @@ def _register(impl):
     if name not in _REGISTERED:
         AttentionInterface.register(name, _make_attention_function(impl))
         mask_impl = impl if impl in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_impl])
+        AttentionMaskInterface.register(name, _decode_free_mask(ALL_MASK_ATTENTION_FUNCTIONS[mask_impl]))
         _REGISTERED[name] = impl
     return name
+
+
+def _decode_free_mask(mask_fn):
+    """``mask_fn`` except for one-token causal masks, which are ``None``: a
+    kvsparse decode step reads ``seq_lens``, never the mask, and building a
+    ``[B, 1, 1, max_cache_len]`` mask each step is work that grows with the
+    cache. Sliding-window and other masks are built as before."""
+    from transformers.masking_utils import causal_mask_function
+
+    def mask(*args, **kwargs):
+        q = kwargs.get("q_length", kwargs.get("cache_position", args[1] if len(args) > 1 else None))
+        if q is not None and _compat.query_length(q) == 1 and kwargs.get("mask_function") is causal_mask_function:
+            return None
+        return mask_fn(*args, **kwargs)
+
+    mask.__name__ = f"kvsparse_{getattr(mask_fn, '__name__', 'mask')}"
+    return mask
 
 
 def _held_before(cache, layer_idx, new_tokens):

@@ -1,0 +1,283 @@
+"""End-to-end ``model.generate()`` decode: patched against unpatched, as a user runs it.
+
+Random-weight bf16 models with Llama shapes (nothing is downloaded), B
+sequences of S random prompt tokens, greedy decoding of ``--new`` tokens:
+
+* ``static``: a static cache passed to ``generate()`` (dense: transformers'
+  ``StaticCache``; patched: ``kvsparse.make_cache(model, B, S + new)``) and
+  transformers' own compile of the decode step (a short warm-up ``generate()``
+  into the same cache compiles it first, so no compile time is timed);
+* ``eager``: ``generate()`` with its default dynamic cache (patched: the
+  method's dynamic cache, made by ``generate()``).
+
+Per row: decode ms per token (median of the per-step times inside one
+``generate()``, read by a logits processor after a device sync, first two
+steps left out), the speed-up against dense in the same mode and run, the
+prefill time, peak GPU memory (``max_memory_allocated`` over the timed
+``generate()``), the KV bytes the cache holds, and the byte floor: (weights +
+the KV bytes one decode step must read) / measured copy bandwidth, with the
+row's share of it (floor / measured).
+
+Usage (GPU)::
+
+    python benchmarks/bench_e2e.py --shape llama3-8b --mode static --lens 32768 \\
+        --methods dense,quest,sparq --out benchmarks/results
+
+Each call appends its rows to ``<out>/e2e_<device>.jsonl`` and rewrites
+``<out>/e2e_<device>.md`` (and a plot, when matplotlib is there) from every
+row of that file, so that several calls (one per shape and mode) make one
+table.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+SHAPES = {
+    # hidden, intermediate, layers, heads, kv heads, vocab
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      rope_theta=500000.0),
+}
+
+METHODS = {
+    "dense": None,
+    "quest": ("quest", dict(token_budget=2048, page_size=16)),
+    "sparq": ("sparq", dict(compression=1 / 8)),
+    "qaq": ("qaq", dict()),
+}
+
+
+def build_model(shape, layers=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(SHAPES[shape])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = LlamaConfig(max_position_embeddings=1 << 18, head_dim=128, **kw)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+class StepClock:
+    """A logits processor that records the time of every decode step."""
+
+    def __init__(self):
+        self.t = []
+
+    def __call__(self, input_ids, scores):
+        torch.cuda.synchronize()
+        self.t.append(time.perf_counter())
+        return scores
+
+
+def run_generate(model, ids, new, cache=None):
+    from transformers import LogitsProcessorList
+
+    clock = StepClock()
+    kw = {} if cache is None else {"past_key_values": cache}
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, logits_processor=LogitsProcessorList([clock]), **kw)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    steps = [b - a for a, b in zip(clock.t, clock.t[1:])][2:]
+    return (clock.t[0] - t0), statistics.median(steps) * 1e3, t1 - t0
+
+
+def kv_bytes(cache):
+    """Bytes the cache's tensors hold (every layer), from the tensors themselves."""
+    if cache is None:
+        return 0
+    total = 0
+    seen = set()
+    for layer in cache.layers:
+        for name, t in vars(layer).items():
+            if torch.is_tensor(t) and t.is_cuda and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+            elif hasattr(t, "tensors") and callable(t.tensors):  # a QAQ QuantStore
+                for u in t.tensors():
+                    if u.data_ptr() not in seen:
+                        seen.add(u.data_ptr())
+                        total += u.numel() * u.element_size()
+    return total
+
+
+def step_read_bytes(method, kw, cfg, B, S):
+    """KV bytes one decode step must read (all layers), by the method's definition."""
+    L, Hkv, D = cfg.num_hidden_layers, cfg.num_key_value_heads, 128
+    row = 2 * Hkv * D * 2  # K + V of one token, bf16
+    if method is None:
+        return L * B * S * row
+    name, args = method
+    if name == "quest":
+        P = args.get("page_size", 16)
+        dense_layers = args.get("dense_layers", 2)
+        budget = min(args.get("token_budget", 1024), S)
+        meta = 2 * Hkv * D * 2 * (S // P)  # kmin + kmax
+        per_sparse = meta + budget * row
+        return B * (dense_layers * S * row + (L - dense_layers) * per_sparse)
+    if name == "sparq":
+        c = args.get("compression", 1 / 8)
+        return int(L * B * S * row * c)
+    return L * B * S * row  # qaq: reported from the cache instead
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    ap.add_argument("--mode", choices=("static", "eager"), default="static")
+    ap.add_argument("--lens", default="32768")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--methods", default="dense,quest,sparq")
+    ap.add_argument("--new", type=int, default=24, help="decoded tokens per generate()")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers (a quick look; not for the table)")
+    ap.add_argument("--dense-below", type=int, default=None, help="config dense_below for every method")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+
+    import kvsparse
+    import transformers
+    from _common import hbm_bandwidth
+
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.cuda.get_device_name().replace(" ", "_").lower()
+    bw = hbm_bandwidth()
+    model = build_model(args.shape, args.layers)
+    cfg = model.config
+    wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = []
+    for S in [int(x) for x in args.lens.split(",")]:
+        B, new = args.batch, args.new
+        g = torch.Generator(device="cuda").manual_seed(S)
+        ids = torch.randint(3, cfg.vocab_size, (B, S), device="cuda", generator=g)
+        dense_ms = None
+        for mname in args.methods.split(","):
+            method = METHODS[mname]
+            kvsparse.unpatch(model)
+            extra = {} if args.dense_below is None else {"dense_below": args.dense_below}
+            if method is not None:
+                kvsparse.patch(model, method=method[0], **method[1], **extra)
+            cache = None
+            err = None
+            try:
+                if args.mode == "static":
+                    if method is None:
+                        from transformers import StaticCache
+
+                        cache = StaticCache(config=cfg, max_cache_len=S + new)
+                    else:
+                        cache = kvsparse.make_cache(model, B, S + new)
+                    # compile the decode step on a short prompt into the same cache
+                    run_generate(model, ids[:, :16], 4, cache)
+                    cache.reset()
+                else:
+                    run_generate(model, ids[:, :16], 4)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                prefill_s, ms, _ = run_generate(model, ids, new, cache)
+                peak = torch.cuda.max_memory_allocated()
+                held = kv_bytes(cache) if cache is not None else None
+            except torch.OutOfMemoryError as e:  # report, go on with the next row
+                err, ms, prefill_s, peak, held, base = "OOM", None, None, None, None, None
+                print(f"{mname} S={S}: {str(e).splitlines()[0]}", flush=True)
+            del cache
+            torch.cuda.empty_cache()
+            if mname == "dense":
+                dense_ms = ms
+            floor_ms = (wbytes + step_read_bytes(method, {}, cfg, B, S)) / bw * 1e3
+            row = dict(
+                date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),
+                torch=torch.__version__, transformers=transformers.__version__,
+                shape=args.shape + (f"-{args.layers}L" if args.layers else ""), mode=args.mode, S=S, B=B,
+                method=mname if method is None else f"{mname} {json.dumps(method[1], sort_keys=True)}",
+                decode_ms=ms, speedup=(dense_ms / ms) if (ms and dense_ms) else None,
+                prefill_s=prefill_s, peak_gib=peak / 2**30 if peak else None,
+                kv_gib=held / 2**30 if held else None, floor_ms=floor_ms,
+                floor_share=(floor_ms / ms) if ms else None, bw_tbs=bw / 1e12, error=err,
+            )
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    path = os.path.join(args.out, f"e2e_{dev}.jsonl")
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    write_table(path)
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def write_table(jsonl):
+    rows = [json.loads(line) for line in open(jsonl) if line.strip()]
+    if not rows:
+        return
+    out = jsonl[: -len(".jsonl")]
+    r0 = rows[-1]
+    lines = [
+        f"# End-to-end `generate()` decode ({r0['date']})", "",
+        f"Device: {r0['device']}, torch {r0['torch']}, transformers {r0['transformers']}; "
+        f"copy bandwidth {r0['bw_tbs']:.2f} TB/s. Random-weight bf16 models with Llama shapes, "
+        "greedy decoding; `python benchmarks/bench_e2e.py` (see its docstring).", "",
+        "decode = median ms per generated token inside one `generate()`; speed-up = dense / method, same "
+        "mode, same run; floor = (weights + KV bytes the step must read) / bandwidth; share = floor / decode.",
+        "",
+        "| shape | mode | S | B | method | decode ms | speed-up | prefill s | peak GiB | KV GiB | floor ms | share |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['mode']} | {r['S']} | {r['B']} | {r['method']} | "
+            f"{_fmt(r['decode_ms'], '.2f') if not r.get('error') else r['error']} | "
+            f"{_fmt(r['speedup'], '.2f')} | {_fmt(r['prefill_s'], '.2f')} | {_fmt(r['peak_gib'], '.1f')} | "
+            f"{_fmt(r['kv_gib'], '.2f')} | {_fmt(r['floor_ms'], '.2f')} | {_fmt(r['floor_share'], '.2f')} |")
+    text = "\n".join(lines) + "\n"
+    with open(out + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    groups = {}
+    for r in rows:
+        if r["speedup"] is not None and not r["method"].startswith("dense"):
+            key = f"{r['shape']} {r['mode']} B={r['B']} {r['method'].split()[0]}"
+            groups.setdefault(key, []).append((r["S"], r["speedup"]))
+    for key, pts in sorted(groups.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context tokens S")
+    ax.set_ylabel("decode speed-up vs dense")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
