@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU tests, memcheck, benchmarks.
-# Usage: bash benchmarks/run_gpu.sh [build] [test] [memcheck] [bench] [profile] [ncu] [bench-quick]
+# Usage: bash benchmarks/run_gpu.sh [build] [test] [memcheck] [bench] [profile] [ncu] [bench-quick] [e2e]
 # BENCH="quest sparq" picks the benchmark scripts (bench_<name>.py); MEMCHECK_TESTS the memcheck files.
 # Logs go to $OUT (or ./out when OUT is unset).
 set -uo pipefail
@@ -76,6 +76,13 @@ PYEOF
   time-qaq)
     # the fused QAQ op per kernel variant (blocks per SM), B=1 H_kv=8 S=32k
     for nb in ${QA_BLOCKS_LIST:-4 3 2}; do KVSPARSE_QA_BLOCKS=$nb python3 benchmarks/profile_qaq.py --time 2>&1 | tail -3; done | tee "$OUT/time_qaq.log" ;;
+  e2e)
+    # end-to-end generate(): E2E="shape:mode:lens:methods[:batch] ..." (one bench_e2e.py call each)
+    for spec in ${E2E:-llama3-8b:static:32768:dense,quest,sparq}; do
+      IFS=: read -r shape mode lens methods batch <<<"$spec"
+      timeout ${E2E_TIMEOUT:-560} python3 benchmarks/bench_e2e.py --shape "$shape" --mode "$mode" --lens "$lens" \
+        --methods "$methods" --batch "${batch:-1}" ${E2E_ARGS:-} --out "$OUT" 2>&1 | tee -a "$OUT/e2e.log" | grep -E '^\{|OOM|Error|error' | tail -20
+    done ;;
   bench-quick)
     for b in ${BENCH:-quest sparq}; do
       python3 benchmarks/bench_$b.py --quick --no-cpu --out "$OUT" 2>&1 | tee "$OUT/bench_$b.log" | tail -30
