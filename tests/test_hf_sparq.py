@@ -95,7 +95,7 @@ def test_left_padding_side_data_and_batched_equals_single():
     model = tiny_model(layers=2)
     seqs = [prompt(n, seed=20 + n)[0] for n in (70, 33, 12)]
     ids, mask = left_pad(seqs)
-    with hf.patched(model, method="sparq", r=8, k=16):
+    with hf.patched(model, method="sparq", r=8, k=16, dense_below=0):
         out = greedy(model, ids, n=8, attention_mask=mask, return_dict_in_generate=True)
         for layer in out.past_key_values.layers:
             assert layer.seq_lens.tolist() == [len(s) + 7 for s in seqs]
@@ -126,7 +126,7 @@ def test_decode_step_is_the_sparq_op():
     """One patched decode step equals kvsparse.sparq.attention on the cache buffers."""
     model = tiny_model(layers=1)
     ids = prompt(50)
-    with hf.patched(model, method="sparq", r=8, k=12, local_window=3, reallocate=True):
+    with hf.patched(model, method="sparq", r=8, k=12, local_window=3, reallocate=True, dense_below=0):
         cache = hf.make_cache(model)
         model(ids, past_key_values=cache)
         attn = model.model.layers[0].self_attn
@@ -158,7 +158,7 @@ def test_small_k_differs_but_finite():
     model = tiny_model(layers=2)
     ids, cont = prompt(160, batch=2), prompt(4, batch=2, seed=7)
     ref = stepwise_logits(model, ids, cont, DynamicCache(config=model.config))
-    with hf.patched(model, method="sparq", compression=1 / 16):
+    with hf.patched(model, method="sparq", compression=1 / 16, dense_below=0):
         got = stepwise_logits(model, ids, cont, hf.make_cache(model))
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got[:, 0], ref[:, 0])  # prefill is dense
@@ -170,7 +170,7 @@ def test_dense_layers_stay_exact():
     model = tiny_model(layers=2)
     ids = prompt(40)
     ref = greedy(model, ids, n=8)
-    with hf.patched(model, method="sparq", r=2, k=2, dense_layers=2):
+    with hf.patched(model, method="sparq", r=2, k=2, dense_layers=2, dense_below=0):
         assert torch.equal(greedy(model, ids, n=8), ref)
 
 
@@ -182,7 +182,7 @@ def test_static_cache_and_compiled_decode_equal_eager():
     ids, mask = left_pad(seqs)
     cc = CompileConfig(backend="aot_eager", fullgraph=True, mode=None)
     cc._compile_all_devices = True
-    with hf.patched(model, method="sparq", r=8, k=10, dense_layers=1):
+    with hf.patched(model, method="sparq", r=8, k=10, dense_layers=1, dense_below=0):
         c1 = hf.make_cache(model, batch_size=2, max_cache_len=48)
         assert isinstance(c1.layers[0], SparQStaticLayer) and c1.is_compileable
         eager = greedy(model, ids, n=10, attention_mask=mask, disable_compile=True, past_key_values=c1)

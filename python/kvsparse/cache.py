@@ -30,8 +30,8 @@ state; see the class docstring.
 Two layer kinds per method:
 
 * ``*DynamicLayer`` (``max_cache_len=None``): buffers grow in chunks
-  of ``chunk_size`` tokens, doubling the capacity when full; never a
-  per-token concatenation of the whole cache.
+  of ``chunk_size`` tokens, by an eighth of the capacity (at least a chunk)
+  when full; never a per-token concatenation of the whole cache.
 * ``*StaticLayer`` (``max_cache_len=N``): buffers allocated once
   (static shapes and addresses, ``is_compileable = True``), as transformers'
   ``StaticLayer``; the decode step can run under ``torch.compile``.
@@ -96,6 +96,8 @@ class KVCacheLayer(CacheLayerMixin):
         self.capacity = 0
         self.seq_lens = None
         self.pending = None
+        #: decode steps over at most this many tokens are dense (set by the cache from its config)
+        self.dense_length = 0
         #: a decode token was appended and the kvsparse attention has not yet
         #: read it (checked outside torch.compile: see :meth:`update`)
         self.awaiting_attention = False
@@ -211,10 +213,18 @@ class KVCacheLayer(CacheLayerMixin):
         new_lens = self.seq_lens + 1
         if self.is_compileable:
             new_lens = new_lens.clamp(max=self.capacity)
-        self._side_append_one(key_states, value_states, pos, new_lens)
+        if not self.always_dense:
+            self._side_append_one(key_states, value_states, pos, new_lens)
         self.seq_lens.copy_(new_lens)
         self._advance(1)
         return self.keys, self.values
+
+    @property
+    def always_dense(self):
+        """A static layer no longer than its config's ``dense_length()``: every
+        decode step is dense attention (see :mod:`kvsparse.hf`), so the side
+        data is never read and not kept up to date."""
+        return self.is_compileable and 0 < self.capacity <= self.dense_length
 
     def _rows(self, pos):
         """Advanced-index tuple ``(b, h, pos[b])`` addressing slot ``pos[b]``
@@ -284,7 +294,8 @@ class KVCacheLayer(CacheLayerMixin):
             self.keys.scatter_(2, sidx, k)
             self.values.scatter_(2, sidx, v)
         new_lens = start + counts
-        self._side_commit(start, new_lens, k, v, counts)
+        if not self.always_dense:
+            self._side_commit(start, new_lens, k, v, counts)
         self.seq_lens.copy_(new_lens)
         self._advance(L)
         return start, seen
@@ -400,11 +411,15 @@ class SparQCacheLayer(KVCacheLayer):
 
     def _side_append_one(self, key_states, value_states, pos, new_lens):
         B, H, _, D = key_states.shape
-        b, h, p = self._rows(pos)
-        d = torch.arange(D, device=self.device).view(1, 1, D)
-        # column pos[b] of every [D, capacity] slab, in place (see _append_one)
-        self.kt.index_put_((b.view(B, 1, 1), h.view(1, H, 1), d, p.view(B, 1, 1)),
-                           key_states.detach()[:, :, 0].to(self.dtype))
+        col = key_states.detach().to(self.dtype)
+        if _is_compiling():
+            # column pos[b] of every [D, capacity] slab, as an index_put_ that
+            # the compiled step keeps in place (see _append_one)
+            b, h, p = self._rows(pos)
+            d = torch.arange(D, device=self.device).view(1, 1, D)
+            self.kt.index_put_((b.view(B, 1, 1), h.view(1, H, 1), d, p.view(B, 1, 1)), col[:, :, 0])
+        else:  # eager: a scatter_ is in place and one light kernel
+            self.kt.scatter_(3, pos.view(B, 1, 1, 1).expand(B, H, D, 1), col.transpose(2, 3))
         # running mean over the valid tokens: m += (v - m) / n; a sequence whose
         # length did not grow (a full static cache) keeps its mean
         grown = (new_lens > self.seq_lens).view(B, 1, 1)
@@ -431,7 +446,7 @@ class SparQCacheLayer(KVCacheLayer):
 
 
 class _DynamicLengths:
-    """Buffers that grow in chunks (doubling when full); the host counts tokens."""
+    """Buffers that grow in chunks (by an eighth when full); the host counts tokens."""
 
     is_compileable = False
 
@@ -448,7 +463,10 @@ class _DynamicLengths:
     def _reserve(self, needed):
         if needed <= self.capacity:
             return
-        new_cap = _round_up(max(needed, 2 * self.capacity), self.chunk_size)
+        # grow by an eighth (at least a chunk): amortised copies, and at most
+        # ~12% of unused slots (doubling left up to half of the buffers empty:
+        # a 32k prompt grew to 64k slots at its first decode token)
+        new_cap = _round_up(max(needed, self.capacity + max(self.chunk_size, self.capacity // 8)), self.chunk_size)
         self._allocate(new_cap)
 
     def _reserve_decode(self):
@@ -527,7 +545,7 @@ class _StaticLengths:
 
 
 class QuestDynamicLayer(_DynamicLengths, QuestCacheLayer):
-    """Quest cache layer whose buffers grow in chunks (doubling when full)."""
+    """Quest cache layer whose buffers grow in chunks (by an eighth when full)."""
 
 
 class QuestStaticLayer(_StaticLengths, QuestCacheLayer):
@@ -535,7 +553,7 @@ class QuestStaticLayer(_StaticLengths, QuestCacheLayer):
 
 
 class SparQDynamicLayer(_DynamicLengths, SparQCacheLayer):
-    """SparQ cache layer whose buffers grow in chunks (doubling when full)."""
+    """SparQ cache layer whose buffers grow in chunks (by an eighth when full)."""
 
 
 class SparQStaticLayer(_StaticLengths, SparQCacheLayer):
@@ -970,6 +988,9 @@ class KVSparseCache(Cache):
             layers = [dyn(page_size, config.chunk_size) for _ in range(num_layers)]
         else:
             layers = [static(max_cache_len, page_size, config.chunk_size) for _ in range(num_layers)]
+        dense_length = config.dense_length() if hasattr(config, "dense_length") else 0
+        for layer in layers:
+            layer.dense_length = dense_length
         super().__init__(layers=layers)
 
     @staticmethod

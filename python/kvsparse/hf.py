@@ -173,7 +173,10 @@ def _continuation_attention(module, query, layer, start, valid, seen, scaling, k
 def _below_dense_length(layer, cfg):
     """Whether this step's length is at most the config's ``dense_length()``:
     the capacity of a static layer (fixed, so a compiled step never
-    switches), the host token count of a dynamic one (no device read)."""
+    switches), the host token count of a dynamic one (no device read).
+    Short steps only: one SDPA call has too few blocks to read a long cache
+    quickly, so ``dense_layers`` stay on the method's kernel with a budget
+    covering every token."""
     limit = cfg.dense_length()
     if limit <= 0:
         return False
@@ -282,7 +285,7 @@ def _make_attention_function(impl):
             if not _is_compiling():
                 layer.awaiting_attention = False
             dense = module.layer_idx < cfg.dense_layers
-            if decode is not _qaq_decode and (dense or _below_dense_length(layer, cfg)):
+            if decode is not _qaq_decode and _below_dense_length(layer, cfg):
                 return _dense_decode(query, layer, scaling), None
             q = query.squeeze(2).contiguous()
             return decode(q, layer, cfg, dense, scaling).unsqueeze(1), None
