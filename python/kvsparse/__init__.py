@@ -29,6 +29,7 @@ def has_cuda() -> bool:
 
 from . import config  # noqa: F401,E402
 from .config import QAQConfig, QuestConfig, SparQConfig, make_config  # noqa: E402
+from ._compat import IntegrationError  # noqa: E402
 
 # Hugging Face integration (needs transformers): imported on first use, so
 # that `import kvsparse` works without transformers installed.
@@ -52,4 +53,4 @@ def __getattr__(name):
 
 
 __all__ += ["QuestConfig", "SparQConfig", "QAQConfig", "make_config", "patch", "unpatch", "patched",
-            "make_cache", "QuestCache", "SparQCache", "QAQCache", "models"]
+            "make_cache", "QuestCache", "SparQCache", "QAQCache", "models", "IntegrationError"]
