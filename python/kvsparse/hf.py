@@ -427,14 +427,24 @@ def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=No
     cache = KVSparseCache.for_config(config, num_layers=num_layers, max_cache_len=max_cache_len)
     if batch_size is not None:
         param = next(model.parameters())
-        cache.early_initialization(
-            batch_size=int(batch_size),
-            num_heads=kv_heads,
-            head_dim=head_dim,
-            dtype=dtype or param.dtype,
-            device=device or param.device,
-        )
+        devices = _layer_devices(model, num_layers)
+        for i, layer in enumerate(cache.layers):
+            # each layer on its own attention's device (a model split with device_map)
+            fake = torch.zeros(int(batch_size), kv_heads, 0, head_dim, dtype=dtype or param.dtype,
+                               device=device or devices[i] or param.device)
+            layer.lazy_initialization(fake, fake)
     return cache
+
+
+def _layer_devices(model, num_layers):
+    """The device of each decoder layer's attention weights (``None`` where unknown)."""
+    devices = [None] * num_layers
+    for m in _attention_modules(model):
+        idx = getattr(m, "layer_idx", None)
+        p = next(m.parameters(), None)
+        if idx is not None and 0 <= idx < num_layers and p is not None and p.device.type != "meta":
+            devices[idx] = p.device
+    return devices
 
 
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
