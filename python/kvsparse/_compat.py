@@ -19,6 +19,9 @@ at run time (signatures, attributes), not on version strings:
   ships (:func:`find_classes`; every one of Llama, Mistral, Qwen2, Qwen3 and
   Gemma 3 exists from 4.57 on, but a family missing from an install is
   reported as unsupported, never half-patched).
+* **GGUF loading**: ``load_gguf_checkpoint`` takes ``torch_dtype`` from 5.0
+  on, not on 4.57 (:func:`gguf_checkpoint_kwargs`; the tensors are then cast
+  when loaded into the model).
 * **transformers' own cache layers** for the layers kvsparse leaves to the
   model (Gemma 3's sliding-window layers): taken from the ``DynamicCache`` /
   ``StaticCache`` that transformers builds from the model config
@@ -36,6 +39,7 @@ import torch
 __all__ = [
     "IntegrationError", "transformers_version", "cache_kwarg", "query_length",
     "generation_max_cache_len", "MIN_TRANSFORMERS", "find_classes", "transformers_cache_layers",
+    "gguf_checkpoint_kwargs",
 ]
 
 #: the oldest transformers release kvsparse supports (also in pyproject's ``hf`` extra)
@@ -124,3 +128,13 @@ def transformers_cache_layers(model_config, max_cache_len=None):
             f"kvsparse: transformers {transformers_version()} built no cache layers from the model config; "
             "its sliding-window layers cannot be kept on transformers' own cache")
     return layers
+
+
+def gguf_checkpoint_kwargs(fn, dtype):
+    """``{"torch_dtype": dtype}`` when ``fn`` (transformers'
+    ``load_gguf_checkpoint``) takes it, else ``{}``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return {}
+    return {"torch_dtype": dtype} if "torch_dtype" in params else {}

@@ -24,6 +24,8 @@ import importlib.metadata
 import os
 from pathlib import Path
 
+from . import _compat
+
 __all__ = ["smollm2_available", "smollm2_gguf_path", "load_smollm2",
            "gemma3_available", "gemma3_gguf_path", "load_gemma3"]
 
@@ -84,7 +86,8 @@ def _load_gguf_without_accelerate(folder, name, dtype):
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = load_gguf_checkpoint(
-        os.path.join(folder, name), return_tensors=True, model_to_load=model, torch_dtype=dtype
+        os.path.join(folder, name), return_tensors=True, model_to_load=model,
+        **_compat.gguf_checkpoint_kwargs(load_gguf_checkpoint, dtype),
     )["tensors"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
@@ -237,7 +240,7 @@ def _gemma3_tokenizer(path):
             pass
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=special["bos"], eos_token=special["eos"], unk_token=special["unknown"],
-        pad_token=special["padding"], padding_side="left",
+        pad_token=special["padding"], padding_side="left", model_input_names=["input_ids", "attention_mask"],
     )
 
 
