@@ -31,7 +31,9 @@ ARCHS = {
 
 
 def tiny_model(arch="llama", layers=3, dtype=torch.float32, seed=0, **extra):
-    cfg_cls, model_cls = ARCHS[arch]
+    """A tiny random model of ``arch`` (a key of ``ARCHS`` or a
+    ``(config class, model class)`` pair); ``extra`` overrides the config."""
+    cfg_cls, model_cls = ARCHS[arch] if isinstance(arch, str) else arch
     kw = dict(
         vocab_size=VOCAB,
         hidden_size=64,

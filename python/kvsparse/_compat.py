@@ -15,6 +15,18 @@ at run time (signatures, attributes), not on version strings:
   The kvsparse layers accept both forms (see :func:`query_length`).
 * **generation config**: ``max_cache_len`` exists only on recent versions
   (:func:`generation_max_cache_len`).
+* **model families**: which of the supported families this transformers
+  ships (:func:`find_classes`; every one of Llama, Mistral, Qwen2, Qwen3 and
+  Gemma 3 exists from 4.57 on, but a family missing from an install is
+  reported as unsupported, never half-patched).
+* **GGUF loading**: ``load_gguf_checkpoint`` takes ``torch_dtype`` from 5.0
+  on, not on 4.57 (:func:`gguf_checkpoint_kwargs`; the tensors are then cast
+  when loaded into the model).
+* **transformers' own cache layers** for the layers kvsparse leaves to the
+  model (Gemma 3's sliding-window layers): taken from the ``DynamicCache`` /
+  ``StaticCache`` that transformers builds from the model config
+  (:func:`transformers_cache_layers`), so that they are exactly what the
+  unpatched model would use, whatever the layer classes are called.
 
 Anything that cannot be found raises :class:`IntegrationError` naming the
 transformers version and what is missing: a patched model never runs dense
@@ -26,7 +38,8 @@ import torch
 
 __all__ = [
     "IntegrationError", "transformers_version", "cache_kwarg", "query_length",
-    "generation_max_cache_len", "MIN_TRANSFORMERS",
+    "generation_max_cache_len", "MIN_TRANSFORMERS", "find_classes", "transformers_cache_layers",
+    "gguf_checkpoint_kwargs",
 ]
 
 #: the oldest transformers release kvsparse supports (also in pyproject's ``hf`` extra)
@@ -83,3 +96,55 @@ def query_length(arg):
 def generation_max_cache_len(generation_config):
     """``generation_config.max_cache_len``, or ``None`` on versions without it."""
     return getattr(generation_config, "max_cache_len", None)
+
+
+def find_classes(module, *names):
+    """The classes ``names`` of the transformers module ``module`` (e.g.
+    ``"transformers.models.qwen3.modeling_qwen3"``), or ``None`` when this
+    transformers lacks the module or any of them."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return None
+    found = tuple(getattr(mod, n, None) for n in names)
+    return None if any(c is None for c in found) else found
+
+
+def transformers_cache_layers(model_config, max_cache_len=None):
+    """The cache layers transformers would give ``model_config``'s model: those
+    of ``DynamicCache(config=...)`` (``max_cache_len=None``) or of
+    ``StaticCache(config=..., max_cache_len=...)``."""
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    if max_cache_len is None:
+        cache = DynamicCache(config=model_config)
+    else:
+        cache = StaticCache(config=model_config, max_cache_len=int(max_cache_len))
+    layers = list(getattr(cache, "layers", ()))
+    if not layers:
+        raise IntegrationError(
+            f"kvsparse: transformers {transformers_version()} built no cache layers from the model config; "
+            "its sliding-window layers cannot be kept on transformers' own cache")
+    return layers
+
+
+def gguf_checkpoint_kwargs(fn, dtype):
+    """``{"torch_dtype": dtype}`` when ``fn`` (transformers'
+    ``load_gguf_checkpoint``) takes it, else ``{}``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return {}
+    return {"torch_dtype": dtype} if "torch_dtype" in params else {}
+
+
+def lazy_initialization(layer, key_states, value_states):
+    """``layer.lazy_initialization`` with the arguments its version takes
+    (transformers' own layers take ``key_states`` alone on 4.57)."""
+    params = inspect.signature(layer.lazy_initialization).parameters
+    if len(params) >= 2:
+        layer.lazy_initialization(key_states, value_states)
+    else:
+        layer.lazy_initialization(key_states)

@@ -59,7 +59,7 @@ __all__ = [
     "KVCacheLayer", "QuestCacheLayer", "QuestDynamicLayer", "QuestStaticLayer",
     "SparQCacheLayer", "SparQDynamicLayer", "SparQStaticLayer",
     "QAQCacheLayer", "QAQDynamicLayer", "QAQStaticLayer",
-    "KVSparseCache", "QuestCache", "SparQCache", "QAQCache", "cache_geometry",
+    "KVSparseCache", "QuestCache", "SparQCache", "QAQCache", "cache_geometry", "sliding_layers",
 ]
 
 
@@ -945,14 +945,62 @@ class QAQStaticLayer(_StaticLengths, QAQCacheLayer):
         self._allocate(self.max_cache_len)
 
 
+def _text_config(model_config):
+    return model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+
+
+#: ``layer_types`` entries of a windowed layer (transformers' names)
+WINDOWED_LAYER_TYPES = ("sliding_attention", "chunked_attention")
+
+
+def sliding_layers(model_config):
+    """Indices of the sliding-window layers of a *hybrid* decoder config (some
+    layers windowed, some full, from ``config.layer_types``: Gemma 3, Qwen2/3
+    with ``use_sliding_window`` and ``max_window_layers``).
+
+    A kvsparse cache leaves these layers to transformers' own sliding-window
+    cache layer and the model's own (windowed) attention; the method runs on
+    the full-attention layers. A config whose layers are all windowed, or
+    that has no ``layer_types`` (Mistral with ``sliding_window``), gives
+    ``()``: every layer runs the method, the window applied at prefill only
+    (see :mod:`kvsparse.hf`)."""
+    cfg = _text_config(model_config)
+    types = getattr(cfg, "layer_types", None)
+    if not types:
+        return ()
+    types = list(types)[: cfg.num_hidden_layers]
+    windowed = tuple(i for i, t in enumerate(types) if t in WINDOWED_LAYER_TYPES)
+    return () if len(windowed) == len(types) else windowed
+
+
 def cache_geometry(model_config):
     """``(num_layers, num_kv_heads, head_dim)`` of a decoder config."""
-    cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    cfg = _text_config(model_config)
     num_layers = cfg.num_hidden_layers
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return num_layers, kv_heads, head_dim
+
+
+def _native_layers(layers, model_config, max_cache_len, native_layers):
+    """Replace ``layers[i]`` for ``i`` in ``native_layers`` (default: the
+    sliding layers of ``model_config``) by transformers' own cache layer;
+    returns the indices as a frozenset."""
+    if native_layers is None:
+        native_layers = sliding_layers(model_config) if model_config is not None else ()
+    native = frozenset(int(i) for i in native_layers)
+    if not native:
+        return native
+    if model_config is None:
+        raise ValueError("kvsparse: native_layers needs the model_config")
+    bad = sorted(i for i in native if not 0 <= i < len(layers))
+    if bad:
+        raise ValueError(f"kvsparse: native_layers {bad} out of range for {len(layers)} layers")
+    hf_layers = _compat.transformers_cache_layers(model_config, max_cache_len)
+    for i in native:
+        layers[i] = hf_layers[i]
+    return native
 
 
 class KVSparseCache(Cache):
@@ -966,14 +1014,24 @@ class KVSparseCache(Cache):
         config: the method config (page size, chunk size, default ``max_cache_len``).
         max_cache_len: overrides ``config.max_cache_len``; an int makes every
             layer static (preallocated, compileable).
-        model_config: a transformers config to take ``num_layers`` from.
+        model_config: a transformers config to take ``num_layers`` from
+            (and the sliding-window layers of a hybrid model, see
+            :func:`sliding_layers`).
+        native_layers: indices of the layers held by transformers' own cache
+            layer (the one ``DynamicCache`` / ``StaticCache`` would give them)
+            instead of a kvsparse layer; the patched attention runs the
+            model's original attention on them. Default: the
+            :func:`sliding_layers` of ``model_config`` (none without it).
+            Needs ``model_config``.
+
+    ``native_layers`` (a frozenset) says which layers those are.
     """
 
     #: (dynamic layer class, static layer class), per subclass
     layer_classes = None
     default_config = None
 
-    def __init__(self, num_layers=None, config=None, max_cache_len=None, model_config=None):
+    def __init__(self, num_layers=None, config=None, max_cache_len=None, model_config=None, native_layers=None):
         config = self.default_config() if config is None else config
         if num_layers is None:
             if model_config is None:
@@ -988,10 +1046,17 @@ class KVSparseCache(Cache):
             layers = [dyn(page_size, config.chunk_size) for _ in range(num_layers)]
         else:
             layers = [static(max_cache_len, page_size, config.chunk_size) for _ in range(num_layers)]
+        self.native_layers = _native_layers(layers, model_config, max_cache_len, native_layers)
         dense_length = config.dense_length() if hasattr(config, "dense_length") else 0
         for layer in layers:
-            layer.dense_length = dense_length
+            if isinstance(layer, KVCacheLayer):
+                layer.dense_length = dense_length
         super().__init__(layers=layers)
+
+    def kvsparse_layers(self):
+        """``(index, layer)`` of the layers that are kvsparse layers (not
+        :attr:`native_layers`)."""
+        return [(i, layer) for i, layer in enumerate(self.layers) if i not in self.native_layers]
 
     @staticmethod
     def for_config(config, **kwargs):
@@ -1032,21 +1097,21 @@ class QAQCache(KVSparseCache):
     layer_classes = (QAQDynamicLayer, QAQStaticLayer)
     default_config = QAQConfig
 
-    def __init__(self, num_layers=None, config=None, max_cache_len=None, model_config=None):
+    def __init__(self, num_layers=None, config=None, max_cache_len=None, model_config=None, native_layers=None):
         super().__init__(num_layers=num_layers, config=config, max_cache_len=max_cache_len,
-                         model_config=model_config)
-        for i, layer in enumerate(self.layers):
+                         model_config=model_config, native_layers=native_layers)
+        for i, layer in self.kvsparse_layers():
             layer.setup(self.config, i)
 
     def memory_report(self):
         """Sum of the layers' :meth:`QAQCacheLayer.memory_report`: true bytes
         in use (``total``: codes, scales/zeros, widths, offsets, outliers) vs
         an fp16 cache of the same tokens (``fp16``); ``compression = fp16 / total``."""
-        reps = [layer.memory_report() for layer in self.layers]
+        reps = [layer.memory_report() for _, layer in self.kvsparse_layers()]
         keys = [k for k in reps[0] if k not in ("ratio", "compression")] if reps else list(_REPORT_KEYS)
         return _finish_report({k: sum(r.get(k, 0) for r in reps) for k in keys})
 
     def compact(self):
         """Compact every dynamic layer (host side)."""
-        for layer in self.layers:
+        for _, layer in self.kvsparse_layers():
             layer.compact()

@@ -1,5 +1,9 @@
 """Drop-in sparse / quantized decode attention (Quest, SparQ, QAQ) for Hugging Face LLaMA-family models.
 
+Supported families (:func:`supported_models`): Llama (Llama-3.x ``rope_scaling``
+included), Mistral, Qwen2, Qwen3 (q/k norms) and Gemma 3 (text,
+``Gemma3ForCausalLM``), their base models and subclasses.
+
     model = AutoModelForCausalLM.from_pretrained(...)
     kvsparse.patch(model, method="quest", token_budget=1024, page_size=16)
     out = model.generate(**inputs, max_new_tokens=64)
@@ -55,8 +59,30 @@ The attention function:
 * without a kvsparse cache (e.g. ``model(...)`` with the default cache): the
   original attention.
 
-Sliding windows (Mistral/Qwen2 configs with a window) are applied at prefill
-by the model's mask but not during decode: the Quest cache keeps every token.
+Sliding windows:
+
+* hybrid models (``config.layer_types`` mixing ``"sliding_attention"`` and
+  ``"full_attention"``: Gemma 3, Qwen2/Qwen3 with ``use_sliding_window``):
+  the sliding layers keep transformers' own sliding-window cache layer and the
+  model's own windowed attention (the kvsparse cache holds, at those indices,
+  the layers ``DynamicCache`` / ``StaticCache`` would, see
+  :attr:`~kvsparse.cache.KVSparseCache.native_layers`); the method runs on the
+  full-attention layers.
+* a window on every layer (Mistral with ``sliding_window``, no
+  ``layer_types``): applied at prefill by the model's mask but not during
+  decode: the method's cache keeps every token.
+
+Scaling: the attention uses the ``scaling`` its module passes (Gemma 3:
+``query_pre_attn_scalar ** -0.5``), ``head_dim ** -0.5`` only when none is
+passed.
+
+Head dims: the CPU kernels take any multiple of 8 in [8, 256]; the CUDA
+kernels of every method (Quest page scores / metadata / attention, SparQ
+attention, QAQ attention; ``check_head_dim`` in ``csrc/torch_ops.cpp``) take
+head_dim 64 or 128 (:data:`CUDA_HEAD_DIMS`). On CUDA, the layers of another
+head dim (Gemma 3: 256) fall back to the model's dense attention on
+transformers' cache layer, with a ``UserWarning`` naming the method and the
+head dim (never silently).
 """
 import contextlib
 import sys
@@ -66,32 +92,40 @@ import warnings
 import torch
 
 from . import _compat, quest, sparq
-from .cache import KVSparseCache, QAQCacheLayer, QuestCacheLayer, SparQCacheLayer, cache_geometry
+from .cache import KVSparseCache, QAQCacheLayer, QuestCacheLayer, SparQCacheLayer, cache_geometry, sliding_layers
 from .config import QAQConfig, QuestConfig, SparQConfig, make_config
 
 _CONFIGS = (QuestConfig, SparQConfig, QAQConfig)
 
-__all__ = ["patch", "unpatch", "patched", "is_patched", "make_cache", "supported_models"]
+__all__ = ["patch", "unpatch", "patched", "is_patched", "make_cache", "supported_models", "CUDA_HEAD_DIMS"]
+
+#: head dims the CUDA kernels of every method support (``check_head_dim`` in
+#: csrc/torch_ops.cpp; the kernels are instantiated for D = 64 and 128 only)
+CUDA_HEAD_DIMS = (64, 128)
 
 _STATE_ATTR = "_kvsparse_state"
+#: on the model config: False when a full-attention layer is left to
+#: transformers' attention (it needs the decode mask; see make_cache)
+_MASK_FREE_ATTR = "_kvsparse_mask_free"
 
 
 # --------------------------------------------------------------------- models
-def _supported_classes():
-    from transformers import (
-        LlamaForCausalLM,
-        LlamaModel,
-        MistralForCausalLM,
-        MistralModel,
-        Qwen2ForCausalLM,
-        Qwen2Model,
-    )
-    from transformers.models.llama.modeling_llama import LlamaAttention
-    from transformers.models.mistral.modeling_mistral import MistralAttention
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+#: (transformers module, causal LM, base model, attention) of each supported family
+_FAMILIES = (
+    ("transformers.models.llama.modeling_llama", "LlamaForCausalLM", "LlamaModel", "LlamaAttention"),
+    ("transformers.models.mistral.modeling_mistral", "MistralForCausalLM", "MistralModel", "MistralAttention"),
+    ("transformers.models.qwen2.modeling_qwen2", "Qwen2ForCausalLM", "Qwen2Model", "Qwen2Attention"),
+    ("transformers.models.qwen3.modeling_qwen3", "Qwen3ForCausalLM", "Qwen3Model", "Qwen3Attention"),
+    ("transformers.models.gemma3.modeling_gemma3", "Gemma3ForCausalLM", "Gemma3TextModel", "Gemma3Attention"),
+)
 
-    models = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, LlamaModel, MistralModel, Qwen2Model)
-    attentions = (LlamaAttention, MistralAttention, Qwen2Attention)
+
+def _supported_classes():
+    """``(model classes, attention classes)`` of the families this
+    transformers ships (causal LMs first, then the base models)."""
+    found = [c for c in (_compat.find_classes(mod, *names) for mod, *names in _FAMILIES) if c is not None]
+    models = tuple(c[0] for c in found) + tuple(c[1] for c in found)
+    attentions = tuple(c[2] for c in found)
     return models, attentions
 
 
@@ -271,6 +305,11 @@ def _make_attention_function(impl):
             return dense_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         if module.layer_idx >= len(cache.layers):
             raise _not_reached(cfg, f"the cache has {len(cache.layers)} layers and layer {module.layer_idx} ran")
+        if module.layer_idx in cache.native_layers:
+            # left to transformers by design (a sliding-window layer of a hybrid
+            # model; a head dim without a kernel on this device, warned about by
+            # make_cache): the model's own attention on transformers' cache layer
+            return dense_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         layer = cache.layers[module.layer_idx]
         decode = _decode_for(layer, cfg)
         if decode is None:
@@ -338,7 +377,8 @@ def _decode_free_mask(mask_fn):
 
     def mask(*args, **kwargs):
         q = kwargs.get("q_length", kwargs.get("cache_position", args[1] if len(args) > 1 else None))
-        if q is not None and _compat.query_length(q) == 1 and kwargs.get("mask_function") is causal_mask_function:
+        if (q is not None and _compat.query_length(q) == 1 and kwargs.get("mask_function") is causal_mask_function
+                and getattr(kwargs.get("config"), _MASK_FREE_ATTR, True)):
             return None
         return mask_fn(*args, **kwargs)
 
@@ -396,6 +436,47 @@ def _check_fits(config, head_dim):
         raise ValueError(f"kvsparse: r ({config.r}) must be <= the model's head dim ({head_dim})")
 
 
+def _kernel_supports(head_dim, device):
+    """Whether the kvsparse kernels run ``head_dim`` on ``device`` (CUDA:
+    :data:`CUDA_HEAD_DIMS`; the CPU kernels take every head dim a model has,
+    multiples of 8 up to 256, and report others themselves)."""
+    return torch.device(device).type != "cuda" or int(head_dim) in CUDA_HEAD_DIMS
+
+
+def _layer_devices(model):
+    """``{layer_idx: device}`` of the attention modules' weights."""
+    out = {}
+    for m in _attention_modules(model):
+        p = next(m.parameters(), None)
+        if p is not None and getattr(m, "layer_idx", None) is not None:
+            out[int(m.layer_idx)] = p.device
+    return out
+
+
+def _native_layers(model, config, num_layers, head_dim, device=None):
+    """The layers a cache for ``model`` leaves to transformers' own cache
+    layers: the sliding layers of a hybrid model and, with a warning, the
+    layers on a device whose kernels lack ``head_dim`` (CUDA, head_dim not
+    in :data:`CUDA_HEAD_DIMS`)."""
+    native = set(sliding_layers(model.config))
+    if device is not None:
+        devices = {i: torch.device(device) for i in range(num_layers)}
+    else:
+        devices = _layer_devices(model)
+        default = next(model.parameters()).device
+        devices = {i: devices.get(i, default) for i in range(num_layers)}
+    no_kernel = sorted(i for i in range(num_layers) if i not in native and not _kernel_supports(head_dim, devices[i]))
+    if no_kernel:
+        warnings.warn(
+            f"kvsparse: {config.method} has no CUDA kernel for head_dim {head_dim} (the CUDA kernels take head_dim "
+            f"{' or '.join(map(str, CUDA_HEAD_DIMS))}): layers {no_kernel} fall back to the model's dense attention "
+            "on transformers' cache layers",
+            UserWarning, stacklevel=3,
+        )
+        native.update(no_kernel)
+    return sorted(native)
+
+
 def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=None, device=None):
     """The kvsparse cache of the configured method for ``model``
     (:class:`~kvsparse.cache.QuestCache`, :class:`~kvsparse.cache.SparQCache` or
@@ -416,6 +497,11 @@ def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=No
     Pass it to ``model.generate(..., past_key_values=cache)`` or to the
     model's forward. The model must be patched for the cache to be read
     correctly.
+
+    The sliding-window layers of a hybrid model (Gemma 3) get transformers'
+    own cache layers, and so do, with a ``UserWarning``, the layers placed on
+    CUDA when the model's head dim has no CUDA kernel (see
+    :data:`CUDA_HEAD_DIMS`); ``cache.native_layers`` lists them.
     """
     if config is None:
         config = getattr(model, "kvsparse_config", None) or QuestConfig()
@@ -424,27 +510,22 @@ def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=No
             f"kvsparse: make_cache needs a QuestConfig, SparQConfig or QAQConfig, got {type(config).__name__}")
     num_layers, kv_heads, head_dim = cache_geometry(model.config)
     _check_fits(config, head_dim)
-    cache = KVSparseCache.for_config(config, num_layers=num_layers, max_cache_len=max_cache_len)
+    native = _native_layers(model, config, num_layers, head_dim, device=device if batch_size is not None else None)
+    # a full-attention layer left to transformers (no kernel for its head dim)
+    # reads the decode mask: keep building it for this model
+    full_native = set(native) - set(sliding_layers(model.config))
+    object.__setattr__(model.config, _MASK_FREE_ATTR, not full_native)
+    cache = KVSparseCache.for_config(config, num_layers=num_layers, max_cache_len=max_cache_len,
+                                     model_config=model.config, native_layers=native)
     if batch_size is not None:
         param = next(model.parameters())
-        devices = _layer_devices(model, num_layers)
+        devices = _layer_devices(model)
         for i, layer in enumerate(cache.layers):
             # each layer on its own attention's device (a model split with device_map)
             fake = torch.zeros(int(batch_size), kv_heads, 0, head_dim, dtype=dtype or param.dtype,
-                               device=device or devices[i] or param.device)
-            layer.lazy_initialization(fake, fake)
+                               device=device or devices.get(i, param.device))
+            _compat.lazy_initialization(layer, fake, fake)
     return cache
-
-
-def _layer_devices(model, num_layers):
-    """The device of each decoder layer's attention weights (``None`` where unknown)."""
-    devices = [None] * num_layers
-    for m in _attention_modules(model):
-        idx = getattr(m, "layer_idx", None)
-        p = next(m.parameters(), None)
-        if idx is not None and 0 <= idx < num_layers and p is not None and p.device.type != "meta":
-            devices[idx] = p.device
-    return devices
 
 
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
@@ -480,8 +561,12 @@ def patch(model, method="quest", config=None, self_check=True, **kwargs):
     """Make ``model`` use sparse decode attention (in place); returns ``model``.
 
     Args:
-        model: ``LlamaForCausalLM``, ``MistralForCausalLM`` or
-            ``Qwen2ForCausalLM`` (or their base models / subclasses).
+        model: ``LlamaForCausalLM``, ``MistralForCausalLM``,
+            ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` or ``Gemma3ForCausalLM``
+            (or their base models / subclasses; :func:`supported_models`).
+            Gemma 3's sliding-window layers keep their own attention (see
+            the module docstring); on CUDA, a head dim outside
+            :data:`CUDA_HEAD_DIMS` runs dense with a warning.
         method: ``"quest"``, ``"sparq"`` or ``"qaq"`` (or a config object).
         config: a config object (:class:`~kvsparse.config.QuestConfig`,
             :class:`~kvsparse.config.SparQConfig`); ``kwargs`` override its fields.
@@ -557,7 +642,7 @@ def _self_check(model, cfg):
     """A 4-token prefill and one decode step on a fresh dynamic cache of the
     method: every layer must commit the prefill and read the decode token
     through the kvsparse attention, or :class:`~kvsparse._compat.IntegrationError`."""
-    cache = KVSparseCache.for_config(cfg.replace(max_cache_len=None), num_layers=cache_geometry(model.config)[0])
+    cache = make_cache(model, config=cfg.replace(max_cache_len=None))
     emb = model.get_input_embeddings()
     vocab = emb.weight.shape[0] if emb is not None else 8
     device = emb.weight.device if emb is not None else next(model.parameters()).device
@@ -567,12 +652,12 @@ def _self_check(model, cfg):
     model.eval()
     try:
         model(input_ids=ids[:, :4], use_cache=True, **{key: cache})
-        for i, layer in enumerate(cache.layers):
+        for i, layer in cache.kvsparse_layers():
             if not layer.is_initialized or layer.pending is not None:
                 raise _not_reached(cfg, f"its self-check prefill was not stored by the kvsparse attention of "
                                         f"layer {i} (the cache argument {key!r} did not reach it)")
         model(input_ids=ids[:, 4:], use_cache=True, **{key: cache})
-        for i, layer in enumerate(cache.layers):
+        for i, layer in cache.kvsparse_layers():
             if layer.awaiting_attention or int(layer.seq_lens[0]) != 5:
                 raise _not_reached(cfg, f"its self-check decode step did not read layer {i} through the "
                                         "kvsparse attention")
@@ -589,6 +674,7 @@ def unpatch(model):
         h.remove()
     for k in ("_prepare_cache_for_generation", "kvsparse_config", "_compiled_call", "_last_compile_config"):
         model.__dict__.pop(k, None)
+    model.config.__dict__.pop(_MASK_FREE_ATTR, None)
     model.__dict__.update(state["compiled"])
     _set_attn_implementation(model, state["original_impl"])
     return model
