@@ -192,12 +192,11 @@ def main():
                     run_generate(model, ids[:, :16], 4)
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
                 prefill_s, ms, _ = run_generate(model, ids, new, cache)
                 peak = torch.cuda.max_memory_allocated()
                 held = kv_bytes(cache) if cache is not None else None
             except torch.OutOfMemoryError as e:  # report, go on with the next row
-                err, ms, prefill_s, peak, held, base = "OOM", None, None, None, None, None
+                err, ms, prefill_s, peak, held = "OOM", None, None, None, None
                 print(f"{mname} S={S}: {str(e).splitlines()[0]}", flush=True)
             del cache
             torch.cuda.empty_cache()

