@@ -68,27 +68,17 @@ def _offline():
                 os.environ[k] = v
 
 
-def _accelerate_available():
-    try:
-        from transformers.utils import is_accelerate_available
-    except ImportError:  # pragma: no cover
-        return False
-    return is_accelerate_available()
-
-
 def _load_gguf_model(folder, name, dtype):
-    """The causal LM in GGUF file ``folder/name`` (offline), with or without accelerate."""
-    from transformers import AutoModelForCausalLM
-
-    if _accelerate_available():
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    """The causal LM in GGUF file ``folder/name`` (offline). One path whether
+    or not accelerate is installed (it is for the device_map tests), so that
+    the loaded weights never depend on it."""
     return _load_gguf_without_accelerate(folder, name, dtype)
 
 
 def _load_gguf_without_accelerate(folder, name, dtype):
-    """transformers' ``from_pretrained(gguf_file=...)`` insists on
-    ``accelerate``; without it, build the model from the GGUF config and load
-    the dequantised tensors with transformers' own GGUF reader."""
+    """Build the model from the GGUF config and load the dequantised tensors
+    with transformers' own GGUF reader (``from_pretrained(gguf_file=...)``
+    would insist on accelerate)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
