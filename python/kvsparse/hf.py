@@ -14,7 +14,8 @@ included), Mistral, Qwen2, Qwen3 (q/k norms) and Gemma 3 (text,
     with kvsparse.patched(model, token_budget=512):
         out = model.generate(**inputs, max_new_tokens=64)
 
-How it plugs into transformers (5.x):
+How it plugs into transformers (4.57 through 5.x; the differences between
+versions live in :mod:`kvsparse._compat`):
 
 * An attention function is registered with transformers' ``AttentionInterface``
   (and the matching mask function with ``AttentionMaskInterface``) under the
@@ -22,7 +23,8 @@ How it plugs into transformers (5.x):
   implementation is not ``sdpa``), and the model is switched to it with
   ``model.set_attn_implementation``. ``unpatch`` switches back.
 * A ``forward_pre_hook(with_kwargs=True)`` on each attention module forwards
-  the layer's cache (``past_key_values``) and the config to the attention
+  the layer's cache (the forward's ``cache`` or ``past_key_values`` argument,
+  found from its signature) and the config to the attention
   function as extra keyword arguments (the attention module passes its
   ``**kwargs`` through). The hook is pure (no state), so it traces under
   ``torch.compile``.
