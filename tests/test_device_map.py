@@ -22,7 +22,10 @@ def _dispatch(model, devices):
     return accelerate.dispatch_model(model, device_map=dm)
 
 
-def _check(devices):
+def _check(devices, runs_on=None):
+    """``runs_on``: where each layer executes (accelerate runs CPU-mapped
+    layers of a GPU model on the GPU, their weights offloaded); default ``devices``."""
+    runs_on = runs_on or devices
     model = tiny_model(layers=LAYERS)
     ids = prompt(40)
     ref = greedy(model, ids, n=8)
@@ -32,9 +35,9 @@ def _check(devices):
     out = greedy(model, ids.to(devices[0]), n=8, return_dict_in_generate=True)
     assert torch.equal(out.sequences.cpu(), ref)
     for i, layer in enumerate(out.past_key_values.layers):
-        assert layer.keys.device == torch.device(devices[i])
+        assert layer.keys.device == torch.device(runs_on[i])
     cache = kvsparse.make_cache(model, 1)
-    assert [layer.device for layer in cache.layers] == [torch.device(d) for d in devices]
+    assert [layer.device for layer in cache.layers] == [torch.device(d) for d in runs_on]
     kvsparse.patch(model, method="quest", token_budget=16, page_size=8, dense_layers=0)
     assert not torch.equal(greedy(model, ids.to(devices[0]), n=8).cpu(), ref)
 
@@ -46,4 +49,4 @@ def test_cpu_device_map():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_and_cpu_device_map():
-    _check(["cuda:0", "cpu", "cuda:0"])
+    _check(["cuda:0", "cpu", "cuda:0"], runs_on=["cuda:0"] * LAYERS)

@@ -82,3 +82,30 @@ def test_self_check_catches_a_hook_that_finds_no_cache(monkeypatch):
         hf.patch(model, method="quest", **METHODS["quest"])
     assert not hf.is_patched(model)
     assert model.config._attn_implementation != "kvsparse"
+
+
+def test_one_token_forward_without_a_cache_is_allowed():
+    """A one-token forward into the empty cache the model makes itself is a
+    prefill (dense in every method), not a decode step."""
+    model = tiny_model(layers=2)
+    with hf.patched(model, method="quest", **METHODS["quest"]), torch.no_grad():
+        model(prompt(1))
+
+
+@pytest.mark.parametrize("impl", [None, "static", "hybrid"])
+def test_generate_makes_the_kvsparse_cache(impl):
+    """generate() builds the method's cache, static for "static" and the
+    deprecated static aliases checkpoints carry (Gemma 3's "hybrid")."""
+    from kvsparse import _compat
+
+    if impl is not None and impl not in _compat.static_cache_names():
+        pytest.skip(f"{impl!r} is not a cache implementation of this transformers")
+    model = tiny_model(layers=2)
+    model.generation_config.cache_implementation = impl
+    with hf.patched(model, method="quest", **METHODS["quest"]):
+        out = model.generate(prompt(20), attention_mask=torch.ones(1, 20, dtype=torch.long), max_new_tokens=4,
+                             do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, kvsparse.QuestCache)
+    if impl == "static":  # (transformers itself turns "hybrid" into a dynamic cache on some versions)
+        assert cache.is_compileable

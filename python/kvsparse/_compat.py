@@ -148,3 +148,16 @@ def lazy_initialization(layer, key_states, value_states):
         layer.lazy_initialization(key_states, value_states)
     else:
         layer.lazy_initialization(key_states)
+
+
+def static_cache_names():
+    """``generation_config.cache_implementation`` values that ask for a static
+    cache kvsparse can provide: ``"static"`` and the deprecated aliases some
+    checkpoints still carry (Gemma 3's ``"hybrid"``, ``"sliding_window"``,
+    ...); not the offloaded ones."""
+    try:
+        from transformers.generation import configuration_utils as cu
+    except ImportError:  # pragma: no cover
+        return ("static",)
+    names = getattr(cu, "ALL_STATIC_CACHE_IMPLEMENTATIONS", ("static",))
+    return tuple(n for n in names if "offload" not in n) or ("static",)

@@ -98,7 +98,9 @@ class QuestConfig(MethodConfig):
 
     def dense_length(self):
         """Decode steps over at most this many tokens run dense attention."""
-        return self.token_budget if self.dense_below is None else self.dense_below
+        if self.dense_below is None:  # the budget Quest really reads: whole pages
+            return self.token_budget // self.page_size * self.page_size
+        return self.dense_below
 
 
 @dataclass(repr=True, eq=True)

@@ -326,9 +326,12 @@ def _cache_from_dense(model, run, dense_cache):
     dense_layers = getattr(dense_cache, "layers", None)
     if dense_layers is None or len(dense_layers) != len(cache.layers):
         return None
+    if getattr(cache, "native_layers", None):  # layers left to transformers (Gemma 3): prefill anew
+        return None
     for src, dst in zip(dense_layers, cache.layers):
         dst.update(src.keys, src.values)
         dst.commit(None)
+        dst.awaiting_attention = False  # a one-token prefix is an append, already in place
     return cache
 
 

@@ -299,7 +299,7 @@ def _make_attention_function(impl):
             # which the method computes densely too
             return dense_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         if not isinstance(cache, KVSparseCache):
-            if decoding or _held_before(cache, module.layer_idx, key.shape[-2]):
+            if _held_before(cache, module.layer_idx, query.shape[-2]):
                 raise _not_reached(
                     cfg, f"the cache is a {type(cache).__name__}, not a kvsparse cache (let generate() make "
                     "it, or pass kvsparse.make_cache(model, ...))")
@@ -328,6 +328,11 @@ def _make_attention_function(impl):
             dense = module.layer_idx < cfg.dense_layers
             if decode is not _qaq_decode and _below_dense_length(layer, cfg):
                 return _dense_decode(query, layer, scaling), None
+            if getattr(layer, "always_dense", False):
+                raise _not_reached(
+                    cfg, f"layer {module.layer_idx} of the cache was made with a config that runs its whole "
+                    f"length ({layer.capacity}) densely and keeps no side data; make the cache from the "
+                    "patched model's config (kvsparse.make_cache(model, ...))")
             q = query.squeeze(2).contiguous()
             return decode(q, layer, cfg, dense, scaling).unsqueeze(1), None
 
@@ -446,12 +451,22 @@ def _kernel_supports(head_dim, device):
 
 
 def _layer_devices(model):
-    """``{layer_idx: device}`` of the attention modules' weights."""
+    """``{layer_idx: device}`` where each attention runs: its weights' device,
+    or accelerate's execution device for weights offloaded to ``meta``
+    (layers whose device cannot be told are left out)."""
     out = {}
     for m in _attention_modules(model):
         p = next(m.parameters(), None)
-        if p is not None and getattr(m, "layer_idx", None) is not None:
-            out[int(m.layer_idx)] = p.device
+        if p is None or getattr(m, "layer_idx", None) is None:
+            continue
+        dev = p.device
+        if dev.type == "meta":
+            hook = getattr(m, "_hf_hook", None)
+            dev = getattr(hook, "execution_device", None)
+            if dev is None:
+                continue
+            dev = torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+        out[int(m.layer_idx)] = dev
     return out
 
 
@@ -523,9 +538,12 @@ def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=No
         param = next(model.parameters())
         devices = _layer_devices(model)
         for i, layer in enumerate(cache.layers):
-            # each layer on its own attention's device (a model split with device_map)
-            fake = torch.zeros(int(batch_size), kv_heads, 0, head_dim, dtype=dtype or param.dtype,
-                               device=device or devices.get(i, param.device))
+            # each layer on its own attention's device (a model split with
+            # device_map); a layer whose device is unknown is made at its first update
+            dev = device or devices.get(i, None if param.device.type == "meta" else param.device)
+            if dev is None:
+                continue
+            fake = torch.zeros(int(batch_size), kv_heads, 0, head_dim, dtype=dtype or param.dtype, device=dev)
             _compat.lazy_initialization(layer, fake, fake)
     return cache
 
@@ -539,12 +557,14 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     if (
         any(model_kwargs.get(k) is not None for k in _compat.CACHE_KWARGS)
         or generation_config.use_cache is False
-        or impl not in (None, "dynamic", "static")
+        or impl not in (None, "dynamic") + _compat.static_cache_names()
     ):
+        # another cache kind (offloaded, quantized, ...): transformers makes it,
+        # and the first decode step over it raises IntegrationError
         return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
     cfg = self.kvsparse_config
     max_len = cfg.max_cache_len
-    if impl == "static":
+    if impl in _compat.static_cache_names():
         max_len = max(max_cache_length, _compat.generation_max_cache_len(generation_config) or 0, max_len or 0)
     elif max_len is not None and max_len < max_cache_length:
         raise ValueError(
