@@ -26,7 +26,7 @@ def _check(devices, runs_on=None):
     """``runs_on``: where each layer executes (accelerate runs CPU-mapped
     layers of a GPU model on the GPU, their weights offloaded); default ``devices``."""
     runs_on = runs_on or devices
-    model = tiny_model(layers=LAYERS)
+    model = tiny_model(layers=LAYERS, head_dim=64)  # a head dim the CUDA kernels take
     ids = prompt(40)
     ref = greedy(model, ids, n=8)
     model = _dispatch(model, devices)
