@@ -94,7 +94,8 @@ import warnings
 import torch
 
 from . import _compat, quest, sparq
-from .cache import KVSparseCache, QAQCacheLayer, QuestCacheLayer, SparQCacheLayer, cache_geometry, sliding_layers
+from .cache import (KVSparseCache, QAQCacheLayer, QuestCacheLayer, SparQCacheLayer, _is_compiling, cache_geometry,
+                    sliding_layers)
 from .config import QAQConfig, QuestConfig, SparQConfig, make_config
 
 _CONFIGS = (QuestConfig, SparQConfig, QAQConfig)
@@ -400,13 +401,6 @@ def _held_before(cache, layer_idx, new_tokens):
     try:
         return int(cache.get_seq_length(layer_idx)) > new_tokens
     except Exception:  # noqa: BLE001 - a cache without lengths: treat as a prefill
-        return False
-
-
-def _is_compiling():
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - old torch
         return False
 
 
