@@ -85,6 +85,23 @@ def cache_kwarg(fn, what):
     )
 
 
+def model_cache_kwargs(model, cache):
+    """``{name: cache}`` for calling ``model(...)`` directly with a cache,
+    under the name its forward takes (``cache`` from 5.24, ``past_key_values``
+    before)."""
+    name, _ = cache_kwarg(type(model).forward, f"{type(model).__name__}.forward")
+    return {name: cache}
+
+
+def output_cache(out):
+    """The cache a model output carries (``past_key_values`` or ``cache``)."""
+    for name in ("past_key_values", "cache"):
+        c = getattr(out, name, None)
+        if c is not None:
+            return c
+    return None
+
+
 def query_length(arg):
     """``get_mask_sizes``'s argument as the number of new tokens: an int
     (transformers >= 5) or ``cache_position`` (a 1-D tensor, 4.57)."""

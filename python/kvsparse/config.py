@@ -86,8 +86,9 @@ class QuestConfig(MethodConfig):
                 f"kvsparse: token_budget ({self.token_budget}) must be >= page_size ({self.page_size})"
             )
         _check_int("dense_layers", self.dense_layers, 0)
-        if not isinstance(self.mode, str) or self.mode not in ("group", "head"):
-            raise ValueError(f"kvsparse: mode must be 'group' or 'head', got {self.mode!r}")
+        modes = ("group", "head", "max", "softmax", "union")
+        if not isinstance(self.mode, str) or self.mode not in modes:
+            raise ValueError(f"kvsparse: mode must be one of {modes}, got {self.mode!r}")
         if self.max_cache_len is not None:
             _check_int("max_cache_len", self.max_cache_len, 1)
         _check_int("chunk_size", self.chunk_size, 1)

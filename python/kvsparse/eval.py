@@ -59,6 +59,8 @@ import warnings
 
 import torch
 
+from . import _compat
+
 __all__ = [
     "MethodRun",
     "make_runs",
@@ -623,8 +625,8 @@ def _step(model, ids, cache):
     if not torch.is_tensor(ids):
         ids = torch.tensor([ids], dtype=torch.long)
     ids = ids.to(model.device)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1].float(), out.past_key_values
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **_compat.model_cache_kwargs(model, cache))
+    return out.logits[0, -1].float(), _compat.output_cache(out)
 
 
 @torch.inference_mode()
@@ -1054,11 +1056,24 @@ def _default_text():
     return None
 
 
+def _ruler_tasks():
+    from .ruler import TASKS
+
+    return TASKS
+
+
 def build_parser():
     ap = argparse.ArgumentParser(
         prog="python -m kvsparse.eval",
         description="Passkey retrieval and decode-mode perplexity of a sparse KV-cache method vs dense.")
-    ap.add_argument("--task", choices=["passkey", "ppl", "all"], default="all")
+    ap.add_argument("--task", choices=["passkey", "ppl", "ruler", "all"], default="all",
+                    help="all = passkey + ppl; ruler = the RULER-style suite (kvsparse.ruler)")
+    ap.add_argument("--ruler-tasks", default=",".join(_ruler_tasks()),
+                    help="RULER tasks, comma-separated (default: all seven)")
+    ap.add_argument("--samples", type=int, default=2, help="RULER samples per (task, length) (default 2)")
+    ap.add_argument("--question", choices=["prompt", "decoded", "both"], default="both",
+                    help="RULER question placement: prefilled with the context, decoded under the method, "
+                         "or both (default)")
     ap.add_argument("--method", default="quest", help="method name(s), comma-separated (default quest)")
     ap.add_argument("--budgets", default="64,128,256,512,1024", help="Quest token budgets (default %(default)s)")
     ap.add_argument("--compressions", default="0.5,0.25,0.125,0.0625",
@@ -1131,6 +1146,8 @@ def main(argv=None):
 
     do_pk = args.task in ("passkey", "all")
     do_ppl = args.task in ("ppl", "all")
+    do_ruler = args.task == "ruler"
+    ruler_tasks = [t.strip() for t in args.ruler_tasks.split(",") if t.strip()]
     text_path = args.text or (_default_text() if do_ppl else None)
     if do_ppl and not text_path:
         _log("no --text given and ../shared/data/tinyshakespeare.txt not found: skipping perplexity")
@@ -1173,7 +1190,14 @@ def main(argv=None):
         with method_applied(model, run) as cfg:
             configs[run.label] = cfg
 
-    pk_records, ppl_records = [], []
+    pk_records, ppl_records, ruler_records = [], [], []
+    if do_ruler:
+        from .ruler import run_ruler
+
+        places = ("prompt", "decoded") if args.question == "both" else (args.question,)
+        ruler_records = run_ruler(model, tok, runs, ruler_tasks, lengths, args.samples, seed=args.seed,
+                                  fmt=args.prompt_format, placements=places,
+                                  share_prefill=not args.no_share_prefill, progress=not args.no_progress)
     if do_pk:
         pk_records = run_passkey(model, tok, runs, lengths, depths, args.trials, seed=args.seed,
                                  fmt=args.prompt_format, max_new_tokens=args.max_new_tokens,
@@ -1197,6 +1221,8 @@ def main(argv=None):
                     "records": pk_records} if do_pk else None,
         "ppl": {"text": text_path, "lengths": ppl_lengths, "prefix": args.prefix, "window": args.ppl_window,
                 "records": ppl_records} if do_ppl else None,
+        "ruler": {"tasks": ruler_tasks, "lengths": lengths, "samples": args.samples,
+                  "prompt_format": args.prompt_format, "records": ruler_records} if do_ruler else None,
     }
     md, plot = write_report(result, out)
     print(md)
@@ -1236,7 +1262,29 @@ def write_report(result, out):
                    f"(q_len = 1); ppl @ L scores tokens {pp['prefix']}..L-1")
         md += ["## Perplexity, decode mode", "", f"Text: {name}; {how}.", "",
                ppl_table(pp["records"], pp["lengths"]), ""]
-    plot = make_plot(os.path.join(out, "quality.png"), pk["records"] if pk else [], pp["records"] if pp else [],
+    rl = result.get("ruler")
+    if rl:
+        from .ruler import ruler_plot, ruler_rows, ruler_table
+
+        rows = ruler_rows(rl["records"], result["model"])
+        with open(os.path.join(out, "ruler.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        md += ["## RULER-style suite (kvsparse.ruler)", "",
+               f"Score = % of the expected answers in the generated text; {rl['samples']} sample(s) per task and "
+               f"length; prompt format {rl.get('prompt_format', 'plain')}. Columns: tasks (mean over lengths), "
+               "then lengths (mean over tasks). `ruler.json` has the rows in the kvpress leaderboard layout "
+               "(task, context_length, method, compression_ratio, score).", ""]
+        for place, what in (("prompt", "Question in the prompt (prefilled densely; the answer decoded under "
+                                       "the method)"),
+                            ("decoded", "Question decoded under the method (token by token after the context)")):
+            table = ruler_table(rows, place)
+            if table:
+                md += [f"### {what}", "", table, ""]
+        rplot = ruler_plot(os.path.join(out, "ruler.png"), rows, f"{result['model']}: RULER-style suite")
+        if rplot:
+            md += [f"![RULER plot]({os.path.basename(rplot)})", ""]
+    plot = None if (rl and not pk and not pp) else make_plot(
+        os.path.join(out, "quality.png"), pk["records"] if pk else [], pp["records"] if pp else [],
                      runs, pk["lengths"] if pk else [], pp["lengths"] if pp else [],
                      f"{result['model']}: {', '.join(methods)} vs dense")
     if plot:

@@ -238,9 +238,15 @@ def _dense_decode(query, layer, scaling):
 
 def _quest_decode(q, layer, cfg, dense, scaling):
     budget = layer.num_pages * layer.page_size if dense else cfg.token_budget  # every page: dense
+    if cfg.mode in quest.GROUP_MODES and cfg.mode != "group" and not dense:
+        # per-head bounds, combined per KV head (quest.combine_scores), one shared read
+        scores = quest.page_scores(q, layer.kmin, layer.kmax, layer.seq_lens, layer.page_size, "head")
+        scores = quest.combine_scores(scores, layer.num_heads, cfg.mode, scaling)
+        idx = quest.select_pages(scores, layer.seq_lens, layer.page_size, budget)
+        return quest.sparse_attention(q, layer.keys, layer.values, idx, layer.seq_lens, layer.page_size, scaling)
     return quest.attention(
         q, layer.keys, layer.values, layer.kmin, layer.kmax, layer.seq_lens,
-        layer.page_size, budget, cfg.mode, scaling,
+        layer.page_size, budget, "head" if cfg.mode == "head" else "group", scaling,
     )
 
 

@@ -42,9 +42,15 @@ __all__ = [
     "select_pages",
     "sparse_attention",
     "attention",
+    "combine_scores",
+    "GROUP_MODES",
 ]
 
 _MODES = ("group", "head")
+
+#: How the page scores of the ``G`` query heads sharing a KV head are combined
+#: into one page set per KV head (see :func:`combine_scores`).
+GROUP_MODES = ("group", "max", "softmax", "union")
 
 
 def _group_flag(mode):
@@ -204,3 +210,63 @@ def attention(q, k, v, kmin, kmax, seq_lens, page_size=16, token_budget=2048, mo
     return _ops.ops.quest_attention(
         q, k, v, kmin, kmax, seq_lens, _ops.int_arg(page_size, "page_size"), _ops.int_arg(token_budget, "token_budget"), group, _scale(q, scale)
     )
+
+
+def combine_scores(scores, num_kv_heads, how="softmax", scale=1.0):
+    """One page score per KV head from per-query-head scores (GQA selection).
+
+    Quest bounds each query head's logit per page; under grouped-query
+    attention the ``G = H // Hkv`` query heads of a KV head share one page set
+    (one read of the pages). How their scores are combined decides which
+    pages a single head that needs them can win:
+
+    * ``"group"``: the sum of the bounds (what ``mode="group"`` computes in
+      the fused kernel). A page one head needs can lose to pages the others
+      like mildly.
+    * ``"max"``: the largest bound over the heads.
+    * ``"softmax"``: each head's bounds are normalised into a distribution
+      over the pages, ``softmax_p(scale * bound)`` (the attention mass the
+      bound allows), and the distributions are summed: every head has the
+      same say, whatever the scale of its logits.
+    * ``"union"``: each head ranks the pages; pages are taken round-robin by
+      rank (every head's best page, then every head's second, ...), i.e. the
+      union of per-head top lists with the budget shared equally; ties
+      between pages of the same best rank go to the larger softmax mass.
+
+    Args:
+        scores: float32 ``[B, H, max_pages]`` from
+            :func:`page_scores` with ``mode="head"`` (empty pages ``-inf``).
+        num_kv_heads: ``Hkv`` (must divide ``H``).
+        how: one of :data:`GROUP_MODES`.
+        scale: the logit scale (``"softmax"``, ``"union"``).
+
+    Returns:
+        float32 ``[B, Hkv, max_pages]`` for :func:`select_pages` (higher is
+        better; empty pages stay ``-inf``).
+    """
+    if not torch.is_tensor(scores) or scores.dim() != 3:
+        raise ValueError(f"kvsparse: scores must be a [B, H, max_pages] tensor, got "
+                         f"{tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
+    Hkv = _ops.int_arg(num_kv_heads, "num_kv_heads")
+    B, H, P = scores.shape
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"kvsparse: num_kv_heads ({Hkv}) must divide the number of score rows H = {H}")
+    if how not in GROUP_MODES:
+        raise ValueError(f"kvsparse: how must be one of {GROUP_MODES}, got {how!r}")
+    s = scores.float().view(B, Hkv, H // Hkv, P)
+    empty = torch.isneginf(s[:, :, 0])  # empty pages are -inf in every head
+    if how == "group":
+        return s.sum(2)
+    if how == "max":
+        return s.amax(2)
+    prob = torch.softmax(s * float(scale), dim=-1)
+    if how == "softmax":
+        out = prob.sum(2)
+    else:  # union: round-robin by per-head rank
+        order = s.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(P, device=s.device).expand_as(order))
+        best = rank.amin(2).float()
+        out = -best + 0.5 * prob.amax(2)
+    return out.masked_fill(empty, float("-inf"))
+
