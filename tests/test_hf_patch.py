@@ -156,7 +156,7 @@ def test_full_budget_greedy_equals_unpatched(arch):
     hf.unpatch(model)
 
 
-@pytest.mark.parametrize("mode", ["group", "head"])
+@pytest.mark.parametrize("mode", ["group", "head", "max", "softmax", "union"])
 def test_full_budget_matches_dense_stepwise(mode):
     model = tiny_model(layers=2)
     ids, cont = prompt(45, batch=2), prompt(6, batch=2, seed=5)
@@ -334,11 +334,12 @@ def test_compiled_static_decode_equals_eager():
 
 
 # ------------------------------------------------------------- small budget
-def test_small_budget_differs_but_finite():
+@pytest.mark.parametrize("mode", ["group", "max", "softmax", "union"])
+def test_small_budget_differs_but_finite(mode):
     model = tiny_model(layers=2)
     ids, cont = prompt(160, batch=2), prompt(4, batch=2, seed=7)
     ref = stepwise_logits(model, ids, cont, DynamicCache(config=model.config))
-    with hf.patched(model, token_budget=16, page_size=16, dense_layers=0):
+    with hf.patched(model, token_budget=16, page_size=16, dense_layers=0, mode=mode):
         got = stepwise_logits(model, ids, cont, hf.make_cache(model))
         out = greedy(model, ids, n=8)
     assert torch.isfinite(got).all()

@@ -530,3 +530,53 @@ def test_cuda_select_large_matches_cpu(max_pages):
         want = quest.select_pages(scores, lens, Pg, budget)
         got = quest.select_pages(scores.cuda(), lens.cuda(), Pg, budget)
         assert torch.equal(got.cpu(), want), f"budget {budget}"
+
+
+# ---------------------------------------------------------------- GQA selection
+
+
+def _round_robin(s, n):
+    """Pages taken by rank, every head's best first (reference of "union")."""
+    G, P = s.shape
+    ranked = [sorted(range(P), key=lambda p: (-s[g, p], p)) for g in range(G)]
+    out = []
+    for r in range(P):
+        for g in range(G):
+            p = ranked[g][r]
+            if p not in out and len(out) < n:
+                out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("how", quest.GROUP_MODES)
+def test_combine_scores_matches_reference(how):
+    _seed(3)
+    B, Hkv, G, P = 2, 3, 4, 23
+    s = torch.randn(B, Hkv * G, P, dtype=torch.float32) * 4
+    s[1, :, 17:] = float("-inf")  # empty pages of a shorter sequence
+    got = quest.combine_scores(s, Hkv, how, scale=0.7)
+    assert got.shape == (B, Hkv, P) and got.dtype == torch.float32
+    assert torch.isneginf(got[1, :, 17:]).all() and torch.isfinite(got[0]).all()
+    sd = s.double().view(B, Hkv, G, P)
+    if how == "group":
+        torch.testing.assert_close(got[0], sd[0].sum(1).float())
+    elif how == "max":
+        torch.testing.assert_close(got[0], sd[0].amax(1).float())
+    elif how == "softmax":
+        torch.testing.assert_close(got[0], torch.softmax(0.7 * sd[0], -1).sum(1).float())
+    else:  # the top pages of the combined score are the round-robin union
+        for b, n_pages in ((0, P), (1, 17)):
+            for hk in range(Hkv):
+                want = _round_robin(sd[b, hk, :, :n_pages].numpy(), 6)
+                top = got[b, hk, :n_pages].double().argsort(descending=True, stable=True)[:6].tolist()
+                assert sorted(top) == sorted(want)
+
+
+def test_combine_scores_bad_input():
+    s = torch.randn(1, 4, 5)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        quest.combine_scores(s, 3)
+    with pytest.raises(ValueError, match="how"):
+        quest.combine_scores(s, 2, "mean")
+    with pytest.raises(ValueError, match="scores"):
+        quest.combine_scores(s[0], 2)

@@ -217,16 +217,22 @@ def _list_sample(tok, task, length, rng, fmt, instruction, question, prefix):
     budget = max(length - len(_encode(tok, ctx)) - len(_encode(tok, q)), 0)
     if task == "cwe":
         probe = _distinct_words(random.Random(0), 20)
-        per = sum(len(_encode(tok, f" {i + 100}. {w}")) for i, w in enumerate(probe)) / len(probe)
+        per = len(_encode(tok, " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(probe)))) / len(probe)
         n_items = max(int(budget / per), 40)
         f_common = max(4, min(30, n_items // 40))  # repeats of each of the 10 common words
         n_rare = max((n_items - 10 * f_common) // 3, 1)  # the rest: words seen 3 times
-        words = _distinct_words(rng, 10 + n_rare)
-        common, rare = words[:10], words[10:]
-        seq = common * f_common + rare * 3
-        rng.shuffle(seq)
-        units = _fill(tok, (f"{i + 1}. {w}" for i, w in enumerate(seq)), budget)
-        # the common words must still lead after the cut
+        words = _distinct_words(rng, 10 + 2 * n_rare)
+        order_seed = rng.random()
+        for _ in range(6):  # size the rare words to the budget (the common ones keep their counts)
+            seq = words[:10] * f_common + words[10:10 + n_rare] * 3
+            random.Random(order_seed).shuffle(seq)
+            units = [f"{i + 1}. {w}" for i, w in enumerate(seq)]
+            used = len(_encode(tok, " " + " ".join(units)))
+            step = int((budget - used) / (3 * per))
+            if step == 0 or (step > 0 and n_rare + step > len(words) - 10):
+                break
+            n_rare = max(n_rare + step, 1)
+        units = _fill(tok, iter(units), budget)
         counts = {}
         for u in units:
             w = u.split(". ", 1)[1]
@@ -238,7 +244,7 @@ def _list_sample(tok, task, length, rng, fmt, instruction, question, prefix):
         weights = [1.0 / (k + 1) ** 2 for k in range(len(vocab))]
         probe = " ".join(vocab[:20])
         per = len(_encode(tok, " " + probe)) / 20
-        n = max(int(budget / per), 30)
+        n = max(int(2 * budget / per), 30)  # cut to the budget below
         seq = rng.choices(vocab, weights=weights, k=n)
         units = _fill(tok, iter(seq), budget)
         counts = {}
