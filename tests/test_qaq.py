@@ -189,6 +189,114 @@ def test_code_order_in_words_and_outlier_codes(device, w):
             assert word == exp, (t, j)
 
 
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_POOL = [-2.0, -1.0, -0.0, 0.0, 0.5, 1.0, 2.0, 3.0, float("inf"), float("-inf"), float("nan")]
+
+
+def _py_outliers(vals, n_side):
+    """qaq.h's rule in plain Python (float64): the low, then the high outlier indices."""
+    E = len(vals)
+    nan = [v != v for v in vals]
+
+    def rank(e, sign):
+        return (0, 0.0, e) if nan[e] else (1, sign * vals[e], e)  # -0 == 0: the index decides
+
+    low = sorted(range(E), key=lambda e: rank(e, 1.0))[:n_side]
+    taken = set(low)
+    high = sorted((e for e in range(E) if e not in taken), key=lambda e: rank(e, -1.0))[:n_side]
+    return low + high
+
+
+def _tied(shape, g, dtype, nan_frac=0.03, inf_frac=0.02):
+    """Values drawn from a few numbers (many ties, -0 and +0), some NaN / +-inf."""
+    pool = torch.tensor(_POOL[:-3])
+    x = pool[torch.randint(len(pool), shape, generator=g)]
+    u = torch.rand(shape, generator=g)
+    x = torch.where(u < nan_frac, torch.full_like(x, float("nan")), x)
+    x = torch.where((u >= nan_frac) & (u < nan_frac + inf_frac),
+                    torch.where(torch.rand(shape, generator=g) < 0.5, float("inf"), float("-inf")), x)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shared", [False, True], ids=["head", "shared"])
+@pytest.mark.parametrize("alpha", [0.0, 0.15, 0.3, 0.6])
+def test_outlier_selection_rule_ties_and_nan(dtype, shared, alpha):
+    """The CPU selection is exactly qaq.h's rule (checked against plain Python on data with
+    ties, -0 / +0, +-inf and NaN): ascending then descending over the rest, ties to the
+    lower index, NaN first; outlier values are the elements' own bits; scales, zeros and
+    codes match the reference; NaN in a group gives NaN out."""
+    B, Hkv, n, D = 2, 4, 6, 16
+    Hg = 1 if shared else Hkv
+    g = torch.Generator().manual_seed(_seed("ties", dtype, shared, alpha))
+    x = _tied((B, Hkv, n, D), g, dtype)
+    x[0, :, 0] = float("nan")  # a token whose groups are all NaN
+    x[1, :, 1] = 0.0  # all ties
+    x[1, :, 1, 1::3] = -0.0
+    x[1, :, 2, :5] = float("nan")  # more NaNs than slots at the small alphas
+    st = qaq.alloc(B, Hkv, n, D, dtype, alpha=alpha, shared=shared)
+    n_out = st.oidx.shape[-1]
+    n_side = n_out // 2
+    assert (n_side > 1) == (alpha > 0.1)
+    w = _rand_widths(B, Hg, n, _seed("tw", dtype, shared, alpha))
+    qaq.quantize(st, x, torch.zeros(B, dtype=torch.int32), w)
+    xg = _group_view(x, Hg)
+    for b in range(B):
+        for gr in range(Hg):
+            for t in range(n):
+                vals = [float(v) for v in xg[b, gr, t].float()]
+                assert st.oidx[b, gr, t].tolist() == _py_outliers(vals, n_side), (b, gr, t)
+    oi = st.oidx.long()
+    iv = _INT_VIEW[dtype]
+    assert torch.equal(st.oval.view(iv), xg.view(iv).gather(-1, oi)), "outlier values are the elements' bits"
+    codes, sz, oidx, oval = ref.qaq_quantize_group_ref(xg, w, n_out)
+    assert torch.equal(st.oidx, oidx) and torch.equal(st.oval.view(iv), oval.view(iv))
+    assert torch.equal(st.sz.view(torch.int16), sz.view(torch.int16))
+    assert torch.equal(ref.qaq_unpack_codes_ref(st.arena, st.offsets, st.widths, st.group_elems), codes)
+    # NaN in, NaN out: a NaN outlier reads back as itself, a NaN inlier makes the group NaN
+    sl = torch.full((B,), n, dtype=torch.int32)
+    d = _group_view(qaq.dequantize(st, sl), Hg)
+    out_mask = torch.zeros(xg.shape, dtype=torch.bool).scatter_(-1, oi, True)
+    inl_nan = (xg.isnan() & ~out_mask).any(-1)
+    assert inl_nan.any() and (xg.isnan() & out_mask).any() == (alpha > 0)
+    assert d.isnan().any(-1)[xg.isnan().any(-1)].all()
+    assert d[inl_nan].isnan().all()
+    assert (st.sz[inl_nan].view(torch.int16) == 0x7E00).all()
+    assert d.gather(-1, oi)[xg.gather(-1, oi).isnan()].isnan().all()
+    finite = ~(xg.isnan() | xg.isinf()).any(-1)
+    assert finite.any() and not d[finite].isnan().any()
+    # requantize to width 0: same outliers, range over the float32 dequantized inliers
+    sf, zf = sz[..., 0].float()[..., None], sz[..., 1].float()[..., None]
+    dq = torch.where(w[..., None] > 0, zf + sf * codes.float(), zf + sf * 0.5)
+    oval0 = st.oval.clone()
+    qaq.requantize(st, torch.zeros_like(st.widths), sl)
+    lowered = w > 0
+    assert lowered.any() and (~lowered).any()
+    assert torch.equal(st.oidx, oidx) and torch.equal(st.oval.view(iv), oval0.view(iv))
+    s0, z0 = ref.qaq_range_ref(dq, out_mask, torch.zeros_like(w))
+    assert torch.equal(st.sz[lowered].view(torch.int16), torch.stack([s0, z0], -1)[lowered].view(torch.int16))
+    assert torch.equal(st.sz[~lowered].view(torch.int16), sz[~lowered].view(torch.int16))
+    d1 = _group_view(qaq.dequantize(st, sl), Hg)
+    assert d1[inl_nan].isnan().all() and not d1[finite].isnan().any()
+
+
+def test_hostile_group_is_fast():
+    """One token into a shared store of 32 KV heads x 256 (E = 8192) at alpha = 0.99
+    (n_out = 8112): was quadratic in n_out (minutes), now O(E log n_side)."""
+    import time
+    Hkv, D = 32, 256
+    st = qaq.alloc(1, Hkv, 4, D, torch.float32, alpha=0.99, shared=True)
+    assert st.group_elems == 8192 and st.oidx.shape[-1] == 8112
+    x = torch.randn(1, Hkv, 1, D, generator=torch.Generator().manual_seed(_seed("hostile")))
+    t0 = time.perf_counter()
+    qaq.quantize(st, x, torch.zeros(1, dtype=torch.int32), 8)
+    dt = time.perf_counter() - t0
+    assert dt < 0.5, f"{dt:.3f} s"
+    _, sz, oidx, oval = ref.qaq_quantize_group_ref(_group_view(x, 1), 8, 8112)
+    assert torch.equal(st.oidx[:, :, :1], oidx) and torch.equal(st.oval[:, :, :1], oval)
+    assert torch.equal(st.sz[:, :, :1].view(torch.int16), sz.view(torch.int16))
+
+
 # --------------------------------------------------------------------------
 # bit-widths
 
