@@ -21,6 +21,11 @@ Memory table: bytes actually allocated (torch.cuda.memory_allocated delta)
 for a 32k-token cache (B=1, H_kv=8, D=128, K and V) at each width mix against
 an fp16 cache, beside memory_report's true bytes.
 
+Quantize table: the decode step's qaq.quantize of one new token into a layer's
+K and V stores (B=1, D=128, bf16, the Llama-3-8B shape H_kv=8 with shared
+groups and alpha=0.02 first: E=1024, 22 outlier slots; target <= 10 us per
+layer), CUDA-graph replay and eager.
+
 CPU table: smaller shapes, fused op vs torch's CPU SDPA, wall-clock medians.
 
 Usage:  python benchmarks/bench_qaq.py [--out benchmarks/results] [--quick] [--no-gpu] [--no-cpu]
@@ -246,6 +251,41 @@ def memory_table(quick=False):
     return "\n".join(lines)
 
 
+def quantize_table(quick=False):
+    """qaq.quantize of one new token into a layer's K and V stores (a decode step)."""
+    dev, B, D, cap, dtype = "cuda", 1, 128, 4096, torch.bfloat16
+    points = [(8, True, 0.02)] if quick else [(8, True, 0.02), (8, False, 0.02), (32, True, 0.01), (32, False, 0.01)]
+    rows = []
+    for Hkv, shared, alpha in points:
+        ks = qaq.alloc(B, Hkv, cap, D, dtype, dev, alpha=alpha, shared=shared)
+        vs = qaq.alloc(B, Hkv, cap, D, dtype, dev, alpha=alpha, shared=shared)
+        kn = torch.randn(B, Hkv, 1, D, device=dev, dtype=dtype)
+        vn = torch.randn(B, Hkv, 1, D, device=dev, dtype=dtype)
+        pos = torch.full((B,), 100, dtype=torch.int32, device=dev)
+        wn = torch.full((B, ks.groups, 1), 8, dtype=torch.uint8, device=dev)
+        offs = torch.gather(ks.offsets, 2, pos.long()[:, None, None].expand(B, ks.groups, 1)).contiguous()
+
+        def kv():
+            qaq.quantize(ks, kn, pos, wn, offs)
+            qaq.quantize(vs, vn, pos, wn, offs)
+
+        t_graph = time_graph([kv] * 32) * 1e3
+        t_eager = time_eager([kv] * 8) * 1e3
+        E, n_out = ks.group_elems, ks.oidx.shape[-1]
+        rows.append((Hkv, shared, E, alpha, n_out, t_graph, t_eager))
+        print(f"quantize K+V Hkv={Hkv} {'shared' if shared else 'head'} E={E} n_out={n_out}: "
+              f"{t_graph:.2f} us per layer (graph), {t_eager:.2f} us (eager)", flush=True)
+    lines = ["One new token into a layer's K and V stores (two qaq.quantize calls), B=1, D=128, bf16, width 8.",
+             "Times in us per layer: CUDA-graph replay of 32 layers (median, per layer) and eager calls.",
+             "Target: <= 10 us per layer at H_kv=8, shared, alpha=0.02.",
+             "",
+             "| H_kv | groups | E | alpha | n_out | graph us / layer | eager us / layer |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for Hkv, shared, E, alpha, n_out, tg, te in rows:
+        lines.append(f"| {Hkv} | {'shared' if shared else 'per head'} | {E} | {alpha} | {n_out} | {tg:.2f} | {te:.2f} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------- CPU ----
 def cpu_table(quick=False):
     H, D, dtype = 8, 128, torch.float32
@@ -275,7 +315,8 @@ def cpu_table(quick=False):
 
 def _gpu_sections(quick):
     bw, rows = gpu_table(quick)
-    return [gpu_markdown(bw, rows), ""] + ["### Memory", "", memory_table(quick), ""]
+    return [gpu_markdown(bw, rows), ""] + ["### Memory", "", memory_table(quick), ""] + \
+        ["### Decode-step quantize", "", quantize_table(quick), ""]
 
 
 def main():

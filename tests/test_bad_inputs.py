@@ -286,6 +286,34 @@ def test_qaq_nonfinite_group_gives_nan_attention():
     assert out[0, 1].isnan().all() and not out[0, 0].isnan().any()
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.2])
+@pytest.mark.parametrize("shared", [False, True], ids=["head", "shared"])
+def test_qaq_nan_key_gives_nan_attention_any_alpha(alpha, shared):
+    """One NaN in a key reaches the attention whatever alpha (qaq.h): it ranks first in the
+    outlier selection, so with outlier slots it is stored as an outlier (exactly) and the
+    rest of the group stays finite; with alpha = 0 it is an inlier and the group's range
+    (and every element of the group) is NaN."""
+    st_k = qaq.alloc(1, 2, 4, 16, torch.float32, alpha=alpha, shared=shared)
+    st_v = qaq.alloc(1, 2, 4, 16, torch.float32, alpha=alpha, shared=shared)
+    x = torch.randn(1, 2, 3, 16, generator=torch.Generator().manual_seed(5))
+    x2 = x.clone()
+    x2[0, 1, 2, 7] = float("nan")
+    qaq.quantize(st_k, x2, _lens(0))
+    qaq.quantize(st_v, x, _lens(0))
+    q = torch.randn(1, 4, 16)
+    out = qaq.attention(q, st_k, st_v, _lens(3))
+    d = qaq.dequantize(st_k, _lens(3))
+    g = 0 if shared else 1
+    if alpha > 0:
+        assert int(st_k.oidx[0, g, 2, 0]) == (16 + 7 if shared else 7)
+        assert int(d[0, 1, 2].isnan().sum()) == 1 and not d[0, 0, 2].isnan().any()
+    else:
+        assert d[0, 1, 2].isnan().all() and d[0, 0, 2].isnan().all() == shared
+    assert out[0, 2:].isnan().all()  # query heads 2, 3 read KV head 1
+    assert out[0, :2].isnan().all() == (shared and alpha == 0)
+    assert not out[0, :2].isnan().any() or (shared and alpha == 0)
+
+
 # ---------------------------------------------------------------------------
 # bounded differential fuzz against the float64 references
 

@@ -42,11 +42,20 @@
  *
  * Quantization of a group x[0..E) at width w, n_out = 2 * n_side slots:
  *   outliers: the n_side smallest values (ascending; ties to the lower index)
- *             go to slots 0 .. n_side-1, the n_side largest (descending; ties
- *             to the lower index) to slots n_side .. n_out-1, never the same
- *             element twice; slot values are x itself (exact).
- *   mn, mx:   min / max over the other elements (float32)
+ *             go to slots 0 .. n_side-1, then the n_side largest of the
+ *             remaining elements (descending; ties to the lower index) to
+ *             slots n_side .. n_out-1, so never the same element twice; slot
+ *             values are x itself (exact). Ranking is a total order per pass:
+ *             NaN ranks first in both passes (below every number in the
+ *             ascending one, above every number in the descending one), NaNs
+ *             among themselves by index, -0 ties with +0 and +-inf are
+ *             ordinary numbers; ks_qaq_rank_key() below gives the key (a NaN
+ *             therefore becomes an outlier first and is stored exactly).
+ *   mn, mx:   min / max over the other elements (the inliers, float32), -0
+ *             counting below +0; if an inlier is NaN, mn = mx = NaN
  *   scale     = fp16(w > 0 ? (mx - mn) / (2^w - 1) : mx - mn), zero = fp16(mn)
+ *             (a NaN scale or zero is stored as the fp16 NaN 0x7e00; no
+ *             inlier at all gives mn = mx = 0)
  *   code[e]   = clamp(floor((x[e] - zero) / scale + 0.5), 0, 2^w - 1)
  *               (float32, IEEE division; 0 when scale == 0 or the quotient is
  *               NaN); outlier elements get code 0 (so that a kernel can take
@@ -55,7 +64,11 @@
  * rounding of zero and scale; outliers are exact. Values must lie in the
  * fp16 range (the scale and zero point are fp16): a group whose inlier range
  * overflows fp16, or holds a NaN / Inf inlier, dequantizes its inliers to
- * NaN / Inf (so the attention over it is NaN, see quest.h's NaN policy).
+ * NaN / Inf (so the attention over it is NaN, see quest.h's NaN policy); a
+ * NaN outlier dequantizes to itself. So NaN in a group gives NaN out, even
+ * with n_out = 0.
+ * Cost: the outliers are selected in O(E log n_side) (CPU) or by one thread
+ * block per group (CUDA); see the kernels.
  * E <= KS_QAQ_MAX_GROUP (oidx is int16); the bindings reject larger groups.
  * The CPU functions that allocate scratch return 0 or KS_ERR_NOMEM.
  *
@@ -98,6 +111,38 @@ static inline KS_QAQ_HD int64_t ks_qaq_code_bit(int64_t e, int w, int64_t E)
     const int64_t s = (j + 1) * n <= E ? (i >> 1) + (i & 1) * (n >> 1) : i;
     return j * 32 + s * w;
 }
+
+/* Outlier ranking key of a float32 value given by its bits u (see
+ * "Quantization" above): smaller keys rank first. high = 0: the ascending
+ * pass, high = 1: the descending one. NaN gives 0 (first in both passes), -0
+ * the key of +0; numbers get keys in [0x007fffff, 0xff800000], monotone in
+ * the value (increasing for the ascending pass, decreasing for the other).
+ * Element e of a group ranks by the 48-bit key (rank_key << 16) | e, distinct
+ * per element, which breaks ties towards the lower index. */
+static inline KS_QAQ_HD uint32_t ks_qaq_rank_key(uint32_t u, int high)
+{
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u)
+        return 0u;
+    if (a == 0u)
+        u = 0u;
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return high ? ~u : u;
+}
+
+/* Order key of a non-NaN float32 given by its bits: monotone, -0 below +0
+ * (the order of mn / mx); ks_qaq_unord() inverts it. */
+static inline KS_QAQ_HD uint32_t ks_qaq_ord(uint32_t u)
+{
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+static inline KS_QAQ_HD uint32_t ks_qaq_unord(uint32_t k)
+{
+    return (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+}
+
+/* fp16 NaN stored as the scale / zero of a group with a NaN range */
+#define KS_QAQ_H_NAN 0x7e00u
 
 /* One quantized cache (keys or values). Hg is Hkv (per-head groups) or 1
  * (shared groups); E = D * Hkv / Hg. */

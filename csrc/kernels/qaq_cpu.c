@@ -93,50 +93,138 @@ static inline float qq_h2f(uint16_t h)
     return ks_half_to_float(h);
 }
 
-static inline int qq_taken(const int16_t *idx, int64_t n, int64_t e)
+static inline uint32_t qq_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float qq_float(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Moves heap[i] down a max-heap of m keys. */
+static void qq_sift_down(uint64_t *heap, int64_t m, int64_t i)
+{
+    const uint64_t v = heap[i];
+    for (;;) {
+        int64_t c = 2 * i + 1;
+        if (c >= m)
+            break;
+        if (c + 1 < m && heap[c + 1] > heap[c])
+            c++;
+        if (heap[c] <= v)
+            break;
+        heap[i] = heap[c];
+        i = c;
+    }
+    heap[i] = v;
+}
+
+/* The k smallest rank keys (ks_qaq_rank_key(x[e], high) << 16 | e, distinct)
+ * of the elements e < E with !skip[e], ascending, into heap[0..k); UINT64_MAX
+ * fills the slots past the number of candidates. O(E log k): a max-heap of
+ * the k best so far, then a heap sort. */
+static void qq_smallest(const float *x, int64_t E, const uint8_t *skip, int high, int64_t k,
+                        uint64_t *heap)
+{
+    int64_t m = 0, e, j;
+    if (k <= 0)
+        return;
+    for (e = 0; e < E; e++) {
+        uint64_t key;
+        if (skip[e])
+            continue;
+        key = ((uint64_t)ks_qaq_rank_key(qq_bits(x[e]), high) << 16) | (uint64_t)e;
+        if (m < k) { /* push: sift up */
+            j = m++;
+            while (j > 0 && heap[(j - 1) / 2] < key) {
+                heap[j] = heap[(j - 1) / 2];
+                j = (j - 1) / 2;
+            }
+            heap[j] = key;
+        } else if (key < heap[0]) {
+            heap[0] = key;
+            qq_sift_down(heap, m, 0);
+        }
+    }
+    for (j = m - 1; j > 0; j--) { /* heap sort: ascending */
+        const uint64_t top = heap[0];
+        heap[0] = heap[j];
+        heap[j] = top;
+        qq_sift_down(heap, j, 0);
+    }
+    for (j = m; j < k; j++)
+        heap[j] = UINT64_MAX;
+}
+
+/* Picks the outliers of x[0..E) into idx[0..2*n_side) (see qaq.h; -1 past the
+ * number of elements); out[e] = 1 marks them (out: E bytes, cleared here);
+ * heap: n_side scratch keys. */
+static void qq_pick_outliers(const float *x, int64_t E, int64_t n_side, int16_t *idx, uint8_t *out,
+                             uint64_t *heap)
+{
+    int high;
+    int64_t j;
+    memset(out, 0, (size_t)E);
+    for (high = 0; high < 2; high++) {
+        qq_smallest(x, E, out, high, n_side, heap);
+        for (j = 0; j < n_side; j++) {
+            const int64_t e = heap[j] == UINT64_MAX ? -1 : (int64_t)(heap[j] & 0xffffu);
+            idx[high * n_side + j] = (int16_t)e;
+            if (e >= 0)
+                out[e] = 1;
+        }
+    }
+}
+
+/* Marks out[e] = 1 for the outlier slots idx[0..n_out) in [0, E) (out cleared here). */
+static void qq_mark_outliers(const int16_t *idx, int64_t n_out, int64_t E, uint8_t *out)
 {
     int64_t j;
-    for (j = 0; j < n; j++)
-        if (idx[j] == e)
-            return 1;
-    return 0;
+    memset(out, 0, (size_t)E);
+    for (j = 0; j < n_out; j++)
+        if (idx[j] >= 0 && idx[j] < E)
+            out[idx[j]] = 1;
 }
 
-/* Picks the outliers of x[0..E) into idx[0..2*n_side) (see qaq.h). */
-static void qq_pick_outliers(const float *x, int64_t E, int64_t n_side, int16_t *idx)
+/* Quantizes x[0..E) at width w with the elements marked in out[0..E) excluded
+ * from the range (they get code 0); writes codes (if w > 0 and codes) and sz. */
+static void qq_pack_group(const float *x, int64_t E, int w, const uint8_t *out, uint8_t *codes,
+                          uint16_t *sz)
 {
-    int64_t j, e;
-    for (j = 0; j < 2 * n_side; j++) {
-        const int low = j < n_side;
-        int64_t best = -1;
-        for (e = 0; e < E; e++) {
-            if (qq_taken(idx, j, e))
-                continue;
-            if (best < 0 || (low ? x[e] < x[best] : x[e] > x[best]))
-                best = e;
-        }
-        idx[j] = (int16_t)best;
-    }
-}
-
-/* Quantizes x[0..E) at width w with the outlier elements idx[0..n_out) (-1 =
- * unused) excluded from the range; writes codes (if w > 0 and ok) and sz. */
-static void qq_pack_group(const float *x, int64_t E, int w, const int16_t *idx, int64_t n_out,
-                          uint8_t *codes, uint16_t *sz)
-{
-    float mn = INFINITY, mx = -INFINITY, sf, zf, s;
+    uint32_t kmn = UINT32_MAX, kmx = 0;
+    float mn, mx, sf, zf, s;
+    int nan = 0;
     int64_t e;
     for (e = 0; e < E; e++) {
-        if (qq_taken(idx, n_out, e))
+        uint32_t u, k;
+        if (out[e])
             continue;
-        mn = x[e] < mn ? x[e] : mn;
-        mx = x[e] > mx ? x[e] : mx;
+        u = qq_bits(x[e]);
+        if ((u & 0x7fffffffu) > 0x7f800000u) {
+            nan = 1;
+            continue;
+        }
+        k = ks_qaq_ord(u);
+        kmn = k < kmn ? k : kmn;
+        kmx = k > kmx ? k : kmx;
     }
-    if (mn > mx) /* no inlier (cannot happen with n_out < E) */
+    if (nan)
+        mn = mx = NAN;
+    else if (kmn > kmx) /* no inlier (cannot happen with n_out < E) */
         mn = mx = 0.f;
+    else {
+        mn = qq_float(ks_qaq_unord(kmn));
+        mx = qq_float(ks_qaq_unord(kmx));
+    }
     s = w > 0 ? (mx - mn) / (float)((1 << w) - 1) : mx - mn;
-    sz[0] = ks_float_to_half(s);
-    sz[1] = ks_float_to_half(mn);
+    sz[0] = s != s ? (uint16_t)KS_QAQ_H_NAN : ks_float_to_half(s);
+    sz[1] = mn != mn ? (uint16_t)KS_QAQ_H_NAN : ks_float_to_half(mn);
     if (w == 0 || !codes)
         return;
     sf = qq_h2f(sz[0]);
@@ -146,7 +234,7 @@ static void qq_pack_group(const float *x, int64_t E, int w, const int16_t *idx, 
         const float maxc = (float)((1 << w) - 1);
         for (e = 0; e < E; e++) {
             const int64_t bit = ks_qaq_code_bit(e, w, E);
-            float r = sf > 0.f && !qq_taken(idx, n_out, e) ? floorf((x[e] - zf) / sf + 0.5f) : 0.f;
+            float r = sf > 0.f && !out[e] ? floorf((x[e] - zf) / sf + 0.5f) : 0.f;
             unsigned c;
             r = r >= 0.f ? r : 0.f; /* also NaN -> 0 */
             r = r > maxc ? maxc : r;
@@ -192,12 +280,16 @@ int ks_qaq_quantize_cpu(const void *x, ks_dtype dt, int64_t B, int64_t Hkv, int6
                          const int32_t *new_off, int32_t *offsets, ks_qaq_store st)
 {
     const int64_t Hg = st.Hg, hpg = Hkv / Hg, E = hpg * D, n_out = st.n_out;
+    const size_t esz = ks_dtype_size(dt);
     int64_t it;
     int oom = 0;
 #pragma omp parallel if (B * Hkv * n * D * 8 >= QQ_PAR_MIN)
     {
+        /* per thread: the group as float32 (E), its outlier heap (n_side), its outlier mask (E) */
         float *buf = (float *)malloc((size_t)E * sizeof(float));
-        if (!buf) {
+        uint64_t *heap = (uint64_t *)malloc((size_t)(n_out / 2 + 1) * sizeof(uint64_t));
+        uint8_t *out = (uint8_t *)malloc((size_t)(E > 0 ? E : 1));
+        if (!buf || !heap || !out) {
 #pragma omp atomic write
             oom = 1;
         }
@@ -207,7 +299,7 @@ int ks_qaq_quantize_cpu(const void *x, ks_dtype dt, int64_t B, int64_t Hkv, int6
             const int64_t t = (int64_t)pos[b] + i;
             int64_t gi, h, j;
             int w;
-            if (t < 0 || t >= cap || !buf)
+            if (t < 0 || t >= cap || !buf || !heap || !out)
                 continue;
             gi = (b * Hg + g) * cap + t;
             st.widths[gi] = new_w[it];
@@ -215,16 +307,22 @@ int ks_qaq_quantize_cpu(const void *x, ks_dtype dt, int64_t B, int64_t Hkv, int6
             for (h = 0; h < hpg; h++)
                 ks_load_row(ks_cptr(x, dt, ((b * Hkv + g * hpg + h) * n + i) * D), dt, D,
                             buf + h * D);
-            qq_pick_outliers(buf, E, n_out / 2, st.oidx + gi * n_out);
-            for (j = 0; j < n_out; j++) {
-                const int16_t e = st.oidx[gi * n_out + j];
-                ks_store_row(buf + e, dt, 1, ks_ptr(st.oval, dt, gi * n_out + j));
+            qq_pick_outliers(buf, E, n_out / 2, st.oidx + gi * n_out, out, heap);
+            for (j = 0; j < n_out; j++) { /* the element's own bits (exact, NaN payloads too) */
+                const int64_t e = st.oidx[gi * n_out + j];
+                void *dst = ks_ptr(st.oval, dt, gi * n_out + j);
+                if (e >= 0)
+                    memcpy(dst, ks_cptr(x, dt, ((b * Hkv + g * hpg + e / D) * n + i) * D + e % D), esz);
+                else
+                    memset(dst, 0, esz);
             }
             w = qq_eff_w(new_w[it], new_off[it], E, st.A);
-            qq_pack_group(buf, E, w, st.oidx + gi * n_out, n_out,
-                          w ? st.arena + b * st.A + new_off[it] : NULL, st.sz + 2 * gi);
+            qq_pack_group(buf, E, w, out, w ? st.arena + b * st.A + new_off[it] : NULL,
+                          st.sz + 2 * gi);
         }
         free(buf);
+        free(heap);
+        free(out);
     }
     return oom ? KS_ERR_NOMEM : 0;
 }
@@ -278,7 +376,8 @@ int ks_qaq_requantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, 
 #pragma omp parallel if (B * Hkv * cap * D >= QQ_PAR_MIN)
     {
         float *buf = (float *)malloc((size_t)E * sizeof(float));
-        if (!buf) {
+        uint8_t *out = (uint8_t *)malloc((size_t)(E > 0 ? E : 1));
+        if (!buf || !out) {
 #pragma omp atomic write
             oom = 1;
         }
@@ -288,7 +387,7 @@ int ks_qaq_requantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, 
             const int nw = new_w[gi], ow = st.widths[gi];
             int w_old, w_new;
             uint8_t *codes;
-            if (t >= qq_clamp_len(seq_lens[b], cap) || !buf)
+            if (t >= qq_clamp_len(seq_lens[b], cap) || !buf || !out)
                 continue;
             if (!(nw == 0 || qq_valid_w(nw)) || !(nw < ow) || !(ow == 0 || qq_valid_w(ow)))
                 continue;
@@ -297,11 +396,12 @@ int ks_qaq_requantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, 
             codes = st.arena + b * st.A + st.offsets[gi];
             qq_unpack(w_old ? codes : NULL, w_old, st.sz + 2 * gi, st.oidx + gi * n_out,
                       ks_cptr(st.oval, dt, gi * n_out), dt, n_out, E, 0, E, buf);
-            qq_pack_group(buf, E, w_new, st.oidx + gi * n_out, n_out, w_new ? codes : NULL,
-                          st.sz + 2 * gi);
+            qq_mark_outliers(st.oidx + gi * n_out, n_out, E, out);
+            qq_pack_group(buf, E, w_new, out, w_new ? codes : NULL, st.sz + 2 * gi);
             st.widths[gi] = (uint8_t)nw;
         }
         free(buf);
+        free(out);
     }
     return oom ? KS_ERR_NOMEM : 0;
 }

@@ -5,12 +5,13 @@
 // (the attention workspace is sized from shapes only).
 //
 //   bits         one thread per (sequence, group, token); float64 formulas
-//   quantize     one thread per (sequence, group, new token): outlier picks,
-//                range, codes packed a 32-bit word at a time (interleaved order)
+//   quantize     one thread block per (sequence, group, new token): outlier
+//                picks by warp-parallel sorting networks, a block reduction for
+//                the range, codes packed a whole 32-bit word per thread
+//                (interleaved order); see the quantize section
 //   dequantize   one thread per output element
-//   requantize   one thread per group; reads every old code of a word before
-//                the new word overwrites it (the new width is lower, so a new
-//                word never covers an old code still to read)
+//   requantize   one thread block per group; the old codes are staged in
+//                shared memory before the new words overwrite them
 //   attention    one split-K kernel over (splits, KV heads, sequences) on
 //                tensor cores: all G <= 8 query heads of a KV head per block,
 //                16 tokens per warp step, dot products in code space, online
@@ -70,22 +71,27 @@ __device__ __forceinline__ unsigned code_of(float x, float sf, float zf, int w) 
   return (unsigned)r;
 }
 
-// Packs the codes of a group word by word, in increasing order (see "Codes" in
-// qaq.h): value(e) gives element e's float value. Word j is written only after
-// all its elements were read, so a requantization can read the old, wider codes
-// of the same bytes: the old bytes of words <= j hold elements read already.
+// Packs the codes of a group with the block's threads, one whole 32-bit word
+// per thread at a time (see "Codes" in qaq.h: interleaved order in whole words,
+// plain order in a final partial word); code(e) gives element e's code. A word
+// whose 4 bytes are 4-byte aligned is one store, any other (a partial final
+// word, an unaligned group) byte stores of the group's own bytes only.
 template <typename F>
-__device__ __forceinline__ void pack_codes(uint8_t *codes, int64_t E, int w, float sf, float zf,
-                                           F value) {
-  const int64_t n = 32 / w, nbytes = E * w / 8;
-  for (int64_t j = 0; j * n < E; ++j) {
+__device__ __forceinline__ void pack_words(uint8_t *codes, int E, int w, F code) {
+  const int n = 32 / w, nbytes = E * w / 8, nwords = (E + n - 1) / n;
+  const bool aligned = (reinterpret_cast<uintptr_t>(codes) & 3) == 0;
+  for (int j = threadIdx.x; j < nwords; j += blockDim.x) {
     const bool whole = (j + 1) * n <= E;
     uint32_t word = 0;
-    for (int64_t i = 0; i < n && j * n + i < E; ++i) {
-      const int64_t s = whole ? (i >> 1) + (i & 1) * (n >> 1) : i;
-      word |= code_of(value(j * n + i), sf, zf, w) << (s * w);
+    for (int i = 0; i < n && j * n + i < E; ++i) {
+      const int s = whole ? (i >> 1) + (i & 1) * (n >> 1) : i;
+      word |= code(j * n + i) << (s * w);
     }
-    for (int k = 0; k < 4 && 4 * j + k < nbytes; ++k) codes[4 * j + k] = (uint8_t)(word >> (8 * k));
+    if (whole && aligned) {
+      *reinterpret_cast<uint32_t *>(codes + 4 * j) = word;
+    } else {
+      for (int q = 0; q < 4 && 4 * j + q < nbytes; ++q) codes[4 * j + q] = (uint8_t)(word >> (8 * q));
+    }
   }
 }
 
@@ -121,66 +127,308 @@ __global__ void k_bits(const float *rng, const float *q_sq, const float *s_max, 
 }
 
 // -------------------------------------------------------------- quantize ----
+//
+// quantize and requantize give each group one thread block of qq_threads(E)
+// threads (64 .. QQ_NT, a multiple of 64: an even number of warps); a grid of
+// at most QQ_GRID blocks strides over the groups. Shared memory: a bit mask of
+// the group's outliers (E bits, dynamic), per-warp key lists (static) and, for
+// requantize, the group's old code bytes (dynamic, E bytes at most), all sized
+// from shapes (< 48 KiB for E <= 32768: no opt-in, graph-capturable).
+//
+// Outlier selection (qaq.h "Quantization") ranks element e by the key
+// rank << 16 | e, distinct per element: rank = ks_qaq_rank_key of the float32
+// value (64-bit keys, float32 caches) or, for fp16 / bf16 caches, a 16-bit
+// rank of the value's own bits in the same order (32-bit keys: NaN 0, -0 as
+// +0, numbers monotone), so both kernels pick exactly the CPU's elements.
+// The n_side smallest keys of a pass are found as follows: each warp keeps
+// the 32 smallest keys of its share of the elements as a list sorted across
+// its lanes (lane i holds the i-th). It first takes each lane's smallest key
+// and sorts those 32 (bitonic, over shuffles); the kk-th of them bounds the
+// warp's kk-th smallest key from above (kk lanes hold a key at most that
+// large), so only keys up to that bound are candidates: they are gathered 32
+// at a time in shared memory (ballot), sorted and merged into the list
+// (bitonic merge of the list with the reversed batch). The first warp of the
+// pass then merges the other warps' lists the same way. With n_side <= 16 the
+// two passes run at once, the first half of the warps on the ascending one,
+// the second half on the descending one over all elements, keeping its 2 n_side
+// first keys (at most n_side of them are low outliers, dropped afterwards: the
+// first n_side others are the high outliers); with 16 < n_side <= 32 every warp
+// runs the ascending pass, then the descending one over the non-outliers.
+// mn / mx: per-thread minimum / maximum of ks_qaq_ord keys and a NaN flag,
+// reduced over the block (order-independent: bit-identical to the CPU).
 
 #define QQ_MAX_OUT 64
+#define QQ_NT 256               // most threads per block (quantize / requantize)
+#define QQ_WMAX (QQ_NT / 32)
+#define QQ_GRID (1 << 16)       // most blocks per launch (they stride over the groups)
+#define QQ_FULL 0xffffffffu
+
+// key type, raw element bits and value of a cache dtype (see above)
+template <typename T> struct QqKey;
+template <> struct QqKey<float> {
+  using K = unsigned long long;
+  using R = uint32_t;
+  static constexpr K NONE = ~0ull;
+  static __device__ __forceinline__ R ld(const R *p) { return __ldg(p); }
+  static __device__ __forceinline__ float val(R r) { return __uint_as_float(r); }
+  static __device__ __forceinline__ K key(R r, int e, bool high) {
+    return ((K)ks_qaq_rank_key(r, high ? 1 : 0) << 16) | (K)e;
+  }
+};
+// 16-bit floats: INF is the bits of +inf (NaN above it)
+template <uint32_t INF> struct QqKey16 {
+  using K = uint32_t;
+  using R = uint16_t;
+  static constexpr K NONE = ~0u;
+  static __device__ __forceinline__ R ld(const R *p) { return __ldg(p); }
+  static __device__ __forceinline__ K key(R r, int e, bool high) {
+    const uint32_t a = r & 0x7fffu;
+    if (a > INF) return (K)e;  // NaN: rank 0
+    const uint32_t v = a == 0 ? 0u : (uint32_t)r;  // -0 ties with +0
+    uint32_t o = (v & 0x8000u) ? (~v & 0xffffu) : (v | 0x8000u);
+    if (high) o = ~o & 0xffffu;
+    return (o << 16) | (K)e;
+  }
+};
+template <> struct QqKey<__half> : QqKey16<0x7c00u> {
+  static __device__ __forceinline__ float val(R r) { return h2f(r); }
+};
+template <> struct QqKey<__nv_bfloat16> : QqKey16<0x7f80u> {
+  static __device__ __forceinline__ float val(R r) { return __uint_as_float((uint32_t)r << 16); }
+};
+
+template <typename K> __device__ __forceinline__ K kmin(K a, K b) { return a < b ? a : b; }
+template <typename K> __device__ __forceinline__ K kmax(K a, K b) { return a < b ? b : a; }
+
+// bitonic sort of one key per lane: lane i gets the i-th smallest
+template <typename K> __device__ __forceinline__ K warp_sort(K v, int lane) {
+#pragma unroll
+  for (int k = 2; k <= 32; k <<= 1)
+#pragma unroll
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      const K o = __shfl_xor_sync(QQ_FULL, v, j);
+      v = (((lane & j) == 0) == ((lane & k) == 0)) ? kmin(v, o) : kmax(v, o);
+    }
+  return v;
+}
+
+// the 32 smallest of two sorted lists, sorted: a[lane] and b[31 - lane]
+// (min(a[i], b[31 - i]) holds them as a bitonic sequence, then a bitonic merge)
+template <typename K> __device__ __forceinline__ K warp_merge(K a, K b_rev, int lane) {
+  K v = kmin(a, b_rev);
+#pragma unroll
+  for (int j = 16; j > 0; j >>= 1) {
+    const K o = __shfl_xor_sync(QQ_FULL, v, j);
+    v = (lane & j) ? kmax(v, o) : kmin(v, o);
+  }
+  return v;
+}
+
+// merges up to 32 keys buf[0 .. nb) into the sorted list (whole warp)
+template <typename K> __device__ __forceinline__ K warp_merge_buf(K list, const K *buf, int nb, K none,
+                                                                int lane) {
+  const K s = warp_sort(lane < nb ? buf[lane] : none, lane);
+  return warp_merge(list, __shfl_sync(QQ_FULL, s, 31 - lane), lane);
+}
+
+// One warp: the sorted list of the 32 smallest keys (NONE past the number of
+// elements) of elements e = e0 + lane, e0 = first, first + step, ... < E,
+// exact in its first kk (1 <= kk <= 32) entries; key(e) gives a key or NONE
+// (excluded); buf: 32 keys of the warp's shared memory. Whole warp; step and
+// first multiples of 32.
+template <typename Q, typename KeyF>
+__device__ __forceinline__ typename Q::K warp_top(int E, int first, int step, int kk, KeyF key,
+                                                  typename Q::K *buf) {
+  using K = typename Q::K;
+  const int lane = threadIdx.x & 31;
+  K lm = Q::NONE;
+  for (int e0 = first; e0 < E; e0 += step)
+    if (e0 + lane < E) lm = kmin(lm, key(e0 + lane));
+  const K bound = __shfl_sync(QQ_FULL, warp_sort(lm, lane), kk - 1);
+  K list = Q::NONE;
+  int nb = 0;
+  for (int e0 = first; e0 < E; e0 += step) {
+    const K c = e0 + lane < E ? key(e0 + lane) : Q::NONE;
+    const bool want = c != Q::NONE && c <= bound;
+    const unsigned bal = __ballot_sync(QQ_FULL, want);
+    const int cnt = __popc(bal);
+    if (nb + cnt > 32) {
+      __syncwarp();
+      list = warp_merge_buf(list, buf, nb, Q::NONE, lane);
+      nb = 0;
+      __syncwarp();
+    }
+    if (want) buf[nb + __popc(bal & ((1u << lane) - 1u))] = c;
+    nb += cnt;
+  }
+  __syncwarp();
+  if (nb > 0) list = warp_merge_buf(list, buf, nb, Q::NONE, lane);
+  __syncwarp();
+  return list;
+}
+
+// block-wide minimum / maximum of the ord keys and or of the NaN flags (all
+// threads get them); red: 3 x QQ_WMAX words of shared memory. Contains
+// __syncthreads: call uniformly.
+__device__ __forceinline__ void block_range(uint32_t &mn, uint32_t &mx, uint32_t &nan,
+                                            uint32_t (*red)[QQ_WMAX]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  mn = __reduce_min_sync(QQ_FULL, mn);
+  mx = __reduce_max_sync(QQ_FULL, mx);
+  nan = __reduce_or_sync(QQ_FULL, nan);
+  if (lane == 0) {
+    red[0][warp] = mn;
+    red[1][warp] = mx;
+    red[2][warp] = nan;
+  }
+  __syncthreads();
+  for (int v = 0; v < nw; ++v) {
+    mn = min(mn, red[0][v]);
+    mx = max(mx, red[1][v]);
+    nan |= red[2][v];
+  }
+}
+
+// (scale, zero) fp16 bits from the reduced range (qaq.h)
+__device__ __forceinline__ void range_sz(uint32_t kmn, uint32_t kmx, uint32_t nan, int w,
+                                         uint16_t &s16, uint16_t &z16) {
+  float mn, mx;
+  if (nan) {
+    mn = mx = CUDART_NAN_F;
+  } else if (kmn > kmx) {  // no inlier
+    mn = mx = 0.f;
+  } else {
+    mn = __uint_as_float(ks_qaq_unord(kmn));
+    mx = __uint_as_float(ks_qaq_unord(kmx));
+  }
+  const float s = w > 0 ? __fdiv_rn(__fsub_rn(mx, mn), (float)((1 << w) - 1)) : __fsub_rn(mx, mn);
+  s16 = s != s ? (uint16_t)KS_QAQ_H_NAN : f2h(s);
+  z16 = mn != mn ? (uint16_t)KS_QAQ_H_NAN : f2h(mn);
+}
+
+// range keys of one value into a thread's running (mn, mx, nan)
+__device__ __forceinline__ void range_add(float v, uint32_t &mn, uint32_t &mx, uint32_t &nan) {
+  const uint32_t u = __float_as_uint(v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    nan = 1u;
+  } else {
+    const uint32_t o = ks_qaq_ord(u);
+    mn = min(mn, o);
+    mx = max(mx, o);
+  }
+}
+
+__device__ __forceinline__ bool mask_bit(const uint32_t *mask, int e) {
+  return (mask[e >> 5] >> (e & 31)) & 1u;
+}
+__device__ __forceinline__ void mask_set(uint32_t *mask, int e) {
+  atomicOr(mask + (e >> 5), 1u << (e & 31));
+}
 
 template <typename T>
-__global__ void k_quantize(const T *x, int64_t B, int64_t Hkv, int64_t n, int64_t D, int64_t cap,
-                           const int32_t *pos, const uint8_t *new_w, const int32_t *new_off,
-                           int32_t *offsets, ks_qaq_store st) {
-  const int64_t Hg = st.Hg, hpg = Hkv / Hg, E = hpg * D, n_out = st.n_out, n_side = n_out / 2;
-  const int64_t it = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (it >= B * Hg * n) return;
-  const int64_t b = it / (Hg * n), g = (it / n) % Hg, i = it % n;
-  const int64_t t = (int64_t)pos[b] + i;
-  if (t < 0 || t >= cap) return;
-  const int64_t gi = (b * Hg + g) * cap + t;
-  const int32_t off = new_off[it];
-  st.widths[gi] = new_w[it];
-  offsets[gi] = off;
-  // element e of the group: head g*hpg + e/D, channel e%D
-  const T *xb = x + ((b * Hkv + g * hpg) * n + i) * D;
-  const int64_t hstride = n * D;
-#define QQ_X(e) to_f<T>(xb[((e) / D) * hstride + (e) % D])
-  int16_t idx[QQ_MAX_OUT];
-  for (int64_t j = 0; j < n_out; ++j) {
-    const bool low = j < n_side;
-    int64_t best = -1;
-    float bv = 0.f;
-    for (int64_t e = 0; e < E; ++e) {
-      bool taken = false;
-      for (int64_t k = 0; k < j; ++k) taken |= (idx[k] == e);
-      if (taken) continue;
-      const float v = QQ_X(e);
-      if (best < 0 || (low ? v < bv : v > bv)) { best = e; bv = v; }
+__global__ void __launch_bounds__(QQ_NT)
+    k_quantize(const T *x, int64_t B, int64_t Hkv, int64_t n, int64_t D, int64_t cap,
+               const int32_t *pos, const uint8_t *new_w, const int32_t *new_off, int32_t *offsets,
+               ks_qaq_store st) {
+  using Q = QqKey<T>;
+  using K = typename Q::K;
+  using R = typename Q::R;
+  __shared__ K s_top[QQ_WMAX][32];  // per warp: its list
+  __shared__ K s_buf[QQ_WMAX][32];  // per warp: its candidate batch
+  __shared__ uint32_t s_red[3][QQ_WMAX];
+  extern __shared__ uint32_t s_mask[];  // (E + 31) / 32 words: outlier bits
+  const int64_t Hg = st.Hg, hpg = Hkv / Hg, n_out = st.n_out, items = B * Hg * n;
+  const int E = (int)(hpg * D), Di = (int)D, k = (int)(n_out / 2);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nt = blockDim.x, nw = nt >> 5;
+  const bool split = k <= 16;
+  const int nl = split ? nw / 2 : nw;  // warps of the ascending pass (the first ones)
+  for (int64_t it = blockIdx.x; it < items; it += gridDim.x) {
+    const int64_t b = it / (Hg * n), g = (it / n) % Hg, i = it % n;
+    const int64_t t = (int64_t)pos[b] + i;
+    if (t < 0 || t >= cap) continue;  // the whole block
+    const int64_t gi = (b * Hg + g) * cap + t;
+    const int32_t off = new_off[it];
+    const int w = eff_w(new_w[it], off, E, st.A);
+    if (tid == 0) {
+      st.widths[gi] = new_w[it];
+      offsets[gi] = off;
     }
-    idx[j] = (int16_t)best;
-    st.oidx[gi * n_out + j] = (int16_t)best;
-    reinterpret_cast<T *>(st.oval)[gi * n_out + j] = xb[(best / D) * hstride + best % D];
+    // element e of the group: head g*hpg + e/D, channel e%D
+    const R *xr = reinterpret_cast<const R *>(x) + ((b * Hkv + g * hpg) * n + i) * D;
+    const int64_t hs = n * D;
+    auto raw = [&](int e) { return Q::ld(xr + (int64_t)(e / Di) * hs + e % Di); };
+    int16_t *oi = st.oidx + gi * n_out;
+    R *ov = reinterpret_cast<R *>(st.oval) + gi * n_out;
+    for (int j = tid; j < (E + 31) / 32; j += nt) s_mask[j] = 0u;
+    // lane j < k of a warp holding a final sorted list writes slot s0 + j
+    auto put = [&](K key, int s0, int j) {
+      const int e = key == Q::NONE ? -1 : (int)(key & 0xffffu);
+      oi[s0 + j] = (int16_t)e;
+      ov[s0 + j] = e >= 0 ? raw(e) : (R)0;
+      if (e >= 0) mask_set(s_mask, e);
+    };
+    if (k > 0) {
+      // pass 1: warps < nl the ascending lists; split: the others the descending
+      // lists over all elements (2k first keys exact)
+      const bool hw = warp >= nl;
+      const int gw = hw ? warp - nl : warp, ng = hw ? nw - nl : nl;
+      const K lst = warp_top<Q>(E, gw * 32, ng * 32, hw ? 2 * k : k,
+                                [&](int e) { return Q::key(raw(e), e, hw); }, s_buf[warp]);
+      s_top[warp][lane] = lst;
+      __syncthreads();  // lists written; the mask cleared
+      K hl = Q::NONE;
+      if (warp == 0 || warp == nl) {  // warp nl < nw only when split
+        K l = lst;
+        for (int v = warp + 1; v < (warp == 0 ? nl : nw); ++v) l = warp_merge(l, s_top[v][31 - lane], lane);
+        if (warp == 0) {
+          if (lane < k) put(l, 0, lane);
+        } else {
+          hl = l;
+        }
+      }
+      __syncthreads();  // low outliers in the mask; s_top free
+      if (split) {
+        if (warp == nl) {  // drop the low outliers from the descending list, keep k
+          const int e = hl == Q::NONE ? -1 : (int)(hl & 0xffffu);
+          const bool keep = e >= 0 && !mask_bit(s_mask, e);
+          const unsigned bal = __ballot_sync(QQ_FULL, keep);
+          const int p = __popc(bal & ((1u << lane) - 1u)), kept = __popc(bal);
+          if (keep && p < k) put(hl, k, p);
+          if (lane >= kept && lane < k) put(Q::NONE, k, lane);  // fewer elements than slots
+        }
+      } else {
+        const K l2 = warp_top<Q>(
+            E, warp * 32, nw * 32, k,
+            [&](int e) { return mask_bit(s_mask, e) ? Q::NONE : Q::key(raw(e), e, true); },
+            s_buf[warp]);
+        s_top[warp][lane] = l2;
+        __syncthreads();
+        if (warp == 0) {
+          K l = l2;
+          for (int v = 1; v < nw; ++v) l = warp_merge(l, s_top[v][31 - lane], lane);
+          if (lane < k) put(l, k, lane);
+        }
+      }
+    }
+    __syncthreads();  // the mask complete
+    uint32_t kmn = ~0u, kmx = 0u, nan = 0u;
+    for (int e = tid; e < E; e += nt)
+      if (!mask_bit(s_mask, e)) range_add(Q::val(raw(e)), kmn, kmx, nan);
+    block_range(kmn, kmx, nan, s_red);
+    uint16_t s16, z16;
+    range_sz(kmn, kmx, nan, w, s16, z16);
+    if (tid == 0) {
+      st.sz[2 * gi] = s16;
+      st.sz[2 * gi + 1] = z16;
+    }
+    if (w > 0) {
+      const float sf = h2f(s16), zf = h2f(z16);
+      pack_words(st.arena + b * st.A + off, E, w, [&](int e) {
+        return mask_bit(s_mask, e) ? 0u : code_of(Q::val(raw(e)), sf, zf, w);  // outliers: code 0
+      });
+    }
+    __syncthreads();  // before the next group reuses the shared memory
   }
-  float mn = CUDART_INF_F, mx = -CUDART_INF_F;
-  for (int64_t e = 0; e < E; ++e) {
-    bool taken = false;
-    for (int64_t k = 0; k < n_out; ++k) taken |= (idx[k] == e);
-    if (taken) continue;
-    const float v = QQ_X(e);
-    mn = v < mn ? v : mn;
-    mx = v > mx ? v : mx;
-  }
-  if (mn > mx) mn = mx = 0.f;
-  const int w = eff_w(new_w[it], off, E, st.A);
-  const float s = w > 0 ? __fdiv_rn(__fsub_rn(mx, mn), (float)((1 << w) - 1)) : __fsub_rn(mx, mn);
-  const uint16_t s16 = f2h(s), z16 = f2h(mn);
-  st.sz[2 * gi] = s16;
-  st.sz[2 * gi + 1] = z16;
-  if (w == 0) return;
-  const float zf_code = h2f(z16);  // the zero point: quantizes to code 0
-  pack_codes(st.arena + b * st.A + off, E, w, h2f(s16), h2f(z16), [&](int64_t e) {
-    for (int64_t k = 0; k < n_out; ++k)
-      if (idx[k] == e) return zf_code;  // outlier elements get code 0
-    return QQ_X(e);
-  });
-#undef QQ_X
 }
 
 // ------------------------------------------------------------ dequantize ----
@@ -205,44 +453,55 @@ __global__ void k_dequantize(ks_qaq_store st, int64_t B, int64_t Hkv, int64_t ca
 
 // ------------------------------------------------------------ requantize ----
 
+// One block per group (see quantize): the old code bytes are staged in shared
+// memory first, so the new, narrower codes can overwrite them in place.
 template <typename T>
-__global__ void k_requantize(ks_qaq_store st, int64_t B, int64_t Hkv, int64_t cap, int64_t D,
-                             const int32_t *seq_lens, const uint8_t *new_w) {
-  const int64_t gi = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (gi >= B * st.Hg * cap) return;
-  const int64_t b = gi / (st.Hg * cap), t = gi % cap;
-  const int64_t E = (Hkv / st.Hg) * D, n_out = st.n_out;
-  if (t >= clamp_len(seq_lens[b], cap)) return;
-  const int nw = new_w[gi], ow = st.widths[gi];
-  if (!(nw == 0 || valid_w(nw)) || !(nw < ow) || !(ow == 0 || valid_w(ow))) return;
-  const int32_t off = st.offsets[gi];
-  const int w_old = eff_w(ow, off, E, st.A), w_new = eff_w(nw, off, E, st.A);
-  uint8_t *codes = st.arena + b * st.A + off;
-  const float s_old = h2f(st.sz[2 * gi]), z_old = h2f(st.sz[2 * gi + 1]);
-  const int16_t *oi = st.oidx + gi * n_out;
-  const T *ov = reinterpret_cast<const T *>(st.oval) + gi * n_out;
-  float mn = CUDART_INF_F, mx = -CUDART_INF_F;
-  for (int64_t e = 0; e < E; ++e) {
-    bool taken = false;
-    for (int64_t j = 0; j < n_out; ++j) taken |= (oi[j] == e);
-    if (taken) continue;
-    const float v = deq(codes, w_old, s_old, z_old, e, E);
-    mn = v < mn ? v : mn;
-    mx = v > mx ? v : mx;
+__global__ void __launch_bounds__(QQ_NT)
+    k_requantize(ks_qaq_store st, int64_t B, int64_t Hkv, int64_t cap, int64_t D,
+                 const int32_t *seq_lens, const uint8_t *new_w) {
+  __shared__ uint32_t s_red[3][QQ_WMAX];
+  extern __shared__ uint32_t s_dyn[];  // (E + 31) / 32 mask words, then E code bytes (at most)
+  const int64_t n_out = st.n_out, items = B * st.Hg * cap;
+  const int E = (int)((Hkv / st.Hg) * D), tid = threadIdx.x, nt = blockDim.x;
+  uint32_t *s_mask = s_dyn;
+  uint8_t *s_codes = reinterpret_cast<uint8_t *>(s_dyn + (E + 31) / 32);
+  for (int64_t gi = blockIdx.x; gi < items; gi += gridDim.x) {
+    const int64_t b = gi / (st.Hg * cap), t = gi % cap;
+    if (t >= clamp_len(seq_lens[b], cap)) continue;  // the whole block
+    const int nw = new_w[gi], ow = st.widths[gi];
+    if (!(nw == 0 || valid_w(nw)) || !(nw < ow) || !(ow == 0 || valid_w(ow))) continue;
+    const int32_t off = st.offsets[gi];
+    const int w_old = eff_w(ow, off, E, st.A), w_new = eff_w(nw, off, E, st.A);
+    uint8_t *codes = st.arena + b * st.A + off;
+    const float s_old = h2f(st.sz[2 * gi]), z_old = h2f(st.sz[2 * gi + 1]);
+    const int16_t *oi = st.oidx + gi * n_out;
+    for (int j = tid; j < (E + 31) / 32; j += nt) s_mask[j] = 0u;
+    for (int q = tid; q < E * w_old / 8; q += nt) s_codes[q] = codes[q];
+    __syncthreads();
+    for (int j = tid; j < n_out; j += nt) {
+      const int e = oi[j];
+      if (e >= 0 && e < E) mask_set(s_mask, e);
+    }
+    __syncthreads();
+    uint32_t kmn = ~0u, kmx = 0u, nan = 0u;
+    for (int e = tid; e < E; e += nt)
+      if (!mask_bit(s_mask, e)) range_add(deq(s_codes, w_old, s_old, z_old, e, E), kmn, kmx, nan);
+    block_range(kmn, kmx, nan, s_red);
+    uint16_t s16, z16;
+    range_sz(kmn, kmx, nan, w_new, s16, z16);
+    if (w_new > 0) {
+      const float sf = h2f(s16), zf = h2f(z16);
+      pack_words(codes, E, w_new, [&](int e) {
+        return mask_bit(s_mask, e) ? 0u : code_of(deq(s_codes, w_old, s_old, z_old, e, E), sf, zf, w_new);
+      });
+    }
+    if (tid == 0) {
+      st.sz[2 * gi] = s16;
+      st.sz[2 * gi + 1] = z16;
+      st.widths[gi] = (uint8_t)nw;
+    }
+    __syncthreads();  // before the next group reuses the shared memory
   }
-  if (mn > mx) mn = mx = 0.f;
-  const float s = w_new > 0 ? __fdiv_rn(__fsub_rn(mx, mn), (float)((1 << w_new) - 1))
-                            : __fsub_rn(mx, mn);
-  const uint16_t s16 = f2h(s), z16 = f2h(mn);
-  if (w_new > 0)
-    pack_codes(codes, E, w_new, h2f(s16), h2f(z16), [&](int64_t e) {
-      for (int64_t j = 0; j < n_out; ++j)
-        if (oi[j] == e) return h2f(z16);  // outlier elements get code 0
-      return deq(codes, w_old, s_old, z_old, e, E);
-    });
-  st.sz[2 * gi] = s16;
-  st.sz[2 * gi + 1] = z16;
-  st.widths[gi] = (uint8_t)nw;
 }
 
 // ------------------------------------------------------------- attention ----
@@ -1072,6 +1331,14 @@ __global__ void qa_pmax_kernel(const float *__restrict__ slog, const float *__re
 
 inline unsigned nblocks(int64_t n, int per) { return (unsigned)((n + per - 1) / per); }
 
+// quantize / requantize: threads per block for groups of E elements (about 4
+// elements per thread; a multiple of 64 in [64, QQ_NT]) and blocks per launch
+inline int qq_threads(int64_t E) {
+  const int64_t t = (E / 4 + 63) / 64 * 64;
+  return (int)(t < 64 ? 64 : (t > QQ_NT ? QQ_NT : t));
+}
+inline unsigned qq_grid(int64_t items) { return (unsigned)(items < QQ_GRID ? items : QQ_GRID); }
+
 inline size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
 
 // multiprocessors of the current device (shape-only sizing: never changes in a process)
@@ -1230,18 +1497,21 @@ int ks_qaq_quantize_cuda(const void *x, ks_dtype dt, int64_t B, int64_t Hkv, int
                          void *stream) {
   const int64_t items = B * st.Hg * n;
   if (items == 0) return 0;
-  if (st.n_out > QQ_MAX_OUT) return (int)cudaErrorInvalidValue;
+  const int64_t E = st.Hg > 0 ? Hkv / st.Hg * D : 0;
+  if (st.n_out > QQ_MAX_OUT || E < 1 || E > KS_QAQ_MAX_GROUP) return (int)cudaErrorInvalidValue;
   cudaStream_t s = (cudaStream_t)stream;
-  const unsigned nb = nblocks(items, 64);
+  const unsigned nb = qq_grid(items);
+  const int nt = qq_threads(E);
+  const size_t smem = (size_t)(E + 31) / 32 * 4;
   if (dt == KS_F32)
-    k_quantize<float><<<nb, 64, 0, s>>>((const float *)x, B, Hkv, n, D, cap, pos, new_w, new_off,
-                                        offsets, st);
+    k_quantize<float><<<nb, nt, smem, s>>>((const float *)x, B, Hkv, n, D, cap, pos, new_w,
+                                           new_off, offsets, st);
   else if (dt == KS_F16)
-    k_quantize<__half><<<nb, 64, 0, s>>>((const __half *)x, B, Hkv, n, D, cap, pos, new_w,
-                                         new_off, offsets, st);
+    k_quantize<__half><<<nb, nt, smem, s>>>((const __half *)x, B, Hkv, n, D, cap, pos, new_w,
+                                            new_off, offsets, st);
   else
-    k_quantize<__nv_bfloat16><<<nb, 64, 0, s>>>((const __nv_bfloat16 *)x, B, Hkv, n, D, cap, pos,
-                                                new_w, new_off, offsets, st);
+    k_quantize<__nv_bfloat16><<<nb, nt, smem, s>>>((const __nv_bfloat16 *)x, B, Hkv, n, D, cap,
+                                                   pos, new_w, new_off, offsets, st);
   return (int)cudaGetLastError();
 }
 
@@ -1264,16 +1534,20 @@ int ks_qaq_dequantize_cuda(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv,
 int ks_qaq_requantize_cuda(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
                            int64_t D, const int32_t *seq_lens, const uint8_t *new_w,
                            void *stream) {
-  const int64_t n = B * st.Hg * cap;
-  if (n == 0) return 0;
+  const int64_t items = B * st.Hg * cap;
+  if (items == 0) return 0;
+  const int64_t E = st.Hg > 0 ? Hkv / st.Hg * D : 0;
+  if (E < 1 || E > KS_QAQ_MAX_GROUP) return (int)cudaErrorInvalidValue;
   cudaStream_t s = (cudaStream_t)stream;
-  const unsigned nb = nblocks(n, 64);
+  const unsigned nb = qq_grid(items);
+  const int nt = qq_threads(E);
+  const size_t smem = (size_t)(E + 31) / 32 * 4 + (size_t)(E + 3) / 4 * 4;  // mask + old codes
   if (dt == KS_F32)
-    k_requantize<float><<<nb, 64, 0, s>>>(st, B, Hkv, cap, D, seq_lens, new_w);
+    k_requantize<float><<<nb, nt, smem, s>>>(st, B, Hkv, cap, D, seq_lens, new_w);
   else if (dt == KS_F16)
-    k_requantize<__half><<<nb, 64, 0, s>>>(st, B, Hkv, cap, D, seq_lens, new_w);
+    k_requantize<__half><<<nb, nt, smem, s>>>(st, B, Hkv, cap, D, seq_lens, new_w);
   else
-    k_requantize<__nv_bfloat16><<<nb, 64, 0, s>>>(st, B, Hkv, cap, D, seq_lens, new_w);
+    k_requantize<__nv_bfloat16><<<nb, nt, smem, s>>>(st, B, Hkv, cap, D, seq_lens, new_w);
   return (int)cudaGetLastError();
 }
 

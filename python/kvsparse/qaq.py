@@ -17,7 +17,10 @@ stores no codes: the token reads as the midpoint of its range.
 In each group (the elements sharing a scale: one token of one KV head, or one
 token of all KV heads of the layer when ``shared=True``), the
 ``ceil(alpha / 2 * E)`` smallest and as many largest values are *outliers*:
-stored apart, exactly, in the cache dtype, and excluded from the range.
+stored apart, exactly, in the cache dtype, and excluded from the range
+(the largest taken among the others; ties to the lower index; NaN ranks
+first in both, so a NaN is stored as an outlier, and a NaN left among the
+inliers makes the whole group dequantize to NaN; see qaq.h).
 
 Storage of one quantized cache (:class:`QuantStore`, one for the keys and one
 for the values of a layer; ``Hg = Hkv``, or ``1`` when shared;

@@ -22,6 +22,8 @@ __all__ = [
     "dense_attention_ref",
     "qaq_bits_ref",
     "qaq_quantize_group_ref",
+    "qaq_outlier_order_ref",
+    "qaq_range_ref",
     "qaq_unpack_codes_ref",
     "qaq_dequantize_ref",
     "qaq_attention_ref",
@@ -366,9 +368,47 @@ def qaq_bits_ref(rng, aux, seq_lens, sigma, allowed, n_recent, is_key):
     return torch.where(t >= T, torch.zeros_like(w), w)
 
 
+def qaq_outlier_order_ref(x, high, skip=None):
+    """The ranking of one outlier pass over groups ``x [..., E]`` (qaq.h): indices
+    sorted ascending (``high=False``) or descending (``high=True``), NaN first in
+    both, ties (equal values, -0 and +0, NaNs among themselves) to the lower
+    index, elements marked in ``skip`` (bool [..., E]) last."""
+    xf = x.float()
+    nan = xf.isnan()
+    v = torch.where(nan | (xf == 0), torch.zeros_like(xf), xf)  # -0 ties with +0
+    order = torch.sort(-v if high else v, dim=-1, stable=True).indices
+    cls = torch.where(nan, 0, 1)
+    if skip is not None:
+        cls = torch.where(skip, 2, cls)
+    return order.gather(-1, torch.sort(cls.gather(-1, order), dim=-1, stable=True).indices)
+
+
+def qaq_range_ref(x, out_mask, w):
+    """(scale, zero) float16 [...] of groups ``x [..., E]`` (float32 values) at width
+    ``w`` (int tensor [...]) with the elements in ``out_mask`` excluded (qaq.h):
+    min / max over the others, -0 below +0, NaN if one of them is NaN (stored as
+    the fp16 NaN 0x7e00)."""
+    xf = x.float()
+    inf = torch.tensor(float("inf"))
+    mn = torch.where(out_mask, inf, xf).amin(-1)  # amin / amax propagate NaN
+    mx = torch.where(out_mask, -inf, xf).amax(-1)
+    zero = ~out_mask & (xf == 0)
+    neg0 = (zero & xf.signbit()).any(-1)
+    pos0 = (zero & ~xf.signbit()).any(-1)
+    mn = torch.where(mn == 0, torch.where(neg0, -0.0, 0.0), mn)
+    mx = torch.where(mx == 0, torch.where(pos0, 0.0, -0.0), mx)
+    steps = torch.where(w > 0, (1 << w) - 1, torch.ones_like(w)).float()
+    s = torch.where(w > 0, (mx - mn) / steps, mx - mn)
+    hnan = torch.tensor(0x7E00, dtype=torch.int16).view(torch.float16)
+    return torch.where(s.isnan(), hnan, s.half()), torch.where(mn.isnan(), hnan, mn.half())
+
+
 def qaq_quantize_group_ref(x, w, n_out):
     """Quantize groups ``x [..., E]`` (any float dtype, values of the cache dtype) at
-    width ``w`` (int, or int tensor [...]) with ``n_out`` outlier slots.
+    width ``w`` (int, or int tensor [...]) with ``n_out`` outlier slots (qaq.h's
+    rule: the ``n_out / 2`` lowest, then the ``n_out / 2`` highest of the others,
+    NaN ranking first in both passes; a NaN inlier makes the range NaN, stored as
+    the fp16 NaN 0x7e00; -0 counts below +0 in the range).
 
     Returns (codes int64 [..., E], sz float16 [..., 2], oidx int16 [..., n_out],
     oval [..., n_out] in x's dtype).
@@ -378,24 +418,21 @@ def qaq_quantize_group_ref(x, w, n_out):
     xf = x.float()
     lead = x.shape[:-1]
     w = torch.as_tensor(w, dtype=torch.int64).expand(lead) if not torch.is_tensor(w) else w.long().expand(lead)
-    asc = torch.sort(xf, dim=-1, stable=True).indices[..., :n_side]
-    desc = torch.sort(xf, dim=-1, descending=True, stable=True).indices[..., :n_side]
+    asc = qaq_outlier_order_ref(x, False)[..., :n_side]
+    low = torch.zeros(xf.shape, dtype=torch.bool).scatter_(-1, asc, True)
+    desc = qaq_outlier_order_ref(x, True, low)[..., :n_side]
     oidx = torch.cat([asc, desc], -1)
-    out_mask = torch.zeros(xf.shape, dtype=torch.bool)
-    out_mask.scatter_(-1, oidx, True)
-    inf = torch.tensor(float("inf"))
-    mn = torch.where(out_mask, inf, xf).amin(-1)
-    mx = torch.where(out_mask, -inf, xf).amax(-1)
+    out_mask = low.scatter(-1, desc, True)
+    s16, z16 = qaq_range_ref(xf, out_mask, w)
     steps = torch.where(w > 0, (1 << w) - 1, torch.ones_like(w)).float()
-    s = torch.where(w > 0, (mx - mn) / steps, mx - mn)
-    s16, z16 = s.half(), mn.half()
     sf, zf = s16.float()[..., None], z16.float()[..., None]
     u = torch.floor((xf - zf) / sf + 0.5)
     u = torch.where(sf > 0, u, torch.zeros_like(u))
     u = torch.nan_to_num(u, nan=0.0).clamp_min(0)
     codes = torch.minimum(u, steps[..., None]).long()
     codes = torch.where((w[..., None] > 0) & ~out_mask, codes, torch.zeros_like(codes))
-    oval = torch.gather(x, -1, oidx)
+    iv = {8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()]
+    oval = x.view(iv).gather(-1, oidx).view(x.dtype)  # the bits (torch's float gather may alter NaNs)
     return codes, torch.stack([s16, z16], -1), oidx.to(torch.int16), oval
 
 
