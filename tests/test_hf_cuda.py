@@ -82,3 +82,40 @@ def test_cuda_static_compiled_equals_eager():
         compiled = greedy(model, ids, n=8,
                           past_key_values=hf.make_cache(model, batch_size=2, max_cache_len=128))
     assert torch.equal(compiled, eager)
+
+
+def _steps_without_sync(model, cache, ids, n=12):
+    """Prefill, two warm-up decode steps, then ``n`` steps under torch's sync debug mode."""
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        nxt = ids[:, -1:]
+        for _ in range(2):  # warm-up (lazy allocations)
+            model(nxt, past_key_values=cache)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(n):
+                out = model(nxt, past_key_values=cache)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return out
+
+
+@pytest.mark.parametrize("method,kw", [("qaq", {}), ("qaq", {"uniform_bits": 4}),
+                                       ("quest", {"token_budget": 64, "dense_below": 0}),
+                                       ("quest", {"token_budget": 64, "dense_below": 0, "mode": "softmax"}),
+                                       ("sparq", {"compression": 0.25, "dense_below": 0})])
+def test_cuda_decode_steps_never_sync(method, kw):
+    """Decode steps (re-quantization included, compaction not yet due) make no
+    host synchronisation: torch's sync debug mode raises on any."""
+    from transformers import DynamicCache
+
+    model = tiny_llama(dtype=torch.bfloat16, layers=2)
+    ids = ids_of(300)
+    try:  # the control: transformers' own dense step
+        _steps_without_sync(model, DynamicCache(config=model.config), ids, n=3)
+    except RuntimeError as e:
+        pytest.skip(f"transformers' own decode step synchronises: {e}")
+    with hf.patched(model, method=method, **kw):
+        out = _steps_without_sync(model, hf.make_cache(model, 1), ids)
+    assert torch.isfinite(out.logits.float()).all()
