@@ -52,6 +52,10 @@ SHAPES = {
 METHODS = {
     "dense": None,
     "quest": ("quest", dict(token_budget=2048, page_size=16)),
+    # the GQA selection modes (quest.combine_scores)
+    "quest-max": ("quest", dict(token_budget=2048, page_size=16, mode="max")),
+    "quest-softmax": ("quest", dict(token_budget=2048, page_size=16, mode="softmax")),
+    "quest-union": ("quest", dict(token_budget=2048, page_size=16, mode="union")),
     "sparq": ("sparq", dict(compression=1 / 8)),
     "qaq": ("qaq", dict()),
 }
