@@ -42,12 +42,20 @@ from kvsparse import qaq
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import cpu_header, gpu_header, hbm_bandwidth, run_benchmark, time_cpu, time_eager, time_graph  # noqa: E402
 
-#: width mixes: name -> (widths, probabilities)
+#: width mixes: name -> (widths, probabilities), or a (keys, values) pair of them
 MIXES = {
     "2 (1/2/4 mix)": ((1, 2, 4), (0.5, 0.25, 0.25)),
     "4": ((4,), (1.0,)),
     "8": ((8,), (1.0,)),
+    # the default config's widths on SmolLM2 (benchmarks/results/qaq_widths_smollm2_cpu.md):
+    # keys 4/8 bits, values mostly 2
+    "default (SmolLM2 replay)": (((4, 8), (0.529, 0.471)), ((2, 4, 8), (0.866, 0.090, 0.044))),
 }
+
+
+def kv_mixes(mix):
+    """(keys mix, values mix) of a MIXES entry."""
+    return mix if isinstance(mix[0][0], tuple) else (mix, mix)
 ALPHA = 0.01
 CHUNK = 8192  # tokens quantized per call while building a store
 
@@ -97,7 +105,7 @@ def gpu_table(quick=False):
     H, D, dtype = 32, 128, torch.float16
     if quick:
         points = [(1, 8, 32768), (16, 8, 4096)]
-        mixes = ["4"]
+        mixes = ["4", "default (SmolLM2 replay)"]
     else:
         points = [(B, Hkv, S) for B in (1, 16) for Hkv in (8, 32) for S in (4096, 32768, 131072)]
         mixes = list(MIXES)
@@ -133,8 +141,9 @@ def gpu_table(quick=False):
                 free = torch.cuda.mem_get_info()[0]
                 while True:
                     i = len(sbufs)
-                    ks = build_store(B, Hkv, S, D, MIXES[name], 1000 * i + 1, dev)
-                    vs = build_store(B, Hkv, S, D, MIXES[name], 1000 * i + 2, dev)
+                    kmix, vmix = kv_mixes(MIXES[name])
+                    ks = build_store(B, Hkv, S, D, kmix, 1000 * i + 1, dev)
+                    vs = build_store(B, Hkv, S, D, vmix, 1000 * i + 2, dev)
                     sl = torch.full((B,), S, dtype=torch.int32, device=dev)
                     q = torch.randn(B, H, D, device=dev, dtype=dtype)
                     sbufs.append((q, ks, vs, sl))
@@ -230,8 +239,8 @@ def memory_table(quick=False):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         m0 = torch.cuda.memory_allocated()
-        ks = build_store(B, Hkv, S, D, MIXES[name], 11, dev)
-        vs = build_store(B, Hkv, S, D, MIXES[name], 12, dev)
+        ks = build_store(B, Hkv, S, D, kv_mixes(MIXES[name])[0], 11, dev)
+        vs = build_store(B, Hkv, S, D, kv_mixes(MIXES[name])[1], 12, dev)
         torch.cuda.synchronize()
         got = torch.cuda.memory_allocated() - m0
         rk, rv = qaq.memory_report(ks, sl), qaq.memory_report(vs, sl)
@@ -299,8 +308,8 @@ def cpu_table(quick=False):
             q = torch.randn(1, H, D, dtype=dtype)
             t_dense = time_cpu(lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=(Hkv != H)))
             for name in mixes:
-                ks = build_store(1, Hkv, S, D, MIXES[name], 5, "cpu", dtype)
-                vs = build_store(1, Hkv, S, D, MIXES[name], 6, "cpu", dtype)
+                ks = build_store(1, Hkv, S, D, kv_mixes(MIXES[name])[0], 5, "cpu", dtype)
+                vs = build_store(1, Hkv, S, D, kv_mixes(MIXES[name])[1], 6, "cpu", dtype)
                 sl = torch.full((1,), S, dtype=torch.int32)
                 t_q = time_cpu(lambda: qaq.attention(q, ks, vs, sl))
                 rows.append((Hkv, S, name, t_dense, t_q))
