@@ -1,9 +1,11 @@
 """Hostile inputs (issue 14): bad arguments raise a ValueError / TypeError that
 names the argument, in-place ops reject overlapping tensors, NaN in q / keys /
-scale gives NaN out (CPU), and a short differential fuzz against the float64
-references in kvsparse.reference. CPU only; the whole file runs in well under
-a minute on 2 cores."""
+scale gives NaN out (CPU and CUDA), and a short differential fuzz against the
+float64 references in kvsparse.reference. The CUDA variants are marked ``gpu``
+(skipped without a GPU); the CPU part runs in well under a minute on 2 cores."""
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,9 @@ import torch
 import kvsparse
 from kvsparse import _kernels_np as knp
 from kvsparse import qaq, quest, reference, sparq
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kvs_testing import DEVICES, HAS_GPU  # noqa: E402
 
 OPS = torch.ops.kvsparse
 I32 = torch.int32
@@ -22,21 +27,27 @@ def _lens(*v):
     return torch.tensor(v, dtype=I32)
 
 
-def _base(seed=0):
-    """Small valid inputs shared by the cases: B=1, H=2, Hkv=1, cap=40, D=16."""
+def _base(seed=0, device="cpu", D=16):
+    """Small valid inputs shared by the cases: B=1, H=2, Hkv=1, cap=40, D=16 (CUDA
+    takes head_dim 64 or 128)."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, 2, 16, generator=g)
-    k = torch.randn(1, 1, 40, 16, generator=g)
-    v = torch.randn(1, 1, 40, 16, generator=g)
-    lens = _lens(40)
+    q = torch.randn(1, 2, D, generator=g).to(device)
+    k = torch.randn(1, 1, 40, D, generator=g).to(device)
+    v = torch.randn(1, 1, 40, D, generator=g).to(device)
+    lens = _lens(40).to(device)
     kmin, kmax = quest.page_metadata(k, lens, 16)
     kt, vm = sparq.build(k, v, lens)
     return dict(q=q, k=k, v=v, lens=lens, kmin=kmin, kmax=kmax, kt=kt, vm=vm,
-                idx=torch.zeros(1, 1, 1, dtype=I32))
+                idx=torch.zeros(1, 1, 1, dtype=I32, device=device))
 
 
-def _store(shared=False, Hkv=2, D=16, cap=8):
-    return qaq.alloc(1, Hkv, cap, D, torch.float32, shared=shared)
+def _store(shared=False, Hkv=2, D=16, cap=8, device="cpu"):
+    return qaq.alloc(1, Hkv, cap, D, torch.float32, device=device, shared=shared)
+
+
+def _dev_base(seed, device):
+    """_base with a head_dim every device takes."""
+    return _base(seed, device, D=64)
 
 
 # ---------------------------------------------------------------------------
@@ -97,7 +108,7 @@ def _case_list():
     add("sparq.append-src-view-of-cache", lambda a: sparq.append(
         a["k"][:, :, 0:4], a["v"][:, :, 0:4], a["k"], a["v"], a["kt"], a["vm"], _lens(4)), ValueError, "k")
     add("sparq.append-kt-view-of-k", lambda a: sparq.append(
-        a["k"][:, :, :1].clone(), a["v"][:, :, :1].clone(), a["k"], a["v"], a["k"].view(1, 1, 16, 40), a["vm"],
+        a["k"][:, :, :1].clone(), a["v"][:, :, :1].clone(), a["k"], a["v"], a["k"].view(1, 1, -1, 40), a["vm"],
         _lens(4)), ValueError, "kt")
     add("np.update_metadata-kmin-view-of-k", lambda a: knp.update_metadata(
         a["k"].numpy(), a["k"].numpy()[:, :, :3], a["kmax"].numpy().copy(), np.zeros(1, np.int32),
@@ -186,6 +197,38 @@ def test_bad_input_raises_naming_the_argument(fn, exc, name):
     assert name in str(ei.value), f"message does not name {name!r}: {ei.value}"
 
 
+# On CUDA the values of seq_lens, page_idx and i2 are trusted (README: reading them would
+# need a host sync; the kernels clamp lengths and skip positions outside [0, len)): these
+# cases run without raising there, and must not read out of bounds (compute-sanitizer).
+CUDA_VALUES_TRUSTED = {"quest.page_metadata-lens-range", "quest.sparse_attention-idx-range",
+                       "sparq.sparse_attention-i2-range"}
+
+
+def _cuda_case_list():
+    """The torch-op / wrapper cases of Quest and SparQ on CUDA tensors. Left out: the
+    NumPy-module cases (CPU only) and the QAQ cases (they build head_dim-16 CPU stores,
+    not CUDA inputs; QAQ's CUDA binding checks are covered by tests/test_qaq.py)."""
+    return [p for p in _case_list() if p.id.startswith(("quest.", "op.quest_", "sparq."))]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and kvsparse built with CUDA")
+@pytest.mark.parametrize("fn,exc,name", _cuda_case_list())
+def test_bad_input_raises_naming_the_argument_cuda(fn, exc, name, request):
+    """The same cases with the base tensors on CUDA (head_dim 64) and every tensor a case
+    makes created on CUDA (default device)."""
+    cid = request.node.callspec.id
+    a = _dev_base(0, "cuda")
+    with torch.device("cuda"):
+        if cid in CUDA_VALUES_TRUSTED:
+            fn(a)  # no exception: the values are not checked on CUDA
+            torch.cuda.synchronize()
+            return
+        with pytest.raises(exc) as ei:
+            fn(a)
+    assert name in str(ei.value), f"message does not name {name!r}: {ei.value}"
+
+
 # ---------------------------------------------------------------------------
 # large page sizes that are allowed behave as one page per sequence
 
@@ -216,7 +259,7 @@ def test_qaq_largest_group_ok():
 
 
 # ---------------------------------------------------------------------------
-# NaN / Inf policy (CPU): NaN in q, a selected key or scale gives NaN, as dense
+# NaN / Inf policy (CPU and CUDA): NaN in q, a selected key or scale gives NaN, as dense
 
 def _nan_q(a):
     q = a["q"].clone()
@@ -224,40 +267,45 @@ def _nan_q(a):
     return q
 
 
-def test_nan_query_quest_sparq_numpy():
-    a = _base(2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_query_quest_sparq_numpy(device):
+    a = _dev_base(2, device)
     q = _nan_q(a)
     out = quest.sparse_attention(q, a["k"], a["v"], a["idx"], a["lens"])
     assert out[0, 0].isnan().all() and not out[0, 1].isnan().any()
     out = quest.attention(q, a["k"], a["v"], a["kmin"], a["kmax"], a["lens"], 16, 32, mode="head")
     assert out[0, 0].isnan().all() and not out[0, 1].isnan().any()
-    out = sparq.sparse_attention(q, a["k"], a["v"], torch.arange(8, dtype=I32).view(1, 1, 8), torch.rand(1, 2, 40),
-                                 a["vm"], a["lens"])
+    out = sparq.sparse_attention(q, a["k"], a["v"], torch.arange(8, dtype=I32, device=device).view(1, 1, 8),
+                                 torch.rand(1, 2, 40, device=device), a["vm"], a["lens"])
     assert out[0, 0].isnan().all()
     out = sparq.attention(q, a["k"], a["v"], a["kt"], a["vm"], a["lens"], 4, 8, mode="head")
     assert out[0, 0].isnan().all() and not out[0, 1].isnan().any()
-    out = knp.sparse_attention(q.numpy(), a["k"].numpy(), a["v"].numpy(), a["idx"].numpy(), a["lens"].numpy())
-    assert np.isnan(out[0, 0]).all()
+    if device == "cpu":
+        out = knp.sparse_attention(q.numpy(), a["k"].numpy(), a["v"].numpy(), a["idx"].numpy(), a["lens"].numpy())
+        assert np.isnan(out[0, 0]).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scale", [float("nan"), float("inf")])
-def test_nonfinite_scale_gives_nan(scale):
-    a = _base(3)
+def test_nonfinite_scale_gives_nan(scale, device):
+    a = _dev_base(3, device)
     out = quest.attention(a["q"], a["k"], a["v"], a["kmin"], a["kmax"], a["lens"], 16, 32, scale=scale)
     assert out.isnan().all()
     out = sparq.attention(a["q"], a["k"], a["v"], a["kt"], a["vm"], a["lens"], 4, 8, scale=scale)
     assert out.isnan().all()
 
 
-def test_nan_key_reaches_metadata_and_output():
-    a = _base(4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_key_reaches_metadata_and_output(device):
+    a = _dev_base(4, device)
     k = a["k"].clone()
     k[0, 0, 5, 3] = float("nan")  # not the first token of page 0
     kmin, kmax = quest.page_metadata(k, a["lens"], 16)
     assert kmin[0, 0, 0, 3].isnan() and kmax[0, 0, 0, 3].isnan()
     assert not kmin[0, 0, 1:].isnan().any()
-    kmin_np, _ = knp.page_metadata(k.numpy(), a["lens"].numpy(), 16)
-    assert np.isnan(kmin_np[0, 0, 0, 3])
+    if device == "cpu":
+        kmin_np, _ = knp.page_metadata(k.numpy(), a["lens"].numpy(), 16)
+        assert np.isnan(kmin_np[0, 0, 0, 3])
     s = quest.page_scores(a["q"], kmin, kmax, a["lens"], 16)
     assert s[0, 0, 0].isnan()
     # the NaN page ranks first, so a budget of two pages selects it with the last page
@@ -267,45 +315,91 @@ def test_nan_key_reaches_metadata_and_output():
     assert out.isnan().all()
 
 
-def test_qaq_nonfinite_group_gives_nan_attention():
-    st_k, st_v = _store(), _store()
-    x = torch.randn(1, 2, 3, 16)
-    qaq.quantize(st_k, x, _lens(0))
-    qaq.quantize(st_v, x, _lens(0))
-    q = torch.randn(1, 2, 16)
-    assert not qaq.attention(q, st_k, st_v, _lens(3)).isnan().any()
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_rule_long_sequence(device):
+    """All -inf, +inf and one NaN logit late in a 512-token row (split-K on CUDA); no token: zeros."""
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 2, 64, generator=g)
+    k = torch.randn(1, 1, 512, 64, generator=g)
+    v = torch.randn(1, 1, 512, 64, generator=g)
+    lens = _lens(512)
+    idx = torch.arange(32, dtype=I32).view(1, 1, 32)
+    i2 = torch.arange(512, dtype=I32).view(1, 1, 512).expand(1, 2, 512).contiguous()
+    s_hat = torch.rand(1, 2, 512, generator=g)
+    vm = v.mean(2)
+
+    def run(q, k, lens):
+        q, k, lens = q.to(device), k.to(device), lens.to(device)
+        vv = v.to(device)
+        return (quest.sparse_attention(q, k, vv, idx.to(device), lens),
+                sparq.sparse_attention(q, k, vv, i2.to(device), s_hat.to(device), vm.to(device), lens))
+
+    for out in run(q, k, lens):
+        assert not out.isnan().any()
+    k1, q1 = k.clone(), q.clone()
+    k1[..., 0] = 1.0
+    q1[0, :, 1:] = 0.0
+    q1[0, 0, 0], q1[0, 1, 0] = -math.inf, 1.0  # head 0: every logit -inf
+    for out in run(q1, k1, lens):
+        assert out[0, 0].isnan().all() and not out[0, 1].isnan().any()
+    k2, q2 = k.clone(), q.clone()
+    k2[0, 0, 400, 0] = math.inf
+    q2[0, 0, 0], q2[0, 1, 0] = 1.0, -1.0  # token 400: +inf for head 0, -inf (weight 0) for head 1
+    for out in run(q2, k2, lens):
+        assert out[0, 0].isnan().all() and not out[0, 1].isnan().any()
+    k3 = k.clone()
+    k3[0, 0, 500, 5] = math.nan
+    for out in run(q, k3, lens):
+        assert out.isnan().all()
+    oq, os_ = run(q, k3, _lens(0))  # no token: zeros (SparQ then mixes in the mean value)
+    assert (oq == 0).all() and not os_.isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qaq_nonfinite_group_gives_nan_attention(device):
+    D = 64
+    st_k, st_v = _store(D=D, device=device), _store(D=D, device=device)
+    x = torch.randn(1, 2, 3, D, generator=torch.Generator().manual_seed(6)).to(device)
+    zero, three = _lens(0).to(device), _lens(3).to(device)
+    qaq.quantize(st_k, x, zero)
+    qaq.quantize(st_v, x, zero)
+    q = torch.randn(1, 2, D, generator=torch.Generator().manual_seed(7)).to(device)
+    assert not qaq.attention(q, st_k, st_v, three).isnan().any()
     x2 = x.clone()
     x2[0, 0, 1, :3] = float("inf")  # more infinities than outlier slots
-    qaq.quantize(st_k, x2, _lens(0))
-    out = qaq.attention(q, st_k, st_v, _lens(3))
+    qaq.quantize(st_k, x2, zero)
+    out = qaq.attention(q, st_k, st_v, three)
     assert out[0, 0].isnan().all() and not out[0, 1].isnan().any()
     q2 = q.clone()
     q2[0, 1, 0] = float("nan")
-    qaq.quantize(st_k, x, _lens(0))
-    out = qaq.attention(q2, st_k, st_v, _lens(3))
+    qaq.quantize(st_k, x, zero)
+    out = qaq.attention(q2, st_k, st_v, three)
     assert out[0, 1].isnan().all() and not out[0, 0].isnan().any()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("alpha", [0.0, 0.2])
 @pytest.mark.parametrize("shared", [False, True], ids=["head", "shared"])
-def test_qaq_nan_key_gives_nan_attention_any_alpha(alpha, shared):
+def test_qaq_nan_key_gives_nan_attention_any_alpha(alpha, shared, device):
     """One NaN in a key reaches the attention whatever alpha (qaq.h): it ranks first in the
     outlier selection, so with outlier slots it is stored as an outlier (exactly) and the
     rest of the group stays finite; with alpha = 0 it is an inlier and the group's range
     (and every element of the group) is NaN."""
-    st_k = qaq.alloc(1, 2, 4, 16, torch.float32, alpha=alpha, shared=shared)
-    st_v = qaq.alloc(1, 2, 4, 16, torch.float32, alpha=alpha, shared=shared)
-    x = torch.randn(1, 2, 3, 16, generator=torch.Generator().manual_seed(5))
+    D = 64
+    st_k = qaq.alloc(1, 2, 4, D, torch.float32, device=device, alpha=alpha, shared=shared)
+    st_v = qaq.alloc(1, 2, 4, D, torch.float32, device=device, alpha=alpha, shared=shared)
+    x = torch.randn(1, 2, 3, D, generator=torch.Generator().manual_seed(5)).to(device)
     x2 = x.clone()
     x2[0, 1, 2, 7] = float("nan")
-    qaq.quantize(st_k, x2, _lens(0))
-    qaq.quantize(st_v, x, _lens(0))
-    q = torch.randn(1, 4, 16)
-    out = qaq.attention(q, st_k, st_v, _lens(3))
-    d = qaq.dequantize(st_k, _lens(3))
+    zero, three = _lens(0).to(device), _lens(3).to(device)
+    qaq.quantize(st_k, x2, zero)
+    qaq.quantize(st_v, x, zero)
+    q = torch.randn(1, 4, D, generator=torch.Generator().manual_seed(8)).to(device)
+    out = qaq.attention(q, st_k, st_v, three)
+    d = qaq.dequantize(st_k, three)
     g = 0 if shared else 1
     if alpha > 0:
-        assert int(st_k.oidx[0, g, 2, 0]) == (16 + 7 if shared else 7)
+        assert int(st_k.oidx[0, g, 2, 0]) == (D + 7 if shared else 7)
         assert int(d[0, 1, 2].isnan().sum()) == 1 and not d[0, 0, 2].isnan().any()
     else:
         assert d[0, 1, 2].isnan().all() and d[0, 0, 2].isnan().all() == shared

@@ -74,11 +74,35 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int *smem, int *total
   return before + x - v;
 }
 
+// NaN/Inf policy of the attention kernels (README "Limits and NaN/Inf policy"),
+// carried by the online-softmax state (M: running maximum of the attended
+// logits, L: sum of exp2(logit - M), A: sum of exp2(logit - M) * v):
+// * a NaN or +inf logit makes L NaN (exp2(NaN - M), exp2(inf - inf)) and NaN
+//   stays in L through every rescale and merge (0 * NaN = NaN);
+// * while M == -inf (every logit seen so far is -inf or NaN) the tile step adds
+//   ninf_mark(logit) per attended token to L instead of exp2(logit - M): 1 for
+//   -inf (a positive L at M == -inf means "attended only -inf logits"), NaN for
+//   NaN; a later finite M rescales that mark by exp2(-inf) = 0;
+// * merges weight a part by merge_w(m, M): exp2(m - M), or 1 when M == -inf
+//   (then every part has m == -inf and L in {0, mark, NaN}: they add up);
+// * finish(A, M, L): zeros for a head that attended nothing (M == -inf, L == 0),
+//   NaN for all -inf (M == -inf, L > 0) or a NaN/+inf logit (L NaN), else A / L.
+// For finite logits this is the plain online softmax, bit for bit.
+__device__ __forceinline__ float ninf_mark(float logit) { return logit == logit ? 1.f : logit; }
+__device__ __forceinline__ float merge_w(float m, float M) {
+  return M == -CUDART_INF_F ? 1.f : exp2f(m - M);
+}
+__device__ __forceinline__ float finish(float A, float M, float L) {
+  if (M == -CUDART_INF_F) return L == 0.f ? 0.f : CUDART_NAN_F;
+  return A / L;
+}
+
 // The merge step of a split-K decode attention, run by the last block of a row
 // once every split has written its record rp[sp][g][0 .. REC): the unnormalised
 // output acc[0 .. D), the log2-domain maximum M at D and the sum L at D + 1,
 // for heads g < G <= MAXG. Splits are merged in split order (deterministic).
-// Leaves the merged maximum and sum in s_M[g], s_L[g] (shared, MAXG entries
+// Leaves the merged maximum and sum in s_M[g], s_L[g] (finish(A, s_M, s_L)
+// gives the output) (shared, MAXG entries
 // each) and returns in A[it] the merged acc of output ix = it * blockDim.x +
 // threadIdx.x for ix < G * D (head ix / D, element ix % D). Every thread of the
 // block calls it (it contains __syncthreads); blockDim.x is a multiple of 32.
@@ -95,8 +119,7 @@ __device__ __forceinline__ void merge_splits(const float *rp, int nsplit, int G,
     float L = 0.f;
     for (int sp = lane; sp < nsplit; sp += 32) {
       const float *ps = rp + ((int64_t)sp * G + g) * REC;
-      const float ms = __ldcg(ps + D);
-      if (ms != -CUDART_INF_F) L += __ldcg(ps + D + 1) * exp2f(ms - M);
+      L += __ldcg(ps + D + 1) * merge_w(__ldcg(ps + D), M);  // NaN policy: see above
     }
     L = warp_sum(L);
     if (lane == 0) {
@@ -112,7 +135,7 @@ __device__ __forceinline__ void merge_splits(const float *rp, int nsplit, int G,
     for (int i = threadIdx.x; i < nc * G; i += blockDim.x) {
       const int sp = i / G, g = i % G;
       const float ms = __ldcg(rp + ((int64_t)(c0 + sp) * G + g) * REC + D);
-      s_w[sp][g] = ms == -CUDART_INF_F ? 0.f : exp2f(ms - s_M[g]);
+      s_w[sp][g] = merge_w(ms, s_M[g]);
     }
     __syncthreads();
 #pragma unroll

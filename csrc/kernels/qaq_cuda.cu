@@ -33,6 +33,7 @@
 
 namespace {
 
+using ks_cuda::finish;
 using ks_cuda::from_f;
 using ks_cuda::merge_splits;
 using ks_cuda::to_f;
@@ -1107,7 +1108,9 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           p[2 * r + i] = mnew == -CUDART_INF_F ? 0.f : exp2f(lg[2 * r + i] - mnew);
-          l_run[i] += p[2 * r + i];
+          // no finite logit yet: -inf / NaN marks instead (NaN policy, ks_cuda.cuh)
+          l_run[i] += mnew == -CUDART_INF_F ? (okr[r] ? ks_cuda::ninf_mark(lg[2 * r + i]) : 0.f)
+                                            : p[2 * r + i];
           z_run[i] = fmaf(p[2 * r + i], vz_[r], z_run[i]);
         }
         if (m_ref[i] == -CUDART_INF_F) m_ref[i] = mnew;
@@ -1271,10 +1274,15 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
         L += s_l[wi][g] * cw;
         A += s_buf[wi][g][d] * cw;
       }
+    } else {  // -inf / NaN marks only (ks_cuda.cuh)
+#pragma unroll
+      for (int wi = 0; wi < W; ++wi) L += s_l[wi][g];
     }
     if (nsplit == 1) {
-      out[((int64_t)b * H + (int64_t)hk * G + g) * D + d] = from_f<T>(L > 0.f ? A / L : 0.f);
-      if (d == 0 && lam) lam[(int64_t)b * H + (int64_t)hk * G + g] = L > 0.f ? M + __log2f(L) : 0.f;
+      out[((int64_t)b * H + (int64_t)hk * G + g) * D + d] = from_f<T>(finish(A, M, L));
+      if (d == 0 && lam)
+        lam[(int64_t)b * H + (int64_t)hk * G + g] =
+            M != -CUDART_INF_F && L > 0.f ? M + __log2f(L) : 0.f;
     } else {
       my_part[g * REC + d] = A;
       if (d == 0) {
@@ -1300,14 +1308,14 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   merge_splits<MAXG>(rp, nsplit, G, D, REC, s_M, s_L, A);
   if (lam)
     for (int g = tid; g < G; g += NT)
-      lam[(int64_t)b * H + (int64_t)hk * G + g] = s_L[g] > 0.f ? s_M[g] + __log2f(s_L[g]) : 0.f;
+      lam[(int64_t)b * H + (int64_t)hk * G + g] =
+          s_M[g] != -CUDART_INF_F && s_L[g] > 0.f ? s_M[g] + __log2f(s_L[g]) : 0.f;
 #pragma unroll
   for (int it = 0; it < PER; ++it) {
     const int ix = it * NT + tid;
     if (ix < G * D) {
       const int g = ix / D, d = ix % D;
-      const float L = s_L[g];
-      out[((int64_t)b * H + (int64_t)hk * G + g) * D + d] = from_f<T>(L > 0.f ? A[it] / L : 0.f);
+      out[((int64_t)b * H + (int64_t)hk * G + g) * D + d] = from_f<T>(finish(A[it], s_M[g], s_L[g]));
     }
   }
 }

@@ -26,7 +26,10 @@ namespace {
 
 using ks_cuda::block_exclusive_scan;
 using ks_cuda::clamp_len;
+using ks_cuda::finish;
 using ks_cuda::from_f;
+using ks_cuda::merge_w;
+using ks_cuda::ninf_mark;
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -588,7 +591,12 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
 #pragma unroll
         for (int u = 0; u < U; ++u) smax = fmaxf(smax, s[g][u]);
         const float mnew = fmaxf(mrun[g], smax);
-        if (mnew == -CUDART_INF_F) continue;  // nothing valid yet
+        if (mnew == -CUDART_INF_F) {  // no finite logit yet: mark -inf / NaN ones (ks_cuda.cuh)
+#pragma unroll
+          for (int u = 0; u < U; ++u)
+            if (t0 + u * TPS + sub < t_end) lrun[g] += ninf_mark(s[g][u]);
+          continue;
+        }
         const float corr = exp2f(mrun[g] - mnew);
         lrun[g] *= corr;
 #pragma unroll
@@ -615,8 +623,8 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
       const float mo = __shfl_xor_sync(0xffffffffu, mrun[g], o);
       const float lo = __shfl_xor_sync(0xffffffffu, lrun[g], o);
       const float mnew = fmaxf(mrun[g], mo);
-      const float ca = mnew == -CUDART_INF_F ? 0.f : exp2f(mrun[g] - mnew);
-      const float cb = mnew == -CUDART_INF_F ? 0.f : exp2f(mo - mnew);
+      const float ca = merge_w(mrun[g], mnew);  // both 1 at mnew == -inf: acc is 0 there
+      const float cb = merge_w(mo, mnew);
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const float ao = __shfl_xor_sync(0xffffffffu, acc[g][i], o);
@@ -654,10 +662,13 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
         L += s_l[w][g] * cw;
         A += s_acc[w][g][d] * cw;
       }
+    } else {  // -inf / NaN marks only (ks_cuda.cuh)
+#pragma unroll
+      for (int w = 0; w < AT_WARPS; ++w) L += s_l[w][g];
     }
     if (nsplit == 1) {
       // single split: finish here
-      out[((size_t)b * H + h0 + g) * D + d] = from_f<T>(L > 0.f ? A / L : 0.f);
+      out[((size_t)b * H + h0 + g) * D + d] = from_f<T>(finish(A, M, L));
     } else {
       my_part[g * (D + 2) + d] = A;
       if (d == 0) { my_part[g * (D + 2) + D] = M; my_part[g * (D + 2) + D + 1] = L; }
@@ -704,7 +715,7 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
       const int sp = i / qh, gg = i % qh;
       const float *ps = row_part + ((size_t)(c0 + sp) * MAXG + gg) * (D + 2);
       const float ms = __ldcg(ps + D);
-      s_w[sp][gg] = (ms == -CUDART_INF_F) ? 0.f : exp2f(ms - s_M[gg]);
+      s_w[sp][gg] = merge_w(ms, s_M[gg]);
     }
     __syncthreads();
     if (threadIdx.x < qh) {
@@ -733,8 +744,7 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
     const int idx = it * blockDim.x + threadIdx.x;
     if (idx < qh * D) {
       const int g = idx / D, d = idx % D;
-      const float L = s_L[g];
-      out[((size_t)b * H + h0 + g) * D + d] = from_f<T>(L > 0.f ? A[it] / L : 0.f);
+      out[((size_t)b * H + h0 + g) * D + d] = from_f<T>(finish(A[it], s_M[g], s_L[g]));
     }
   }
   if (threadIdx.x == 0) counters[(size_t)b * Hs + r] = 0;  // ready for reuse

@@ -40,7 +40,10 @@ namespace {
 
 using ks_cuda::block_exclusive_scan;
 using ks_cuda::clamp_len;
+using ks_cuda::finish;
 using ks_cuda::from_f;
+using ks_cuda::merge_w;
+using ks_cuda::ninf_mark;
 using ks_cuda::merge_splits;
 using ks_cuda::to_f;
 using ks_cuda::warp_max;
@@ -348,8 +351,8 @@ logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv,
     const float bm = s_bm[g];
     float l = 0.f;
 #pragma unroll
-    for (int i = 0; i < TPT; ++i)
-      if (ok[i]) l += expf(acc[g][i] - bm);
+    for (int i = 0; i < TPT; ++i)  // bm == -inf: -inf / NaN marks (ks_cuda.cuh)
+      if (ok[i]) l += bm == -CUDART_INF_F ? ninf_mark(acc[g][i]) : expf(acc[g][i] - bm);
     l = warp_sum(l);
     if (lane == 0) s_red[warp][g] = l;
   }
@@ -383,12 +386,9 @@ normalize_kernel(int H, int Hkv, int64_t cap, const int32_t *seq_lens, const flo
     float M = -CUDART_INF_F;
     for (int j = lane; j < nvalid; j += 32) M = fmaxf(M, p[2 * j]);
     M = warp_max(M);
-    float L = 0.f;
-    if (M != -CUDART_INF_F)
-      for (int j = lane; j < nvalid; j += 32) {
-        const float mj = p[2 * j];
-        if (mj != -CUDART_INF_F) L += p[2 * j + 1] * expf(mj - M);
-      }
+    float L = 0.f;  // NaN when a logit is NaN or +inf (kept by 0 * NaN)
+    for (int j = lane; j < nvalid; j += 32)
+      L += p[2 * j + 1] * (M == -CUDART_INF_F ? 1.f : expf(p[2 * j] - M));
     L = warp_sum(L);
     if (lane == 0) { s_M[g] = M; s_L[g] = L; }
   }
@@ -405,8 +405,8 @@ normalize_kernel(int H, int Hkv, int64_t cap, const int32_t *seq_lens, const flo
       float *sp = s_hat + ((size_t)b * H + h0 + g) * cap + t;
       float p = 0.f;
       if (t < len) {
-        const float L = s_L[g];
-        p = L > 0.f ? expf(*sp - s_M[g]) / L : 0.f;
+        // NaN policy (dense softmax): NaN / +inf logits (L NaN) or all -inf give NaN
+        p = s_M[g] == -CUDART_INF_F ? CUDART_NAN_F : expf(*sp - s_M[g]) / s_L[g];
       }
       *sp = p;
       sum += p;
@@ -787,7 +787,12 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
 #pragma unroll
       for (int u = 0; u < U; ++u) smax = fmaxf(smax, s[g][u]);
       const float mnew = fmaxf(mrun[g], smax);
-      if (mnew == -CUDART_INF_F) continue;
+      if (mnew == -CUDART_INF_F) {  // no finite logit yet: mark -inf / NaN ones (ks_cuda.cuh)
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (tok[u] >= 0) lrun[g] += ninf_mark(s[g][u]);
+        continue;
+      }
       const float corr = exp2f(mrun[g] - mnew);
       lrun[g] *= corr;
 #pragma unroll
@@ -813,8 +818,8 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
       const float mo = __shfl_xor_sync(0xffffffffu, mrun[g], o);
       const float lo = __shfl_xor_sync(0xffffffffu, lrun[g], o);
       const float mnew = fmaxf(mrun[g], mo);
-      const float ca = mnew == -CUDART_INF_F ? 0.f : exp2f(mrun[g] - mnew);
-      const float cb = mnew == -CUDART_INF_F ? 0.f : exp2f(mo - mnew);
+      const float ca = merge_w(mrun[g], mnew);  // both 1 at mnew == -inf: acc is 0 there
+      const float cb = merge_w(mo, mnew);
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const float ao = __shfl_xor_sync(0xffffffffu, acc[g][i], o);
@@ -849,10 +854,12 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
         const float cw = exp2f(s_m[w][g] - M);
         L += s_l[w][g] * cw;
         A += s_acc[w][g][d] * cw;
+      } else {
+        L += s_l[w][g];  // -inf / NaN marks only (ks_cuda.cuh)
       }
     }
     if (nsplit == 1) {
-      float y = L > 0.f ? A / L : 0.f;
+      float y = finish(A, M, L);  // NaN stays NaN through the mean-V mix below
       if (reallocate) y = AL * y + (1.f - AL) * v_mean[((size_t)b * Hkv + hk) * D + d];
       out[((size_t)b * H + h0 + g) * D + d] = from_f<T>(y);
     } else {
@@ -892,8 +899,7 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
     const int ix = it * blockDim.x + threadIdx.x;
     if (ix < qh * D) {
       const int g = ix / D, d = ix % D;
-      const float L = s_L[g];
-      float y = L > 0.f ? A[it] / L : 0.f;
+      float y = finish(A[it], s_M[g], s_L[g]);  // NaN stays NaN through the mix below
       if (reallocate) y = s_AL[g] * y + (1.f - s_AL[g]) * v_mean[((size_t)b * Hkv + hk) * D + d];
       out[((size_t)b * H + h0 + g) * D + d] = from_f<T>(y);
     }
