@@ -564,12 +564,15 @@ def test_combine_scores_matches_reference(how):
         torch.testing.assert_close(got[0], sd[0].amax(1).float())
     elif how == "softmax":
         torch.testing.assert_close(got[0], torch.softmax(0.7 * sd[0], -1).sum(1).float())
-    else:  # the top pages of the combined score are the round-robin union
+    else:  # the top pages of the combined score are a round-robin union: the best per-head ranks
         for b, n_pages in ((0, P), (1, 17)):
             for hk in range(Hkv):
-                want = _round_robin(sd[b, hk, :, :n_pages].numpy(), 6)
-                top = got[b, hk, :n_pages].double().argsort(descending=True, stable=True)[:6].tolist()
-                assert sorted(top) == sorted(want)
+                sc = sd[b, hk, :, :n_pages]
+                rank = sc.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # per-head rank of each page
+                best = rank.amin(0)
+                top = got[b, hk, :n_pages].double().argsort(descending=True, stable=True)[:6]
+                assert sorted(best[top].tolist()) == sorted(best.tolist())[:6]
+                assert set(_round_robin(sc.numpy(), 4)) <= set(top.tolist())  # every head's best page
 
 
 def test_combine_scores_bad_input():
