@@ -51,8 +51,9 @@ SHAPES = {
 
 METHODS = {
     "dense": None,
-    "quest": ("quest", dict(token_budget=2048, page_size=16)),
+    "quest": ("quest", dict(token_budget=2048, page_size=16)),  # the default mode ("softmax")
     # the GQA selection modes (quest.combine_scores)
+    "quest-group": ("quest", dict(token_budget=2048, page_size=16, mode="group")),
     "quest-max": ("quest", dict(token_budget=2048, page_size=16, mode="max")),
     "quest-softmax": ("quest", dict(token_budget=2048, page_size=16, mode="softmax")),
     "quest-union": ("quest", dict(token_budget=2048, page_size=16, mode="union")),

@@ -50,8 +50,16 @@ class QuestConfig(MethodConfig):
         dense_layers: the first ``dense_layers`` decoder layers keep dense
             decode attention (Quest's recommendation: the first layers are
             not sparse enough to prune).
-        mode: ``"group"``: one page set per KV head (shared by the query
-            heads of a GQA group); ``"head"``: one page set per query head.
+        mode: how the query heads of a GQA group choose pages. One page set
+            per KV head (every selected page read once): ``"softmax"``
+            (default: each head's page bounds normalised into a distribution,
+            then summed), ``"group"`` (summed bounds, the fused kernel),
+            ``"max"``, ``"union"`` (round-robin by per-head rank); see
+            :func:`kvsparse.quest.combine_scores`. ``"head"``: one page set per
+            query head (up to G times the pages read). Measured
+            (``benchmarks/results/quest_gqa_modes_cpu.md``): ``"softmax"`` had
+            the lowest perplexity on SmolLM2 and Gemma 3 at small budgets and
+            costs the same on the H200.
         max_cache_len: ``None``: the KV buffers grow in chunks as needed.
             An int: every buffer is allocated once at this length (static
             shapes and addresses, usable by ``torch.compile`` / CUDA graphs).
@@ -71,7 +79,7 @@ class QuestConfig(MethodConfig):
     token_budget: int = 1024
     page_size: int = 16
     dense_layers: int = 2
-    mode: str = "group"
+    mode: str = "softmax"
     max_cache_len: Optional[int] = None
     chunk_size: int = 256
     dense_below: Optional[int] = None
