@@ -21,10 +21,12 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import kvsparse  # noqa: E402
 
 H_KV, D, LAYERS = 2, 32, 2
-METHODS = {
-    "quest": dict(token_budget=64, page_size=16, dense_layers=0, dense_below=0),
-    "sparq": dict(r=8, k=64, dense_layers=0),
+METHODS = {  # test id -> (method, patch kwargs)
+    "quest": ("quest", dict(token_budget=64, page_size=16, dense_layers=0, dense_below=0)),  # softmax GQA mode
+    "quest-group": ("quest", dict(token_budget=64, page_size=16, dense_layers=0, dense_below=0, mode="group")),
+    "sparq": ("sparq", dict(r=8, k=64, dense_layers=0)),
 }
+G = 2  # query heads per KV head
 
 
 def _model():
@@ -44,7 +46,7 @@ def _step_profile(method, capacity, compiled):
     from torch.profiler import ProfilerActivity, profile
 
     model = _model()
-    kvsparse.patch(model, method=method, **METHODS[method])
+    kvsparse.patch(model, method=METHODS[method][0], **METHODS[method][1])
     cache = kvsparse.make_cache(model, 1, capacity)
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(1))
     fwd = torch.compile(model.forward, dynamic=False) if compiled else model.forward
@@ -77,10 +79,15 @@ def test_decode_step_allocates_no_cache_sized_memory(method, compiled):
     small, large = 1024, 16384
     a, _ = _step_profile(method, small, compiled)
     b, largest = _step_profile(method, large, compiled)
-    # what the method itself needs per position: Quest a score per page,
-    # SparQ an approximate score (and its index) per token; 16 bytes each per
-    # KV head and layer, plus slack. One layer's fp32 keys are 8x that for SparQ.
-    per_pos = 16 * H_KV * LAYERS / (METHODS[method].get("page_size", 1) if method == "quest" else 1)
+    # what the method itself needs per position: Quest a score per page (the
+    # fused "group" kernel), or per query head, its softmax and the combined
+    # score (quest.combine_scores: ~16 bytes per page per query head); SparQ an
+    # approximate score (and its index) per token; 16 bytes each per KV head
+    # and layer, plus slack. Quest reads 2 * D * 4 = 256 bytes of page min/max
+    # per page per KV head here; one layer's fp32 keys are 8x that for SparQ.
+    name, kw = METHODS[method]
+    per = 16 if kw.get("mode") == "group" or name == "sparq" else 16 * (G + 1)
+    per_pos = per * H_KV * LAYERS / (kw["page_size"] if name == "quest" else 1)
     allowed = int((large - small) * per_pos) + 16384
     assert b - a <= allowed, (
         f"{method} ({'compiled' if compiled else 'eager'}): a decode step allocates {a} bytes at capacity "

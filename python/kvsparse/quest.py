@@ -259,7 +259,11 @@ def combine_scores(scores, num_kv_heads, how="softmax", scale=1.0):
         return s.sum(2)
     if how == "max":
         return s.amax(2)
-    prob = torch.softmax(s * float(scale), dim=-1)
+    # softmax over the pages, in place on one scaled copy (a decode step allocates
+    # little beyond the scores themselves)
+    prob = s * float(scale)
+    prob.sub_(prob.amax(-1, keepdim=True)).exp_()
+    prob.div_(prob.sum(-1, keepdim=True))
     if how == "softmax":
         out = prob.sum(2)
     else:  # union: round-robin by per-head rank
@@ -268,5 +272,5 @@ def combine_scores(scores, num_kv_heads, how="softmax", scale=1.0):
         rank.scatter_(-1, order, torch.arange(P, device=s.device).expand_as(order))
         best = rank.amin(2).float()
         out = -best + 0.5 * prob.amax(2)
-    return out.masked_fill(empty, float("-inf"))
+    return out.masked_fill_(empty, float("-inf"))
 
