@@ -683,6 +683,19 @@ def test_cuda_quantize_ties_nan_matches_cpu(dtype, cfg):
         assert torch.equal(ta, tc.cpu()), name
 
 
+def _capture(step):
+    """Warm ``step`` up on a side stream, then capture it in a CUDA graph: ``(graph, its result)``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and kvsparse built with CUDA")
 def test_cuda_quantize_decode_time():
@@ -706,14 +719,7 @@ def test_cuda_quantize_decode_time():
             qaq.quantize(ks, kn, pos, wn, offs)
             qaq.quantize(vs, vn, pos, wn, offs)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = _capture(step)
     graph.replay()
     torch.cuda.synchronize()
     ts = []
@@ -765,14 +771,7 @@ def test_cuda_graph_capture(dtype):
         sl1 = sl + 1
         return qaq.attention(q, ks, vs, sl1, return_p_max=True)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, pm = step()
+    graph, (out, pm) = _capture(step)
     g = torch.Generator().manual_seed(33)
     for _ in range(3):
         q.copy_(torch.randn(q.shape, generator=g).to(q))

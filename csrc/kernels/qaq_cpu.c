@@ -93,20 +93,6 @@ static inline float qq_h2f(uint16_t h)
     return ks_half_to_float(h);
 }
 
-static inline uint32_t qq_bits(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-static inline float qq_float(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
 /* Moves heap[i] down a max-heap of m keys. */
 static void qq_sift_down(uint64_t *heap, int64_t m, int64_t i)
 {
@@ -139,7 +125,7 @@ static void qq_smallest(const float *x, int64_t E, const uint8_t *skip, int high
         uint64_t key;
         if (skip[e])
             continue;
-        key = ((uint64_t)ks_qaq_rank_key(qq_bits(x[e]), high) << 16) | (uint64_t)e;
+        key = ((uint64_t)ks_qaq_rank_key(ks_f2u(x[e]), high) << 16) | (uint64_t)e;
         if (m < k) { /* push: sift up */
             j = m++;
             while (j > 0 && heap[(j - 1) / 2] < key) {
@@ -205,7 +191,7 @@ static void qq_pack_group(const float *x, int64_t E, int w, const uint8_t *out, 
         uint32_t u, k;
         if (out[e])
             continue;
-        u = qq_bits(x[e]);
+        u = ks_f2u(x[e]);
         if ((u & 0x7fffffffu) > 0x7f800000u) {
             nan = 1;
             continue;
@@ -219,8 +205,8 @@ static void qq_pack_group(const float *x, int64_t E, int w, const uint8_t *out, 
     else if (kmn > kmx) /* no inlier (cannot happen with n_out < E) */
         mn = mx = 0.f;
     else {
-        mn = qq_float(ks_qaq_unord(kmn));
-        mx = qq_float(ks_qaq_unord(kmx));
+        mn = ks_u2f(ks_qaq_unord(kmn));
+        mx = ks_u2f(ks_qaq_unord(kmx));
     }
     s = w > 0 ? (mx - mn) / (float)((1 << w) - 1) : mx - mn;
     sz[0] = s != s ? (uint16_t)KS_QAQ_H_NAN : ks_float_to_half(s);

@@ -497,18 +497,24 @@ class PasskeyPrompt:
         return (self.needle_start - self.hay_start) / max(filler, 1)
 
 
+def chat_split(tok, before, after):
+    """The tokenizer's chat template around one user message ``before + X +
+    after``, split at ``X``: ``(head, tail)`` (the generation prompt ends ``tail``)."""
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("prompt format 'chat' needs a tokenizer with a chat template")
+    marker = "\x00SPLIT\x00"
+    text = tok.apply_chat_template([{"role": "user", "content": before + marker + after}],
+                                   tokenize=False, add_generation_prompt=True)
+    head, tail = text.split(marker)
+    return head, tail
+
+
 def _chat_parts(tok, fmt):
     """(head, between, tail) strings wrapping the haystack for a prompt format."""
     if fmt == "plain":
         return _INSTRUCTION + "\n\n", "", "\n\n" + _QUESTION + " " + _ANSWER_PREFIX
     if fmt == "chat":
-        if not getattr(tok, "chat_template", None):
-            raise ValueError("prompt format 'chat' needs a tokenizer with a chat template")
-        marker = "\x00HAYSTACK\x00"
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": _INSTRUCTION + "\n\n" + marker + "\n\n" + _QUESTION}],
-            tokenize=False, add_generation_prompt=True)
-        head, tail = text.split(marker)
+        head, tail = chat_split(tok, _INSTRUCTION + "\n\n", "\n\n" + _QUESTION)
         return head, "", tail + _ANSWER_PREFIX
     raise ValueError(f"unknown prompt format {fmt!r} (plain or chat)")
 
@@ -998,9 +1004,16 @@ def make_plot(path, passkey_records, ppl_records, runs, pk_lengths, ppl_lengths,
             ax.set_title("Perplexity")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path, title)
+
+
+def save_figure(fig, path, title, fontsize=10, dpi=120):
+    """Title, lay out, save and close a matplotlib figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

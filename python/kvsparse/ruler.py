@@ -130,13 +130,9 @@ def _wrap(tok, fmt, instruction, body, question, prefix):
     if fmt == "plain":
         return instruction + "\n\n" + body + "\n\n", question + " " + prefix
     if fmt == "chat":
-        if not getattr(tok, "chat_template", None):
-            raise ValueError("prompt format 'chat' needs a tokenizer with a chat template")
-        marker = "\x00QUESTION\x00"
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": instruction + "\n\n" + body + "\n\n" + marker}],
-            tokenize=False, add_generation_prompt=True)
-        head, tail = text.split(marker)
+        from .eval import chat_split
+
+        head, tail = chat_split(tok, instruction + "\n\n" + body + "\n\n", "")
         return head, question + tail + prefix
     raise ValueError(f"unknown prompt format {fmt!r} (plain or chat)")
 
@@ -392,8 +388,6 @@ def ruler_plot(path, rows, title):
         ax.set_title(f"question {'in the prompt' if place == 'prompt' else 'decoded under the method'}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from .eval import save_figure
+
+    return save_figure(fig, path, title, fontsize=9, dpi=110)
