@@ -93,7 +93,7 @@ def stepwise_logits(model, ids, cont, cache):
 def test_config_defaults_repr_and_dict():
     c = QuestConfig()
     assert (c.token_budget, c.page_size, c.dense_layers, c.mode, c.max_cache_len, c.chunk_size) == (
-        1024, 16, 2, "group", None, 256)
+        1024, 16, 2, "softmax", None, 256)
     assert "token_budget=1024" in repr(c) and repr(c).startswith("QuestConfig(")
     d = c.to_dict()
     assert d["method"] == "quest" and d["page_size"] == 16
