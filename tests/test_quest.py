@@ -575,6 +575,20 @@ def test_combine_scores_matches_reference(how):
                 assert set(_round_robin(sc.numpy(), 4)) <= set(top.tolist())  # every head's best page
 
 
+@pytest.mark.parametrize("how", quest.GROUP_MODES)
+def test_combine_scores_nan_stays_on_its_page(how):
+    """NaN policy: a NaN bound makes its page's combined score NaN (selected
+    first by select_pages) and leaves the other pages' scores finite."""
+    _seed(4)
+    s = torch.randn(1, 6, 9)
+    s[0, 4, 5] = float("nan")  # KV head 1 (heads 3..5), page 5
+    got = quest.combine_scores(s, 2, how, scale=0.5)
+    assert torch.isnan(got[0, 1, 5]) and torch.isfinite(got[0, 1, torch.arange(9) != 5]).all()
+    assert torch.isfinite(got[0, 0]).all()
+    idx = quest.select_pages(got, torch.tensor([9 * 16], dtype=torch.int32), 16, 32)
+    assert 5 in idx[0, 1].tolist()
+
+
 def test_combine_scores_bad_input():
     s = torch.randn(1, 4, 5)
     with pytest.raises(ValueError, match="num_kv_heads"):

@@ -260,8 +260,11 @@ def combine_scores(scores, num_kv_heads, how="softmax", scale=1.0):
     if how == "max":
         return s.amax(2)
     # softmax over the pages, in place on one scaled copy (a decode step allocates
-    # little beyond the scores themselves)
+    # little beyond the scores themselves); a NaN bound stays on its page (NaN
+    # policy: the page is then selected first) instead of spoiling the head's row
+    nan = torch.isnan(s)
     prob = s * float(scale)
+    prob.masked_fill_(nan, float("-inf"))
     prob.sub_(prob.amax(-1, keepdim=True)).exp_()
     prob.div_(prob.sum(-1, keepdim=True))
     if how == "softmax":
@@ -272,5 +275,6 @@ def combine_scores(scores, num_kv_heads, how="softmax", scale=1.0):
         rank.scatter_(-1, order, torch.arange(P, device=s.device).expand_as(order))
         best = rank.amin(2).float()
         out = -best + 0.5 * prob.amax(2)
+    out.masked_fill_(nan.any(2), float("nan"))
     return out.masked_fill_(empty, float("-inf"))
 
