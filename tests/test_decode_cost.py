@@ -25,6 +25,7 @@ METHODS = {  # test id -> (method, patch kwargs)
     "quest": ("quest", dict(token_budget=64, page_size=16, dense_layers=0, dense_below=0)),  # softmax GQA mode
     "quest-group": ("quest", dict(token_budget=64, page_size=16, dense_layers=0, dense_below=0, mode="group")),
     "sparq": ("sparq", dict(r=8, k=64, dense_layers=0)),
+    "qaq": ("qaq", dict(dense_layers=0, requant_every=2)),
 }
 G = 2  # query heads per KV head
 
@@ -85,8 +86,15 @@ def test_decode_step_allocates_no_cache_sized_memory(method, compiled):
     # approximate score (and its index) per token; 16 bytes each per KV head
     # and layer, plus slack. Quest reads 2 * D * 4 = 256 bytes of page min/max
     # per page per KV head here; one layer's fp32 keys are 8x that for SparQ.
+    # QAQ reads every position (here 2 x 81 bytes per position and layer at 8
+    # bits: codes, offset, width, scale/zero, outliers) and its static layer
+    # re-evaluates every position's width each step (ranges, the window's
+    # max, the bounds: temporaries of a few bytes each per position, far below
+    # what it reads at a real head dim: 2 x ~1 KB per position at D = 128 x 8 KV heads)
     name, kw = METHODS[method]
     per = 16 if kw.get("mode") == "group" or name == "sparq" else 16 * (G + 1)
+    if name == "qaq":
+        per = 81
     per_pos = per * H_KV * LAYERS / (kw["page_size"] if name == "quest" else 1)
     allowed = int((large - small) * per_pos) + 16384
     assert b - a <= allowed, (

@@ -285,6 +285,68 @@ def test_static_cache_equals_dynamic():
         assert layer.ks.arena.shape == (2, 48 * 64) and layer.vs.arena.shape == (2, 48 * 64)
 
 
+def test_compiled_static_decode_equals_eager():
+    """The static QAQ layer is compileable (fullgraph): the compiled decode step,
+    re-quantizing on its device schedule, gives the eager tokens and widths."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    model = tiny_model(layers=2)
+    seqs = [prompt(n, seed=60 + n)[0] for n in (30, 19)]
+    ids, mask = left_pad(seqs)
+    cc = CompileConfig(backend="aot_eager", fullgraph=True, mode=None)
+    cc._compile_all_devices = True  # transformers compiles only on accelerators by default
+    with hf.patched(model, method="qaq", **ADAPT):
+        c_eager = hf.make_cache(model, batch_size=2, max_cache_len=48)
+        assert c_eager.is_compileable
+        eager = greedy(model, ids, n=10, attention_mask=mask, disable_compile=True, past_key_values=c_eager)
+        c_comp = hf.make_cache(model, batch_size=2, max_cache_len=48)
+        compiled = greedy(model, ids, n=10, attention_mask=mask, compile_config=cc, past_key_values=c_comp)
+        assert "_compiled_call" in model.__dict__  # generate took its compiled path
+    assert torch.equal(compiled, eager)
+    lowered = False
+    for le, lc in zip(c_eager.layers, c_comp.layers):
+        assert torch.equal(le.seq_lens, lc.seq_lens)
+        for a, b in ((le.ks, lc.ks), (le.vs, lc.vs)):
+            assert torch.equal(a.widths, b.widths)
+            lowered |= bool((a.widths[:, :, :30] < 8).any())
+        # device ring index: the prefill pushes `window` rows, then one per decode step
+        assert int(lc.window.step) == int(le.window.step) == ADAPT["window"] + 9
+    assert lowered
+
+
+def test_uniform_tiles():
+    g = torch.Generator().manual_seed(3)
+    w = torch.tensor([2, 4, 8], dtype=torch.uint8)[torch.randint(0, 3, (2, 3, 45), generator=g)]
+    lens = torch.tensor([45, 37], dtype=torch.int32)
+    u = qaq.uniform_tiles(w, lens, 16)
+    for b, n in enumerate(lens.tolist()):
+        for t0 in range(0, 45, 16):
+            tile = slice(t0, min(t0 + 16, 45))
+            if t0 + 16 <= n:  # a complete tile: one width, the largest of its tokens
+                assert (u[b, :, tile] == w[b, :, tile].amax(-1, keepdim=True)).all()
+            else:  # the incomplete last tile (and beyond) is left as it is (8: never lowered)
+                assert (u[b, :, tile] == 8).all()
+    assert qaq.uniform_tiles(w, lens, 1) is w
+    with pytest.raises(ValueError, match="tile"):
+        qaq.uniform_tiles(w, lens, 0)
+
+
+def test_tile_widths_give_uniform_tiles_in_generate():
+    model = tiny_model(layers=2)
+    ids = prompt(70, batch=2)
+    for tile in (1, 16):
+        with hf.patched(model, method="qaq", allowed=(2, 4, 8), tile_widths=tile, **ADAPT):
+            out = greedy(model, ids, n=12, return_dict_in_generate=True)
+        mixed = 0
+        for layer in out.past_key_values.layers:
+            n = int(layer.seq_lens.min())
+            for st in (layer.ks, layer.vs):
+                w = st.widths[:, :, : n // 16 * 16].reshape(2, st.widths.shape[1], -1, 16)
+                mixed += int((w.amax(-1) != w.amin(-1)).sum())
+        assert (mixed == 0) == (tile == 16), (tile, mixed)
+
+
 def test_multi_turn_continuation():
     model = tiny_model(layers=2)
     seqs = [prompt(n, seed=40 + n)[0] for n in (18, 26)]

@@ -601,6 +601,7 @@ class QAQCacheLayer(KVCacheLayer):
         self.used_k = self.used_v = None
         self._bound = {"ks": 0, "vs": 0}
         self._steps = 0
+        self._dsteps = None  # the static layer's step counter (a device tensor)
         self._requants = 0
         #: number of compactions, for tests and diagnostics
         self.num_compactions = 0
@@ -645,6 +646,7 @@ class QAQCacheLayer(KVCacheLayer):
         self.used_k = torch.zeros(B, dtype=torch.int64, device=self.device)
         self.used_v = torch.zeros(B, dtype=torch.int64, device=self.device)
         self.q_sq = torch.zeros(B, self.groups, dtype=torch.float32, device=self.device)
+        self._dsteps = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def _new_store(self, name, capacity, arena_bytes):
         alpha = self.cfg.alpha if name == "ks" else self.cfg.value_alpha
@@ -674,7 +676,7 @@ class QAQCacheLayer(KVCacheLayer):
         win = qaq.AttentionWindow(self.batch_size, self.num_heads, capacity, n=self.cfg.window, device=self.device)
         if self.window is not None:
             win.hist[..., :old].copy_(self.window.hist)
-            win.step = self.window.step
+            win.step.copy_(self.window.step)
         self.window = win
         self.capacity = capacity
         self.num_allocations += 1
@@ -828,7 +830,17 @@ class QAQCacheLayer(KVCacheLayer):
             return qaq.attention(qd, self.ks, self.vs, self.seq_lens, scaling).to(q.dtype)
         out, pm = qaq.attention(qd, self.ks, self.vs, self.seq_lens, scaling, return_p_max=True)
         self.window.push(pm)
-        self.q_sq = torch.maximum(self.q_sq, qaq.query_sq(q, self.groups, scaling))
+        self.q_sq.copy_(torch.maximum(self.q_sq, qaq.query_sq(q.detach(), self.groups, scaling)))
+        if self.is_compileable:
+            # no host counter (a compiled step is replayed as a CUDA graph): the
+            # widths are computed every step and applied where the device
+            # counter says a re-quantization is due (elsewhere a no-op)
+            if self.cfg.requant_every:
+                self._dsteps.add_(1)
+                due = self._dsteps >= self.cfg.requant_every
+                self.requantize(due)
+                self._dsteps.masked_fill_(due, 0)
+            return out.to(q.dtype)
         self._steps += 1
         if self.cfg.requant_every and self._steps >= self.cfg.requant_every:
             self.requantize()
@@ -836,15 +848,28 @@ class QAQCacheLayer(KVCacheLayer):
                 self.compact()
         return out.to(q.dtype)
 
-    def requantize(self):
-        """Recompute the widths from the bounds and lower them in place (no sync)."""
+    def requantize(self, due=None):
+        """Recompute the widths from the bounds and lower them in place (no sync).
+
+        ``due``: ``None``, or a 0-dim bool device tensor: the new widths apply
+        (and the ``|q|^2`` bound restarts) only where it is true (the static
+        layer's schedule, with no host branch)."""
         cfg = self.cfg
         kb = qaq.key_bits(qaq.stored_range(self.ks), self.q_sq, self.seq_lens, cfg.key_sigma,
                           cfg.allowed, cfg.n_recent)
         vb = qaq.value_bits(qaq.stored_range(self.vs), self.window.s_max(self.vs.groups), self.seq_lens,
                             cfg.value_sigma, cfg.allowed, cfg.n_recent)
+        if cfg.tile_widths > 1:
+            kb = qaq.uniform_tiles(kb, self.seq_lens, cfg.tile_widths)
+            vb = qaq.uniform_tiles(vb, self.seq_lens, cfg.tile_widths)
+        if due is not None:
+            kb = torch.where(due, kb, self.ks.widths)
+            vb = torch.where(due, vb, self.vs.widths)
         qaq.requantize(self.ks, kb, self.seq_lens)
         qaq.requantize(self.vs, vb, self.seq_lens)
+        if due is not None:
+            self.q_sq.masked_fill_(due, 0.0)
+            return
         self.q_sq.zero_()
         self._steps = 0
         self._requants += 1
@@ -879,10 +904,11 @@ class QAQCacheLayer(KVCacheLayer):
                     if not self.packed:
                         st.offsets.copy_(qaq.slot_offsets(st, self.width))
                 self.window.hist.zero_()
-                self.window.step = 0
+                self.window.step.zero_()
             self.used_k.zero_()
             self.used_v.zero_()
             self.q_sq.zero_()
+            self._dsteps.zero_()
             self._bound = {"ks": 0, "vs": 0}
             self._steps = 0
             self._requants = 0
@@ -933,16 +959,30 @@ class QAQDynamicLayer(_DynamicLengths, QAQCacheLayer):
 
 class QAQStaticLayer(_StaticLengths, QAQCacheLayer):
     """QAQ cache layer preallocated at ``max_cache_len`` tokens with fixed slots
-    of the largest width (no compaction, no host synchronisation). Not
-    compileable: the re-quantization period is a host counter."""
+    of the largest width (no compaction, no host synchronisation), compileable:
+    its decode step keeps no host state (the window's ring index and the
+    re-quantization period are device counters; the widths are evaluated
+    every step and applied every ``requant_every``). Lowered widths cut the
+    bytes attention reads; the slots keep their 8-bit room, so the memory held
+    is that of an 8-bit cache plus metadata."""
 
     packed = False
-    is_compileable = False
+    is_compileable = True
 
     def lazy_initialization(self, key_states, value_states=None):
         QAQCacheLayer.lazy_initialization(self, key_states, value_states)
         self.cumulative_length = self.cumulative_length.to(self.device)
         self._allocate(self.max_cache_len)
+        if not _is_compiling():
+            for t in self._state_tensors():
+                torch._dynamo.mark_static_address(t)
+
+    def _state_tensors(self):
+        """Every tensor a decode step reads or writes in place (static addresses)."""
+        yield from (self.seq_lens, self.cumulative_length, self.q_sq, self._dsteps, self.used_k, self.used_v)
+        for st in (self.ks, self.vs):
+            yield from st.tensors()
+        yield from (self.window.hist, self.window.step)
 
 
 def _text_config(model_config):

@@ -246,6 +246,11 @@ class QAQConfig(MethodConfig):
             many re-quantizations (``0``: never), and whenever its arena is full.
         uniform_bits: ``None``, or a fixed width for every token (the uniform
             2-/4-bit baselines: no re-quantization, ``allowed`` ignored).
+        tile_widths: re-quantization gives each aligned tile of this many
+            positions one width (the largest of its tokens' bounds,
+            :func:`kvsparse.qaq.uniform_tiles`), so that the CUDA attention
+            reads the tile with its width-specialised code; ``1``: per-token
+            widths, as in the paper (more mixed tiles, fewer bytes).
         cache_dtype: ``None``: the model's dtype, but float16 for a float32
             model (outliers and scales are 16-bit on every device); or
             ``"float16"``, ``"bfloat16"``, ``"float32"``.
@@ -298,6 +303,7 @@ class QAQConfig(MethodConfig):
     requant_every: int = 5
     compact_every: int = 8
     uniform_bits: Optional[int] = None
+    tile_widths: int = 16
     cache_dtype: Optional[str] = None
     max_cache_len: Optional[int] = None
     chunk_size: int = 256
@@ -338,6 +344,7 @@ class QAQConfig(MethodConfig):
         _check_int("dense_layers", self.dense_layers, 0)
         _check_int("requant_every", self.requant_every, 0)
         _check_int("compact_every", self.compact_every, 0)
+        _check_int("tile_widths", self.tile_widths, 1)
         if self.uniform_bits is not None:
             if isinstance(self.uniform_bits, bool) or self.uniform_bits not in (1, 2, 4, 8):
                 raise ValueError(f"kvsparse: uniform_bits must be None or one of 1, 2, 4, 8, got {self.uniform_bits!r}")

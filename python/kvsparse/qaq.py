@@ -94,6 +94,7 @@ __all__ = [
     "value_bits",
     "stored_range",
     "query_sq",
+    "uniform_tiles",
     "AttentionWindow",
     "attention",
     "memory_report",
@@ -311,6 +312,42 @@ def requantize(store, new_widths, seq_lens):
     _ops.ops.qaq_requantize(*store.tensors(), new_widths, seq_lens, store.num_kv_heads, store.head_dim)
 
 
+def uniform_tiles(widths, seq_lens, tile=16):
+    """Widths made uniform over aligned tiles of ``tile`` positions, so that the
+    CUDA attention reads each tile at one key width and one value width (its
+    width-specialised path; a tile mixing widths takes a per-row path).
+
+    Each complete tile (``t // tile < seq_lens[b] // tile``) gets the largest
+    width of its positions (never lower than any token's own bound: the cost
+    is bytes, not accuracy); positions of the incomplete last tile get 8, so
+    that :func:`requantize` (which only lowers) leaves them as they are until
+    the tile fills. Applied at every re-quantization, a tile that starts
+    uniform (tokens are written at the largest width) stays uniform.
+
+    Args:
+        widths: uint8 ``[B, Hg, cap]`` (e.g. from :func:`key_bits`).
+        seq_lens: int32 ``[B]``.
+        tile: positions per tile (``1``: unchanged).
+
+    Returns:
+        uint8 ``[B, Hg, cap]``.
+    """
+    _tensor(widths, "widths", 3, "[B, Hg, cap]")
+    tile = _pos_int(tile, "tile")
+    if tile == 1:
+        return widths
+    B, Hg, cap = widths.shape
+    pad = (-cap) % tile
+    w = torch.nn.functional.pad(widths, (0, pad)) if pad else widths
+    nt = (cap + pad) // tile
+    m = w.view(B, Hg, nt, tile).amax(-1, keepdim=True)  # [B, Hg, nt, 1]
+    # complete tiles: index < seq_lens // tile (one comparison per tile, not per position)
+    full = torch.arange(nt, device=widths.device, dtype=torch.int32).view(1, 1, nt, 1) < \
+        torch.div(seq_lens.to(widths.device, torch.int32), tile, rounding_mode="floor").view(B, 1, 1, 1)
+    m = torch.where(full, m, torch.full_like(m, 8))
+    return m.expand(B, Hg, nt, tile).reshape(B, Hg, nt * tile)[..., :cap].contiguous()
+
+
 def _allowed(allowed):
     try:
         a = [_ops.int_arg(w, "allowed") for w in allowed]
@@ -358,9 +395,8 @@ def value_bits(rng, s_max, seq_lens, sigma_x, allowed=WIDTHS, n_recent=5):
 def stored_range(store):
     """Each group's quantizer range recovered from its (scale, width):
     ``scale * (2^w - 1)`` (``scale`` for width 0). float32 ``[B, Hg, cap]``."""
-    w = store.widths.to(torch.int32)
-    steps = torch.where(w > 0, (1 << w) - 1, torch.ones_like(w)).float()
-    return (store.sz[..., 0].float() * steps).contiguous()
+    steps = torch.exp2(store.widths.float()).sub_(1.0).clamp_(min=1.0)  # 2^w - 1, and 1 for w = 0
+    return steps.mul_(store.sz[..., 0])
 
 
 def query_sq(q, groups, scale=None):
@@ -397,19 +433,22 @@ class AttentionWindow:
     def __init__(self, B, num_kv_heads, cap, n=5, device="cpu"):
         self.hist = torch.zeros(_pos_int(n, "n"), _pos_int(B, "B", 0), _pos_int(num_kv_heads, "num_kv_heads"),
                                 _pos_int(cap, "cap", 0), dtype=torch.float32, device=device)
-        self.step = 0
+        #: steps pushed so far: a device tensor, so that a compiled (CUDA-graph)
+        #: decode step advances the ring without a host counter
+        self.step = torch.zeros((), dtype=torch.int64, device=device)
 
     def push(self, p_max):
-        self.hist[self.step % self.hist.shape[0]].copy_(p_max)
-        self.step += 1
+        slot = torch.remainder(self.step, self.hist.shape[0]).view(1)
+        self.hist.index_copy_(0, slot, p_max.unsqueeze(0).to(self.hist.dtype))
+        self.step.add_(1)
 
     def s_max(self, groups):
-        m = self.hist.amax(0)
-        B, Hkv, cap = m.shape
+        n, B, Hkv, cap = self.hist.shape
         groups = _pos_int(groups, "groups")
         if Hkv % groups:
             raise ValueError(f"kvsparse: groups ({groups}) must divide the number of KV heads {Hkv}")
-        return m.view(B, groups, Hkv // groups, cap).amax(2).contiguous()
+        # one reduction over the steps and the KV heads of a group
+        return self.hist.view(n, B, groups, Hkv // groups, cap).amax(dim=(0, 3))
 
 
 def attention(q, k_store, v_store, seq_lens, scale=None, return_p_max=False):
