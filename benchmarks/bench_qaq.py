@@ -60,18 +60,25 @@ ALPHA = 0.01
 CHUNK = 8192  # tokens quantized per call while building a store
 
 
-def draw_widths(B, Hkv, S, mix, gen, device):
+#: mixes drawn per aligned tile of this many tokens (QAQConfig.tile_widths), not per token
+TILED = {}
+
+
+def draw_widths(B, Hkv, S, mix, gen, device, tile=1):
     ws, ps = mix
     if len(ws) == 1:
         return torch.full((B, Hkv, S), ws[0], dtype=torch.uint8, device=device)
-    idx = torch.multinomial(torch.tensor(ps), B * Hkv * S, replacement=True, generator=gen)
-    return torch.tensor(ws, dtype=torch.uint8)[idx].view(B, Hkv, S).to(device)
+    n = -(-S // tile)
+    idx = torch.multinomial(torch.tensor(ps), B * Hkv * n, replacement=True, generator=gen)
+    w = torch.tensor(ws, dtype=torch.uint8)[idx].view(B, Hkv, n).repeat_interleave(tile, dim=2)[:, :, :S]
+    return w.contiguous().to(device)
 
 
-def build_store(B, Hkv, S, D, mix, seed, device, dtype=torch.float16):
-    """A packed (compact-layout) store with every token of [0, S) quantized at widths drawn from `mix`."""
+def build_store(B, Hkv, S, D, mix, seed, device, dtype=torch.float16, tile=1):
+    """A packed (compact-layout) store with every token of [0, S) quantized at
+    widths drawn from `mix` (one draw per `tile` tokens)."""
     gen = torch.Generator().manual_seed(seed)
-    widths = draw_widths(B, Hkv, S, mix, gen, device)
+    widths = draw_widths(B, Hkv, S, mix, gen, device, tile)
     offs, nbytes = qaq.packed_offsets(widths, D)
     st = qaq.alloc(B, Hkv, S, D, dtype, device, alpha=ALPHA, arena_bytes=max(int(nbytes.max()), 1))
     g = torch.Generator(device=device).manual_seed(seed + 1)
@@ -142,8 +149,8 @@ def gpu_table(quick=False):
                 while True:
                     i = len(sbufs)
                     kmix, vmix = kv_mixes(MIXES[name])
-                    ks = build_store(B, Hkv, S, D, kmix, 1000 * i + 1, dev)
-                    vs = build_store(B, Hkv, S, D, vmix, 1000 * i + 2, dev)
+                    ks = build_store(B, Hkv, S, D, kmix, 1000 * i + 1, dev, tile=TILED.get(name, 1))
+                    vs = build_store(B, Hkv, S, D, vmix, 1000 * i + 2, dev, tile=TILED.get(name, 1))
                     sl = torch.full((B,), S, dtype=torch.int32, device=dev)
                     q = torch.randn(B, H, D, device=dev, dtype=dtype)
                     sbufs.append((q, ks, vs, sl))
@@ -239,8 +246,8 @@ def memory_table(quick=False):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         m0 = torch.cuda.memory_allocated()
-        ks = build_store(B, Hkv, S, D, kv_mixes(MIXES[name])[0], 11, dev)
-        vs = build_store(B, Hkv, S, D, kv_mixes(MIXES[name])[1], 12, dev)
+        ks = build_store(B, Hkv, S, D, kv_mixes(MIXES[name])[0], 11, dev, tile=TILED.get(name, 1))
+        vs = build_store(B, Hkv, S, D, kv_mixes(MIXES[name])[1], 12, dev, tile=TILED.get(name, 1))
         torch.cuda.synchronize()
         got = torch.cuda.memory_allocated() - m0
         rk, rv = qaq.memory_report(ks, sl), qaq.memory_report(vs, sl)

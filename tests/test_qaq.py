@@ -384,6 +384,36 @@ def test_attention_matches_reference(device, dtype, D, G, B):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_uniform_tiles_every_width_pair(device, dtype, D):
+    """Tiles of 16 tokens with one K width and one V width (what tile_widths
+    gives): every (K, V) pair of {2, 4, 8} appears, plus mixed tiles and a
+    ragged end; the CUDA kernel runs its width-specialised code on them."""
+    B, Hkv, G, cap = 2, 2, 4, 16 * 9 * 3 + 5
+    seed = _seed("tiles", dtype, D)
+    pairs = [(a, b) for a in (2, 4, 8) for b in (2, 4, 8)]
+    nt = (cap + 15) // 16
+    wk_t = torch.tensor([pairs[i % 9][0] for i in range(nt)], dtype=torch.uint8)
+    wv_t = torch.tensor([pairs[(i + i // 9) % 9][1] for i in range(nt)], dtype=torch.uint8)
+    wk = wk_t.repeat_interleave(16)[:cap].view(1, 1, cap).expand(B, Hkv, cap).contiguous()
+    wv = wv_t.repeat_interleave(16)[:cap].view(1, 1, cap).expand(B, Hkv, cap).contiguous()
+    wk[1, :, 40:56] = _rand_widths(1, Hkv, 16, seed)[0]  # one mixed tile
+    lens = [cap, cap - 100]
+    ks, _, sl = _fill(device, B, Hkv, cap, D, dtype, lens, wk, seed + 1, alpha=0.02)
+    vs, _, _ = _fill(device, B, Hkv, cap, D, dtype, lens, wv, seed + 2, alpha=0.02)
+    q = _randn((B, G * Hkv, D), torch.Generator().manual_seed(seed + 3), dtype, device) * 2
+    _dirty(device)
+    out, pm = qaq.attention(q, ks, vs, sl, return_p_max=True)
+    kd = ref.qaq_dequantize_ref(*ks.tensors(), sl, Hkv, D)
+    vd = ref.qaq_dequantize_ref(*vs.tensors(), sl, Hkv, D)
+    exp, pexp = ref.qaq_attention_ref(q, kd, vd, sl)
+    atol, rtol = ATTN_TOL[dtype]
+    torch.testing.assert_close(out.double().cpu(), exp, atol=atol, rtol=rtol)
+    torch.testing.assert_close(pm.double().cpu(), pexp, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_attention_empty_and_window(device):
     B, Hkv, cap, D = 2, 2, 20, 64
     w = torch.full((B, Hkv, cap), 4, dtype=torch.uint8)
