@@ -71,12 +71,18 @@ def test_cuda_fp16_small_budget_finite():
     assert all(torch.isfinite(s).all() for s in out.scores)
 
 
-def test_cuda_static_compiled_equals_eager():
-    """transformers' compiled decode path (static cache, torch.compile) with the patch."""
+@pytest.mark.parametrize("method,kw", [
+    ("quest", dict(token_budget=32, page_size=16, dense_layers=1)),
+    # re-quantization every 2 steps on the static layer's device schedule (CUDA graphs)
+    ("qaq", dict(sigma=0.05, requant_every=2, window=3, n_recent=2)),
+])
+def test_cuda_static_compiled_equals_eager(method, kw):
+    """transformers' compiled decode path (static cache, torch.compile,
+    CUDA graphs) with the patch."""
     torch._dynamo.reset()
     model = tiny_llama(layers=2)
     ids = ids_of(100, batch=2)
-    with hf.patched(model, token_budget=32, page_size=16, dense_layers=1):
+    with hf.patched(model, method=method, **kw):
         eager = greedy(model, ids, n=8, disable_compile=True,
                        past_key_values=hf.make_cache(model, batch_size=2, max_cache_len=128))
         compiled = greedy(model, ids, n=8,
@@ -102,6 +108,7 @@ def _steps_without_sync(model, cache, ids, n=12):
 
 
 @pytest.mark.parametrize("method,kw", [("qaq", {}), ("qaq", {"uniform_bits": 4}),
+                                       ("qaq", {"max_cache_len": 512, "requant_every": 2}),  # static layer
                                        ("quest", {"token_budget": 64, "dense_below": 0}),
                                        ("quest", {"token_budget": 64, "dense_below": 0, "mode": "softmax"}),
                                        ("sparq", {"compression": 0.25, "dense_below": 0})])

@@ -1155,9 +1155,19 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
     {
       const int wk0 = __shfl_sync(0xffffffffu, m_w, 0), wv0 = __shfl_sync(0xffffffffu, m_w, 16);
       const bool uni = __all_sync(0xffffffffu, m_w == (lane < 16 ? wk0 : wv0));
-      if (uni && wk0 == 4 && wv0 == 4) tile(QaW<4>{}, QaW<4>{});
+      // one K width and one V width per tile (QAQ's tile_widths makes every
+      // complete tile so): K in {4, 8} with V in {2, 4, 8}, and 2 / 2 (keys
+      // need more bits than values: 2-bit keys with wider values are rare and
+      // take the per-row code); other tiles switch per row
+      auto kv = [&](auto kt) {
+        if (wv0 == 2) tile(kt, QaW<2>{});
+        else if (wv0 == 4) tile(kt, QaW<4>{});
+        else tile(kt, QaW<8>{});
+      };
+      const bool vfast = wv0 == 2 || wv0 == 4 || wv0 == 8;
+      if (uni && wk0 == 4 && vfast) kv(QaW<4>{});
+      else if (uni && wk0 == 8 && vfast) kv(QaW<8>{});
       else if (uni && wk0 == 2 && wv0 == 2) tile(QaW<2>{}, QaW<2>{});
-      else if (uni && wk0 == 8 && wv0 == 8) tile(QaW<8>{}, QaW<8>{});
       else tile(QaW<0>{}, QaW<0>{});
     }
     // ---- V outliers: p (x_e - x~_e) into the warp's shared sums (relative to m_ref)
