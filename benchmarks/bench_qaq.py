@@ -50,6 +50,8 @@ MIXES = {
     # the default config's widths on SmolLM2 (benchmarks/results/qaq_widths_smollm2_cpu.md):
     # keys 4/8 bits, values mostly 2
     "default (SmolLM2 replay)": (((4, 8), (0.529, 0.471)), ((2, 4, 8), (0.866, 0.090, 0.044))),
+    # the same shares drawn per 16-token tile (tile_widths=16: one K and one V width per tile)
+    "default, 16-token tiles": (((4, 8), (0.529, 0.471)), ((2, 4, 8), (0.866, 0.090, 0.044))),
 }
 
 
@@ -61,7 +63,7 @@ CHUNK = 8192  # tokens quantized per call while building a store
 
 
 #: mixes drawn per aligned tile of this many tokens (QAQConfig.tile_widths), not per token
-TILED = {}
+TILED = {"default, 16-token tiles": 16}
 
 
 def draw_widths(B, Hkv, S, mix, gen, device, tile=1):
@@ -112,7 +114,7 @@ def gpu_table(quick=False):
     H, D, dtype = 32, 128, torch.float16
     if quick:
         points = [(1, 8, 32768), (16, 8, 4096)]
-        mixes = ["4", "default (SmolLM2 replay)"]
+        mixes = ["4", "default (SmolLM2 replay)", "default, 16-token tiles"]
     else:
         points = [(B, Hkv, S) for B in (1, 16) for Hkv in (8, 32) for S in (4096, 32768, 131072)]
         mixes = list(MIXES)
