@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--text", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                                    "tinyshakespeare.txt"))
+    ap.add_argument("--tile-widths", type=int, default=None,
+                    help="QAQConfig.tile_widths (default: the config's, per-token widths)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -42,7 +44,8 @@ def main():
     else:
         text, source = inspect.getsource(torch.nn.functional), "torch.nn.functional's source"
     ids = torch.tensor([tok.encode(text, add_special_tokens=False)[: args.prefill + args.decode]])
-    kvsparse.patch(model, method="qaq")
+    extra = {} if args.tile_widths is None else {"tile_widths": args.tile_widths}
+    kvsparse.patch(model, method="qaq", **extra)
     cache = hf.make_cache(model, 1)
     kw = lambda: _compat.model_cache_kwargs(model, cache)  # noqa: E731
     with torch.no_grad():
@@ -70,10 +73,12 @@ def main():
         tot = sum(h.values())
         return sum(b * c for b, c in h.items()) / tot
 
-    lines = [f"# QAQ widths on SmolLM2-135M-Instruct, default config (CPU, {datetime.date.today()})", "",
-             f"`python benchmarks/qaq_widths.py --prefill {args.prefill} --decode {args.decode}`: dense prefill of "
+    tiles = "" if args.tile_widths is None else f" --tile-widths {args.tile_widths}"
+    lines = [f"# QAQ widths on SmolLM2-135M-Instruct, {'default config' if not extra else extra} "
+             f"(CPU, {datetime.date.today()})", "",
+             f"`python benchmarks/qaq_widths.py --prefill {args.prefill} --decode {args.decode}{tiles}`: dense prefill of "
              f"{args.prefill} tokens of {source}, then {args.decode} decode steps; widths of every valid token "
-             f"(groups shared across the KV heads), keys and values; `QAQConfig()` defaults.", "",
+             f"(groups shared across the KV heads), keys and values; `QAQConfig({', '.join(f'{k}={v}' for k, v in extra.items())})`.", "",
              "| store | " + " | ".join(f"{b} bits" for b in (0, 1, 2, 4, 8)) + " | mean bits |",
              "|---|" + "---:|" * 6]
     for name in ("keys", "values"):
@@ -96,7 +101,8 @@ def main():
     print(md)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "qaq_widths_smollm2_cpu.md"), "w") as f:
+        name = "qaq_widths_smollm2_cpu.md" if not extra else f"qaq_widths_smollm2_tiles{args.tile_widths}_cpu.md"
+        with open(os.path.join(args.out, name), "w") as f:
             f.write(md)
 
 

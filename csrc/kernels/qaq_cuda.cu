@@ -162,6 +162,7 @@ __global__ void k_bits(const float *rng, const float *q_sq, const float *s_max, 
 #define QQ_NT 256               // most threads per block (quantize / requantize)
 #define QQ_WMAX (QQ_NT / 32)
 #define QQ_GRID (1 << 16)       // most blocks per launch (they stride over the groups)
+#define QQ_RQ_ITEMS 32          // groups a requantize block examines at a time (one warp's lanes)
 #define QQ_FULL 0xffffffffu
 
 // key type, raw element bits and value of a cache dtype (see above)
@@ -466,42 +467,66 @@ __global__ void __launch_bounds__(QQ_NT)
   const int E = (int)((Hkv / st.Hg) * D), tid = threadIdx.x, nt = blockDim.x;
   uint32_t *s_mask = s_dyn;
   uint8_t *s_codes = reinterpret_cast<uint8_t *>(s_dyn + (E + 31) / 32);
-  for (int64_t gi = blockIdx.x; gi < items; gi += gridDim.x) {
-    const int64_t b = gi / (st.Hg * cap), t = gi % cap;
-    if (t >= clamp_len(seq_lens[b], cap)) continue;  // the whole block
-    const int nw = new_w[gi], ow = st.widths[gi];
-    if (!(nw == 0 || valid_w(nw)) || !(nw < ow) || !(ow == 0 || valid_w(ow))) continue;
-    const int32_t off = st.offsets[gi];
-    const int w_old = eff_w(ow, off, E, st.A), w_new = eff_w(nw, off, E, st.A);
-    uint8_t *codes = st.arena + b * st.A + off;
-    const float s_old = h2f(st.sz[2 * gi]), z_old = h2f(st.sz[2 * gi + 1]);
-    const int16_t *oi = st.oidx + gi * n_out;
-    for (int j = tid; j < (E + 31) / 32; j += nt) s_mask[j] = 0u;
-    for (int q = tid; q < E * w_old / 8; q += nt) s_codes[q] = codes[q];
-    __syncthreads();
-    for (int j = tid; j < n_out; j += nt) {
-      const int e = oi[j];
-      if (e >= 0 && e < E) mask_set(s_mask, e);
+  __shared__ uint32_t s_todo;
+  // A block takes QQ_RQ_ITEMS consecutive groups at a time: warp 0 finds those
+  // whose width falls (one lane per group, a ballot), then the whole block
+  // re-packs them one after the other. A step that lowers few widths (most of
+  // a decode step's groups keep theirs) costs one wave of blocks, not a block
+  // per group.
+  for (int64_t base = (int64_t)blockIdx.x * QQ_RQ_ITEMS; base < items;
+       base += (int64_t)gridDim.x * QQ_RQ_ITEMS) {
+    if (tid < 32) {
+      bool need = false;
+      const int64_t gi = base + tid;
+      if (tid < QQ_RQ_ITEMS && gi < items) {
+        const int64_t b = gi / (st.Hg * cap), t = gi % cap;
+        const int nw = new_w[gi], ow = st.widths[gi];
+        need = t < clamp_len(seq_lens[b], cap) && (nw == 0 || valid_w(nw)) && nw < ow &&
+               (ow == 0 || valid_w(ow));
+      }
+      const uint32_t m = __ballot_sync(0xffffffffu, need);
+      if (tid == 0) s_todo = m;
     }
     __syncthreads();
-    uint32_t kmn = ~0u, kmx = 0u, nan = 0u;
-    for (int e = tid; e < E; e += nt)
-      if (!mask_bit(s_mask, e)) range_add(deq(s_codes, w_old, s_old, z_old, e, E), kmn, kmx, nan);
-    block_range(kmn, kmx, nan, s_red);
-    uint16_t s16, z16;
-    range_sz(kmn, kmx, nan, w_new, s16, z16);
-    if (w_new > 0) {
-      const float sf = h2f(s16), zf = h2f(z16);
-      pack_words(codes, E, w_new, [&](int e) {
-        return mask_bit(s_mask, e) ? 0u : code_of(deq(s_codes, w_old, s_old, z_old, e, E), sf, zf, w_new);
-      });
+    uint32_t todo = s_todo;
+    __syncthreads();  // s_todo is rewritten by the next round
+    while (todo) {
+      const int64_t gi = base + __ffs(todo) - 1;
+      todo &= todo - 1;
+      const int64_t b = gi / (st.Hg * cap);
+      const int nw = new_w[gi], ow = st.widths[gi];
+      const int32_t off = st.offsets[gi];
+      const int w_old = eff_w(ow, off, E, st.A), w_new = eff_w(nw, off, E, st.A);
+      uint8_t *codes = st.arena + b * st.A + off;
+      const float s_old = h2f(st.sz[2 * gi]), z_old = h2f(st.sz[2 * gi + 1]);
+      const int16_t *oi = st.oidx + gi * n_out;
+      for (int j = tid; j < (E + 31) / 32; j += nt) s_mask[j] = 0u;
+      for (int q = tid; q < E * w_old / 8; q += nt) s_codes[q] = codes[q];
+      __syncthreads();
+      for (int j = tid; j < n_out; j += nt) {
+        const int e = oi[j];
+        if (e >= 0 && e < E) mask_set(s_mask, e);
+      }
+      __syncthreads();
+      uint32_t kmn = ~0u, kmx = 0u, nan = 0u;
+      for (int e = tid; e < E; e += nt)
+        if (!mask_bit(s_mask, e)) range_add(deq(s_codes, w_old, s_old, z_old, e, E), kmn, kmx, nan);
+      block_range(kmn, kmx, nan, s_red);
+      uint16_t s16, z16;
+      range_sz(kmn, kmx, nan, w_new, s16, z16);
+      if (w_new > 0) {
+        const float sf = h2f(s16), zf = h2f(z16);
+        pack_words(codes, E, w_new, [&](int e) {
+          return mask_bit(s_mask, e) ? 0u : code_of(deq(s_codes, w_old, s_old, z_old, e, E), sf, zf, w_new);
+        });
+      }
+      if (tid == 0) {
+        st.sz[2 * gi] = s16;
+        st.sz[2 * gi + 1] = z16;
+        st.widths[gi] = (uint8_t)nw;
+      }
+      __syncthreads();  // before the next group reuses the shared memory
     }
-    if (tid == 0) {
-      st.sz[2 * gi] = s16;
-      st.sz[2 * gi + 1] = z16;
-      st.widths[gi] = (uint8_t)nw;
-    }
-    __syncthreads();  // before the next group reuses the shared memory
   }
 }
 
@@ -1155,19 +1180,14 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
     {
       const int wk0 = __shfl_sync(0xffffffffu, m_w, 0), wv0 = __shfl_sync(0xffffffffu, m_w, 16);
       const bool uni = __all_sync(0xffffffffu, m_w == (lane < 16 ? wk0 : wv0));
-      // one K width and one V width per tile (QAQ's tile_widths makes every
-      // complete tile so): K in {4, 8} with V in {2, 4, 8}, and 2 / 2 (keys
-      // need more bits than values: 2-bit keys with wider values are rare and
-      // take the per-row code); other tiles switch per row
-      auto kv = [&](auto kt) {
-        if (wv0 == 2) tile(kt, QaW<2>{});
-        else if (wv0 == 4) tile(kt, QaW<4>{});
-        else tile(kt, QaW<8>{});
-      };
-      const bool vfast = wv0 == 2 || wv0 == 4 || wv0 == 8;
-      if (uni && wk0 == 4 && vfast) kv(QaW<4>{});
-      else if (uni && wk0 == 8 && vfast) kv(QaW<8>{});
+      // one width for K and V across the tile: the width-specialised code; any
+      // other tile switches per row. (Specialising every (K, V) pair of {2, 4,
+      // 8} was measured on the H200 with tiles of one K and one V width drawn
+      // from QAQ's SmolLM2 shares: 0.105 ms against 0.101 ms per-row at
+      // B = 1, H_kv = 8, 32k; no gain, for twice the compile time.)
+      if (uni && wk0 == 4 && wv0 == 4) tile(QaW<4>{}, QaW<4>{});
       else if (uni && wk0 == 2 && wv0 == 2) tile(QaW<2>{}, QaW<2>{});
+      else if (uni && wk0 == 8 && wv0 == 8) tile(QaW<8>{}, QaW<8>{});
       else tile(QaW<0>{}, QaW<0>{});
     }
     // ---- V outliers: p (x_e - x~_e) into the warp's shared sums (relative to m_ref)
@@ -1557,7 +1577,7 @@ int ks_qaq_requantize_cuda(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv,
   const int64_t E = st.Hg > 0 ? Hkv / st.Hg * D : 0;
   if (E < 1 || E > KS_QAQ_MAX_GROUP) return (int)cudaErrorInvalidValue;
   cudaStream_t s = (cudaStream_t)stream;
-  const unsigned nb = qq_grid(items);
+  const unsigned nb = qq_grid((items + QQ_RQ_ITEMS - 1) / QQ_RQ_ITEMS);
   const int nt = qq_threads(E);
   const size_t smem = (size_t)(E + 31) / 32 * 4 + (size_t)(E + 3) / 4 * 4;  // mask + old codes
   if (dt == KS_F32)

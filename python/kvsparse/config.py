@@ -246,11 +246,17 @@ class QAQConfig(MethodConfig):
             many re-quantizations (``0``: never), and whenever its arena is full.
         uniform_bits: ``None``, or a fixed width for every token (the uniform
             2-/4-bit baselines: no re-quantization, ``allowed`` ignored).
-        tile_widths: re-quantization gives each aligned tile of this many
-            positions one width (the largest of its tokens' bounds,
-            :func:`kvsparse.qaq.uniform_tiles`), so that the CUDA attention
-            reads the tile with its width-specialised code; ``1``: per-token
-            widths, as in the paper (more mixed tiles, fewer bytes).
+        tile_widths: ``1`` (default): per-token widths, as in the paper; ``n``:
+            re-quantization gives each aligned tile of ``n`` positions one
+            width (the largest of its tokens' bounds,
+            :func:`kvsparse.qaq.uniform_tiles`: more bytes, never less
+            accurate). Measured on the H200 (``bench_qaq.py``), 16-token tiles
+            of one K and one V width did not make the CUDA attention faster
+            than per-token widths (0.105 vs 0.101 ms at B = 1, H_kv = 8, 32k):
+            its cost is per-tile bookkeeping, not the width switch; and on
+            SmolLM2 the tiles raise the mean widths from 5.88 / 2.44 bits
+            (keys / values) to 7.24 / 4.28
+            (``benchmarks/results/qaq_widths_smollm2_tiles16_cpu.md``).
         cache_dtype: ``None``: the model's dtype, but float16 for a float32
             model (outliers and scales are 16-bit on every device); or
             ``"float16"``, ``"bfloat16"``, ``"float32"``.
@@ -303,7 +309,7 @@ class QAQConfig(MethodConfig):
     requant_every: int = 5
     compact_every: int = 8
     uniform_bits: Optional[int] = None
-    tile_widths: int = 16
+    tile_widths: int = 1
     cache_dtype: Optional[str] = None
     max_cache_len: Optional[int] = None
     chunk_size: int = 256
