@@ -59,6 +59,8 @@ METHODS = {
     "quest-union": ("quest", dict(token_budget=2048, page_size=16, mode="union")),
     "sparq": ("sparq", dict(compression=1 / 8)),
     "qaq": ("qaq", dict()),
+    # per-KV-head groups: 2 outlier slots per head instead of 22 shared ones at Llama-3-8B (E = 1024)
+    "qaq-head": ("qaq", dict(shared=False)),
 }
 
 

@@ -817,7 +817,7 @@ class QAQCacheLayer(KVCacheLayer):
             row[..., :T].copy_(p[:, :, j])
             self.window.push(row)
         qs = qaq.query_sq(query[:, :, L - 1].detach(), Hg, scaling)
-        self.q_sq = torch.maximum(self.q_sq, qs)
+        self.q_sq.copy_(torch.maximum(self.q_sq, qs))  # in place: a static address under CUDA graphs
         self.requantize()
         self.compact()
 
