@@ -23,15 +23,8 @@
  * The page arithmetic never forms len + P or (p+1)*P, so any P >= 1 is safe
  * (the bindings still cap page_size at KS_MAX_PAGE_SIZE).
  *
- * Errors: the CPU functions that allocate scratch memory return 0, or
- * KS_ERR_NOMEM when an allocation failed (the outputs are then unspecified;
- * the bindings raise). Sizes are the caller's: they must fit the tensors.
- *
- * NaN / Inf (the same in sparq.h and qaq.h): min / max metadata propagate
- * NaN (a page with a NaN key has NaN kmin / kmax and a NaN score); selections
- * rank NaN above every number (so a NaN page or token is selected); an
- * attention row whose logits include a NaN or +inf, or are all -inf, is NaN,
- * as dense softmax attention gives; a row with no token at all is zeros.
+ * Errors (0 or KS_ERR_NOMEM on CPU) and the NaN / Inf policy: ks_dtype.h.
+ * Sizes are the caller's: they must fit the tensors.
  */
 #ifndef KVSPARSE_QUEST_H
 #define KVSPARSE_QUEST_H
@@ -39,14 +32,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ks_dtype.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-typedef enum { KS_F32 = 0, KS_F16 = 1, KS_BF16 = 2 } ks_dtype;
-
-/* Return code of a CPU kernel whose scratch allocation failed. */
-#define KS_ERR_NOMEM 1
 
 /* Largest page_size the bindings accept: a page never needs more tokens than
  * an int32 length can count. */

@@ -10,7 +10,7 @@
 #include <string.h>
 
 #include "ks_cpu_util.h"
-#include "ks_dtype.h"
+#include "ks_cpu_dtype.h"
 #include "quest.h"
 
 /* ceil(len / P) without forming len + P - 1 (P may be as large as INT64_MAX) */
@@ -383,7 +383,7 @@ int ks_quest_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dty
                 }
                 for (j = 0; j < nh; j++) {
                     void *o = ks_ptr(out, dt, (b * H + h0 + j) * D);
-                    /* NaN policy (quest.h): as dense attention, a NaN / +inf logit,
+                    /* NaN policy (ks_dtype.h): as dense attention, a NaN / +inf logit,
                      * or tokens whose logits are all -inf, give a NaN row */
                     if (bad[j] != 0.f || (seen && m[j] == -INFINITY)) {
                         for (d = 0; d < D; d++)

@@ -170,7 +170,7 @@ __global__ void metadata_kernel(const T *__restrict__ k, int64_t cap, const int3
       float x[8];
       Vec8<T>::load(kp + (size_t)t * D, x);
 #pragma unroll
-      // NaN-propagating min / max (quest.h's NaN policy), as on the CPU
+      // NaN-propagating min / max (ks_dtype.h's NaN policy), as on the CPU
       for (int i = 0; i < 8; ++i) {
         mn[i] = (x[i] < mn[i] || x[i] != x[i]) ? x[i] : mn[i];
         mx[i] = (x[i] > mx[i] || x[i] != x[i]) ? x[i] : mx[i];
@@ -267,7 +267,7 @@ scores_kernel(const T *__restrict__ q, const T *__restrict__ kmin, const T *__re
 // --------------------------------------------------------------- select ----
 constexpr int SEL_THREADS = 1024;
 
-// Order key: larger float -> larger key; NaN ranks as +inf (quest.h's NaN
+// Order key: larger float -> larger key; NaN ranks as +inf (ks_dtype.h's NaN
 // policy: a page with a NaN score is selected, as on the CPU).
 __device__ __forceinline__ uint32_t order_key(float f) {
   uint32_t u = __float_as_uint(f);

@@ -31,7 +31,7 @@
  * Ordering of floats (top channels, top positions): NaN ranks above every
  * number (as +inf); ties go to the lower index. The CPU functions that
  * allocate scratch return 0 or KS_ERR_NOMEM; the NaN / Inf policy of the
- * attention is quest.h's. Every sum whose rounding decides a selection is a
+ * attention is ks_dtype.h's. Every sum whose rounding decides a selection is a
  * float32 sum in head order g = 0, 1, ..., starting from 0.
  */
 #ifndef KVSPARSE_SPARQ_H
@@ -40,7 +40,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "quest.h" /* ks_dtype */
+#include "ks_dtype.h"
 
 #ifdef __cplusplus
 extern "C" {

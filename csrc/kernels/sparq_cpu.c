@@ -11,7 +11,7 @@
 #include <string.h>
 
 #include "ks_cpu_util.h"
-#include "ks_dtype.h"
+#include "ks_cpu_dtype.h"
 #include "sparq.h"
 
 /* Work (element visits / multiply-adds) from which a kernel goes parallel. */
@@ -469,7 +469,7 @@ int ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dty
                 for (j = 0; j < nh; j++) {
                     float *aj = acc + j * D;
                     const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
-                    /* NaN policy (quest.h): NaN / +inf logits, or all -inf, give NaN */
+                    /* NaN policy (ks_dtype.h): NaN / +inf logits, or all -inf, give NaN */
                     const int nan_row = bad[j] != 0.f || (seen && m[j] == -INFINITY);
                     for (d = 0; d < D; d++)
                         aj[d] = nan_row ? NAN : aj[d] * inv;
