@@ -308,8 +308,8 @@ static PyObject *py_page_metadata(PyObject *self, PyObject *args, PyObject *kwar
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    ks_quest_metadata_cpu(PyArray_DATA(k), dt, B, Hkv, cap, D, NULL, lens, P, mp,
-                          PyArray_DATA(kmin), PyArray_DATA(kmax));
+    ks_quest_page_metadata_cpu(PyArray_DATA(k), dt, B, Hkv, cap, D, NULL, lens, P, mp,
+                               PyArray_DATA(kmin), PyArray_DATA(kmax));
     Py_END_ALLOW_THREADS
     return Py_BuildValue("NN", (PyObject *)kmin, (PyObject *)kmax);
 }
@@ -360,8 +360,8 @@ static PyObject *py_update_metadata(PyObject *self, PyObject *args, PyObject *kw
             return NULL;
         }
     Py_BEGIN_ALLOW_THREADS
-    ks_quest_metadata_cpu(PyArray_DATA(k), dt, B, Hkv, cap, D, starts, lens, P, mp,
-                          PyArray_DATA(kmin), PyArray_DATA(kmax));
+    ks_quest_page_metadata_cpu(PyArray_DATA(k), dt, B, Hkv, cap, D, starts, lens, P, mp,
+                               PyArray_DATA(kmin), PyArray_DATA(kmax));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -402,8 +402,8 @@ static PyObject *py_page_scores(PyObject *self, PyObject *args, PyObject *kwargs
     if (!(scores = new_array(3, dims, NPY_FLOAT32)))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    rc = ks_quest_scores_cpu(PyArray_DATA(q), PyArray_DATA(kmin), PyArray_DATA(kmax), dt, B, H,
-                             Hkv, mp, D, lens, P, group, (float *)PyArray_DATA(scores));
+    rc = ks_quest_page_scores_cpu(PyArray_DATA(q), PyArray_DATA(kmin), PyArray_DATA(kmax), dt, B, H,
+                                  Hkv, mp, D, lens, P, group, (float *)PyArray_DATA(scores));
     Py_END_ALLOW_THREADS
     if (kernel_rc(rc) < 0) {
         Py_DECREF(scores);
@@ -448,8 +448,8 @@ static PyObject *py_select_pages(PyObject *self, PyObject *args, PyObject *kwarg
         return NULL;
     if (n_sel > 0) {
         Py_BEGIN_ALLOW_THREADS
-        rc = ks_quest_select_cpu((const float *)PyArray_DATA(scores), B, Hs, mp, lens, P, n_sel,
-                                 (int32_t *)PyArray_DATA(idx));
+        rc = ks_quest_select_pages_cpu((const float *)PyArray_DATA(scores), B, Hs, mp, lens, P,
+                                       n_sel, (int32_t *)PyArray_DATA(idx));
         Py_END_ALLOW_THREADS
         if (kernel_rc(rc) < 0) {
             Py_DECREF(idx);
@@ -522,9 +522,9 @@ static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *k
     }
     if (B * H > 0 && n_sel > 0 && cap > 0) {
         Py_BEGIN_ALLOW_THREADS
-        rc = ks_quest_sparse_attn_cpu(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v), dt, B, H,
-                                      Hkv, cap, D, ip, Hs, n_sel, lens, P, scale,
-                                      PyArray_DATA(out));
+        rc = ks_quest_sparse_attention_cpu(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v), dt,
+                                           B, H, Hkv, cap, D, ip, Hs, n_sel, lens, P, scale,
+                                           PyArray_DATA(out));
         Py_END_ALLOW_THREADS
     }
     if (kernel_rc(rc) < 0) {
@@ -593,9 +593,9 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwargs)
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
-    rc = ks_quest_decode_cpu(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v),
-                             PyArray_DATA(kmin), PyArray_DATA(kmax), dt, B, H, Hkv, cap, D, mp,
-                             lens, P, n_sel, group, scale, scores_ws, idx_ws, PyArray_DATA(out));
+    rc = ks_quest_attention_cpu(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v),
+                                PyArray_DATA(kmin), PyArray_DATA(kmax), dt, B, H, Hkv, cap, D, mp,
+                                lens, P, n_sel, group, scale, scores_ws, idx_ws, PyArray_DATA(out));
     Py_END_ALLOW_THREADS
     PyMem_RawFree(scores_ws);
     PyMem_RawFree(idx_ws);

@@ -294,14 +294,14 @@ std::tuple<Tensor, Tensor> page_metadata_impl(const Tensor &k, const Tensor &seq
   Tensor kmax = at::empty_like(kmin);
   if (kmin.numel() == 0) return {kmin, kmax};
   if (!cuda) {
-    ks_quest_metadata_cpu(k.data_ptr(), a.dt, a.k.B, a.k.Hkv, a.k.cap, a.k.D, nullptr,
-                          seq_lens.data_ptr<int32_t>(), page_size, a.max_pages, kmin.data_ptr(),
-                          kmax.data_ptr());
+    ks_quest_page_metadata_cpu(k.data_ptr(), a.dt, a.k.B, a.k.Hkv, a.k.cap, a.k.D, nullptr,
+                               seq_lens.data_ptr<int32_t>(), page_size, a.max_pages, kmin.data_ptr(),
+                               kmax.data_ptr());
   } else {
 #ifdef KVSPARSE_WITH_CUDA
-    int rc = ks_quest_metadata_cuda(k.data_ptr(), a.dt, a.k.B, a.k.Hkv, a.k.cap, a.k.D, nullptr,
-                                    seq_lens.data_ptr<int32_t>(), page_size, a.max_pages,
-                                    kmin.data_ptr(), kmax.data_ptr(), cur_stream());
+    int rc = ks_quest_page_metadata_cuda(k.data_ptr(), a.dt, a.k.B, a.k.Hkv, a.k.cap, a.k.D, nullptr,
+                                         seq_lens.data_ptr<int32_t>(), page_size, a.max_pages,
+                                         kmin.data_ptr(), kmax.data_ptr(), cur_stream());
     check_cuda_rc(rc, "quest_page_metadata");
 #endif
   }
@@ -322,15 +322,15 @@ void update_metadata_impl(const Tensor &k, const Tensor &kmin, const Tensor &kma
   if (!cuda) check_start_values(start_lens, seq_lens);
   if (kmin.numel() == 0) return;
   if (!cuda) {
-    ks_quest_metadata_cpu(k.data_ptr(), a.dt, a.k.B, a.k.Hkv, a.k.cap, a.k.D,
-                          start_lens.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
-                          page_size, a.max_pages, kmin.data_ptr(), kmax.data_ptr());
+    ks_quest_page_metadata_cpu(k.data_ptr(), a.dt, a.k.B, a.k.Hkv, a.k.cap, a.k.D,
+                               start_lens.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
+                               page_size, a.max_pages, kmin.data_ptr(), kmax.data_ptr());
   } else {
 #ifdef KVSPARSE_WITH_CUDA
-    int rc = ks_quest_metadata_cuda(k.data_ptr(), a.dt, a.k.B, a.k.Hkv, a.k.cap, a.k.D,
-                                    start_lens.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
-                                    page_size, a.max_pages, kmin.data_ptr(), kmax.data_ptr(),
-                                    cur_stream());
+    int rc = ks_quest_page_metadata_cuda(k.data_ptr(), a.dt, a.k.B, a.k.Hkv, a.k.cap, a.k.D,
+                                         start_lens.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
+                                         page_size, a.max_pages, kmin.data_ptr(), kmax.data_ptr(),
+                                         cur_stream());
     check_cuda_rc(rc, "quest_update_metadata");
 #endif
   }
@@ -361,15 +361,15 @@ Tensor page_scores_impl(const Tensor &q, const Tensor &kmin, const Tensor &kmax,
   if (scores.numel() == 0) return scores;
   const ks_dtype dt = to_ks_dtype(q, "q");
   if (!cuda) {
-    check_cpu_rc(ks_quest_scores_cpu(q.data_ptr(), kmin.data_ptr(), kmax.data_ptr(), dt, qd.B, qd.H, Hkv,
+    check_cpu_rc(ks_quest_page_scores_cpu(q.data_ptr(), kmin.data_ptr(), kmax.data_ptr(), dt, qd.B, qd.H, Hkv,
                           max_pages, qd.D, seq_lens.data_ptr<int32_t>(), page_size, group ? 1 : 0,
                           scores.data_ptr<float>()),
                  "quest_page_scores");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
-    int rc = ks_quest_scores_cuda(q.data_ptr(), kmin.data_ptr(), kmax.data_ptr(), dt, qd.B, qd.H,
-                                  Hkv, max_pages, qd.D, seq_lens.data_ptr<int32_t>(), page_size,
-                                  group ? 1 : 0, scores.data_ptr<float>(), cur_stream());
+    int rc = ks_quest_page_scores_cuda(q.data_ptr(), kmin.data_ptr(), kmax.data_ptr(), dt, qd.B, qd.H,
+                                       Hkv, max_pages, qd.D, seq_lens.data_ptr<int32_t>(), page_size,
+                                       group ? 1 : 0, scores.data_ptr<float>(), cur_stream());
     check_cuda_rc(rc, "quest_page_scores");
 #endif
   }
@@ -394,14 +394,14 @@ Tensor select_pages_impl(const Tensor &scores, const Tensor &seq_lens, int64_t p
   Tensor page_idx = at::empty({B, Hs, n_sel}, scores.options().dtype(at::kInt));
   if (page_idx.numel() == 0) return page_idx;
   if (!cuda) {
-    check_cpu_rc(ks_quest_select_cpu(scores.data_ptr<float>(), B, Hs, max_pages, seq_lens.data_ptr<int32_t>(),
+    check_cpu_rc(ks_quest_select_pages_cpu(scores.data_ptr<float>(), B, Hs, max_pages, seq_lens.data_ptr<int32_t>(),
                           page_size, n_sel, page_idx.data_ptr<int32_t>()),
                  "quest_select_pages");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
-    int rc = ks_quest_select_cuda(scores.data_ptr<float>(), B, Hs, max_pages,
-                                  seq_lens.data_ptr<int32_t>(), page_size, n_sel,
-                                  page_idx.data_ptr<int32_t>(), cur_stream());
+    int rc = ks_quest_select_pages_cuda(scores.data_ptr<float>(), B, Hs, max_pages,
+                                        seq_lens.data_ptr<int32_t>(), page_size, n_sel,
+                                        page_idx.data_ptr<int32_t>(), cur_stream());
     check_cuda_rc(rc, "quest_select_pages");
 #endif
   }
@@ -459,21 +459,21 @@ Tensor sparse_attention_impl(const Tensor &q, const Tensor &k, const Tensor &v,
     return out;
   }
   if (!cuda) {
-    check_cpu_rc(ks_quest_sparse_attn_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), a.dt, a.B, a.H, a.Hkv,
+    check_cpu_rc(ks_quest_sparse_attention_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), a.dt, a.B, a.H, a.Hkv,
                                a.cap, a.D, page_idx.data_ptr<int32_t>(), Hs, n_sel,
                                seq_lens.data_ptr<int32_t>(), page_size, static_cast<float>(scale),
                                out.data_ptr()),
                  "quest_sparse_attention");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
-    size_t ws_bytes = ks_quest_sparse_attn_cuda_workspace(a.B, a.H, a.D, n_sel, page_size);
+    size_t ws_bytes = ks_quest_sparse_attention_cuda_workspace(a.B, a.H, a.D, n_sel, page_size);
     Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(ws_bytes, 1))},
                           q.options().dtype(at::kByte));
-    int rc = ks_quest_sparse_attn_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), a.dt, a.B, a.H,
-                                       a.Hkv, a.cap, a.D, page_idx.data_ptr<int32_t>(), Hs, n_sel,
-                                       seq_lens.data_ptr<int32_t>(), page_size,
-                                       static_cast<float>(scale), ws.data_ptr(), out.data_ptr(),
-                                       cur_stream());
+    int rc = ks_quest_sparse_attention_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), a.dt, a.B, a.H,
+                                            a.Hkv, a.cap, a.D, page_idx.data_ptr<int32_t>(), Hs, n_sel,
+                                            seq_lens.data_ptr<int32_t>(), page_size,
+                                            static_cast<float>(scale), ws.data_ptr(), out.data_ptr(),
+                                            cur_stream());
     check_cuda_rc(rc, "quest_sparse_attention");
 #endif
   }
@@ -504,7 +504,7 @@ Tensor attention_impl(const Tensor &q, const Tensor &k, const Tensor &v, const T
   if (!cuda) {
     Tensor scores_ws = at::empty({a.B, Hs, max_pages}, q.options().dtype(at::kFloat));
     Tensor idx_ws = at::empty({a.B, Hs, n_sel}, q.options().dtype(at::kInt));
-    check_cpu_rc(ks_quest_decode_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), kmin.data_ptr(),
+    check_cpu_rc(ks_quest_attention_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), kmin.data_ptr(),
                           kmax.data_ptr(), a.dt, a.B, a.H, a.Hkv, a.cap, a.D, max_pages,
                           seq_lens.data_ptr<int32_t>(), page_size, n_sel, group ? 1 : 0,
                           static_cast<float>(scale), scores_ws.data_ptr<float>(),
@@ -512,15 +512,15 @@ Tensor attention_impl(const Tensor &q, const Tensor &k, const Tensor &v, const T
                  "quest_attention");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
-    size_t ws_bytes = ks_quest_decode_cuda_workspace(a.B, a.H, a.Hkv, a.D, max_pages, n_sel,
-                                                     page_size, group ? 1 : 0);
+    size_t ws_bytes = ks_quest_attention_cuda_workspace(a.B, a.H, a.Hkv, a.D, max_pages, n_sel,
+                                                        page_size, group ? 1 : 0);
     Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(ws_bytes, 1))},
                           q.options().dtype(at::kByte));
-    int rc = ks_quest_decode_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), kmin.data_ptr(),
-                                  kmax.data_ptr(), a.dt, a.B, a.H, a.Hkv, a.cap, a.D, max_pages,
-                                  seq_lens.data_ptr<int32_t>(), page_size, n_sel, group ? 1 : 0,
-                                  static_cast<float>(scale), ws.data_ptr(), out.data_ptr(),
-                                  cur_stream());
+    int rc = ks_quest_attention_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), kmin.data_ptr(),
+                                     kmax.data_ptr(), a.dt, a.B, a.H, a.Hkv, a.cap, a.D, max_pages,
+                                     seq_lens.data_ptr<int32_t>(), page_size, n_sel, group ? 1 : 0,
+                                     static_cast<float>(scale), ws.data_ptr(), out.data_ptr(),
+                                     cur_stream());
     check_cuda_rc(rc, "quest_attention");
 #endif
   }
@@ -951,7 +951,7 @@ Tensor sparq_sparse_attention_impl(const Tensor &q, const Tensor &k, const Tenso
   Tensor out = at::empty({a.B, a.H, a.D}, q.options());
   if (out.numel() == 0) return out;
   if (!cuda) {
-    check_cpu_rc(ks_sparq_sparse_attn_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), a.dt, a.B, a.H, a.Hkv,
+    check_cpu_rc(ks_sparq_sparse_attention_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), a.dt, a.B, a.H, a.Hkv,
                                a.cap, a.D, i2.data_ptr<int32_t>(), Hs2, n_sel,
                                s_hat.data_ptr<float>(), v_mean.data_ptr<float>(),
                                seq_lens.data_ptr<int32_t>(), static_cast<float>(scale),
@@ -959,13 +959,13 @@ Tensor sparq_sparse_attention_impl(const Tensor &q, const Tensor &k, const Tenso
                  "sparq_sparse_attention");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
-    Tensor ws = byte_workspace(ks_sparq_sparse_attn_cuda_workspace(a.B, a.H, Hs2, a.D, n_sel), q);
-    int rc = ks_sparq_sparse_attn_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), a.dt, a.B, a.H,
-                                       a.Hkv, a.cap, a.D, i2.data_ptr<int32_t>(), Hs2, n_sel,
-                                       s_hat.data_ptr<float>(), v_mean.data_ptr<float>(),
-                                       seq_lens.data_ptr<int32_t>(), static_cast<float>(scale),
-                                       reallocate ? 1 : 0, ws.data_ptr(), out.data_ptr(),
-                                       cur_stream());
+    Tensor ws = byte_workspace(ks_sparq_sparse_attention_cuda_workspace(a.B, a.H, Hs2, a.D, n_sel), q);
+    int rc = ks_sparq_sparse_attention_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), a.dt, a.B, a.H,
+                                            a.Hkv, a.cap, a.D, i2.data_ptr<int32_t>(), Hs2, n_sel,
+                                            s_hat.data_ptr<float>(), v_mean.data_ptr<float>(),
+                                            seq_lens.data_ptr<int32_t>(), static_cast<float>(scale),
+                                            reallocate ? 1 : 0, ws.data_ptr(), out.data_ptr(),
+                                            cur_stream());
     check_cuda_rc(rc, "sparq_sparse_attention");
 #endif
   }
@@ -993,7 +993,7 @@ Tensor sparq_attention_impl(const Tensor &q, const Tensor &k, const Tensor &v, c
     Tensor i1_ws = at::empty({a.B, Hs, r}, q.options().dtype(at::kInt));
     Tensor s_ws = at::empty({a.B, a.H, a.cap}, q.options().dtype(at::kFloat));
     Tensor i2_ws = at::empty({a.B, Hs, k_top}, q.options().dtype(at::kInt));
-    check_cpu_rc(ks_sparq_decode_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), kt.data_ptr(),
+    check_cpu_rc(ks_sparq_attention_cpu(q.data_ptr(), k.data_ptr(), v.data_ptr(), kt.data_ptr(),
                           v_mean.data_ptr<float>(), a.dt, a.B, a.H, a.Hkv, a.cap, a.D,
                           seq_lens.data_ptr<int32_t>(), r, k_top, local_window, group ? 1 : 0,
                           reallocate ? 1 : 0, static_cast<float>(scale), i1_ws.data_ptr<int32_t>(),
@@ -1002,12 +1002,12 @@ Tensor sparq_attention_impl(const Tensor &q, const Tensor &k, const Tensor &v, c
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     Tensor ws = byte_workspace(
-        ks_sparq_decode_cuda_workspace(a.B, a.H, a.Hkv, a.cap, a.D, r, k_top, group ? 1 : 0), q);
-    int rc = ks_sparq_decode_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), kt.data_ptr(),
-                                  v_mean.data_ptr<float>(), a.dt, a.B, a.H, a.Hkv, a.cap, a.D,
-                                  seq_lens.data_ptr<int32_t>(), r, k_top, local_window,
-                                  group ? 1 : 0, reallocate ? 1 : 0, static_cast<float>(scale),
-                                  ws.data_ptr(), out.data_ptr(), cur_stream());
+        ks_sparq_attention_cuda_workspace(a.B, a.H, a.Hkv, a.cap, a.D, r, k_top, group ? 1 : 0), q);
+    int rc = ks_sparq_attention_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), kt.data_ptr(),
+                                     v_mean.data_ptr<float>(), a.dt, a.B, a.H, a.Hkv, a.cap, a.D,
+                                     seq_lens.data_ptr<int32_t>(), r, k_top, local_window,
+                                     group ? 1 : 0, reallocate ? 1 : 0, static_cast<float>(scale),
+                                     ws.data_ptr(), out.data_ptr(), cur_stream());
     check_cuda_rc(rc, "sparq_attention");
 #endif
   }

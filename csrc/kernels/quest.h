@@ -53,9 +53,9 @@ extern "C" {
  * is left as it is (the CPU version may also re-zero the empty pages after
  * them; either way incremental metadata equals a full build).
  * Requires start_lens[b] <= seq_lens[b]. */
-void ks_quest_metadata_cpu(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
-                           int64_t D, const int32_t *start_lens, const int32_t *seq_lens,
-                           int64_t page_size, int64_t max_pages, void *kmin, void *kmax);
+void ks_quest_page_metadata_cpu(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
+                                int64_t D, const int32_t *start_lens, const int32_t *seq_lens,
+                                int64_t page_size, int64_t max_pages, void *kmin, void *kmax);
 
 /* ---- 2. page scores -------------------------------------------------------
  * score[b,h,p] = sum_d max(q[b,h,d]*kmin[b,hk,p,d], q[b,h,d]*kmax[b,hk,p,d])
@@ -63,10 +63,10 @@ void ks_quest_metadata_cpu(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, i
  * group_mode == 0: Hs = H, one row per query head.
  * group_mode != 0: Hs = Hkv, row hk = sum of the scores of query heads
  *                  hk*G .. hk*G+G-1 (G = H / Hkv); empty pages still -INFINITY. */
-int ks_quest_scores_cpu(const void *q, const void *kmin, const void *kmax, ks_dtype dt,
-                        int64_t B, int64_t H, int64_t Hkv, int64_t max_pages, int64_t D,
-                        const int32_t *seq_lens, int64_t page_size, int group_mode,
-                        float *scores);
+int ks_quest_page_scores_cpu(const void *q, const void *kmin, const void *kmax, ks_dtype dt,
+                             int64_t B, int64_t H, int64_t Hkv, int64_t max_pages, int64_t D,
+                             const int32_t *seq_lens, int64_t page_size, int group_mode,
+                             float *scores);
 
 /* ---- 3. page selection ----------------------------------------------------
  * For each (b, row): with np = n_pages(seq_lens[b]):
@@ -76,9 +76,9 @@ int ks_quest_scores_cpu(const void *q, const void *kmin, const void *kmax, ks_dt
  *         above every number).
  * Written ascending into page_idx[b,row,0..], the rest of the row = -1.
  * (A sequence of length 0 gets a row of -1.) n_sel >= 1. */
-int ks_quest_select_cpu(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
-                        const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
-                        int32_t *page_idx);
+int ks_quest_select_pages_cpu(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
+                              const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
+                              int32_t *page_idx);
 
 /* ---- 4. sparse decode attention -------------------------------------------
  * out[b,h,:] = softmax_t(scale * q[b,h,:] . k[b,hk,t,:]) @ v[b,hk,t,:]
@@ -86,54 +86,54 @@ int ks_quest_select_cpu(const float *scores, int64_t B, int64_t Hs, int64_t max_
  * skipped, tokens t >= seq_lens[b] masked), r(h) = h if Hs == H else h / G.
  * float32 accumulation, numerically stable. A row with no token gives zeros;
  * NaN / Inf as described at the top. */
-int ks_quest_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
-                             int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
-                             const int32_t *page_idx, int64_t Hs, int64_t n_sel,
-                             const int32_t *seq_lens, int64_t page_size, float scale,
-                             void *out);
+int ks_quest_sparse_attention_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
+                                  int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                                  const int32_t *page_idx, int64_t Hs, int64_t n_sel,
+                                  const int32_t *seq_lens, int64_t page_size, float scale,
+                                  void *out);
 
 /* ---- 5. fused decode (scores + selection + attention) ----------------------
  * Same result as calling 2, 3 and 4 in turn with n_sel = token_budget / P
  * capped at max_pages. The CPU version takes caller-provided workspaces:
  * scores [B, Hs, max_pages] float and page_idx [B, Hs, n_sel] int32. */
-int ks_quest_decode_cpu(const void *q, const void *k, const void *v, const void *kmin,
-                        const void *kmax, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
-                        int64_t cap, int64_t D, int64_t max_pages, const int32_t *seq_lens,
-                        int64_t page_size, int64_t n_sel, int group_mode, float scale,
-                        float *scores_ws, int32_t *page_idx_ws, void *out);
+int ks_quest_attention_cpu(const void *q, const void *k, const void *v, const void *kmin,
+                           const void *kmax, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                           int64_t cap, int64_t D, int64_t max_pages, const int32_t *seq_lens,
+                           int64_t page_size, int64_t n_sel, int group_mode, float scale,
+                           float *scores_ws, int32_t *page_idx_ws, void *out);
 
 /* ---- CUDA twins (quest_cuda.cu) ---------------------------------------------
  * Same semantics; all pointers are device pointers; stream is a cudaStream_t.
  * Return 0 on success, else a cudaError_t code (launch error). They never
  * synchronise with the host. The GPU supports D in {64, 128}. */
-int ks_quest_metadata_cuda(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
-                           int64_t D, const int32_t *start_lens, const int32_t *seq_lens,
-                           int64_t page_size, int64_t max_pages, void *kmin, void *kmax,
-                           void *stream);
-int ks_quest_scores_cuda(const void *q, const void *kmin, const void *kmax, ks_dtype dt,
-                         int64_t B, int64_t H, int64_t Hkv, int64_t max_pages, int64_t D,
-                         const int32_t *seq_lens, int64_t page_size, int group_mode,
-                         float *scores, void *stream);
-int ks_quest_select_cuda(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
-                         const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
-                         int32_t *page_idx, void *stream);
-int ks_quest_sparse_attn_cuda(const void *q, const void *k, const void *v, ks_dtype dt,
-                              int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
-                              const int32_t *page_idx, int64_t Hs, int64_t n_sel,
-                              const int32_t *seq_lens, int64_t page_size, float scale,
-                              void *workspace, void *out, void *stream);
-/* Bytes of device workspace ks_quest_sparse_attn_cuda needs (uninitialised memory is fine). */
-size_t ks_quest_sparse_attn_cuda_workspace(int64_t B, int64_t H, int64_t D, int64_t n_sel,
-                                           int64_t page_size);
-int ks_quest_decode_cuda(const void *q, const void *k, const void *v, const void *kmin,
-                         const void *kmax, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
-                         int64_t cap, int64_t D, int64_t max_pages, const int32_t *seq_lens,
-                         int64_t page_size, int64_t n_sel, int group_mode, float scale,
-                         void *workspace, void *out, void *stream);
-/* Bytes of device workspace ks_quest_decode_cuda needs (uninitialised memory is fine). */
-size_t ks_quest_decode_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                                      int64_t max_pages, int64_t n_sel, int64_t page_size,
-                                      int group_mode);
+int ks_quest_page_metadata_cuda(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
+                                int64_t D, const int32_t *start_lens, const int32_t *seq_lens,
+                                int64_t page_size, int64_t max_pages, void *kmin, void *kmax,
+                                void *stream);
+int ks_quest_page_scores_cuda(const void *q, const void *kmin, const void *kmax, ks_dtype dt,
+                              int64_t B, int64_t H, int64_t Hkv, int64_t max_pages, int64_t D,
+                              const int32_t *seq_lens, int64_t page_size, int group_mode,
+                              float *scores, void *stream);
+int ks_quest_select_pages_cuda(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
+                               const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
+                               int32_t *page_idx, void *stream);
+int ks_quest_sparse_attention_cuda(const void *q, const void *k, const void *v, ks_dtype dt,
+                                   int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                                   const int32_t *page_idx, int64_t Hs, int64_t n_sel,
+                                   const int32_t *seq_lens, int64_t page_size, float scale,
+                                   void *workspace, void *out, void *stream);
+/* Bytes of device workspace ks_quest_sparse_attention_cuda needs (uninitialised memory is fine). */
+size_t ks_quest_sparse_attention_cuda_workspace(int64_t B, int64_t H, int64_t D, int64_t n_sel,
+                                                int64_t page_size);
+int ks_quest_attention_cuda(const void *q, const void *k, const void *v, const void *kmin,
+                            const void *kmax, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                            int64_t cap, int64_t D, int64_t max_pages, const int32_t *seq_lens,
+                            int64_t page_size, int64_t n_sel, int group_mode, float scale,
+                            void *workspace, void *out, void *stream);
+/* Bytes of device workspace ks_quest_attention_cuda needs (uninitialised memory is fine). */
+size_t ks_quest_attention_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                                         int64_t max_pages, int64_t n_sel, int64_t page_size,
+                                         int group_mode);
 
 #ifdef __cplusplus
 }
