@@ -1,8 +1,9 @@
 """Build script for kvsparse.
 
 Two extension modules share one set of plain-C kernels (csrc/kernels/*.c):
-  kvsparse._C          torch custom ops (csrc/torch_ops.cpp), plus the CUDA
-                       kernels (csrc/kernels/*.cu) when built with CUDA;
+  kvsparse._C          torch custom ops (csrc/ops/*.cpp: one file per method
+                       plus the module), and the CUDA kernels
+                       (csrc/kernels/*.cu) when built with CUDA;
   kvsparse._kernels_np a CPython/NumPy C-API module (csrc/numpy_module.c)
                        over the CPU kernels, usable without torch.
 
@@ -92,7 +93,7 @@ class Build(BuildExtension):
         return super().build_extension(ext)
 
 
-torch_sources = ["csrc/torch_ops.cpp"]
+torch_sources = sorted(glob.glob(os.path.join("csrc", "ops", "*.cpp")))
 define_macros = []
 if WITH_CUDA:
     archs = os.environ.get("KVSPARSE_CUDA_ARCH", "80;90").replace(",", ";").split(";")

@@ -1,6 +1,8 @@
 /*
- * kvsparse._kernels_np: the CPU Quest kernels (csrc/kernels/quest_cpu.c) for
- * NumPy arrays of float32 / float16, without torch.
+ * kvsparse._kernels_np: CPU kernels for NumPy arrays of float32 / float16,
+ * without torch: every Quest kernel (csrc/kernels/quest_cpu.c), SparQ's cache
+ * build and fused decode attention (sparq_cpu.c) and QAQ's decode attention
+ * over a quantized cache (qaq_cpu.c).
  *
  * Every argument is validated here (the kernels trust their inputs); errors
  * name the offending argument. The GIL is released around the kernel calls.
@@ -16,7 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "qaq.h"
 #include "quest.h"
+#include "sparq.h"
 
 #define KS_MAX_D 256
 
@@ -308,8 +312,8 @@ static PyObject *py_page_metadata(PyObject *self, PyObject *args, PyObject *kwar
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    ks_quest_metadata_cpu(PyArray_DATA(k), dt, B, Hkv, cap, D, NULL, lens, P, mp,
-                          PyArray_DATA(kmin), PyArray_DATA(kmax));
+    ks_quest_page_metadata_cpu(PyArray_DATA(k), dt, B, Hkv, cap, D, NULL, lens, P, mp,
+                               PyArray_DATA(kmin), PyArray_DATA(kmax));
     Py_END_ALLOW_THREADS
     return Py_BuildValue("NN", (PyObject *)kmin, (PyObject *)kmax);
 }
@@ -360,8 +364,8 @@ static PyObject *py_update_metadata(PyObject *self, PyObject *args, PyObject *kw
             return NULL;
         }
     Py_BEGIN_ALLOW_THREADS
-    ks_quest_metadata_cpu(PyArray_DATA(k), dt, B, Hkv, cap, D, starts, lens, P, mp,
-                          PyArray_DATA(kmin), PyArray_DATA(kmax));
+    ks_quest_page_metadata_cpu(PyArray_DATA(k), dt, B, Hkv, cap, D, starts, lens, P, mp,
+                               PyArray_DATA(kmin), PyArray_DATA(kmax));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -402,8 +406,8 @@ static PyObject *py_page_scores(PyObject *self, PyObject *args, PyObject *kwargs
     if (!(scores = new_array(3, dims, NPY_FLOAT32)))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    rc = ks_quest_scores_cpu(PyArray_DATA(q), PyArray_DATA(kmin), PyArray_DATA(kmax), dt, B, H,
-                             Hkv, mp, D, lens, P, group, (float *)PyArray_DATA(scores));
+    rc = ks_quest_page_scores_cpu(PyArray_DATA(q), PyArray_DATA(kmin), PyArray_DATA(kmax), dt, B, H,
+                                  Hkv, mp, D, lens, P, group, (float *)PyArray_DATA(scores));
     Py_END_ALLOW_THREADS
     if (kernel_rc(rc) < 0) {
         Py_DECREF(scores);
@@ -448,8 +452,8 @@ static PyObject *py_select_pages(PyObject *self, PyObject *args, PyObject *kwarg
         return NULL;
     if (n_sel > 0) {
         Py_BEGIN_ALLOW_THREADS
-        rc = ks_quest_select_cpu((const float *)PyArray_DATA(scores), B, Hs, mp, lens, P, n_sel,
-                                 (int32_t *)PyArray_DATA(idx));
+        rc = ks_quest_select_pages_cpu((const float *)PyArray_DATA(scores), B, Hs, mp, lens, P,
+                                       n_sel, (int32_t *)PyArray_DATA(idx));
         Py_END_ALLOW_THREADS
         if (kernel_rc(rc) < 0) {
             Py_DECREF(idx);
@@ -522,9 +526,9 @@ static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *k
     }
     if (B * H > 0 && n_sel > 0 && cap > 0) {
         Py_BEGIN_ALLOW_THREADS
-        rc = ks_quest_sparse_attn_cpu(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v), dt, B, H,
-                                      Hkv, cap, D, ip, Hs, n_sel, lens, P, scale,
-                                      PyArray_DATA(out));
+        rc = ks_quest_sparse_attention_cpu(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v), dt,
+                                           B, H, Hkv, cap, D, ip, Hs, n_sel, lens, P, scale,
+                                           PyArray_DATA(out));
         Py_END_ALLOW_THREADS
     }
     if (kernel_rc(rc) < 0) {
@@ -593,9 +597,9 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwargs)
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
-    rc = ks_quest_decode_cpu(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v),
-                             PyArray_DATA(kmin), PyArray_DATA(kmax), dt, B, H, Hkv, cap, D, mp,
-                             lens, P, n_sel, group, scale, scores_ws, idx_ws, PyArray_DATA(out));
+    rc = ks_quest_attention_cpu(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v),
+                                PyArray_DATA(kmin), PyArray_DATA(kmax), dt, B, H, Hkv, cap, D, mp,
+                                lens, P, n_sel, group, scale, scores_ws, idx_ws, PyArray_DATA(out));
     Py_END_ALLOW_THREADS
     PyMem_RawFree(scores_ws);
     PyMem_RawFree(idx_ws);
@@ -604,6 +608,388 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     return (PyObject *)out;
+}
+
+/* ---- helpers of the SparQ and QAQ functions -------------------------------- */
+
+/* a has the numpy type want (named want_name in the message), else TypeError. */
+static int is_type(PyArrayObject *a, const char *name, int want, const char *want_name)
+{
+    if (PyArray_TYPE(a) != want) {
+        PyErr_Format(PyExc_TypeError, "%s must be a %s array, got dtype %s", name, want_name,
+                     PyArray_DESCR(a)->typeobj->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+/* PyMem_RawMalloc of n >= 0 elements of size elsize (n as sat_mul gives it);
+ * MemoryError on overflow or failure. At least one byte, so that NULL always
+ * means failure. */
+static void *raw_alloc(int64_t n, size_t elsize)
+{
+    void *p;
+    if (n < 0 || (uint64_t)n > (uint64_t)(PY_SSIZE_T_MAX / elsize)) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    p = PyMem_RawMalloc(n > 0 ? (size_t)n * elsize : 1);
+    if (!p)
+        PyErr_NoMemory();
+    return p;
+}
+
+/* ---- sparq_build ---------------------------------------------------------- */
+
+static PyObject *py_sparq_build(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"k", "v", "seq_lens", NULL};
+    PyObject *ko, *vo, *lo;
+    PyArrayObject *k, *v, *kt, *v_mean;
+    const int32_t *lens;
+    ks_dtype dt;
+    npy_intp B, Hkv, cap, D;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO:sparq_build", kwlist, &ko, &vo, &lo))
+        return NULL;
+    if (!(k = kv_array(ko, "k", &dt)))
+        return NULL;
+    B = PyArray_DIM(k, 0);
+    Hkv = PyArray_DIM(k, 1);
+    cap = PyArray_DIM(k, 2);
+    D = PyArray_DIM(k, 3);
+    if (!(v = as_array(vo, "v", 4, 0)) || same_dtype(v, "v", dt, "k") < 0 ||
+        check_dim(v, "v", 0, B, "B") < 0 || check_dim(v, "v", 1, Hkv, "Hkv") < 0 ||
+        check_dim(v, "v", 2, cap, "cap") < 0 || check_dim(v, "v", 3, D, "D") < 0 ||
+        !(lens = lens_array(lo, "seq_lens", B, cap)))
+        return NULL;
+    {
+        npy_intp kt_dims[4] = {B, Hkv, D, cap}, vm_dims[3] = {B, Hkv, D};
+        kt = new_array(4, kt_dims, np_type(dt));
+        v_mean = new_array(3, vm_dims, NPY_FLOAT32);
+    }
+    if (!kt || !v_mean) {
+        Py_XDECREF(kt);
+        Py_XDECREF(v_mean);
+        return NULL;
+    }
+    if (B * Hkv * D > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        ks_sparq_build_cpu(PyArray_DATA(k), PyArray_DATA(v), dt, B, Hkv, cap, D, lens,
+                           PyArray_DATA(kt), (float *)PyArray_DATA(v_mean));
+        Py_END_ALLOW_THREADS
+    }
+    return Py_BuildValue("NN", (PyObject *)kt, (PyObject *)v_mean);
+}
+
+/* ---- sparq_attention (fused) ---------------------------------------------- */
+
+static PyObject *py_sparq_attention(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"q", "k", "v", "kt", "v_mean", "seq_lens", "r", "k_top",
+                             "local_window", "group", "reallocate", "scale", NULL};
+    PyObject *qo, *ko, *vo, *kto, *vmo, *lo, *scale_o = Py_None;
+    Py_ssize_t r, k_top, local_window = 0;
+    int group = 1, reallocate = 1, rc = 0;
+    PyArrayObject *q, *k, *v, *kt, *v_mean, *out;
+    const int32_t *lens;
+    ks_dtype dt, kdt;
+    npy_intp B, H, Hkv, cap, D, Hs;
+    float scale, *s_hat_ws = NULL;
+    int32_t *i1_ws = NULL, *i2_ws = NULL;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOnn|nppO:sparq_attention", kwlist, &qo,
+                                     &ko, &vo, &kto, &vmo, &lo, &r, &k_top, &local_window, &group,
+                                     &reallocate, &scale_o))
+        return NULL;
+    if (!(q = as_array(qo, "q", 3, 0)) || float_dtype(q, "q", &dt) < 0)
+        return NULL;
+    B = PyArray_DIM(q, 0);
+    H = PyArray_DIM(q, 1);
+    D = PyArray_DIM(q, 2);
+    if (check_head_dim(D, "q") < 0 || !(k = kv_array(ko, "k", &kdt)) ||
+        same_dtype(k, "k", dt, "q") < 0)
+        return NULL;
+    Hkv = PyArray_DIM(k, 1);
+    cap = PyArray_DIM(k, 2);
+    if (check_dim(k, "k", 0, B, "B") < 0 || check_dim(k, "k", 3, D, "D") < 0 ||
+        check_heads(H, Hkv) < 0 || !(v = as_array(vo, "v", 4, 0)) ||
+        same_dtype(v, "v", dt, "q") < 0 || check_dim(v, "v", 0, B, "B") < 0 ||
+        check_dim(v, "v", 1, Hkv, "Hkv") < 0 || check_dim(v, "v", 2, cap, "cap") < 0 ||
+        check_dim(v, "v", 3, D, "D") < 0 || !(kt = as_array(kto, "kt", 4, 0)) ||
+        same_dtype(kt, "kt", dt, "q") < 0 || check_dim(kt, "kt", 0, B, "B") < 0 ||
+        check_dim(kt, "kt", 1, Hkv, "Hkv") < 0 || check_dim(kt, "kt", 2, D, "D") < 0 ||
+        check_dim(kt, "kt", 3, cap, "cap") < 0 || !(v_mean = as_array(vmo, "v_mean", 3, 0)) ||
+        is_type(v_mean, "v_mean", NPY_FLOAT32, "float32") < 0 ||
+        check_dim(v_mean, "v_mean", 0, B, "B") < 0 ||
+        check_dim(v_mean, "v_mean", 1, Hkv, "Hkv") < 0 ||
+        check_dim(v_mean, "v_mean", 2, D, "D") < 0 || !(lens = lens_array(lo, "seq_lens", B, cap)) ||
+        parse_scale(scale_o, D, &scale) < 0)
+        return NULL;
+    if (r < 1 || r > D) {
+        PyErr_Format(PyExc_ValueError,
+                     "r (the number of query channels) must be in [1, D = %zd], got %zd",
+                     (Py_ssize_t)D, r);
+        return NULL;
+    }
+    if (k_top < 1 || k_top > cap) {
+        PyErr_Format(PyExc_ValueError,
+                     "k_top (the number of kept positions) must be in [1, cap = %zd], got %zd",
+                     (Py_ssize_t)cap, k_top);
+        return NULL;
+    }
+    if (local_window < 0) {
+        PyErr_Format(PyExc_ValueError, "local_window must be >= 0, got %zd", local_window);
+        return NULL;
+    }
+    Hs = group ? Hkv : H;
+    {
+        npy_intp dims[3] = {B, H, D};
+        if (!(out = new_array(3, dims, np_type(dt))))
+            return NULL;
+    }
+    if (B * H * D == 0)
+        return (PyObject *)out;
+    if (!(i1_ws = (int32_t *)raw_alloc(sat_mul(sat_mul(B, Hs), r), sizeof(int32_t))) ||
+        !(s_hat_ws = (float *)raw_alloc(sat_mul(sat_mul(B, H), cap), sizeof(float))) ||
+        !(i2_ws = (int32_t *)raw_alloc(sat_mul(sat_mul(B, Hs), k_top), sizeof(int32_t)))) {
+        PyMem_RawFree(i1_ws);
+        PyMem_RawFree(s_hat_ws);
+        Py_DECREF(out);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = ks_sparq_attention_cpu(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v),
+                                PyArray_DATA(kt), (const float *)PyArray_DATA(v_mean), dt, B, H,
+                                Hkv, cap, D, lens, r, k_top, local_window, group, reallocate,
+                                scale, i1_ws, s_hat_ws, i2_ws, PyArray_DATA(out));
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(i1_ws);
+    PyMem_RawFree(s_hat_ws);
+    PyMem_RawFree(i2_ws);
+    if (kernel_rc(rc) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return (PyObject *)out;
+}
+
+/* ---- qaq_attention -------------------------------------------------------- */
+
+/* One quantized cache given as a sequence of six arrays (arena, offsets,
+ * widths, sz, oidx, oval), checked against q (B, D, dtype dt) and Hkv; errors
+ * name the arrays with the prefix ("k_" / "v_"). Fills st, *cap and *E and
+ * returns a new reference to the sequence (it keeps the arrays alive: the
+ * caller releases it after the kernel call), or NULL with an exception set. */
+static PyObject *qaq_store_arrays(PyObject *o, const char *prefix, npy_intp B, npy_intp Hkv,
+                                  npy_intp D, ks_dtype dt, ks_qaq_store *st, npy_intp *cap,
+                                  npy_intp *E)
+{
+    static const char *const names[6] = {"arena", "offsets", "widths", "sz", "oidx", "oval"};
+    static const int ndims[6] = {2, 3, 3, 4, 4, 4};
+    static const char *const axes[4] = {"B", "Hg", "cap", "n_out"};
+    char nm[6][16];
+    PyArrayObject *a[6];
+    PyObject *seq;
+    npy_intp Hg, n_out, A, i;
+    int j, ok = 0;
+    for (j = 0; j < 6; j++)
+        snprintf(nm[j], sizeof nm[j], "%s%s", prefix, names[j]);
+    seq = PySequence_Fast(o, "");
+    if (!seq || PySequence_Fast_GET_SIZE(seq) != 6) {
+        PyErr_Format(PyExc_TypeError,
+                     "%sstore must be a sequence of six arrays (arena, offsets, widths, sz, oidx, "
+                     "oval), got %s",
+                     prefix, Py_TYPE(o)->tp_name);
+        Py_XDECREF(seq);
+        return NULL;
+    }
+    for (j = 0; j < 6; j++)
+        if (!(a[j] = as_array(PySequence_Fast_GET_ITEM(seq, j), nm[j], ndims[j], 0)))
+            goto done;
+    if (is_type(a[0], nm[0], NPY_UINT8, "uint8") < 0 || check_dim(a[0], nm[0], 0, B, "B") < 0)
+        goto done;
+    A = PyArray_DIM(a[0], 1);
+    if ((int64_t)A >= ((int64_t)1 << 31)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s.shape[1] (bytes per sequence) must be < 2^31 (int32 offsets), got %zd",
+                     nm[0], (Py_ssize_t)A);
+        goto done;
+    }
+    if (is_int32(a[1], nm[1]) < 0 || check_dim(a[1], nm[1], 0, B, "B") < 0)
+        goto done;
+    Hg = PyArray_DIM(a[1], 1);
+    *cap = PyArray_DIM(a[1], 2);
+    if (Hg != Hkv && Hg != 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s.shape[1] (Hg) must be Hkv = %zd (per-head groups) or 1 (groups shared "
+                     "across KV heads), got %zd",
+                     nm[1], (Py_ssize_t)Hkv, (Py_ssize_t)Hg);
+        goto done;
+    }
+    if ((int64_t)*cap > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s.shape[2] (cap) must be <= 2^31 - 1, got %zd", nm[1],
+                     (Py_ssize_t)*cap);
+        goto done;
+    }
+    if (is_type(a[2], nm[2], NPY_UINT8, "uint8") < 0 || check_dim(a[2], nm[2], 0, B, "B") < 0 ||
+        check_dim(a[2], nm[2], 1, Hg, "Hg") < 0 || check_dim(a[2], nm[2], 2, *cap, "cap") < 0 ||
+        is_type(a[3], nm[3], NPY_FLOAT16, "float16") < 0 ||
+        check_dim(a[3], nm[3], 0, B, "B") < 0 || check_dim(a[3], nm[3], 1, Hg, "Hg") < 0 ||
+        check_dim(a[3], nm[3], 2, *cap, "cap") < 0 || check_dim(a[3], nm[3], 3, 2, "2") < 0 ||
+        is_type(a[4], nm[4], NPY_INT16, "int16") < 0 || check_dim(a[4], nm[4], 0, B, "B") < 0 ||
+        check_dim(a[4], nm[4], 1, Hg, "Hg") < 0 || check_dim(a[4], nm[4], 2, *cap, "cap") < 0)
+        goto done;
+    n_out = PyArray_DIM(a[4], 3);
+    *E = D * (Hkv / Hg);
+    if (*E > KS_QAQ_MAX_GROUP) {
+        PyErr_Format(PyExc_ValueError,
+                     "the group size E = D * Hkv / Hg = %zd (from q and %s) must be <= %d "
+                     "(outlier indices are int16)",
+                     (Py_ssize_t)*E, nm[1], KS_QAQ_MAX_GROUP);
+        goto done;
+    }
+    if (n_out % 2 != 0 || n_out >= *E) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s.shape[3] (n_out, outlier slots) must be even and smaller than the "
+                     "group size E = %zd, got %zd",
+                     nm[4], (Py_ssize_t)*E, (Py_ssize_t)n_out);
+        goto done;
+    }
+    if (same_dtype(a[5], nm[5], dt, "q") < 0)
+        goto done;
+    for (i = 0; i < 4; i++)
+        if (check_dim(a[5], nm[5], (int)i, PyArray_DIM(a[4], i), axes[i]) < 0)
+            goto done;
+    st->arena = (uint8_t *)PyArray_DATA(a[0]);
+    st->A = A;
+    st->offsets = (const int32_t *)PyArray_DATA(a[1]);
+    st->widths = (uint8_t *)PyArray_DATA(a[2]);
+    st->sz = (uint16_t *)PyArray_DATA(a[3]);
+    st->oidx = (int16_t *)PyArray_DATA(a[4]);
+    st->oval = PyArray_DATA(a[5]);
+    st->Hg = Hg;
+    st->n_out = n_out;
+    ok = 1;
+done:
+    if (ok)
+        return seq;
+    Py_DECREF(seq);
+    return NULL;
+}
+
+static int qaq_valid_width(int w)
+{
+    return w == 0 || w == 1 || w == 2 || w == 4 || w == 8;
+}
+
+/* Values of the groups of tokens t < seq_lens[b]: widths in {0, 1, 2, 4, 8},
+ * code bytes inside the arena, outlier indices -1 or in [0, E). */
+static int qaq_store_values(const ks_qaq_store *st, const char *prefix, npy_intp B,
+                            npy_intp cap, npy_intp E, const int32_t *lens)
+{
+    npy_intp b, g, t, j;
+    for (b = 0; b < B; b++)
+        for (g = 0; g < st->Hg; g++)
+            for (t = 0; t < lens[b]; t++) {
+                const npy_intp i = (b * st->Hg + g) * cap + t;
+                const int w = st->widths[i];
+                const int64_t nb = (int64_t)E * w / 8, off = st->offsets[i];
+                if (!qaq_valid_width(w)) {
+                    PyErr_Format(PyExc_ValueError,
+                                 "%swidths[%zd, %zd, %zd] = %d is not a width in {0, 1, 2, 4, 8}",
+                                 prefix, (Py_ssize_t)b, (Py_ssize_t)g, (Py_ssize_t)t, w);
+                    return -1;
+                }
+                if (nb != 0 && (off < 0 || off + nb > st->A)) {
+                    PyErr_Format(PyExc_ValueError,
+                                 "%soffsets[%zd, %zd, %zd] = %lld with %lld code bytes does not "
+                                 "fit in the arena of %lld bytes",
+                                 prefix, (Py_ssize_t)b, (Py_ssize_t)g, (Py_ssize_t)t,
+                                 (long long)off, (long long)nb, (long long)st->A);
+                    return -1;
+                }
+                for (j = 0; j < st->n_out; j++) {
+                    const int e = st->oidx[i * st->n_out + j];
+                    if (e != -1 && (e < 0 || e >= E)) {
+                        PyErr_Format(PyExc_ValueError,
+                                     "%soidx[%zd, %zd, %zd, %zd] = %d must be -1 or in [0, E = %zd)",
+                                     prefix, (Py_ssize_t)b, (Py_ssize_t)g, (Py_ssize_t)t,
+                                     (Py_ssize_t)j, e, (Py_ssize_t)E);
+                        return -1;
+                    }
+                }
+            }
+    return 0;
+}
+
+static PyObject *py_qaq_attention(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"q",     "k_store",      "v_store", "seq_lens", "num_kv_heads",
+                             "scale", "return_p_max", NULL};
+    PyObject *qo, *kso, *vso, *lo, *scale_o = Py_None;
+    Py_ssize_t Hkv;
+    int return_p_max = 0, rc = 0;
+    PyObject *kseq = NULL, *vseq = NULL, *ret = NULL;
+    PyArrayObject *q, *out = NULL, *p_max = NULL;
+    ks_qaq_store kst, vst;
+    const int32_t *lens;
+    ks_dtype dt;
+    npy_intp B, H, D, kcap, vcap, kE, vE;
+    float scale;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOn|Op:qaq_attention", kwlist, &qo, &kso,
+                                     &vso, &lo, &Hkv, &scale_o, &return_p_max))
+        return NULL;
+    if (!(q = as_array(qo, "q", 3, 0)) || float_dtype(q, "q", &dt) < 0)
+        return NULL;
+    B = PyArray_DIM(q, 0);
+    H = PyArray_DIM(q, 1);
+    D = PyArray_DIM(q, 2);
+    if (Hkv < 1) {
+        PyErr_Format(PyExc_ValueError, "num_kv_heads must be >= 1, got %zd", Hkv);
+        return NULL;
+    }
+    if (check_head_dim(D, "q") < 0 || check_heads(H, Hkv) < 0 ||
+        !(kseq = qaq_store_arrays(kso, "k_", B, Hkv, D, dt, &kst, &kcap, &kE)) ||
+        !(vseq = qaq_store_arrays(vso, "v_", B, Hkv, D, dt, &vst, &vcap, &vE)))
+        goto done;
+    if (vcap != kcap) {
+        PyErr_Format(PyExc_ValueError,
+                     "v_offsets.shape[2] (cap) must equal k_offsets.shape[2] = %zd, got %zd",
+                     (Py_ssize_t)kcap, (Py_ssize_t)vcap);
+        goto done;
+    }
+    if (!(lens = lens_array(lo, "seq_lens", B, kcap)) ||
+        qaq_store_values(&kst, "k_", B, kcap, kE, lens) < 0 ||
+        qaq_store_values(&vst, "v_", B, kcap, vE, lens) < 0 || parse_scale(scale_o, D, &scale) < 0)
+        goto done;
+    {
+        npy_intp dims[3] = {B, H, D}, pdims[3] = {B, Hkv, kcap};
+        if (!(out = new_array(3, dims, np_type(dt))) ||
+            (return_p_max && !(p_max = new_array(3, pdims, NPY_FLOAT32))))
+            goto done;
+    }
+    if (B * H * D > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = ks_qaq_attention_cpu(PyArray_DATA(q), dt, B, H, Hkv, kcap, D, kst, vst, lens, scale,
+                                  p_max ? (float *)PyArray_DATA(p_max) : NULL, PyArray_DATA(out));
+        Py_END_ALLOW_THREADS
+    }
+    if (kernel_rc(rc) < 0)
+        goto done;
+    if (p_max) {
+        ret = Py_BuildValue("OO", (PyObject *)out, (PyObject *)p_max);
+    } else {
+        Py_INCREF(out);
+        ret = (PyObject *)out;
+    }
+done:
+    Py_XDECREF(out);
+    Py_XDECREF(p_max);
+    Py_XDECREF(kseq);
+    Py_XDECREF(vseq);
+    return ret;
 }
 
 /* ---- module --------------------------------------------------------------- */
@@ -635,13 +1021,35 @@ static PyMethodDef methods[] = {
      "attention(q, k, v, kmin, kmax, seq_lens, page_size=16, token_budget=2048, group=True,\n"
      "          scale=None) -> out\n\n"
      "Fused Quest decode: page_scores, select_pages and sparse_attention."},
+    {"sparq_build", (PyCFunction)(void (*)(void))py_sparq_build, METH_VARARGS | METH_KEYWORDS,
+     "sparq_build(k, v, seq_lens) -> (kt, v_mean)\n\n"
+     "SparQ's cache side data: kt [B, Hkv, D, cap] = k transposed (the whole cache), and\n"
+     "v_mean float32 [B, Hkv, D], the mean of v over the valid tokens (zeros if none)."},
+    {"sparq_attention", (PyCFunction)(void (*)(void))py_sparq_attention,
+     METH_VARARGS | METH_KEYWORDS,
+     "sparq_attention(q, k, v, kt, v_mean, seq_lens, r, k_top, local_window=0, group=True,\n"
+     "                reallocate=True, scale=None) -> out\n\n"
+     "Fused SparQ decode: the r largest |q| channels, approximate scores from kt, the\n"
+     "k_top best positions (the last local_window always kept), exact attention over them\n"
+     "and, with reallocate, the mean-value reallocation with v_mean. group: one channel /\n"
+     "position set per KV head (else per query head). scale defaults to 1/sqrt(D)."},
+    {"qaq_attention", (PyCFunction)(void (*)(void))py_qaq_attention, METH_VARARGS | METH_KEYWORDS,
+     "qaq_attention(q, k_store, v_store, seq_lens, num_kv_heads, scale=None,\n"
+     "              return_p_max=False) -> out, or (out, p_max)\n\n"
+     "Decode attention over QAQ-quantized caches, dequantized on the fly. k_store / v_store:\n"
+     "six arrays each (arena uint8 [B, A], offsets int32 [B, Hg, cap], widths uint8\n"
+     "[B, Hg, cap], sz float16 [B, Hg, cap, 2], oidx int16 [B, Hg, cap, n_out], oval\n"
+     "[B, Hg, cap, n_out] in q's dtype), e.g. the tensors() of a kvsparse.qaq store as\n"
+     "arrays. p_max float32 [B, Hkv, cap]: each token's largest attention probability\n"
+     "over the query heads of its KV head. scale defaults to 1/sqrt(D)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT,
     "_kernels_np",
-    "kvsparse CPU Quest kernels for NumPy arrays (float32 / float16).",
+    "kvsparse CPU kernels for NumPy arrays (float32 / float16): Quest, SparQ build and\n"
+    "attention, QAQ attention.",
     -1,
     methods,
     NULL,

@@ -41,8 +41,8 @@ def _base(seed=0, device="cpu", D=16):
                 idx=torch.zeros(1, 1, 1, dtype=I32, device=device))
 
 
-def _store(shared=False, Hkv=2, D=16, cap=8, device="cpu"):
-    return qaq.alloc(1, Hkv, cap, D, torch.float32, device=device, shared=shared)
+def _store(shared=False, Hkv=2, D=16, cap=8, device="cpu", alpha=0.01):
+    return qaq.alloc(1, Hkv, cap, D, torch.float32, device=device, shared=shared, alpha=alpha)
 
 
 def _dev_base(seed, device):
@@ -186,7 +186,37 @@ def _case_list():
     add("np.sparse_attention-idx", lambda a: knp.sparse_attention(
         a["q"].numpy(), a["k"].numpy(), a["v"].numpy(), np.full((1, 1, 1), 9, np.int32), a["lens"].numpy()),
         ValueError, "page_idx")
+    add("np.sparq_build-v", lambda a: knp.sparq_build(a["k"].numpy(), a["v"][:, :, :8].contiguous().numpy(),
+                                                      a["lens"].numpy()), ValueError, "v")
+    for k_top in (0, 41, 2**40):
+        add(f"np.sparq_attention-k_top{k_top}", lambda a, k_top=k_top: knp.sparq_attention(
+            *(a[n].numpy() for n in ("q", "k", "v", "kt", "vm", "lens")), 4, k_top), ValueError, "k_top")
+    add("np.sparq_attention-r", lambda a: knp.sparq_attention(
+        *(a[n].numpy() for n in ("q", "k", "v", "kt", "vm", "lens")), 17, 8), ValueError, "r (")
+    add("np.qaq_attention-widths", lambda a: knp.qaq_attention(
+        a["q"].numpy(), *[_np_store(w=5)] * 2, _lens(8).numpy(), 2), ValueError, "k_widths")
+    add("np.qaq_attention-offsets", lambda a: knp.qaq_attention(
+        a["q"].numpy(), _np_store(), _np_store(off=2**30), _lens(8).numpy(), 2), ValueError, "v_offsets")
+    add("np.qaq_attention-oidx", lambda a: knp.qaq_attention(
+        a["q"].numpy(), _np_store(oidx=16), _np_store(), _lens(8).numpy(), 2), ValueError, "k_oidx")
+    add("np.qaq_attention-heads", lambda a: knp.qaq_attention(
+        a["q"].numpy(), _np_store(), _np_store(), _lens(8).numpy(), 3), ValueError, "Hkv")
     return c
+
+
+def _np_store(w=None, off=None, oidx=None):
+    """The six arrays of a valid QAQ store (B=1, Hkv=2, cap=8, D=16) for the NumPy
+    module, with one value made bad on request."""
+    st = _store(alpha=0.2)
+    qaq.quantize(st, torch.randn(1, 2, 8, 16), _lens(0), 4)
+    a = [t.numpy().copy() for t in st.tensors()]
+    if w is not None:
+        a[2][0, 1, 3] = w
+    if off is not None:
+        a[1][0, 0, 5] = off
+    if oidx is not None:
+        a[4][0, 1, 7, 0] = oidx
+    return tuple(a)
 
 
 @pytest.mark.parametrize("fn,exc,name", _case_list())

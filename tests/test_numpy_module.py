@@ -1,5 +1,6 @@
-"""Tests of kvsparse._kernels_np (CPU Quest kernels over NumPy arrays)
-against a float64 NumPy reference."""
+"""Tests of kvsparse._kernels_np (CPU kernels over NumPy arrays): the Quest
+functions against a float64 NumPy reference, the SparQ and QAQ functions
+against the torch ops (the same kernels: equal results)."""
 import math
 
 import numpy as np
@@ -520,4 +521,181 @@ def test_no_reference_leaks():
             K.attention(q, k, v, kmin, kmax, seq, token_budget=1)
     assert [sys.getrefcount(o) for o in objs] == before
     out = K.attention(q, k, v, kmin, kmax, seq)
+    assert sys.getrefcount(out) == 2
+
+
+# ---------------------------------------------------------------- SparQ and QAQ against the torch ops
+#
+# The module's SparQ and QAQ functions call the same CPU kernels as the torch
+# ops (torch.ops.kvsparse.sparq_build / sparq_attention / qaq_attention), so on
+# the same inputs the results are identical, bit for bit.
+
+try:
+    import torch  # noqa: E402
+
+    from kvsparse import qaq, sparq  # noqa: E402
+except ImportError:  # the torch ops are not available: the comparisons are skipped
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch and kvsparse._C")
+
+SQ_CONFIGS = [
+    # B, H, Hkv, cap, D, lens
+    (1, 4, 4, 100, 64, [100]),
+    (3, 6, 2, 77, 64, [77, 1, 40]),
+    (2, 8, 2, 130, 128, [129, 0]),
+    (1, 12, 3, 50, 256, [33]),
+]
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", SQ_CONFIGS)
+def test_sparq_build_equals_torch_op(dtype, cfg):
+    B, H, Hkv, cap, D, lens = cfg
+    rng = np.random.default_rng(30)
+    _, k, v, seq = make(rng, B, H, Hkv, cap, D, dtype, lens)
+    kt, v_mean = K.sparq_build(k, v, seq)
+    assert kt.dtype == dtype and kt.shape == (B, Hkv, D, cap)
+    assert v_mean.dtype == np.float32 and v_mean.shape == (B, Hkv, D)
+    tkt, tvm = sparq.build(torch.from_numpy(k), torch.from_numpy(v), torch.from_numpy(seq))
+    np.testing.assert_array_equal(kt, tkt.numpy())
+    np.testing.assert_array_equal(v_mean, tvm.numpy())
+    np.testing.assert_array_equal(kt, k.transpose(0, 1, 3, 2))
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", SQ_CONFIGS)
+@pytest.mark.parametrize("group", [True, False], ids=["group", "head"])
+@pytest.mark.parametrize("reallocate", [True, False], ids=["realloc", "plain"])
+def test_sparq_attention_equals_torch_op(dtype, cfg, group, reallocate):
+    B, H, Hkv, cap, D, lens = cfg
+    rng = np.random.default_rng(31)
+    q, k, v, seq = make(rng, B, H, Hkv, cap, D, dtype, lens)
+    kt, v_mean = K.sparq_build(k, v, seq)
+    tq, tk, tv, tkt, tvm, ts = (torch.from_numpy(a) for a in (q, k, v, kt, v_mean, seq))
+    for r, k_top, window, scale in ((D // 8, 16, 4, None), (D, cap, 0, 0.3), (1, 1, 1, None)):
+        out = K.sparq_attention(q, k, v, kt, v_mean, seq, r, k_top, local_window=window,
+                                group=group, reallocate=reallocate, scale=scale)
+        assert out.dtype == dtype and out.shape == q.shape
+        exp = sparq.attention(tq, tk, tv, tkt, tvm, ts, r, k_top, local_window=window,
+                              mode="group" if group else "head", reallocate=reallocate, scale=scale)
+        np.testing.assert_array_equal(out, exp.numpy())
+    # positional arguments and the defaults (local_window 0, group, reallocate, 1 / sqrt(D))
+    out = K.sparq_attention(q, k, v, kt, v_mean, seq, 4, 8)
+    np.testing.assert_array_equal(out, sparq.attention(tq, tk, tv, tkt, tvm, ts, 4, 8).numpy())
+
+
+def _qaq_store(rng, B, Hkv, cap, D, dtype, shared, alpha=0.05):
+    """A torch QAQ store with tokens [0, cap) quantized at random widths, and the
+    six arrays the NumPy module takes."""
+    st = qaq.alloc(B, Hkv, cap, D, dtype=dtype, alpha=alpha, shared=shared)
+    x = torch.from_numpy(rng.standard_normal((B, Hkv, cap, D)).astype(np.float32)).to(dtype)
+    w = torch.from_numpy(rng.choice(np.array(qaq.WIDTHS, np.uint8), size=(B, st.groups, cap)))
+    qaq.quantize(st, x, torch.zeros(B, dtype=torch.int32), w)
+    return st, tuple(t.numpy() for t in st.tensors())
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shared", [False, True], ids=["head", "shared"])
+@pytest.mark.parametrize("cfg", [(1, 4, 2, 37, 64, [37]), (3, 6, 2, 20, 128, [20, 0, 7]),
+                                 (2, 3, 3, 9, 16, [5, 9])])
+def test_qaq_attention_equals_torch_op(dtype, shared, cfg):
+    B, H, Hkv, cap, D, lens = cfg
+    dtype = getattr(torch, dtype)
+    rng = np.random.default_rng(32)
+    ks, ka = _qaq_store(rng, B, Hkv, cap, D, dtype, shared)
+    vs, va = _qaq_store(rng, B, Hkv, cap, D, dtype, False)
+    tq = torch.from_numpy(rng.standard_normal((B, H, D)).astype(np.float32)).to(dtype)
+    ts = torch.tensor(lens, dtype=torch.int32)
+    q, seq = tq.numpy(), ts.numpy()
+    out, pm = K.qaq_attention(q, ka, va, seq, Hkv, return_p_max=True)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert pm.dtype == np.float32 and pm.shape == (B, Hkv, cap)
+    exp, pexp = qaq.attention(tq, ks, vs, ts, return_p_max=True)
+    np.testing.assert_array_equal(out, exp.numpy())
+    np.testing.assert_array_equal(pm, pexp.numpy())
+    out = K.qaq_attention(q, list(ka), va, seq, num_kv_heads=Hkv, scale=0.3)
+    np.testing.assert_array_equal(out, qaq.attention(tq, ks, vs, ts, scale=0.3).numpy())
+    # any sequence of six arrays, fresh ones too (the call keeps them alive)
+    out = K.qaq_attention(q, (t.numpy().copy() for t in ks.tensors()), va, seq, Hkv)
+    np.testing.assert_array_equal(out, qaq.attention(tq, ks, vs, ts).numpy())
+
+
+def _qaq_good():
+    rng = np.random.default_rng(33)
+    _, ka = _qaq_store(rng, 2, 2, 8, 16, torch.float32, False, alpha=0.2)
+    q = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    return q, ka, np.array([8, 3], np.int32)
+
+
+@needs_torch
+def test_sparq_qaq_bad_inputs():
+    q, k, v, _, _, seq = _good()
+    kt, v_mean = K.sparq_build(k, v, seq)
+    with pytest.raises(ValueError, match="v"):
+        K.sparq_build(k, v[:, :, :16].copy(), seq)
+    with pytest.raises(TypeError, match="v_mean"):
+        K.sparq_attention(q, k, v, kt, v_mean.astype(np.float16), seq, 4, 8)
+    with pytest.raises(ValueError, match="kt"):
+        K.sparq_attention(q, k, v, np.ascontiguousarray(kt[:, :, :8]), v_mean, seq, 4, 8)
+    with pytest.raises(ValueError, match=r"^r \("):
+        K.sparq_attention(q, k, v, kt, v_mean, seq, 17, 8)
+    with pytest.raises(ValueError, match="k_top"):
+        K.sparq_attention(q, k, v, kt, v_mean, seq, 4, 33)
+    with pytest.raises(ValueError, match="local_window"):
+        K.sparq_attention(q, k, v, kt, v_mean, seq, 4, 8, local_window=-1)
+    with pytest.raises(ValueError, match="seq_lens"):
+        K.sparq_attention(q, k, v, kt, v_mean, np.array([33, 0], np.int32), 4, 8)
+    q, ka, seq = _qaq_good()
+    with pytest.raises(TypeError, match="k_store"):
+        K.qaq_attention(q, ka[:5], ka, seq, 2)
+    with pytest.raises(TypeError, match="v_sz"):
+        K.qaq_attention(q, ka, ka[:3] + (ka[3].astype(np.float32),) + ka[4:], seq, 2)
+    with pytest.raises(TypeError, match="k_oval"):
+        K.qaq_attention(q.astype(np.float16), ka, ka, seq, 2)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        K.qaq_attention(q, ka, ka, seq, 0)
+    with pytest.raises(ValueError, match="k_offsets"):
+        K.qaq_attention(q, ka, ka, seq, 4)
+    bad_w = ka[2].copy()
+    bad_w[1, 0, 2] = 3
+    with pytest.raises(ValueError, match="k_widths"):
+        K.qaq_attention(q, ka[:2] + (bad_w,) + ka[3:], ka, seq, 2)
+    bad_w[1, 0, 2] = 8
+    bad_o = ka[1].copy()
+    bad_o[1, 0, 2] = ka[0].shape[1] - 1
+    with pytest.raises(ValueError, match="v_offsets"):
+        K.qaq_attention(q, ka, (ka[0], bad_o, bad_w) + ka[3:], seq, 2)
+    bad_i = ka[4].copy()
+    bad_i[0, 1, 7, 0] = 16
+    with pytest.raises(ValueError, match="k_oidx"):
+        K.qaq_attention(q, ka[:4] + (bad_i, ka[5]), ka, seq, 2)
+    with pytest.raises(ValueError, match="seq_lens"):
+        K.qaq_attention(q, ka, ka, np.array([9, 0], np.int32), 2)
+    # values past seq_lens are not checked (never read)
+    K.qaq_attention(q, ka[:4] + (bad_i, ka[5]), ka, np.array([7, 3], np.int32), 2)
+
+
+@needs_torch
+def test_sparq_qaq_no_reference_leaks():
+    import sys
+
+    q, k, v, _, _, seq = _good()
+    kt, v_mean = K.sparq_build(k, v, seq)
+    qq, ka, sq = _qaq_good()
+    objs = [q, k, v, kt, v_mean, seq, qq, sq] + list(ka)
+    before = [sys.getrefcount(o) for o in objs]
+    for _ in range(50):
+        K.sparq_build(k, v, seq)
+        K.sparq_attention(q, k, v, kt, v_mean, seq, 4, 8)
+        K.qaq_attention(qq, ka, list(ka), sq, 2, return_p_max=True)
+        K.qaq_attention(qq, ka, (a for a in ka), sq, 2)
+        with pytest.raises(ValueError):
+            K.sparq_attention(q, k, v, kt, v_mean, seq, 4, 99)
+        with pytest.raises(ValueError):
+            K.qaq_attention(qq, ka, ka, sq, 0)
+    assert [sys.getrefcount(o) for o in objs] == before
+    out = K.sparq_attention(q, k, v, kt, v_mean, seq, 4, 8)
     assert sys.getrefcount(out) == 2

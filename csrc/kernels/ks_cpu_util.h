@@ -25,7 +25,7 @@ static inline float ks_dot(const float *a, const float *b, int64_t n)
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
-/* Order key: NaN ranks as +inf (above every number, see quest.h's NaN
+/* Order key: NaN ranks as +inf (above every number, see ks_dtype.h's NaN
  * policy) so that the order stays total. */
 static inline float ks_key(float s)
 {

@@ -64,7 +64,7 @@
  * rounding of zero and scale; outliers are exact. Values must lie in the
  * fp16 range (the scale and zero point are fp16): a group whose inlier range
  * overflows fp16, or holds a NaN / Inf inlier, dequantizes its inliers to
- * NaN / Inf (so the attention over it is NaN, see quest.h's NaN policy); a
+ * NaN / Inf (so the attention over it is NaN, see ks_dtype.h's NaN policy); a
  * NaN outlier dequantizes to itself. So NaN in a group gives NaN out, even
  * with n_out = 0.
  * Cost: the outliers are selected in O(E log n_side) (CPU) or by one thread
@@ -87,7 +87,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "quest.h" /* ks_dtype */
+#include "ks_dtype.h"
 
 #ifdef __cplusplus
 extern "C" {

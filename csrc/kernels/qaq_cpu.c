@@ -12,7 +12,7 @@
 #include <string.h>
 
 #include "ks_cpu_util.h"
-#include "ks_dtype.h"
+#include "ks_cpu_dtype.h"
 #include "qaq.h"
 
 #define QQ_PAR_MIN ((int64_t)1 << 16)
@@ -446,7 +446,7 @@ int ks_qaq_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64
                 float *sg = s + g * cap, m = -INFINITY, sum = 0.f, inv;
                 int bad = 0;
                 for (t = 0; t < len; t++) {
-                    /* NaN policy (quest.h): a NaN or +inf logit, or all -inf, give NaN */
+                    /* NaN policy (ks_dtype.h): a NaN or +inf logit, or all -inf, give NaN */
                     if (sg[t] != sg[t] || sg[t] == INFINITY)
                         bad = 1;
                     m = sg[t] > m ? sg[t] : m;

@@ -23,15 +23,8 @@
  * The page arithmetic never forms len + P or (p+1)*P, so any P >= 1 is safe
  * (the bindings still cap page_size at KS_MAX_PAGE_SIZE).
  *
- * Errors: the CPU functions that allocate scratch memory return 0, or
- * KS_ERR_NOMEM when an allocation failed (the outputs are then unspecified;
- * the bindings raise). Sizes are the caller's: they must fit the tensors.
- *
- * NaN / Inf (the same in sparq.h and qaq.h): min / max metadata propagate
- * NaN (a page with a NaN key has NaN kmin / kmax and a NaN score); selections
- * rank NaN above every number (so a NaN page or token is selected); an
- * attention row whose logits include a NaN or +inf, or are all -inf, is NaN,
- * as dense softmax attention gives; a row with no token at all is zeros.
+ * Errors (0 or KS_ERR_NOMEM on CPU) and the NaN / Inf policy: ks_dtype.h.
+ * Sizes are the caller's: they must fit the tensors.
  */
 #ifndef KVSPARSE_QUEST_H
 #define KVSPARSE_QUEST_H
@@ -39,14 +32,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ks_dtype.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-typedef enum { KS_F32 = 0, KS_F16 = 1, KS_BF16 = 2 } ks_dtype;
-
-/* Return code of a CPU kernel whose scratch allocation failed. */
-#define KS_ERR_NOMEM 1
 
 /* Largest page_size the bindings accept: a page never needs more tokens than
  * an int32 length can count. */
@@ -63,9 +53,9 @@ typedef enum { KS_F32 = 0, KS_F16 = 1, KS_BF16 = 2 } ks_dtype;
  * is left as it is (the CPU version may also re-zero the empty pages after
  * them; either way incremental metadata equals a full build).
  * Requires start_lens[b] <= seq_lens[b]. */
-void ks_quest_metadata_cpu(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
-                           int64_t D, const int32_t *start_lens, const int32_t *seq_lens,
-                           int64_t page_size, int64_t max_pages, void *kmin, void *kmax);
+void ks_quest_page_metadata_cpu(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
+                                int64_t D, const int32_t *start_lens, const int32_t *seq_lens,
+                                int64_t page_size, int64_t max_pages, void *kmin, void *kmax);
 
 /* ---- 2. page scores -------------------------------------------------------
  * score[b,h,p] = sum_d max(q[b,h,d]*kmin[b,hk,p,d], q[b,h,d]*kmax[b,hk,p,d])
@@ -73,10 +63,10 @@ void ks_quest_metadata_cpu(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, i
  * group_mode == 0: Hs = H, one row per query head.
  * group_mode != 0: Hs = Hkv, row hk = sum of the scores of query heads
  *                  hk*G .. hk*G+G-1 (G = H / Hkv); empty pages still -INFINITY. */
-int ks_quest_scores_cpu(const void *q, const void *kmin, const void *kmax, ks_dtype dt,
-                        int64_t B, int64_t H, int64_t Hkv, int64_t max_pages, int64_t D,
-                        const int32_t *seq_lens, int64_t page_size, int group_mode,
-                        float *scores);
+int ks_quest_page_scores_cpu(const void *q, const void *kmin, const void *kmax, ks_dtype dt,
+                             int64_t B, int64_t H, int64_t Hkv, int64_t max_pages, int64_t D,
+                             const int32_t *seq_lens, int64_t page_size, int group_mode,
+                             float *scores);
 
 /* ---- 3. page selection ----------------------------------------------------
  * For each (b, row): with np = n_pages(seq_lens[b]):
@@ -86,9 +76,9 @@ int ks_quest_scores_cpu(const void *q, const void *kmin, const void *kmax, ks_dt
  *         above every number).
  * Written ascending into page_idx[b,row,0..], the rest of the row = -1.
  * (A sequence of length 0 gets a row of -1.) n_sel >= 1. */
-int ks_quest_select_cpu(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
-                        const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
-                        int32_t *page_idx);
+int ks_quest_select_pages_cpu(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
+                              const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
+                              int32_t *page_idx);
 
 /* ---- 4. sparse decode attention -------------------------------------------
  * out[b,h,:] = softmax_t(scale * q[b,h,:] . k[b,hk,t,:]) @ v[b,hk,t,:]
@@ -96,54 +86,54 @@ int ks_quest_select_cpu(const float *scores, int64_t B, int64_t Hs, int64_t max_
  * skipped, tokens t >= seq_lens[b] masked), r(h) = h if Hs == H else h / G.
  * float32 accumulation, numerically stable. A row with no token gives zeros;
  * NaN / Inf as described at the top. */
-int ks_quest_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
-                             int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
-                             const int32_t *page_idx, int64_t Hs, int64_t n_sel,
-                             const int32_t *seq_lens, int64_t page_size, float scale,
-                             void *out);
+int ks_quest_sparse_attention_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
+                                  int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                                  const int32_t *page_idx, int64_t Hs, int64_t n_sel,
+                                  const int32_t *seq_lens, int64_t page_size, float scale,
+                                  void *out);
 
 /* ---- 5. fused decode (scores + selection + attention) ----------------------
  * Same result as calling 2, 3 and 4 in turn with n_sel = token_budget / P
  * capped at max_pages. The CPU version takes caller-provided workspaces:
  * scores [B, Hs, max_pages] float and page_idx [B, Hs, n_sel] int32. */
-int ks_quest_decode_cpu(const void *q, const void *k, const void *v, const void *kmin,
-                        const void *kmax, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
-                        int64_t cap, int64_t D, int64_t max_pages, const int32_t *seq_lens,
-                        int64_t page_size, int64_t n_sel, int group_mode, float scale,
-                        float *scores_ws, int32_t *page_idx_ws, void *out);
+int ks_quest_attention_cpu(const void *q, const void *k, const void *v, const void *kmin,
+                           const void *kmax, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                           int64_t cap, int64_t D, int64_t max_pages, const int32_t *seq_lens,
+                           int64_t page_size, int64_t n_sel, int group_mode, float scale,
+                           float *scores_ws, int32_t *page_idx_ws, void *out);
 
 /* ---- CUDA twins (quest_cuda.cu) ---------------------------------------------
  * Same semantics; all pointers are device pointers; stream is a cudaStream_t.
  * Return 0 on success, else a cudaError_t code (launch error). They never
  * synchronise with the host. The GPU supports D in {64, 128}. */
-int ks_quest_metadata_cuda(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
-                           int64_t D, const int32_t *start_lens, const int32_t *seq_lens,
-                           int64_t page_size, int64_t max_pages, void *kmin, void *kmax,
-                           void *stream);
-int ks_quest_scores_cuda(const void *q, const void *kmin, const void *kmax, ks_dtype dt,
-                         int64_t B, int64_t H, int64_t Hkv, int64_t max_pages, int64_t D,
-                         const int32_t *seq_lens, int64_t page_size, int group_mode,
-                         float *scores, void *stream);
-int ks_quest_select_cuda(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
-                         const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
-                         int32_t *page_idx, void *stream);
-int ks_quest_sparse_attn_cuda(const void *q, const void *k, const void *v, ks_dtype dt,
-                              int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
-                              const int32_t *page_idx, int64_t Hs, int64_t n_sel,
-                              const int32_t *seq_lens, int64_t page_size, float scale,
-                              void *workspace, void *out, void *stream);
-/* Bytes of device workspace ks_quest_sparse_attn_cuda needs (uninitialised memory is fine). */
-size_t ks_quest_sparse_attn_cuda_workspace(int64_t B, int64_t H, int64_t D, int64_t n_sel,
-                                           int64_t page_size);
-int ks_quest_decode_cuda(const void *q, const void *k, const void *v, const void *kmin,
-                         const void *kmax, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
-                         int64_t cap, int64_t D, int64_t max_pages, const int32_t *seq_lens,
-                         int64_t page_size, int64_t n_sel, int group_mode, float scale,
-                         void *workspace, void *out, void *stream);
-/* Bytes of device workspace ks_quest_decode_cuda needs (uninitialised memory is fine). */
-size_t ks_quest_decode_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                                      int64_t max_pages, int64_t n_sel, int64_t page_size,
-                                      int group_mode);
+int ks_quest_page_metadata_cuda(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
+                                int64_t D, const int32_t *start_lens, const int32_t *seq_lens,
+                                int64_t page_size, int64_t max_pages, void *kmin, void *kmax,
+                                void *stream);
+int ks_quest_page_scores_cuda(const void *q, const void *kmin, const void *kmax, ks_dtype dt,
+                              int64_t B, int64_t H, int64_t Hkv, int64_t max_pages, int64_t D,
+                              const int32_t *seq_lens, int64_t page_size, int group_mode,
+                              float *scores, void *stream);
+int ks_quest_select_pages_cuda(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
+                               const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
+                               int32_t *page_idx, void *stream);
+int ks_quest_sparse_attention_cuda(const void *q, const void *k, const void *v, ks_dtype dt,
+                                   int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                                   const int32_t *page_idx, int64_t Hs, int64_t n_sel,
+                                   const int32_t *seq_lens, int64_t page_size, float scale,
+                                   void *workspace, void *out, void *stream);
+/* Bytes of device workspace ks_quest_sparse_attention_cuda needs (uninitialised memory is fine). */
+size_t ks_quest_sparse_attention_cuda_workspace(int64_t B, int64_t H, int64_t D, int64_t n_sel,
+                                                int64_t page_size);
+int ks_quest_attention_cuda(const void *q, const void *k, const void *v, const void *kmin,
+                            const void *kmax, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                            int64_t cap, int64_t D, int64_t max_pages, const int32_t *seq_lens,
+                            int64_t page_size, int64_t n_sel, int group_mode, float scale,
+                            void *workspace, void *out, void *stream);
+/* Bytes of device workspace ks_quest_attention_cuda needs (uninitialised memory is fine). */
+size_t ks_quest_attention_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                                         int64_t max_pages, int64_t n_sel, int64_t page_size,
+                                         int group_mode);
 
 #ifdef __cplusplus
 }

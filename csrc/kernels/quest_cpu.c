@@ -10,7 +10,7 @@
 #include <string.h>
 
 #include "ks_cpu_util.h"
-#include "ks_dtype.h"
+#include "ks_cpu_dtype.h"
 #include "quest.h"
 
 /* ceil(len / P) without forming len + P - 1 (P may be as large as INT64_MAX) */
@@ -62,9 +62,9 @@ static inline float ks_bound(const float *q, const float *lo, const float *hi, i
  * cores are busy, which is more than a decode-sized step takes serially. */
 #define KS_PAR_MIN ((int64_t)1 << 17)
 
-void ks_quest_metadata_cpu(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
-                           int64_t D, const int32_t *start_lens, const int32_t *seq_lens,
-                           int64_t page_size, int64_t max_pages, void *kmin, void *kmax)
+void ks_quest_page_metadata_cpu(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
+                                int64_t D, const int32_t *start_lens, const int32_t *seq_lens,
+                                int64_t page_size, int64_t max_pages, void *kmin, void *kmax)
 {
     const int64_t P = page_size;
     int64_t b, h, p;
@@ -184,10 +184,10 @@ static int ks_scores_impl(const float *qf, const void *kmin, const void *kmax, k
     return oom ? KS_ERR_NOMEM : 0;
 }
 
-int ks_quest_scores_cpu(const void *q, const void *kmin, const void *kmax, ks_dtype dt,
-                         int64_t B, int64_t H, int64_t Hkv, int64_t max_pages, int64_t D,
-                         const int32_t *seq_lens, int64_t page_size, int group_mode,
-                         float *scores)
+int ks_quest_page_scores_cpu(const void *q, const void *kmin, const void *kmax, ks_dtype dt,
+                             int64_t B, int64_t H, int64_t Hkv, int64_t max_pages, int64_t D,
+                             const int32_t *seq_lens, int64_t page_size, int group_mode,
+                             float *scores)
 {
     float *qf = NULL;
     const float *qp;
@@ -209,9 +209,9 @@ int ks_quest_scores_cpu(const void *q, const void *kmin, const void *kmax, ks_dt
 
 /* ---- 3. selection --------------------------------------------------------- */
 
-int ks_quest_select_cpu(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
-                        const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
-                        int32_t *page_idx)
+int ks_quest_select_pages_cpu(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
+                              const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
+                              int32_t *page_idx)
 {
     int64_t b, r;
     int oom = 0;
@@ -273,11 +273,11 @@ int ks_quest_select_cpu(const float *scores, int64_t B, int64_t Hs, int64_t max_
  * head mode) share every K / V row, so each row is converted once. Online
  * softmax per page: the page's logits are computed first, then the running
  * max / sum / accumulator are rescaled once per page. */
-int ks_quest_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
-                             int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
-                             const int32_t *page_idx, int64_t Hs, int64_t n_sel,
-                             const int32_t *seq_lens, int64_t page_size, float scale,
-                             void *out)
+int ks_quest_sparse_attention_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
+                                  int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                                  const int32_t *page_idx, int64_t Hs, int64_t n_sel,
+                                  const int32_t *seq_lens, int64_t page_size, float scale,
+                                  void *out)
 {
     const int64_t G = H / Hkv, P = page_size;
     const int64_t nh = (Hs == H) ? 1 : G; /* query heads per selection row */
@@ -383,7 +383,7 @@ int ks_quest_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dty
                 }
                 for (j = 0; j < nh; j++) {
                     void *o = ks_ptr(out, dt, (b * H + h0 + j) * D);
-                    /* NaN policy (quest.h): as dense attention, a NaN / +inf logit,
+                    /* NaN policy (ks_dtype.h): as dense attention, a NaN / +inf logit,
                      * or tokens whose logits are all -inf, give a NaN row */
                     if (bad[j] != 0.f || (seen && m[j] == -INFINITY)) {
                         for (d = 0; d < D; d++)
@@ -407,20 +407,20 @@ int ks_quest_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dty
 
 /* ---- 5. fused decode ------------------------------------------------------ */
 
-int ks_quest_decode_cpu(const void *q, const void *k, const void *v, const void *kmin,
-                        const void *kmax, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
-                        int64_t cap, int64_t D, int64_t max_pages, const int32_t *seq_lens,
-                        int64_t page_size, int64_t n_sel, int group_mode, float scale,
-                        float *scores_ws, int32_t *page_idx_ws, void *out)
+int ks_quest_attention_cpu(const void *q, const void *k, const void *v, const void *kmin,
+                           const void *kmax, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                           int64_t cap, int64_t D, int64_t max_pages, const int32_t *seq_lens,
+                           int64_t page_size, int64_t n_sel, int group_mode, float scale,
+                           float *scores_ws, int32_t *page_idx_ws, void *out)
 {
     const int64_t Hs = group_mode ? Hkv : H;
-    int rc = ks_quest_scores_cpu(q, kmin, kmax, dt, B, H, Hkv, max_pages, D, seq_lens,
-                                 page_size, group_mode, scores_ws);
+    int rc = ks_quest_page_scores_cpu(q, kmin, kmax, dt, B, H, Hkv, max_pages, D, seq_lens,
+                                      page_size, group_mode, scores_ws);
     if (rc == 0)
-        rc = ks_quest_select_cpu(scores_ws, B, Hs, max_pages, seq_lens, page_size, n_sel,
-                                 page_idx_ws);
+        rc = ks_quest_select_pages_cpu(scores_ws, B, Hs, max_pages, seq_lens, page_size, n_sel,
+                                       page_idx_ws);
     if (rc == 0)
-        rc = ks_quest_sparse_attn_cpu(q, k, v, dt, B, H, Hkv, cap, D, page_idx_ws, Hs, n_sel,
-                                      seq_lens, page_size, scale, out);
+        rc = ks_quest_sparse_attention_cpu(q, k, v, dt, B, H, Hkv, cap, D, page_idx_ws, Hs, n_sel,
+                                           seq_lens, page_size, scale, out);
     return rc;
 }

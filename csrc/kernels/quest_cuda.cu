@@ -170,7 +170,7 @@ __global__ void metadata_kernel(const T *__restrict__ k, int64_t cap, const int3
       float x[8];
       Vec8<T>::load(kp + (size_t)t * D, x);
 #pragma unroll
-      // NaN-propagating min / max (quest.h's NaN policy), as on the CPU
+      // NaN-propagating min / max (ks_dtype.h's NaN policy), as on the CPU
       for (int i = 0; i < 8; ++i) {
         mn[i] = (x[i] < mn[i] || x[i] != x[i]) ? x[i] : mn[i];
         mx[i] = (x[i] > mx[i] || x[i] != x[i]) ? x[i] : mx[i];
@@ -267,7 +267,7 @@ scores_kernel(const T *__restrict__ q, const T *__restrict__ kmin, const T *__re
 // --------------------------------------------------------------- select ----
 constexpr int SEL_THREADS = 1024;
 
-// Order key: larger float -> larger key; NaN ranks as +inf (quest.h's NaN
+// Order key: larger float -> larger key; NaN ranks as +inf (ks_dtype.h's NaN
 // policy: a page with a NaN score is selected, as on the CPU).
 __device__ __forceinline__ uint32_t order_key(float f) {
   uint32_t u = __float_as_uint(f);
@@ -866,19 +866,19 @@ int launch_metadata(const void *k, int64_t B, int64_t Hkv, int64_t cap, int64_t 
 
 extern "C" {
 
-int ks_quest_metadata_cuda(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
-                           int64_t D, const int32_t *start_lens, const int32_t *seq_lens,
-                           int64_t page_size, int64_t max_pages, void *kmin, void *kmax,
-                           void *stream) {
+int ks_quest_page_metadata_cuda(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
+                                int64_t D, const int32_t *start_lens, const int32_t *seq_lens,
+                                int64_t page_size, int64_t max_pages, void *kmin, void *kmax,
+                                void *stream) {
   if (B == 0 || Hkv == 0 || max_pages == 0) return 0;
   return KS_DISPATCH(dt, launch_metadata, k, B, Hkv, cap, D, start_lens, seq_lens, page_size,
                      max_pages, kmin, kmax, (cudaStream_t)stream);
 }
 
-int ks_quest_scores_cuda(const void *q, const void *kmin, const void *kmax, ks_dtype dt,
-                         int64_t B, int64_t H, int64_t Hkv, int64_t max_pages, int64_t D,
-                         const int32_t *seq_lens, int64_t page_size, int group_mode,
-                         float *scores, void *stream) {
+int ks_quest_page_scores_cuda(const void *q, const void *kmin, const void *kmax, ks_dtype dt,
+                              int64_t B, int64_t H, int64_t Hkv, int64_t max_pages, int64_t D,
+                              const int32_t *seq_lens, int64_t page_size, int group_mode,
+                              float *scores, void *stream) {
   if (B == 0 || H == 0 || max_pages == 0) return 0;
   // cap only bounds seq_lens; metadata covers max_pages * page_size tokens
   const int64_t cap = max_pages * page_size;
@@ -886,17 +886,17 @@ int ks_quest_scores_cuda(const void *q, const void *kmin, const void *kmax, ks_d
                      page_size, cap, group_mode, scores, (cudaStream_t)stream);
 }
 
-int ks_quest_select_cuda(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
-                         const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
-                         int32_t *page_idx, void *stream) {
+int ks_quest_select_pages_cuda(const float *scores, int64_t B, int64_t Hs, int64_t max_pages,
+                               const int32_t *seq_lens, int64_t page_size, int64_t n_sel,
+                               int32_t *page_idx, void *stream) {
   if (B == 0 || Hs == 0 || n_sel == 0) return 0;
   launch_select(scores, B, Hs, max_pages, seq_lens, page_size, max_pages * page_size, n_sel,
                 page_idx, nullptr, (cudaStream_t)stream, false);
   return (int)cudaGetLastError();
 }
 
-size_t ks_quest_sparse_attn_cuda_workspace(int64_t B, int64_t H, int64_t D, int64_t n_sel,
-                                           int64_t page_size) {
+size_t ks_quest_sparse_attention_cuda_workspace(int64_t B, int64_t H, int64_t D, int64_t n_sel,
+                                                int64_t page_size) {
   (void)page_size;
   const int64_t max_splits = (n_sel + AT_WARPS - 1) / AT_WARPS;
   // partials: per (b, row, split) MAXG*(D+2) floats; rows*MAXG <= H*8 covers both modes
@@ -905,11 +905,11 @@ size_t ks_quest_sparse_attn_cuda_workspace(int64_t B, int64_t H, int64_t D, int6
   return align256(counters) + align256(part);
 }
 
-int ks_quest_sparse_attn_cuda(const void *q, const void *k, const void *v, ks_dtype dt,
-                              int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
-                              const int32_t *page_idx, int64_t Hs, int64_t n_sel,
-                              const int32_t *seq_lens, int64_t page_size, float scale,
-                              void *workspace, void *out, void *stream) {
+int ks_quest_sparse_attention_cuda(const void *q, const void *k, const void *v, ks_dtype dt,
+                                   int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                                   const int32_t *page_idx, int64_t Hs, int64_t n_sel,
+                                   const int32_t *seq_lens, int64_t page_size, float scale,
+                                   void *workspace, void *out, void *stream) {
   if (B == 0 || H == 0) return 0;
   cudaStream_t st = (cudaStream_t)stream;
   int *counters = (int *)workspace;
@@ -920,20 +920,20 @@ int ks_quest_sparse_attn_cuda(const void *q, const void *k, const void *v, ks_dt
                      page_size, scale, part, counters, out, st, false);
 }
 
-size_t ks_quest_decode_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                                      int64_t max_pages, int64_t n_sel, int64_t page_size,
-                                      int group_mode) {
+size_t ks_quest_attention_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                                         int64_t max_pages, int64_t n_sel, int64_t page_size,
+                                         int group_mode) {
   const int64_t Hs = group_mode ? Hkv : H;
   return align256((size_t)B * Hs * max_pages * sizeof(float)) +
          align256((size_t)B * Hs * n_sel * sizeof(int32_t)) +
-         ks_quest_sparse_attn_cuda_workspace(B, H, D, n_sel, page_size);
+         ks_quest_sparse_attention_cuda_workspace(B, H, D, n_sel, page_size);
 }
 
-int ks_quest_decode_cuda(const void *q, const void *k, const void *v, const void *kmin,
-                         const void *kmax, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
-                         int64_t cap, int64_t D, int64_t max_pages, const int32_t *seq_lens,
-                         int64_t page_size, int64_t n_sel, int group_mode, float scale,
-                         void *workspace, void *out, void *stream) {
+int ks_quest_attention_cuda(const void *q, const void *k, const void *v, const void *kmin,
+                            const void *kmax, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                            int64_t cap, int64_t D, int64_t max_pages, const int32_t *seq_lens,
+                            int64_t page_size, int64_t n_sel, int group_mode, float scale,
+                            void *workspace, void *out, void *stream) {
   if (B == 0 || H == 0) return 0;
   cudaStream_t st = (cudaStream_t)stream;
   const int64_t Hs = group_mode ? Hkv : H;

@@ -31,7 +31,7 @@
  * Ordering of floats (top channels, top positions): NaN ranks above every
  * number (as +inf); ties go to the lower index. The CPU functions that
  * allocate scratch return 0 or KS_ERR_NOMEM; the NaN / Inf policy of the
- * attention is quest.h's. Every sum whose rounding decides a selection is a
+ * attention is ks_dtype.h's. Every sum whose rounding decides a selection is a
  * float32 sum in head order g = 0, 1, ..., starting from 0.
  */
 #ifndef KVSPARSE_SPARQ_H
@@ -40,7 +40,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "quest.h" /* ks_dtype */
+#include "ks_dtype.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -111,23 +111,23 @@ int ks_sparq_top_positions_cpu(const float *s_hat, int64_t B, int64_t H, int64_t
  *   reallocate != 0: alpha = sum_{t in T} s_hat[b,h,t] (float32, i2 order),
  *                    out = alpha * y_topk + (1 - alpha) * v_mean[b,hk,:]
  *   reallocate == 0: out = y_topk (s_hat and v_mean are not read; may be NULL). */
-int ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
-                              int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
-                              const int32_t *i2, int64_t Hs2, int64_t n_sel,
-                              const float *s_hat, const float *v_mean, const int32_t *seq_lens,
-                              float scale, int reallocate, void *out);
+int ks_sparq_sparse_attention_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
+                                  int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                                  const int32_t *i2, int64_t Hs2, int64_t n_sel,
+                                  const float *s_hat, const float *v_mean, const int32_t *seq_lens,
+                                  float scale, int reallocate, void *out);
 
 /* ---- 6. fused decode ------------------------------------------------------------------
  * Same result as calling 2, 3, 4 and 5 in turn with group_size = G (group_mode
  * != 0) or 1, n_sel = k_top (1 <= k_top <= cap). The CPU version takes caller
  * workspaces: i1_ws [B, Hs, r] int32, s_hat_ws [B, H, cap] float32,
  * i2_ws [B, Hs, k_top] int32 (Hs = Hkv or H). */
-int ks_sparq_decode_cpu(const void *q, const void *k, const void *v, const void *kt,
-                         const float *v_mean, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
-                         int64_t cap, int64_t D, const int32_t *seq_lens, int64_t r,
-                         int64_t k_top, int64_t local_window, int group_mode, int reallocate,
-                         float scale, int32_t *i1_ws, float *s_hat_ws, int32_t *i2_ws,
-                         void *out);
+int ks_sparq_attention_cpu(const void *q, const void *k, const void *v, const void *kt,
+                           const float *v_mean, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                           int64_t cap, int64_t D, const int32_t *seq_lens, int64_t r,
+                           int64_t k_top, int64_t local_window, int group_mode, int reallocate,
+                           float scale, int32_t *i1_ws, float *s_hat_ws, int32_t *i2_ws,
+                           void *out);
 
 /* ---- CUDA twins (sparq_cuda.cu) -------------------------------------------------------
  * Same semantics; device pointers; stream is a cudaStream_t. Return 0 on
@@ -156,21 +156,21 @@ int ks_sparq_top_positions_cuda(const float *s_hat, int64_t B, int64_t H, int64_
                                 int64_t group_size, int32_t *i2, void *workspace, void *stream);
 size_t ks_sparq_top_positions_cuda_workspace(int64_t B, int64_t H, int64_t cap,
                                              int64_t group_size);
-int ks_sparq_sparse_attn_cuda(const void *q, const void *k, const void *v, ks_dtype dt,
-                              int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
-                              const int32_t *i2, int64_t Hs2, int64_t n_sel,
-                              const float *s_hat, const float *v_mean, const int32_t *seq_lens,
-                              float scale, int reallocate, void *workspace, void *out,
-                              void *stream);
-size_t ks_sparq_sparse_attn_cuda_workspace(int64_t B, int64_t H, int64_t Hs2, int64_t D,
-                                           int64_t n_sel);
-int ks_sparq_decode_cuda(const void *q, const void *k, const void *v, const void *kt,
-                         const float *v_mean, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
-                         int64_t cap, int64_t D, const int32_t *seq_lens, int64_t r,
-                         int64_t k_top, int64_t local_window, int group_mode, int reallocate,
-                         float scale, void *workspace, void *out, void *stream);
-size_t ks_sparq_decode_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
-                                      int64_t r, int64_t k_top, int group_mode);
+int ks_sparq_sparse_attention_cuda(const void *q, const void *k, const void *v, ks_dtype dt,
+                                   int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                                   const int32_t *i2, int64_t Hs2, int64_t n_sel,
+                                   const float *s_hat, const float *v_mean, const int32_t *seq_lens,
+                                   float scale, int reallocate, void *workspace, void *out,
+                                   void *stream);
+size_t ks_sparq_sparse_attention_cuda_workspace(int64_t B, int64_t H, int64_t Hs2, int64_t D,
+                                                int64_t n_sel);
+int ks_sparq_attention_cuda(const void *q, const void *k, const void *v, const void *kt,
+                            const float *v_mean, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                            int64_t cap, int64_t D, const int32_t *seq_lens, int64_t r,
+                            int64_t k_top, int64_t local_window, int group_mode, int reallocate,
+                            float scale, void *workspace, void *out, void *stream);
+size_t ks_sparq_attention_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                                         int64_t r, int64_t k_top, int group_mode);
 
 #ifdef __cplusplus
 }

@@ -11,7 +11,7 @@
 #include <string.h>
 
 #include "ks_cpu_util.h"
-#include "ks_dtype.h"
+#include "ks_cpu_dtype.h"
 #include "sparq.h"
 
 /* Work (element visits / multiply-adds) from which a kernel goes parallel. */
@@ -359,11 +359,11 @@ int ks_sparq_top_positions_cpu(const float *s_hat, int64_t B, int64_t H, int64_t
 
 #define SP_ACH 64 /* i2 entries per online-softmax step */
 
-int ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
-                              int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
-                              const int32_t *i2, int64_t Hs2, int64_t n_sel,
-                              const float *s_hat, const float *v_mean, const int32_t *seq_lens,
-                              float scale, int reallocate, void *out)
+int ks_sparq_sparse_attention_cpu(const void *q, const void *k, const void *v, ks_dtype dt,
+                                  int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                                  const int32_t *i2, int64_t Hs2, int64_t n_sel,
+                                  const float *s_hat, const float *v_mean, const int32_t *seq_lens,
+                                  float scale, int reallocate, void *out)
 {
     const int64_t G = H / Hkv;
     const int64_t nh = (Hs2 == H) ? 1 : G;
@@ -469,7 +469,7 @@ int ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dty
                 for (j = 0; j < nh; j++) {
                     float *aj = acc + j * D;
                     const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
-                    /* NaN policy (quest.h): NaN / +inf logits, or all -inf, give NaN */
+                    /* NaN policy (ks_dtype.h): NaN / +inf logits, or all -inf, give NaN */
                     const int nan_row = bad[j] != 0.f || (seen && m[j] == -INFINITY);
                     for (d = 0; d < D; d++)
                         aj[d] = nan_row ? NAN : aj[d] * inv;
@@ -489,12 +489,12 @@ int ks_sparq_sparse_attn_cpu(const void *q, const void *k, const void *v, ks_dty
 
 /* ---- 6. fused decode ------------------------------------------------------------- */
 
-int ks_sparq_decode_cpu(const void *q, const void *k, const void *v, const void *kt,
-                        const float *v_mean, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
-                        int64_t cap, int64_t D, const int32_t *seq_lens, int64_t r,
-                        int64_t k_top, int64_t local_window, int group_mode, int reallocate,
-                        float scale, int32_t *i1_ws, float *s_hat_ws, int32_t *i2_ws,
-                        void *out)
+int ks_sparq_attention_cpu(const void *q, const void *k, const void *v, const void *kt,
+                           const float *v_mean, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                           int64_t cap, int64_t D, const int32_t *seq_lens, int64_t r,
+                           int64_t k_top, int64_t local_window, int group_mode, int reallocate,
+                           float scale, int32_t *i1_ws, float *s_hat_ws, int32_t *i2_ws,
+                           void *out)
 {
     const int64_t gs = group_mode ? H / Hkv : 1, Hs = H / gs;
     int rc = ks_sparq_top_channels_cpu(q, dt, B, H, D, r, gs, i1_ws);
@@ -505,7 +505,7 @@ int ks_sparq_decode_cpu(const void *q, const void *k, const void *v, const void 
         rc = ks_sparq_top_positions_cpu(s_hat_ws, B, H, cap, seq_lens, k_top, local_window, gs,
                                         i2_ws);
     if (rc == 0)
-        rc = ks_sparq_sparse_attn_cpu(q, k, v, dt, B, H, Hkv, cap, D, i2_ws, Hs, k_top, s_hat_ws,
-                                      v_mean, seq_lens, scale, reallocate, out);
+        rc = ks_sparq_sparse_attention_cpu(q, k, v, dt, B, H, Hkv, cap, D, i2_ws, Hs, k_top,
+                                           s_hat_ws, v_mean, seq_lens, scale, reallocate, out);
     return rc;
 }

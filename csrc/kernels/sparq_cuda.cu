@@ -1179,25 +1179,25 @@ int ks_sparq_top_positions_cuda(const float *s_hat, int64_t B, int64_t H, int64_
   return launch_select(keys, B, Hs, cap, seq_lens, (int)n_sel, lw, i2, st);
 }
 
-size_t ks_sparq_sparse_attn_cuda_workspace(int64_t B, int64_t H, int64_t Hs2, int64_t D,
-                                           int64_t n_sel) {
+size_t ks_sparq_sparse_attention_cuda_workspace(int64_t B, int64_t H, int64_t Hs2, int64_t D,
+                                                int64_t n_sel) {
   return attn_workspace(B, H, Hs2, D, n_sel);
 }
 
-int ks_sparq_sparse_attn_cuda(const void *q, const void *k, const void *v, ks_dtype dt,
-                              int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
-                              const int32_t *i2, int64_t Hs2, int64_t n_sel,
-                              const float *s_hat, const float *v_mean, const int32_t *seq_lens,
-                              float scale, int reallocate, void *workspace, void *out,
-                              void *stream) {
+int ks_sparq_sparse_attention_cuda(const void *q, const void *k, const void *v, ks_dtype dt,
+                                   int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                                   const int32_t *i2, int64_t Hs2, int64_t n_sel,
+                                   const float *s_hat, const float *v_mean, const int32_t *seq_lens,
+                                   float scale, int reallocate, void *workspace, void *out,
+                                   void *stream) {
   if (B == 0 || H == 0) return 0;
   return run_attn(dt, q, k, v, B, H, Hkv, cap, D, i2, Hs2, n_sel, s_hat, v_mean, seq_lens,
                   scale, reallocate, workspace, out, (cudaStream_t)stream);
 }
 
 // layout: [attention ws][i1][s_hat][score partials][rowscore (group, G > 1)][i2]
-size_t ks_sparq_decode_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
-                                      int64_t r, int64_t k_top, int group_mode) {
+size_t ks_sparq_attention_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
+                                         int64_t r, int64_t k_top, int group_mode) {
   const int64_t Hs = group_mode ? Hkv : H;
   const bool rows = group_mode && H / Hkv > 1;
   return attn_workspace(B, H, Hs, D, k_top) + align256((size_t)B * Hs * r * sizeof(int32_t)) +
@@ -1207,11 +1207,11 @@ size_t ks_sparq_decode_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t
          align256((size_t)B * Hs * k_top * sizeof(int32_t));
 }
 
-int ks_sparq_decode_cuda(const void *q, const void *k, const void *v, const void *kt,
-                         const float *v_mean, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
-                         int64_t cap, int64_t D, const int32_t *seq_lens, int64_t r,
-                         int64_t k_top, int64_t local_window, int group_mode, int reallocate,
-                         float scale, void *workspace, void *out, void *stream) {
+int ks_sparq_attention_cuda(const void *q, const void *k, const void *v, const void *kt,
+                            const float *v_mean, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                            int64_t cap, int64_t D, const int32_t *seq_lens, int64_t r,
+                            int64_t k_top, int64_t local_window, int group_mode, int reallocate,
+                            float scale, void *workspace, void *out, void *stream) {
   if (B == 0 || H == 0) return 0;
   if (cap == 0 || k_top < 1) return (int)cudaErrorInvalidValue;
   cudaStream_t st = (cudaStream_t)stream;

@@ -80,7 +80,7 @@ passed.
 
 Head dims: the CPU kernels take any multiple of 8 in [8, 256]; the CUDA
 kernels of every method (Quest page scores / metadata / attention, SparQ
-attention, QAQ attention; ``check_head_dim`` in ``csrc/torch_ops.cpp``) take
+attention, QAQ attention; ``check_head_dim`` in ``csrc/ops/checks.h``) take
 head_dim 64 or 128 (:data:`CUDA_HEAD_DIMS`). On CUDA, the layers of another
 head dim (Gemma 3: 256) fall back to the model's dense attention on
 transformers' cache layer, with a ``UserWarning`` naming the method and the
@@ -103,7 +103,7 @@ _CONFIGS = (QuestConfig, SparQConfig, QAQConfig)
 __all__ = ["patch", "unpatch", "patched", "is_patched", "make_cache", "supported_models", "CUDA_HEAD_DIMS"]
 
 #: head dims the CUDA kernels of every method support (``check_head_dim`` in
-#: csrc/torch_ops.cpp; the kernels are instantiated for D = 64 and 128 only)
+#: csrc/ops/checks.h; the kernels are instantiated for D = 64 and 128 only)
 CUDA_HEAD_DIMS = (64, 128)
 
 _STATE_ATTR = "_kvsparse_state"
