@@ -14,17 +14,69 @@ import time
 from .decoding import prefill
 
 
-# Keyword arguments that a method gets unless the command line overrides them.
-METHOD_DEFAULTS = {"quest": {"page_size": 16}}
-# The keyword that the sweep sets, per method: --budgets (token budgets) for Quest,
-# --compressions (target transfer ratios) for SparQ.
-BUDGET_KWARG = {"quest": "token_budget", "sparq": "compression", "qaq": "sigma"}
-# Methods swept over --compressions rather than --budgets.
-COMPRESSION_METHODS = ("sparq",)
-# Methods swept over --sigmas (QAQ: the error target of the bit-width bounds).
-SIGMA_METHODS = ("qaq",)
-# Keyword arguments that fix a method's configuration, so that it is not swept.
-NO_SWEEP_KWARGS = {"sparq": ("r", "k"), "qaq": ("sigma_k", "sigma_v", "uniform_bits")}
+# ------------------------------------------------------------------ per-method settings
+# Everything the harness knows about a particular method is in METHODS; the code
+# below it is generic. A method missing from METHODS runs with the kwargs it is
+# given (no sweep; every run prefills under the method). The method registry
+# (kvsparse.methods) is to replace this table, in this one place.
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """How the harness sweeps one method and shares its caches."""
+
+    sweep_kwarg: str
+    """The keyword that the sweep sets (also the run's :attr:`MethodRun.budget`)."""
+    sweep_over: str
+    """Which list of :func:`make_runs` (and command-line flag) the sweep takes:
+    ``"budgets"``, ``"compressions"`` or ``"sigmas"``."""
+    sweep_type: type
+    """``int`` or ``float``: the type of a swept value."""
+    defaults: dict = dataclasses.field(default_factory=dict)
+    """Keyword arguments that a run gets unless the command line overrides them
+    (left out of the run's label)."""
+    fixed_by: tuple = ()
+    """Keyword arguments that fix the method's configuration: given any, no sweep."""
+    patch_defaults: dict = dataclasses.field(default_factory=dict)
+    """Keyword arguments added at patch time unless the run sets them (not part of the run)."""
+    cache_kwargs: tuple = None
+    """Keyword arguments that change what the method's cache holds after a (dense)
+    prefill: runs that agree on them share one prefilled cache, converted from the
+    dense one. None: the cache is not built from a dense prefill (every run
+    prefills under the method)."""
+    nominal_ratio: object = None
+    """``f(run, length)``: the fraction of a ``length``-token cache that a decode
+    step does not read, from the run's settings. None: measured instead, from
+    the cache's memory report (:func:`compression_ratio`)."""
+
+
+METHODS = {
+    "quest": MethodSpec("token_budget", "budgets", int, defaults={"page_size": 16},
+                        cache_kwargs=("page_size", "chunk_size", "max_cache_len"),
+                        nominal_ratio=lambda run, length: max(0.0, 1.0 - run.budget / length)),
+    # dense_below=0: the evaluation measures the method at every length (SparQ's
+    # default dense_below runs short contexts densely)
+    "sparq": MethodSpec("compression", "compressions", float, fixed_by=("r", "k"),
+                        patch_defaults={"dense_below": 0}, cache_kwargs=("chunk_size", "max_cache_len"),
+                        nominal_ratio=lambda run, length: 1.0 - float(run.kwargs.get("compression", 1.0))),
+    # QAQ: sigma is the error target of the bit-width bounds (sigma_k = sigma_v)
+    "qaq": MethodSpec("sigma", "sigmas", float, fixed_by=("sigma_k", "sigma_v", "uniform_bits")),
+}
+
+
+def compression_ratio(run, length, mem):
+    """The fraction of the cache a decode step does not read (Quest, SparQ) or
+    does not hold (QAQ, measured: ``mem`` is :func:`cache_memory`'s report):
+    kvpress's ``compression_ratio``."""
+    spec = METHODS.get(run.method)
+    if spec is not None and spec.nominal_ratio is not None:
+        return spec.nominal_ratio(run, length)
+    if mem and mem.get("compression"):
+        return 1.0 - 1.0 / mem["compression"]
+    return 0.0
+
+
+# ------------------------------------------------------------------ runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,20 +95,21 @@ class MethodRun:
         if self.method == "dense":
             return "dense"
         kw = dict(self.kwargs)
-        budget_key = BUDGET_KWARG.get(self.method)
+        spec = METHODS.get(self.method)
         parts = [self.method]
-        if budget_key and budget_key in kw:
-            parts.append(str(kw.pop(budget_key)))
+        if spec and spec.sweep_kwarg in kw:
+            parts.append(str(kw.pop(spec.sweep_kwarg)))
+        defaults = spec.defaults if spec else {}
         for k in sorted(kw):
-            if METHOD_DEFAULTS.get(self.method, {}).get(k) == kw[k]:
+            if defaults.get(k) == kw[k]:
                 continue
             parts.append(f"{k}={kw[k]}")
         return "-".join(parts)
 
     @property
     def budget(self):
-        key = BUDGET_KWARG.get(self.method)
-        return self.kwargs.get(key) if key else None
+        spec = METHODS.get(self.method)
+        return self.kwargs.get(spec.sweep_kwarg) if spec else None
 
     def to_dict(self):
         return {"method": self.method, "kwargs": dict(self.kwargs), "label": self.label}
@@ -68,10 +121,12 @@ def make_runs(methods, budgets, extra_kwargs=None, include_dense=True, compressi
     Args:
         methods: method names, e.g. ``["quest", "sparq"]``.
         budgets: token budgets, e.g. ``[64, 128]`` (Quest).
-        extra_kwargs: kwargs added to every non-dense run (over ``METHOD_DEFAULTS``).
+        extra_kwargs: kwargs added to every non-dense run (over the method's
+            ``METHODS[name].defaults``).
         compressions: target transfer ratios, e.g. ``[0.5, 0.125]`` (SparQ).
         sigmas: error targets, e.g. ``[0.02, 0.05]`` (QAQ: ``sigma``).
 
+    Each method is swept over the list that ``METHODS[name].sweep_over`` names.
     ``extra_kwargs`` may also be a list of dicts: every method is then swept
     once per dict (e.g. QAQ with and without outliers).
     """
@@ -86,15 +141,17 @@ def make_runs(methods, budgets, extra_kwargs=None, include_dense=True, compressi
     for m in methods:
         if m == "dense":
             continue
-        base = dict(METHOD_DEFAULTS.get(m, {}))
+        spec = METHODS.get(m)
+        base = dict(spec.defaults) if spec else {}
         base.update(extra_kwargs or {})
-        key = BUDGET_KWARG.get(m)
-        sweep = compressions if m in COMPRESSION_METHODS else sigmas if m in SIGMA_METHODS else budgets
-        conv = float if m in COMPRESSION_METHODS or m in SIGMA_METHODS else int
-        explicit = any(k in base for k in NO_SWEEP_KWARGS.get(m, ()))  # e.g. r and k given: no sweep
-        if key and sweep and key not in base and not explicit:
+        if spec is None:  # a method the harness knows nothing about: as given
+            runs.append(MethodRun(m, base))
+            continue
+        sweep = {"budgets": budgets, "compressions": compressions, "sigmas": sigmas}[spec.sweep_over]
+        explicit = any(k in base for k in spec.fixed_by)  # e.g. r and k given: no sweep
+        if sweep and spec.sweep_kwarg not in base and not explicit:
             for b in sweep:
-                runs.append(MethodRun(m, {key: conv(b), **base}))
+                runs.append(MethodRun(m, {spec.sweep_kwarg: spec.sweep_type(b), **base}))
         else:
             runs.append(MethodRun(m, base))
     return runs
@@ -112,11 +169,10 @@ def method_applied(model, run):
     if run.method == "dense":
         yield {"method": "dense"}
         return
+    spec = METHODS.get(run.method)
     kwargs = dict(run.kwargs)
-    if run.method == "sparq":
-        # the evaluation measures the method at every length (SparQ's default
-        # dense_below runs short contexts densely)
-        kwargs.setdefault("dense_below", 0)
+    for k, v in (spec.patch_defaults if spec else {}).items():
+        kwargs.setdefault(k, v)
     hf.patch(model, method=run.method, **kwargs)
     try:
         yield model.kvsparse_config.to_dict()
@@ -140,18 +196,14 @@ def new_cache(model, run):
     return hf.make_cache(model)
 
 
-# Keyword arguments that change what a method's cache holds after a (dense) prefill.
-# Runs of one method that agree on them can share one prefilled cache.
-CACHE_KWARGS = {"quest": ("page_size", "chunk_size", "max_cache_len"),
-                "sparq": ("chunk_size", "max_cache_len")}
-
-
 def cache_family(run):
-    """Runs with equal families can share a prefilled cache (copied per run)."""
+    """Runs with equal families can share a prefilled cache (copied per run):
+    a method's ``METHODS[name].cache_kwargs`` agree."""
     if run.method == "dense":
         return ("dense",)
-    keys = CACHE_KWARGS.get(run.method)
-    if keys is None:  # unknown method: no sharing
+    spec = METHODS.get(run.method)
+    keys = spec.cache_kwargs if spec else None
+    if keys is None:  # no shared cache: a family per configuration
         return (run.method, tuple(sorted((k, repr(v)) for k, v in run.kwargs.items())))
     return (run.method,) + tuple((k, repr(run.kwargs.get(k))) for k in keys)
 
@@ -159,9 +211,11 @@ def cache_family(run):
 def _cache_from_dense(model, run, dense_cache):
     """The cache of ``run`` holding the same tokens as a prefilled ``DynamicCache``,
     without a second prefill (a prefill is dense in every method, so the keys and
-    values are the same). Quest, SparQ: each layer takes the whole prefix as one
-    multi-token update, committed as all-valid. None when not supported."""
-    if run.method not in ("quest", "sparq"):
+    values are the same). Each layer takes the whole prefix as one multi-token
+    update, committed as all-valid (Quest, SparQ). None when not supported (a
+    method without ``METHODS[name].cache_kwargs``, e.g. QAQ)."""
+    spec = METHODS.get(run.method)
+    if spec is None or spec.cache_kwargs is None:
         return None
     cache = new_cache(model, run)
     dense_layers = getattr(dense_cache, "layers", None)

@@ -38,7 +38,7 @@ import dataclasses
 import random
 
 from ..decoding import _decode, _encode, _eos_id, _tqdm, chat_split, greedy_answer
-from ..runs import SharedPrefill, cache_memory, method_applied
+from ..runs import SharedPrefill, cache_memory, compression_ratio, method_applied
 
 __all__ = ["TASKS", "RulerSample", "make_sample", "score", "run_ruler"]
 
@@ -258,18 +258,6 @@ def score(output, answers):
     return 100.0 * sum(a.lower() in low for a in answers) / len(answers)
 
 
-def _compression_ratio(run, length, mem):
-    """The fraction of the cache a decode step does not read (Quest, SparQ) or
-    does not hold (QAQ, measured): kvpress's ``compression_ratio``."""
-    if run.method == "quest":
-        return max(0.0, 1.0 - run.budget / length)
-    if run.method == "sparq":
-        return 1.0 - float(run.kwargs.get("compression", 1.0))
-    if mem and mem.get("compression"):
-        return 1.0 - 1.0 / mem["compression"]
-    return 0.0
-
-
 def run_ruler(model, tok, runs, tasks, lengths, samples, seed=0, fmt="plain", placements=("prompt", "decoded"),
               share_prefill=True, progress=True):
     """Every run on every (task, length, sample, question placement).
@@ -303,7 +291,7 @@ def run_ruler(model, tok, runs, tasks, lengths, samples, seed=0, fmt="plain", pl
                             "question": place, "run": run.label, "method": run.method,
                             "kwargs": dict(run.kwargs), "answers": s.answers, "output": out,
                             "score": score(out, s.answers), "decode_steps": steps, "decode_s": secs,
-                            "compression_ratio": _compression_ratio(run, L, mem),
+                            "compression_ratio": compression_ratio(run, L, mem),
                         })
                         bar.update(1)
                         bar.set_postfix_str(f"{task} L={L} {place} {run.label}")
