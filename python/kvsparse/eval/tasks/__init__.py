@@ -1,0 +1,2 @@
+"""The evaluation tasks, one module each: ``passkey`` (passkey retrieval),
+``ppl`` (decode-mode perplexity) and ``ruler`` (the RULER-style suite)."""
