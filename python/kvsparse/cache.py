@@ -52,8 +52,8 @@ decode ``update`` returns the whole buffers, whose valid part is described by
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import _compat, qaq, quest
-from .config import QAQConfig, QuestConfig, SparQConfig
+from . import _compat, methods, qaq, quest
+from .config import MethodConfig, QAQConfig, QuestConfig, SparQConfig
 
 __all__ = [
     "KVCacheLayer", "QuestCacheLayer", "QuestDynamicLayer", "QuestStaticLayer",
@@ -86,6 +86,8 @@ class KVCacheLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
     is_compileable = False
+    #: the name of the method whose layer this is
+    method = None
 
     def __init__(self, page_size=16, chunk_size=256, **kwargs):
         super().__init__()
@@ -361,6 +363,8 @@ class KVCacheLayer(CacheLayerMixin):
 class QuestCacheLayer(KVCacheLayer):
     """Quest side data: per-page channel-wise key min / max."""
 
+    method = "quest"
+
     def __init__(self, page_size=16, chunk_size=256, **kwargs):
         super().__init__(page_size=page_size, chunk_size=chunk_size, **kwargs)
         self.kmin = None
@@ -394,6 +398,8 @@ class QuestCacheLayer(KVCacheLayer):
 class SparQCacheLayer(KVCacheLayer):
     """SparQ side data: the channel-major key copy ``kt`` and the running value
     mean ``v_mean`` (float32)."""
+
+    method = "sparq"
 
     def __init__(self, page_size=16, chunk_size=256, **kwargs):
         super().__init__(page_size=page_size, chunk_size=chunk_size, **kwargs)
@@ -589,6 +595,7 @@ class QAQCacheLayer(KVCacheLayer):
     scales/zeros, widths, offsets, outliers) against an fp16 cache.
     """
 
+    method = "qaq"
     packed = True
 
     def __init__(self, page_size=1, chunk_size=256, **kwargs):
@@ -1045,9 +1052,10 @@ def _native_layers(layers, model_config, max_cache_len, native_layers):
 
 class KVSparseCache(Cache):
     """A transformers ``Cache`` with one kvsparse layer per decoder layer, of
-    the kind that the method config asks for (:class:`QuestCache` for a
-    :class:`~kvsparse.config.QuestConfig`, :class:`SparQCache` for a
-    :class:`~kvsparse.config.SparQConfig`).
+    the kind that the method config asks for (the method's
+    :meth:`~kvsparse.methods.base.Method.cache_class`: :class:`QuestCache`
+    for a :class:`~kvsparse.config.QuestConfig`, :class:`SparQCache`,
+    :class:`QAQCache`).
 
     Args:
         num_layers: number of decoder layers (or pass ``model_config``).
@@ -1087,7 +1095,7 @@ class KVSparseCache(Cache):
         else:
             layers = [static(max_cache_len, page_size, config.chunk_size) for _ in range(num_layers)]
         self.native_layers = _native_layers(layers, model_config, max_cache_len, native_layers)
-        dense_length = config.dense_length() if hasattr(config, "dense_length") else 0
+        dense_length = config.dense_length()
         for layer in layers:
             if isinstance(layer, KVCacheLayer):
                 layer.dense_length = dense_length
@@ -1101,10 +1109,9 @@ class KVSparseCache(Cache):
     @staticmethod
     def for_config(config, **kwargs):
         """The cache class of ``config``'s method, instantiated."""
-        cls = {QuestConfig: QuestCache, SparQConfig: SparQCache, QAQConfig: QAQCache}.get(type(config))
-        if cls is None:
+        if not isinstance(config, MethodConfig) or config.method not in methods.names():
             raise TypeError(f"kvsparse: no cache for a {type(config).__name__}")
-        return cls(config=config, **kwargs)
+        return methods.get(config.method).cache_class()(config=config, **kwargs)
 
     def __repr__(self):
         kind = "static" if self.is_compileable else "dynamic"

@@ -1,0 +1,115 @@
+"""Quest (query-aware page selection): its config, decode step and registry entry.
+
+The ops are :mod:`kvsparse.quest`.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+from .. import quest as ops
+from .base import Method, MethodConfig, check_int, register
+
+__all__ = ["QuestConfig", "Quest"]
+
+
+@dataclass(repr=True, eq=True)
+class QuestConfig(MethodConfig):
+    """Quest (query-aware page selection) for decode attention.
+
+    Attributes:
+        token_budget: tokens attended per head (rounded down to whole pages)
+            by each sparse decode step; >= ``page_size``.
+        page_size: tokens per page ``P`` (the granularity of the selection).
+        dense_layers: the first ``dense_layers`` decoder layers keep dense
+            decode attention (Quest's recommendation: the first layers are
+            not sparse enough to prune).
+        mode: how the query heads of a GQA group choose pages. One page set
+            per KV head (every selected page read once): ``"softmax"``
+            (default: each head's page bounds normalised into a distribution,
+            then summed), ``"group"`` (summed bounds, the fused kernel),
+            ``"max"``, ``"union"`` (round-robin by per-head rank); see
+            :func:`kvsparse.quest.combine_scores`. ``"head"``: one page set per
+            query head (up to G times the pages read). Measured
+            (``benchmarks/results/quest_gqa_modes_cpu.md``): ``"softmax"`` had
+            the lowest perplexity on SmolLM2 and Gemma 3 at small budgets and
+            costs the same on the H200.
+        max_cache_len: see :class:`~kvsparse.methods.base.MethodConfig`.
+        chunk_size: growth granularity of the dynamic buffers, in tokens
+            (a multiple of ``page_size``).
+        dense_below: a decode step over at most this many cached tokens runs
+            one dense attention call (SDPA) instead of the page selection;
+            ``None`` (default): ``token_budget``, where Quest attends to every
+            page anyway, so the result is the same and only the overhead of
+            scoring and selecting is saved. The length is the capacity of a
+            static cache (known without a device read, so a compiled step
+            never switches) or the host token count of a dynamic one.
+    """
+
+    method = "quest"
+
+    token_budget: int = 1024
+    page_size: int = 16
+    dense_layers: int = 2
+    mode: str = "softmax"
+    dense_below: Optional[int] = None
+
+    def validate(self):
+        super().validate()
+        check_int("page_size", self.page_size, 1)
+        if self.dense_below is not None:
+            check_int("dense_below", self.dense_below, 0)
+        check_int("token_budget", self.token_budget)
+        if self.token_budget < self.page_size:
+            raise ValueError(
+                f"kvsparse: token_budget ({self.token_budget}) must be >= page_size ({self.page_size})"
+            )
+        modes = ("group", "head", "max", "softmax", "union")
+        if not isinstance(self.mode, str) or self.mode not in modes:
+            raise ValueError(f"kvsparse: mode must be one of {modes}, got {self.mode!r}")
+        if self.chunk_size % self.page_size != 0:
+            raise ValueError(
+                f"kvsparse: chunk_size ({self.chunk_size}) must be a multiple of page_size ({self.page_size})"
+            )
+
+    def dense_length(self):
+        """Decode steps over at most this many tokens run dense attention."""
+        if self.dense_below is None:  # the budget Quest really reads: whole pages
+            return self.token_budget // self.page_size * self.page_size
+        return self.dense_below
+
+
+class Quest(Method):
+    """Quest: each decode step scores the pages by their key bounds and
+    attends to the best ``token_budget // page_size`` pages."""
+
+    name = "quest"
+    title = "Quest"
+    config_class = QuestConfig
+    sweep_kwarg = "token_budget"
+    sweep_values = "budgets"
+    eval_defaults = {"page_size": 16}
+    cache_kwargs = ("page_size", "chunk_size", "max_cache_len")
+
+    def lossless_kwargs(self, head_dim, length):
+        page = 8
+        return dict(token_budget=-(-int(length) // page) * page, page_size=page, dense_layers=0, dense_below=0)
+
+    def cache_class(self):
+        from ..cache import QuestCache
+
+        return QuestCache
+
+    def decode(self, q, layer, config, dense, scaling):
+        budget = layer.num_pages * layer.page_size if dense else config.token_budget  # every page: dense
+        if config.mode in ops.GROUP_MODES and config.mode != "group" and not dense:
+            # per-head bounds, combined per KV head (quest.combine_scores), one shared read
+            scores = ops.page_scores(q, layer.kmin, layer.kmax, layer.seq_lens, layer.page_size, "head")
+            scores = ops.combine_scores(scores, layer.num_heads, config.mode, scaling)
+            idx = ops.select_pages(scores, layer.seq_lens, layer.page_size, budget)
+            return ops.sparse_attention(q, layer.keys, layer.values, idx, layer.seq_lens, layer.page_size, scaling)
+        return ops.attention(
+            q, layer.keys, layer.values, layer.kmin, layer.kmax, layer.seq_lens,
+            layer.page_size, budget, "head" if config.mode == "head" else "group", scaling,
+        )
+
+
+register(Quest())
