@@ -54,6 +54,23 @@ def test_registry_entry(method):
     assert method.cache_kwargs is None or set(method.cache_kwargs) <= names
 
 
+def test_evaluation_facts_match_the_eval_tables(method):
+    """Until kvsparse.eval reads them from the registry, a method's evaluation
+    facts say what the evaluation's own tables say."""
+    from kvsparse import eval as ev
+
+    tables = ("BUDGET_KWARG", "COMPRESSION_METHODS", "SIGMA_METHODS", "NO_SWEEP_KWARGS", "METHOD_DEFAULTS",
+              "CACHE_KWARGS")
+    if not all(hasattr(ev, t) for t in tables):
+        pytest.skip("kvsparse.eval keeps no per-method tables")
+    assert ev.BUDGET_KWARG.get(method.name) == method.sweep_kwarg
+    assert (method.name in ev.COMPRESSION_METHODS) == (method.sweep_values == "compressions")
+    assert (method.name in ev.SIGMA_METHODS) == (method.sweep_values == "sigmas")
+    assert tuple(ev.NO_SWEEP_KWARGS.get(method.name, ())) == method.no_sweep_kwargs
+    assert ev.METHOD_DEFAULTS.get(method.name, {}) == method.eval_defaults
+    assert ev.CACHE_KWARGS.get(method.name) == method.cache_kwargs
+
+
 def test_lossless_config_is_dense_attention(method, monkeypatch):
     """Every decode step of every layer runs the method (never a dense
     fallback), and the logits are the unpatched model's."""
@@ -146,3 +163,45 @@ def test_foreign_cache_raises(method):
         with hf.patched(model, method=method.name, **_lossless(method)), torch.no_grad():
             with pytest.raises(kvsparse.IntegrationError, match="make_cache"):
                 model(prompt(20), use_cache=True, **_cache_kw(model, cache))
+
+
+def test_a_new_method_is_one_module(monkeypatch):
+    """A method defined outside the package (its config and decode step, the
+    default dense storage) gets its cache classes and runs under patch()."""
+    from kvsparse import cache as cache_module
+    from kvsparse.methods import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(cache_module, "_CLASSES", dict(cache_module._CLASSES))
+
+    @dataclasses.dataclass(repr=True, eq=True)
+    class ExactConfig(methods.MethodConfig):
+        method = "exact"
+
+    class Exact(methods.Method):
+        """Exact attention over the dense storage."""
+
+        name, title, config_class = "exact", "Exact", ExactConfig
+
+        def lossless_kwargs(self, head_dim, length):
+            return {}
+
+        def decode(self, q, layer, config, dense, scaling):
+            B, H, D = q.shape
+            T = layer.capacity
+            keys = layer.keys.repeat_interleave(H // layer.num_heads, dim=1)
+            values = layer.values.repeat_interleave(H // layer.num_heads, dim=1)
+            s = torch.einsum("bhd,bhtd->bht", q.float(), keys.float()) * scaling
+            s = s.masked_fill(torch.arange(T).view(1, 1, T) >= layer.seq_lens.view(B, 1, 1), float("-inf"))
+            return torch.einsum("bht,bhtd->bhd", torch.softmax(s, -1), values.float()).to(q.dtype)
+
+    methods.register(Exact())
+    model = tiny_model(layers=2)
+    ids = prompt(30, batch=2)
+    ref = greedy(model, ids, n=6)
+    with hf.patched(model, method="exact"):
+        out = greedy(model, ids, n=6, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert type(cache).__name__ == "ExactCache" and type(cache.layers[0]).__name__ == "ExactDynamicLayer"
+    assert isinstance(cache.layers[0], KVCacheLayer) and cache.layers[0].seq_lens.tolist() == [35, 35]
+    assert torch.equal(out.sequences, ref)

@@ -93,8 +93,9 @@ import warnings
 import torch
 
 from . import _compat, methods
-from .cache import KVCacheLayer, KVSparseCache, _is_compiling, cache_geometry, sliding_layers
+from .cache import KVCacheLayer, KVSparseCache, cache_geometry, sliding_layers
 from .config import MethodConfig, make_config
+from .parts import is_compiling
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "make_cache", "supported_models", "CUDA_HEAD_DIMS"]
 
@@ -286,7 +287,7 @@ def _make_attention_function(impl):
             scaling = module.head_dim ** -0.5
         if decoding and layer.pending is None:
             # decode: the token is already in the buffers
-            if not _is_compiling():
+            if not is_compiling():
                 layer.awaiting_attention = False
             dense = module.layer_idx < cfg.dense_layers
             if _below_dense_length(layer, cfg):

@@ -7,7 +7,11 @@ under its name with :func:`register` and found with :func:`get`. Its module
 * its config, a :class:`MethodConfig` dataclass (the fields every method
   has, ``dense_layers``, ``max_cache_len`` and ``chunk_size``, live in
   :class:`MethodConfig`);
-* its cache (:meth:`Method.cache_class`);
+* what its cache layers hold (:meth:`Method.storage`: where the tokens
+  are, by default dense K/V buffers; :meth:`Method.side_index`: the data
+  kept beside them, e.g. Quest's page bounds), from which
+  :mod:`kvsparse.cache` builds its transformers cache classes
+  (:meth:`Method.cache_class`, :meth:`Method.layer_class`);
 * its decode attention (:meth:`Method.decode`) and its prefill hooks
   (:meth:`Method.continuation_kv`, :meth:`Method.after_prefill`);
 * the facts the evaluation needs (which field it sweeps, which fields fix
@@ -20,6 +24,8 @@ Nothing here imports transformers: the configs must load without it.
 """
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
+
+from ..parts import DenseKV
 
 __all__ = ["Method", "MethodConfig", "check_int", "register", "get", "names", "registered"]
 
@@ -100,6 +106,9 @@ class Method:
             so a cache is never shared nor converted from a dense one.
         lossless_tolerance: ``(atol, rtol)`` of the logits under
             :meth:`lossless_kwargs` against the unpatched model (fp32).
+        cache_methods: ``None``, or a mixin class of methods and properties
+            that the method's cache class adds (QAQ: ``memory_report``,
+            ``compact``).
     """
 
     name = None
@@ -111,6 +120,7 @@ class Method:
     eval_defaults = {}
     cache_kwargs = None
     lossless_tolerance = (2e-5, 1e-4)
+    cache_methods = None
 
     def __repr__(self):
         return f"<kvsparse method {self.name!r}>"
@@ -140,9 +150,34 @@ class Method:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- cache
+    def storage(self, config, layer_idx, static):
+        """A new storage :class:`~kvsparse.parts.Part` for layer ``layer_idx``
+        of a dynamic or ``static`` cache: where the tokens are. Default: dense
+        ``keys`` / ``values`` buffers (:class:`~kvsparse.parts.DenseKV`)."""
+        return DenseKV()
+
+    def side_index(self, config):
+        """A new side index :class:`~kvsparse.parts.Part` kept beside the
+        storage and updated from the new tokens, or ``None`` (default)."""
+        return None
+
+    def page_size(self, config):
+        """Slot granularity of the cache layers: their capacity and growth
+        chunk are multiples of it (Quest: its page size; default 1)."""
+        return 1
+
     def cache_class(self):
-        """The method's transformers ``Cache`` class (imports transformers)."""
-        raise NotImplementedError
+        """The method's transformers ``Cache`` class, ``<title>Cache`` (imports transformers)."""
+        from ..cache import method_classes
+
+        return method_classes(self).cache
+
+    def layer_class(self, static):
+        """The class of the method's dynamic or ``static`` cache layers (imports transformers)."""
+        from ..cache import method_classes
+
+        classes = method_classes(self)
+        return classes.static_layer if static else classes.dynamic_layer
 
     # ------------------------------------------------------------- attention
     def decode(self, q, layer, config, dense, scaling):
@@ -170,8 +205,8 @@ _REGISTRY = {}
 
 def register(method):
     """Add ``method`` (a :class:`Method` instance) to the registry; returns it."""
-    if not isinstance(method, Method) or not isinstance(method.name, str) or not method.name:
-        raise TypeError(f"kvsparse: register() takes a Method with a name, got {method!r}")
+    if not isinstance(method, Method) or not isinstance(method.name, str) or not method.name.islower():
+        raise TypeError(f"kvsparse: register() takes a Method with a lower-case name, got {method!r}")
     if method.config_class.method != method.name:
         raise ValueError(f"kvsparse: {method.config_class.__name__}.method must be {method.name!r}")
     if method.name in _REGISTRY:

@@ -1,14 +1,17 @@
-"""Quest (query-aware page selection): its config, decode step and registry entry.
+"""Quest (query-aware page selection): its config, side index, decode step and registry entry.
 
 The ops are :mod:`kvsparse.quest`.
 """
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from .. import quest as ops
+from ..parts import Part
 from .base import Method, MethodConfig, check_int, register
 
-__all__ = ["QuestConfig", "Quest"]
+__all__ = ["QuestConfig", "QuestPages", "Quest"]
 
 
 @dataclass(repr=True, eq=True)
@@ -77,6 +80,48 @@ class QuestConfig(MethodConfig):
         return self.dense_below
 
 
+class QuestPages(Part):
+    """Quest's side index beside the dense keys: per page of ``page_size``
+    slots, the channel-wise key min / max, ``kmin`` / ``kmax``
+    ``[B, Hkv, ceil(capacity / P), D]``; an append updates only the pages it
+    touches."""
+
+    names = ("kmin", "kmax")
+
+    def __init__(self, page_size):
+        super().__init__()
+        self.page_size = int(page_size)
+
+    @property
+    def num_pages(self):
+        return 0 if self.kmin is None else self.kmin.shape[2]
+
+    def allocate(self, layer, capacity):
+        B, H, D = layer.batch_size, layer.num_heads, layer.head_dim
+        pages = -(-capacity // self.page_size)
+        kmin = torch.zeros((B, H, pages, D), dtype=layer.dtype, device=layer.device)
+        kmax = torch.zeros_like(kmin)
+        if self.kmin is not None:
+            old_pages = self.kmin.shape[2]
+            kmin[:, :, :old_pages].copy_(self.kmin)
+            kmax[:, :, :old_pages].copy_(self.kmax)
+        self.kmin, self.kmax = kmin, kmax
+
+    def append_one(self, layer, key_states, value_states, pos, new_lens):
+        ops.update_metadata(layer.keys, self.kmin, self.kmax, layer.seq_lens, new_lens, self.page_size)
+
+    def commit(self, layer, start, new_lens, k, v, counts, seen):
+        ops.update_metadata(layer.keys, self.kmin, self.kmax, start, new_lens, self.page_size)
+
+
+class QuestCacheMethods:
+    """What a :class:`~kvsparse.cache.QuestCache` adds to a kvsparse cache."""
+
+    @property
+    def page_size(self):
+        return self.config.page_size
+
+
 class Quest(Method):
     """Quest: each decode step scores the pages by their key bounds and
     attends to the best ``token_budget // page_size`` pages."""
@@ -88,27 +133,30 @@ class Quest(Method):
     sweep_values = "budgets"
     eval_defaults = {"page_size": 16}
     cache_kwargs = ("page_size", "chunk_size", "max_cache_len")
+    cache_methods = QuestCacheMethods
 
     def lossless_kwargs(self, head_dim, length):
         page = 8
         return dict(token_budget=-(-int(length) // page) * page, page_size=page, dense_layers=0, dense_below=0)
 
-    def cache_class(self):
-        from ..cache import QuestCache
+    def page_size(self, config):
+        return config.page_size
 
-        return QuestCache
+    def side_index(self, config):
+        return QuestPages(config.page_size)
 
     def decode(self, q, layer, config, dense, scaling):
-        budget = layer.num_pages * layer.page_size if dense else config.token_budget  # every page: dense
+        pages, P = layer.side, layer.page_size
+        budget = pages.num_pages * P if dense else config.token_budget  # every page: dense
         if config.mode in ops.GROUP_MODES and config.mode != "group" and not dense:
             # per-head bounds, combined per KV head (quest.combine_scores), one shared read
-            scores = ops.page_scores(q, layer.kmin, layer.kmax, layer.seq_lens, layer.page_size, "head")
+            scores = ops.page_scores(q, pages.kmin, pages.kmax, layer.seq_lens, P, "head")
             scores = ops.combine_scores(scores, layer.num_heads, config.mode, scaling)
-            idx = ops.select_pages(scores, layer.seq_lens, layer.page_size, budget)
-            return ops.sparse_attention(q, layer.keys, layer.values, idx, layer.seq_lens, layer.page_size, scaling)
+            idx = ops.select_pages(scores, layer.seq_lens, P, budget)
+            return ops.sparse_attention(q, layer.keys, layer.values, idx, layer.seq_lens, P, scaling)
         return ops.attention(
-            q, layer.keys, layer.values, layer.kmin, layer.kmax, layer.seq_lens,
-            layer.page_size, budget, "head" if config.mode == "head" else "group", scaling,
+            q, layer.keys, layer.values, pages.kmin, pages.kmax, layer.seq_lens,
+            P, budget, "head" if config.mode == "head" else "group", scaling,
         )
 
 

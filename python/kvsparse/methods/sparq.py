@@ -1,14 +1,17 @@
-"""SparQ (sparse-query attention): its config, decode step and registry entry.
+"""SparQ (sparse-query attention): its config, side index, decode step and registry entry.
 
 The ops are :mod:`kvsparse.sparq`.
 """
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from .. import sparq as ops
+from ..parts import Part, is_compiling, slot_rows
 from .base import Method, MethodConfig, check_int, register
 
-__all__ = ["SparQConfig", "SparQ"]
+__all__ = ["SparQConfig", "SparQKeys", "SparQ"]
 
 
 @dataclass(repr=True, eq=True)
@@ -97,6 +100,57 @@ class SparQConfig(MethodConfig):
         return r, max(1, min(k, max(int(seq_len), 1)))
 
 
+class SparQKeys(Part):
+    """SparQ's side index beside the dense keys and values: ``kt``
+    ``[B, Hkv, D, capacity]``, a channel-major copy of the keys (the new
+    tokens' columns written in place), and ``v_mean`` float32 ``[B, Hkv, D]``,
+    the running mean of the valid values (updated from the new tokens only,
+    never recomputed from the cache)."""
+
+    names = ("kt", "v_mean")
+
+    def allocate(self, layer, capacity):
+        B, H, D = layer.batch_size, layer.num_heads, layer.head_dim
+        kt = torch.zeros((B, H, D, capacity), dtype=layer.dtype, device=layer.device)
+        if self.kt is not None:
+            kt[..., : self.kt.shape[-1]].copy_(self.kt)
+        self.kt = kt
+        if self.v_mean is None:
+            self.v_mean = torch.zeros((B, H, D), dtype=torch.float32, device=layer.device)
+
+    def append_one(self, layer, key_states, value_states, pos, new_lens):
+        B, H, _, D = key_states.shape
+        col = key_states.detach().to(layer.dtype)
+        if is_compiling():
+            # column pos[b] of every [D, capacity] slab, as an index_put_ that
+            # the compiled step keeps in place (see DenseKV.append_one)
+            b, h, p = slot_rows(layer, pos)
+            d = torch.arange(D, device=layer.device).view(1, 1, D)
+            self.kt.index_put_((b.view(B, 1, 1), h.view(1, H, 1), d, p.view(B, 1, 1)), col[:, :, 0])
+        else:  # eager: a scatter_ is in place and one light kernel
+            self.kt.scatter_(3, pos.view(B, 1, 1, 1).expand(B, H, D, 1), col.transpose(2, 3))
+        # running mean over the valid tokens: m += (v - m) / n; a sequence whose
+        # length did not grow (a full static cache) keeps its mean
+        grown = (new_lens > layer.seq_lens).view(B, 1, 1)
+        n = new_lens.clamp(min=1).to(torch.float32).view(B, 1, 1)
+        upd = (value_states.detach()[:, :, 0].float() - self.v_mean) / n
+        self.v_mean.add_(torch.where(grown, upd, torch.zeros_like(upd)))
+
+    def commit(self, layer, start, new_lens, k, v, counts, seen):
+        B, H, L, D = k.shape
+        pos = (start.to(torch.int64).view(B, 1) + torch.arange(L, device=layer.device)).clamp(max=layer.capacity - 1)
+        valid = torch.arange(L, device=layer.device).view(1, L) < counts.view(B, 1)  # [B, L]
+        # columns past counts[b] would land on slots beyond seq_lens (or be
+        # clamped onto the last slot): write only the valid ones
+        cur = self.kt.gather(3, pos.view(B, 1, 1, L).expand(B, H, D, L))
+        newc = torch.where(valid.view(B, 1, 1, L), k.transpose(2, 3), cur)
+        self.kt.scatter_(3, pos.view(B, 1, 1, L).expand(B, H, D, L), newc)
+        vsum = (v.float() * valid.view(B, 1, L, 1)).sum(dim=2)  # [B, H, D]
+        n = new_lens.clamp(min=1).to(torch.float32).view(B, 1, 1)
+        self.v_mean.mul_(start.to(torch.float32).view(B, 1, 1)).add_(vsum).div_(n)
+        self.v_mean.mul_((new_lens > 0).view(B, 1, 1))
+
+
 class SparQ(Method):
     """SparQ: each decode step scores the positions with the ``r`` largest
     query channels and attends exactly to the best ``k``."""
@@ -116,10 +170,8 @@ class SparQ(Method):
     def lossless_kwargs(self, head_dim, length):
         return dict(r=int(head_dim), k=int(length), reallocate=False, dense_below=0)
 
-    def cache_class(self):
-        from ..cache import SparQCache
-
-        return SparQCache
+    def side_index(self, config):
+        return SparQKeys()
 
     def decode(self, q, layer, config, dense, scaling):
         D = q.shape[-1]
@@ -132,7 +184,7 @@ class SparQ(Method):
             r, k_top = config.r_k(D, S)
             realloc = config.reallocate
         return ops.attention(
-            q, layer.keys, layer.values, layer.kt, layer.v_mean, layer.seq_lens, r,
+            q, layer.keys, layer.values, layer.side.kt, layer.side.v_mean, layer.seq_lens, r,
             min(k_top, layer.capacity), config.local_window, config.mode, realloc, scaling,
         )
 
