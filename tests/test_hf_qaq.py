@@ -312,7 +312,7 @@ def test_compiled_static_decode_equals_eager():
             lowered |= bool((a.widths[:, :, :30] < 8).any())
         # every tensor the step mutates is still the one marked static at
         # allocation (a rebinding makes CUDA graphs skip the step: "mutated inputs")
-        for t in lc._state_tensors():
+        for t in lc.state_tensors():
             assert getattr(t, "_dynamo_static_input_type", None) is not None
         # device ring index: the prefill pushes `window` rows, then one per decode step
         assert int(lc.window.step) == int(le.window.step) == ADAPT["window"] + 9

@@ -5,6 +5,7 @@ Submodules:
   kvsparse.sparq      SparQ (sparse-query attention) decode attention.
   kvsparse.qaq        QAQ (per-token bit-width quantized KV cache) and its decode attention.
   kvsparse.reference  float64 plain-PyTorch reference implementations.
+  kvsparse.methods    the registry of the methods (config, cache contents, decode step of each).
 
 The raw ops are ``torch.ops.kvsparse.*``.
 """
@@ -27,31 +28,41 @@ def has_cuda() -> bool:
     return _ops.with_cuda
 
 
-from . import config  # noqa: F401,E402
-from .config import QAQConfig, QuestConfig, SparQConfig, make_config  # noqa: E402
+from . import methods  # noqa: E402
+from .config import make_config  # noqa: E402  (also makes kvsparse.config)
 from ._compat import IntegrationError  # noqa: E402
 
+# every registered method's config class, as kvsparse.<Title>Config (QuestConfig, ...)
+for _method in methods.registered():
+    globals()[_method.config_class.__name__] = _method.config_class
+del _method
+
 # Hugging Face integration (needs transformers): imported on first use, so
-# that `import kvsparse` works without transformers installed.
+# that `import kvsparse` works without transformers installed. Each method's
+# cache class is kvsparse.<Title>Cache (QuestCache, ...).
 _LAZY = {
-    "patch": "hf", "unpatch": "hf", "patched": "hf", "make_cache": "hf",
-    "QuestCache": "cache", "SparQCache": "cache", "QAQCache": "cache", "hf": None, "cache": None,
+    "patch": "hf", "unpatch": "hf", "patched": "hf", "make_cache": "hf", "hf": None, "cache": None,
     "models": None,
     "ruler": "eval",  # the RULER-style suite, kvsparse.eval.tasks.ruler
 }
+_CACHES = {f"{m.title}Cache": m for m in methods.registered()}
 
 
 def __getattr__(name):
-    if name in _LAZY:
+    if name in _CACHES:
+        value = _CACHES[name].cache_class()
+    elif name in _LAZY:
         import importlib
 
         sub = _LAZY[name]
         mod = importlib.import_module(f".{sub or name}", __name__)
         value = mod if sub is None else getattr(mod, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
-__all__ += ["QuestConfig", "SparQConfig", "QAQConfig", "make_config", "patch", "unpatch", "patched",
-            "make_cache", "QuestCache", "SparQCache", "QAQCache", "models", "IntegrationError"]
+__all__ += [m.config_class.__name__ for m in methods.registered()]
+__all__ += ["make_config", "patch", "unpatch", "patched", "make_cache", "methods", "models", "IntegrationError"]
+__all__ += list(_CACHES)

@@ -30,34 +30,33 @@ versions live in :mod:`kvsparse._compat`):
   ``torch.compile``.
 * ``model._prepare_cache_for_generation`` is overridden on the instance so
   that ``generate()`` creates the method's cache (:class:`~kvsparse.cache.QuestCache`,
-  :class:`~kvsparse.cache.SparQCache` or :class:`~kvsparse.cache.QAQCache`; dynamic;
+  :class:`~kvsparse.cache.SparQCache`, :class:`~kvsparse.cache.QAQCache`: the
+  method's :meth:`~kvsparse.methods.base.Method.cache_class`; dynamic;
   static when ``max_cache_len`` is configured or
   ``cache_implementation="static"`` is requested). A cache can also be made
   with :func:`make_cache` and passed as ``past_key_values=``.
 
-The attention function:
+The attention function (what is particular to a method comes from its
+:class:`~kvsparse.methods.base.Method` in :mod:`kvsparse.methods`):
 
 * multi-token calls (prefill): the model's original dense attention on the
   key/value states it was given (exactly what the unpatched model computes);
   then the cache stores the tokens, compacting out the padding read from the
   last row of the attention mask. A prefill that continues a non-empty cache
   attends to the stored (compacted) tokens with a mask built from
-  ``seq_lens``.
-* single-token calls (decode): ``kvsparse.quest.attention`` (or
-  ``kvsparse.sparq.attention``) over the cache buffers. Layers
-  ``< dense_layers`` use the same kernel with a budget that covers the whole
-  buffer (Quest: every page; SparQ: ``k`` = the capacity, no reallocation):
+  ``seq_lens`` (the method's ``continuation_kv``: QAQ dequantizes them).
+  Then the method's ``after_prefill`` (QAQ: the last ``window`` query rows'
+  attention weights, recomputed from the prefill's query states and the
+  stored keys, choose the prompt's widths).
+* single-token calls (decode): the method's ``decode`` over the cache
+  (Quest: ``kvsparse.quest.attention``; SparQ: ``kvsparse.sparq.attention``;
+  QAQ: :func:`kvsparse.qaq.attention` on the packed codes, every
+  ``requant_every`` steps lowering widths, the dynamic cache compacting
+  its arena from time to time, host side). Layers ``< dense_layers`` use the
+  same kernel with a budget that covers the whole buffer (Quest: every page;
+  SparQ: ``k`` = the capacity, no reallocation; QAQ: the largest width):
   exact dense attention over ``[0, seq_lens[b])``. No host synchronisation,
   static shapes.
-* QAQ: the prefill is the model's dense attention too; the cache then
-  quantizes the prompt and :meth:`~kvsparse.cache.QAQCacheLayer.prefill_importance`
-  takes the last ``window`` query rows' attention weights (recomputed from the
-  prefill's query states and the stored keys) to choose the widths. A decode
-  step is :meth:`~kvsparse.cache.QAQCacheLayer.decode_attention`
-  (:func:`kvsparse.qaq.attention` on the packed codes, no host sync); every
-  ``requant_every`` steps the widths are lowered, and the dynamic cache
-  compacts its arena from time to time (host side, synchronises). A prefill
-  continuing a QAQ cache attends to the dequantized stored tokens.
 * without a kvsparse cache (e.g. ``model(...)`` with the default cache): the
   original attention.
 
@@ -93,12 +92,10 @@ import warnings
 
 import torch
 
-from . import _compat, quest, sparq
-from .cache import (KVSparseCache, QAQCacheLayer, QuestCacheLayer, SparQCacheLayer, _is_compiling, cache_geometry,
-                    sliding_layers)
-from .config import QAQConfig, QuestConfig, SparQConfig, make_config
-
-_CONFIGS = (QuestConfig, SparQConfig, QAQConfig)
+from . import _compat, methods
+from .cache import KVCacheLayer, KVSparseCache, cache_geometry, sliding_layers
+from .config import MethodConfig, make_config
+from .parts import is_compiling
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "make_cache", "supported_models", "CUDA_HEAD_DIMS"]
 
@@ -187,12 +184,12 @@ def _valid_from_mask(mask, seen, length, batch):
     return row.expand(batch, length)
 
 
-def _continuation_attention(module, query, layer, start, valid, seen, scaling, kv=None, **kwargs):
+def _continuation_attention(module, query, layer, start, valid, seen, scaling, kv, **kwargs):
     """A multi-token call on a non-empty cache (a later turn, a prefill
     chunk): attend to the stored tokens (compacted) and the new ones,
     causally, with transformers' SDPA attention and an explicit bool mask.
-    ``kv``: the stored ``(keys, values)`` when the layer has no dense buffers
-    (QAQ: dequantized)."""
+    ``kv``: the stored ``(keys, values)``, from the method's
+    :meth:`~kvsparse.methods.base.Method.continuation_kv`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     B, _, L, _ = query.shape
@@ -203,7 +200,7 @@ def _continuation_attention(module, query, layer, start, valid, seen, scaling, k
         upto = valid.to(torch.int32).cumsum(dim=1, dtype=torch.int32)
     limit = (start.view(B, 1) + upto).clamp(min=1)  # [B, L]; >= 1 so no row is empty
     mask = torch.arange(T, device=query.device).view(1, 1, T) < limit.view(B, L, 1)
-    keys, values = (layer.keys[:, :, :T], layer.values[:, :, :T]) if kv is None else kv
+    keys, values = kv
     return sdpa_attention_forward(module, query, keys, values, mask.unsqueeze(1), scaling=scaling, dropout=0.0, **kwargs)
 
 
@@ -236,50 +233,10 @@ def _dense_decode(query, layer, scaling):
     return out.reshape(B, 1, H, D).to(query.dtype)
 
 
-def _quest_decode(q, layer, cfg, dense, scaling):
-    budget = layer.num_pages * layer.page_size if dense else cfg.token_budget  # every page: dense
-    if cfg.mode in quest.GROUP_MODES and cfg.mode != "group" and not dense:
-        # per-head bounds, combined per KV head (quest.combine_scores), one shared read
-        scores = quest.page_scores(q, layer.kmin, layer.kmax, layer.seq_lens, layer.page_size, "head")
-        scores = quest.combine_scores(scores, layer.num_heads, cfg.mode, scaling)
-        idx = quest.select_pages(scores, layer.seq_lens, layer.page_size, budget)
-        return quest.sparse_attention(q, layer.keys, layer.values, idx, layer.seq_lens, layer.page_size, scaling)
-    return quest.attention(
-        q, layer.keys, layer.values, layer.kmin, layer.kmax, layer.seq_lens,
-        layer.page_size, budget, "head" if cfg.mode == "head" else "group", scaling,
-    )
-
-
-def _sparq_decode(q, layer, cfg, dense, scaling):
-    D = q.shape[-1]
-    if dense:  # every position, no reallocation: exact attention
-        r, k_top, realloc = D, layer.capacity, False
-    else:
-        # the step's length: the host token count of a dynamic cache (no sync),
-        # the capacity of a static one
-        S = layer.capacity if layer.is_compileable else min(layer.tokens_seen(), layer.capacity)
-        r, k_top = cfg.r_k(D, S)
-        realloc = cfg.reallocate
-    return sparq.attention(
-        q, layer.keys, layer.values, layer.kt, layer.v_mean, layer.seq_lens, r,
-        min(k_top, layer.capacity), cfg.local_window, cfg.mode, realloc, scaling,
-    )
-
-
-def _qaq_decode(q, layer, cfg, dense, scaling):
-    # dense_layers is handled by the layer (kept at the largest width)
-    return layer.decode_attention(q, scaling)
-
-
-def _decode_for(layer, cfg):
-    """The decode function for a cache layer and a method config, or ``None``."""
-    if isinstance(layer, QuestCacheLayer) and isinstance(cfg, QuestConfig):
-        return _quest_decode
-    if isinstance(layer, SparQCacheLayer) and isinstance(cfg, SparQConfig):
-        return _sparq_decode
-    if isinstance(layer, QAQCacheLayer) and isinstance(cfg, QAQConfig):
-        return _qaq_decode
-    return None
+def _method_for(layer, cfg):
+    """The method of ``cfg`` when ``layer`` is a kvsparse layer of that method, else ``None``."""
+    method = methods.get(cfg.method)
+    return method if isinstance(layer, KVCacheLayer) and layer.method == method.name else None
 
 
 def _not_reached(cfg, what):
@@ -320,8 +277,8 @@ def _make_attention_function(impl):
             # make_cache): the model's own attention on transformers' cache layer
             return dense_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         layer = cache.layers[module.layer_idx]
-        decode = _decode_for(layer, cfg)
-        if decode is None:
+        method = _method_for(layer, cfg)
+        if method is None:
             raise _not_reached(
                 cfg, f"the cache is a {type(cache).__name__} (layer {type(layer).__name__}) made for "
                 f"{getattr(cache.config, 'method', '?')!r}; make it with kvsparse.make_cache(model, ...)")
@@ -330,10 +287,10 @@ def _make_attention_function(impl):
             scaling = module.head_dim ** -0.5
         if decoding and layer.pending is None:
             # decode: the token is already in the buffers
-            if not _is_compiling():
+            if not is_compiling():
                 layer.awaiting_attention = False
             dense = module.layer_idx < cfg.dense_layers
-            if decode is not _qaq_decode and _below_dense_length(layer, cfg):
+            if _below_dense_length(layer, cfg):
                 return _dense_decode(query, layer, scaling), None
             if getattr(layer, "always_dense", False):
                 raise _not_reached(
@@ -341,24 +298,22 @@ def _make_attention_function(impl):
                     f"length ({layer.capacity}) densely and keeps no side data; make the cache from the "
                     "patched model's config (kvsparse.make_cache(model, ...))")
             q = query.squeeze(2).contiguous()
-            return decode(q, layer, cfg, dense, scaling).unsqueeze(1), None
+            return method.decode(q, layer, cfg, dense, scaling).unsqueeze(1), None
 
         # prefill
         B, _, L, _ = query.shape
         seen = layer.tokens_seen()
         valid = _valid_from_mask(attention_mask, seen, L, B)
         start, seen = layer.commit(valid)
-        is_qaq = decode is _qaq_decode
         if seen == 0:
             mask = attention_mask
             if torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[-1] > key.shape[-2]:
                 mask = mask[..., : key.shape[-2]]  # static caches size the mask to max_cache_len
             out = dense_fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
         else:
-            kv = layer.dequantized(seen + L) if is_qaq else None
-            out = _continuation_attention(module, query, layer, start, valid, seen, scaling, kv=kv, **kwargs)
-        if is_qaq:  # widths from the last query rows' attention
-            layer.prefill_importance(query, start, valid, seen, scaling)
+            kv = method.continuation_kv(layer, seen + L)
+            out = _continuation_attention(module, query, layer, start, valid, seen, scaling, kv, **kwargs)
+        method.after_prefill(layer, query, start, valid, seen, scaling)
         return out
 
     kvsparse_attention.__name__ = f"kvsparse_attention_{impl}"
@@ -437,12 +392,6 @@ def _set_attn_implementation(model, name):
 
 
 # ------------------------------------------------------------------- caches
-def _check_fits(config, head_dim):
-    """A SparQ config with explicit ``r`` must not ask for more channels than the model has."""
-    if isinstance(config, SparQConfig) and config.r is not None and config.r > head_dim:
-        raise ValueError(f"kvsparse: r ({config.r}) must be <= the model's head dim ({head_dim})")
-
-
 def _kernel_supports(head_dim, device):
     """Whether the kvsparse kernels run ``head_dim`` on ``device`` (CUDA:
     :data:`CUDA_HEAD_DIMS`; the CPU kernels take every head dim a model has,
@@ -495,8 +444,9 @@ def _native_layers(model, config, num_layers, head_dim, device=None):
 
 
 def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=None, device=None):
-    """The kvsparse cache of the configured method for ``model``
-    (:class:`~kvsparse.cache.QuestCache`, :class:`~kvsparse.cache.SparQCache` or
+    """The kvsparse cache of the configured method for ``model`` (the
+    method's :meth:`~kvsparse.methods.base.Method.cache_class`:
+    :class:`~kvsparse.cache.QuestCache`, :class:`~kvsparse.cache.SparQCache`,
     :class:`~kvsparse.cache.QAQCache`).
 
     Args:
@@ -521,12 +471,12 @@ def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=No
     :data:`CUDA_HEAD_DIMS`); ``cache.native_layers`` lists them.
     """
     if config is None:
-        config = getattr(model, "kvsparse_config", None) or QuestConfig()
-    if not isinstance(config, _CONFIGS):
-        raise TypeError(
-            f"kvsparse: make_cache needs a QuestConfig, SparQConfig or QAQConfig, got {type(config).__name__}")
+        config = getattr(model, "kvsparse_config", None) or make_config()
+    if not isinstance(config, MethodConfig) or config.method not in methods.names():
+        kinds = ", ".join(m.config_class.__name__ for m in methods.registered())
+        raise TypeError(f"kvsparse: make_cache needs a method config ({kinds}), got {type(config).__name__}")
     num_layers, kv_heads, head_dim = cache_geometry(model.config)
-    _check_fits(config, head_dim)
+    methods.get(config.method).check_model(config, head_dim)
     native = _native_layers(model, config, num_layers, head_dim, device=device if batch_size is not None else None)
     # a full-attention layer left to transformers (no kernel for its head dim)
     # reads the decode mask: keep building it for this model
@@ -589,9 +539,11 @@ def patch(model, method="quest", config=None, self_check=True, **kwargs):
             Gemma 3's sliding-window layers keep their own attention (see
             the module docstring); on CUDA, a head dim outside
             :data:`CUDA_HEAD_DIMS` runs dense with a warning.
-        method: ``"quest"``, ``"sparq"`` or ``"qaq"`` (or a config object).
+        method: a registered method's name (``kvsparse.methods.names()``:
+            ``"quest"``, ``"sparq"``, ``"qaq"``), or a config object.
         config: a config object (:class:`~kvsparse.config.QuestConfig`,
-            :class:`~kvsparse.config.SparQConfig`); ``kwargs`` override its fields.
+            :class:`~kvsparse.config.SparQConfig`, :class:`~kvsparse.config.QAQConfig`);
+            ``kwargs`` override its fields.
         **kwargs: the config fields (Quest: ``token_budget``, ``page_size``,
             ...; SparQ: ``compression`` or ``r`` and ``k``, ``local_window``,
             ``reallocate``, ...; QAQ: ``sigma`` or ``sigma_k`` / ``sigma_v``,
@@ -615,10 +567,10 @@ def patch(model, method="quest", config=None, self_check=True, **kwargs):
         cfg = make_config(config, **kwargs)
     else:
         cfg = make_config(method, **kwargs)
-    if not isinstance(cfg, _CONFIGS):  # pragma: no cover
+    if cfg.method not in methods.names():  # pragma: no cover
         raise ValueError(f"kvsparse: method {cfg.method!r} is not supported by patch()")
     _check_supported(model)
-    _check_fits(cfg, cache_geometry(model.config)[2])
+    methods.get(cfg.method).check_model(cfg, cache_geometry(model.config)[2])
     attn_modules = _attention_modules(model)
     if is_patched(model):
         unpatch(model)

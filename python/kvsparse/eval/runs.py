@@ -11,14 +11,15 @@ import copy
 import dataclasses
 import time
 
+from .. import methods as _methods
 from .decoding import prefill
 
 
 # ------------------------------------------------------------------ per-method settings
-# Everything the harness knows about a particular method is in METHODS; the code
-# below it is generic. A method missing from METHODS runs with the kwargs it is
-# given (no sweep; every run prefills under the method). The method registry
-# (kvsparse.methods) is to replace this table, in this one place.
+# Everything the harness knows about a particular method is in METHODS, built
+# from the method registry (kvsparse.methods); the code below it is generic. A
+# method without a sweep keyword runs with the kwargs it is given (no sweep;
+# every run prefills under the method).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,18 +51,16 @@ class MethodSpec:
     the cache's memory report (:func:`compression_ratio`)."""
 
 
-METHODS = {
-    "quest": MethodSpec("token_budget", "budgets", int, defaults={"page_size": 16},
-                        cache_kwargs=("page_size", "chunk_size", "max_cache_len"),
-                        nominal_ratio=lambda run, length: max(0.0, 1.0 - run.budget / length)),
-    # dense_below=0: the evaluation measures the method at every length (SparQ's
-    # default dense_below runs short contexts densely)
-    "sparq": MethodSpec("compression", "compressions", float, fixed_by=("r", "k"),
-                        patch_defaults={"dense_below": 0}, cache_kwargs=("chunk_size", "max_cache_len"),
-                        nominal_ratio=lambda run, length: 1.0 - float(run.kwargs.get("compression", 1.0))),
-    # QAQ: sigma is the error target of the bit-width bounds (sigma_k = sigma_v)
-    "qaq": MethodSpec("sigma", "sigmas", float, fixed_by=("sigma_k", "sigma_v", "uniform_bits")),
-}
+def _spec(method):
+    return MethodSpec(method.sweep_kwarg, method.sweep_values, method.sweep_type,
+                      defaults=dict(method.eval_defaults), fixed_by=tuple(method.no_sweep_kwargs),
+                      patch_defaults=dict(method.eval_patch_defaults), cache_kwargs=method.cache_kwargs,
+                      nominal_ratio=method.nominal_ratio)
+
+
+#: the registered methods' evaluation facts (kvsparse.methods: sweep keyword,
+#: defaults, cache sharing, nominal ratio)
+METHODS = {m.name: _spec(m) for m in _methods.registered() if m.sweep_kwarg}
 
 
 def compression_ratio(run, length, mem):

@@ -1,0 +1,168 @@
+"""Quest (query-aware page selection): its config, side index, decode step and registry entry.
+
+The ops are :mod:`kvsparse.quest`.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import quest as ops
+from ..parts import Part
+from .base import Method, MethodConfig, check_int, register
+
+__all__ = ["QuestConfig", "QuestPages", "Quest"]
+
+
+@dataclass(repr=True, eq=True)
+class QuestConfig(MethodConfig):
+    """Quest (query-aware page selection) for decode attention.
+
+    Attributes:
+        token_budget: tokens attended per head (rounded down to whole pages)
+            by each sparse decode step; >= ``page_size``.
+        page_size: tokens per page ``P`` (the granularity of the selection).
+        dense_layers: the first ``dense_layers`` decoder layers keep dense
+            decode attention (Quest's recommendation: the first layers are
+            not sparse enough to prune).
+        mode: how the query heads of a GQA group choose pages. One page set
+            per KV head (every selected page read once): ``"softmax"``
+            (default: each head's page bounds normalised into a distribution,
+            then summed), ``"group"`` (summed bounds, the fused kernel),
+            ``"max"``, ``"union"`` (round-robin by per-head rank); see
+            :func:`kvsparse.quest.combine_scores`. ``"head"``: one page set per
+            query head (up to G times the pages read). Measured
+            (``benchmarks/results/quest_gqa_modes_cpu.md``): ``"softmax"`` had
+            the lowest perplexity on SmolLM2 and Gemma 3 at small budgets and
+            costs the same on the H200.
+        max_cache_len: see :class:`~kvsparse.methods.base.MethodConfig`.
+        chunk_size: growth granularity of the dynamic buffers, in tokens
+            (a multiple of ``page_size``).
+        dense_below: a decode step over at most this many cached tokens runs
+            one dense attention call (SDPA) instead of the page selection;
+            ``None`` (default): ``token_budget``, where Quest attends to every
+            page anyway, so the result is the same and only the overhead of
+            scoring and selecting is saved. The length is the capacity of a
+            static cache (known without a device read, so a compiled step
+            never switches) or the host token count of a dynamic one.
+    """
+
+    method = "quest"
+
+    token_budget: int = 1024
+    page_size: int = 16
+    dense_layers: int = 2
+    mode: str = "softmax"
+    dense_below: Optional[int] = None
+
+    def validate(self):
+        super().validate()
+        check_int("page_size", self.page_size, 1)
+        if self.dense_below is not None:
+            check_int("dense_below", self.dense_below, 0)
+        check_int("token_budget", self.token_budget)
+        if self.token_budget < self.page_size:
+            raise ValueError(
+                f"kvsparse: token_budget ({self.token_budget}) must be >= page_size ({self.page_size})"
+            )
+        modes = ("group", "head", "max", "softmax", "union")
+        if not isinstance(self.mode, str) or self.mode not in modes:
+            raise ValueError(f"kvsparse: mode must be one of {modes}, got {self.mode!r}")
+        if self.chunk_size % self.page_size != 0:
+            raise ValueError(
+                f"kvsparse: chunk_size ({self.chunk_size}) must be a multiple of page_size ({self.page_size})"
+            )
+
+    def dense_length(self):
+        """Decode steps over at most this many tokens run dense attention."""
+        if self.dense_below is None:  # the budget Quest really reads: whole pages
+            return self.token_budget // self.page_size * self.page_size
+        return self.dense_below
+
+
+class QuestPages(Part):
+    """Quest's side index beside the dense keys: per page of ``page_size``
+    slots, the channel-wise key min / max, ``kmin`` / ``kmax``
+    ``[B, Hkv, ceil(capacity / P), D]``; an append updates only the pages it
+    touches."""
+
+    names = ("kmin", "kmax")
+
+    def __init__(self, page_size):
+        super().__init__()
+        self.page_size = int(page_size)
+
+    @property
+    def num_pages(self):
+        return 0 if self.kmin is None else self.kmin.shape[2]
+
+    def allocate(self, layer, capacity):
+        B, H, D = layer.batch_size, layer.num_heads, layer.head_dim
+        pages = -(-capacity // self.page_size)
+        kmin = torch.zeros((B, H, pages, D), dtype=layer.dtype, device=layer.device)
+        kmax = torch.zeros_like(kmin)
+        if self.kmin is not None:
+            old_pages = self.kmin.shape[2]
+            kmin[:, :, :old_pages].copy_(self.kmin)
+            kmax[:, :, :old_pages].copy_(self.kmax)
+        self.kmin, self.kmax = kmin, kmax
+
+    def append_one(self, layer, key_states, value_states, pos, new_lens):
+        ops.update_metadata(layer.keys, self.kmin, self.kmax, layer.seq_lens, new_lens, self.page_size)
+
+    def commit(self, layer, start, new_lens, k, v, counts, seen):
+        ops.update_metadata(layer.keys, self.kmin, self.kmax, start, new_lens, self.page_size)
+
+
+class QuestCacheMethods:
+    """What a :class:`~kvsparse.cache.QuestCache` adds to a kvsparse cache."""
+
+    @property
+    def page_size(self):
+        return self.config.page_size
+
+
+class Quest(Method):
+    """Quest: each decode step scores the pages by their key bounds and
+    attends to the best ``token_budget // page_size`` pages."""
+
+    name = "quest"
+    title = "Quest"
+    config_class = QuestConfig
+    sweep_kwarg = "token_budget"
+    sweep_values = "budgets"
+    sweep_type = int
+    eval_defaults = {"page_size": 16}
+
+    @staticmethod
+    def nominal_ratio(run, length):
+        return max(0.0, 1.0 - run.budget / length)
+    cache_kwargs = ("page_size", "chunk_size", "max_cache_len")
+    cache_methods = QuestCacheMethods
+
+    def lossless_kwargs(self, head_dim, length):
+        page = 8
+        return dict(token_budget=-(-int(length) // page) * page, page_size=page, dense_layers=0, dense_below=0)
+
+    def page_size(self, config):
+        return config.page_size
+
+    def side_index(self, config):
+        return QuestPages(config.page_size)
+
+    def decode(self, q, layer, config, dense, scaling):
+        pages, P = layer.side, layer.page_size
+        budget = pages.num_pages * P if dense else config.token_budget  # every page: dense
+        if config.mode in ops.GROUP_MODES and config.mode != "group" and not dense:
+            # per-head bounds, combined per KV head (quest.combine_scores), one shared read
+            scores = ops.page_scores(q, pages.kmin, pages.kmax, layer.seq_lens, P, "head")
+            scores = ops.combine_scores(scores, layer.num_heads, config.mode, scaling)
+            idx = ops.select_pages(scores, layer.seq_lens, P, budget)
+            return ops.sparse_attention(q, layer.keys, layer.values, idx, layer.seq_lens, P, scaling)
+        return ops.attention(
+            q, layer.keys, layer.values, pages.kmin, pages.kmax, layer.seq_lens,
+            P, budget, "head" if config.mode == "head" else "group", scaling,
+        )
+
+
+register(Quest())
