@@ -5,8 +5,9 @@
 // The bindings only validate arguments, allocate outputs and workspaces and
 // call the kernels of csrc/kernels. Every op is registered in the `kvsparse`
 // namespace with a CPU implementation and, when built with
-// -DKVSPARSE_WITH_CUDA=1, a CUDA one. Fake (meta) kernels live in
-// python/kvsparse/_ops.py.
+// -DKVSPARSE_WITH_CUDA=1, a CUDA one. Fake (meta) kernels live next to each
+// method's Python wrappers (python/kvsparse/{quest,sparq,qaq}.py) and repeat
+// the structural checks below (never stricter than these).
 //
 // Error types: dtype problems raise TypeError (TORCH_CHECK_TYPE), shape and
 // value problems ValueError (TORCH_CHECK_VALUE), device mismatches and kernel

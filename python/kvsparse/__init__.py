@@ -9,7 +9,10 @@ Submodules:
 
 The raw ops are ``torch.ops.kvsparse.*``.
 """
-from . import _ops  # noqa: F401  (loads kvsparse._C and registers fake kernels)
+from . import _ops  # noqa: F401  (loads kvsparse._C)
+# each method module registers its ops' fake kernels on import, so these
+# three must be imported whenever the ops are used through the package
+# (any `import kvsparse._ops` / `import kvsparse.<sub>` runs this file first)
 from . import quest  # noqa: F401
 from . import sparq  # noqa: F401
 from . import qaq  # noqa: F401

@@ -1,16 +1,25 @@
-"""Loads the compiled ops (``kvsparse._C``) and registers their fake kernels.
+"""Loads the compiled ops (``kvsparse._C``) and holds what the method modules share.
 
 Importing ``kvsparse._C`` runs the ``TORCH_LIBRARY(kvsparse, ...)`` static
 registrations, which define ``torch.ops.kvsparse.*`` with CPU (and, when
-compiled in, CUDA) implementations. The fake (meta) kernels below compute only
-output shapes and dtypes, so the ops work under FakeTensor, torch.compile and
-torch.export.
+compiled in, CUDA) implementations.
+
+The fake (meta) kernels, which give the ops' output shapes and dtypes under
+FakeTensor, torch.compile and torch.export, live next to each method's
+wrappers: ``kvsparse.quest``, ``kvsparse.sparq`` and ``kvsparse.qaq`` register
+theirs when imported. ``import kvsparse`` (which any ``import kvsparse.<sub>``
+runs first) imports all three, so the fakes are registered whenever the ops
+are loaded through the package. The ``check_*`` helpers below are the checks
+those fakes share: each mirrors a check of csrc/ops/checks.h (same error type:
+TypeError for dtypes, ValueError for shapes, RuntimeError for devices) and is
+never stricter than the real op. Contiguity and the values of index/length
+tensors are left to the real op.
 """
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
 
-__all__ = ["ops", "with_cuda", "int_arg", "float_arg"]
+__all__ = ["ops", "with_cuda", "int_arg", "float_arg"]  # and the check_* helpers of the fakes
 
 ops = torch.ops.kvsparse
 
@@ -19,6 +28,7 @@ with_cuda = bool(getattr(_C, "WITH_CUDA", 0))
 
 
 _I64 = (-(1 << 63), (1 << 63) - 1)
+_INT32_MAX = (1 << 31) - 1  # INT32_MAX
 
 
 def int_arg(x, name):
@@ -44,126 +54,103 @@ def float_arg(x, name):
         raise TypeError(f"kvsparse: {name} must be a real number, got {type(x).__name__}") from None
 
 
-def _ceil_div(a, b):
+def ceil_div(a, b):
+    """ceil(a / b) for a >= 0, b >= 1 (works on SymInts)."""
     return (a + b - 1) // b
 
 
-@torch.library.register_fake("kvsparse::quest_page_metadata")
-def _page_metadata_fake(k, seq_lens, page_size):
-    B, Hkv, cap, D = k.shape
-    max_pages = _ceil_div(cap, page_size)
-    kmin = k.new_empty((B, Hkv, max_pages, D))
-    kmax = k.new_empty((B, Hkv, max_pages, D))
-    return kmin, kmax
+# ---- checks shared by the fake kernels (mirror csrc/ops/checks.h) -------------
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@torch.library.register_fake("kvsparse::quest_update_metadata")
-def _update_metadata_fake(k, kmin, kmax, start_lens, seq_lens, page_size):
-    return None
+def check_float(t, name):
+    """t is float32, float16 or bfloat16 (to_ks_dtype)."""
+    torch._check_type(t.dtype in FLOATS, lambda: f"kvsparse: {name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
-@torch.library.register_fake("kvsparse::quest_page_scores")
-def _page_scores_fake(q, kmin, kmax, seq_lens, page_size, group):
-    B, H, _ = q.shape
-    Hkv, max_pages = kmin.shape[1], kmin.shape[2]
-    Hs = Hkv if group else H
-    return q.new_empty((B, Hs, max_pages), dtype=torch.float32)
+def check_dtype(t, dtype, name):
+    """t has exactly ``dtype``."""
+    torch._check_type(t.dtype == dtype, lambda: f"kvsparse: {name} must be {dtype}, got {t.dtype}")
 
 
-@torch.library.register_fake("kvsparse::quest_select_pages")
-def _select_pages_fake(scores, seq_lens, page_size, token_budget):
-    B, Hs, max_pages = scores.shape
-    n_sel = torch.sym_min(token_budget // page_size, max_pages)
-    return scores.new_empty((B, Hs, n_sel), dtype=torch.int32)
+def check_same_dtype(t, name, ref, ref_name):
+    torch._check_type(t.dtype == ref.dtype,
+                      lambda: f"kvsparse: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
 
 
-@torch.library.register_fake("kvsparse::quest_sparse_attention")
-def _sparse_attention_fake(q, k, v, page_idx, seq_lens, page_size, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+def check_dim(t, dim, name, layout):
+    torch._check_value(t.dim() == dim, lambda: f"kvsparse: {name} must be a {dim}-D tensor {layout}, got shape {tuple(t.shape)}")
 
 
-@torch.library.register_fake("kvsparse::quest_attention")
-def _attention_fake(q, k, v, kmin, kmax, seq_lens, page_size, token_budget, group, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+def check_size(t, d, expected, name, what):
+    torch._check_value(t.shape[d] == expected,
+                       lambda: f"kvsparse: {name}.shape[{d}] ({what}) must be {expected}, got shape {tuple(t.shape)}")
 
 
-# ---- SparQ -------------------------------------------------------------------
+def check_same_shape(t, name, ref, ref_name):
+    torch._check_value(t.dim() == ref.dim() and all(a == b for a, b in zip(t.shape, ref.shape)),
+                       lambda: f"kvsparse: {name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
 
 
-@torch.library.register_fake("kvsparse::sparq_build")
-def _sparq_build_fake(k, v, seq_lens):
-    B, Hkv, cap, D = k.shape
-    return k.new_empty((B, Hkv, D, cap)), k.new_empty((B, Hkv, D), dtype=torch.float32)
+def check_device(t, name, ref, ref_name):
+    torch._check(t.device == ref.device,
+                 lambda: f"kvsparse: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                 "all tensors must be on the same device")
 
 
-@torch.library.register_fake("kvsparse::sparq_append")
-def _sparq_append_fake(k_new, v_new, k, v, kt, v_mean, seq_lens):
-    return None
-
-
-@torch.library.register_fake("kvsparse::sparq_top_channels")
-def _sparq_top_channels_fake(q, r, group_size):
-    B, H, _ = q.shape
-    return q.new_empty((B, H // group_size, r), dtype=torch.int32)
-
-
-@torch.library.register_fake("kvsparse::sparq_approx_scores")
-def _sparq_approx_scores_fake(q, kt, i1, seq_lens):
-    B, H, _ = q.shape
-    return q.new_empty((B, H, kt.shape[3]), dtype=torch.float32)
-
-
-@torch.library.register_fake("kvsparse::sparq_top_positions")
-def _sparq_top_positions_fake(s_hat, seq_lens, k, local_window, group_size):
-    B, H, _ = s_hat.shape
-    return s_hat.new_empty((B, H // group_size, k), dtype=torch.int32)
-
-
-@torch.library.register_fake("kvsparse::sparq_sparse_attention")
-def _sparq_sparse_attention_fake(q, k, v, i2, s_hat, v_mean, seq_lens, scale, reallocate):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("kvsparse::sparq_attention")
-def _sparq_attention_fake(q, k, v, kt, v_mean, seq_lens, r, k_top, local_window, group, reallocate, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-# ---- QAQ ----------------------------------------------------------------------
-
-
-@torch.library.register_fake("kvsparse::qaq_key_bits")
-def _qaq_key_bits_fake(rng, q_sq, seq_lens, sigma_s, allowed, n_recent):
-    return rng.new_empty(rng.shape, dtype=torch.uint8)
-
-
-@torch.library.register_fake("kvsparse::qaq_value_bits")
-def _qaq_value_bits_fake(rng, s_max, seq_lens, sigma_x, allowed, n_recent):
-    return rng.new_empty(rng.shape, dtype=torch.uint8)
-
-
-@torch.library.register_fake("kvsparse::qaq_quantize")
-def _qaq_quantize_fake(x, pos, new_widths, new_offsets, arena, offsets, widths, sz, oidx, oval):
-    return None
-
-
-@torch.library.register_fake("kvsparse::qaq_dequantize")
-def _qaq_dequantize_fake(arena, offsets, widths, sz, oidx, oval, seq_lens, num_kv_heads, head_dim):
-    B, _, cap = offsets.shape
-    return oval.new_empty((B, num_kv_heads, cap, head_dim))
-
-
-@torch.library.register_fake("kvsparse::qaq_requantize")
-def _qaq_requantize_fake(arena, offsets, widths, sz, oidx, oval, new_widths, seq_lens, num_kv_heads, head_dim):
-    return None
-
-
-@torch.library.register_fake("kvsparse::qaq_attention")
-def _qaq_attention_fake(q, k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, v_arena, v_offsets, v_widths,
-                        v_sz, v_oidx, v_oval, seq_lens, num_kv_heads, scale, return_p_max):
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if return_p_max:
-        pm = q.new_empty((q.shape[0], num_kv_heads, k_offsets.shape[2]), dtype=torch.float32)
+def check_head_dim(D, device):
+    """64 or 128 on CUDA, a multiple of 8 in [8, 256] elsewhere (check_head_dim)."""
+    if device.type == "cuda":
+        torch._check_value(D in (64, 128), lambda: f"kvsparse: head_dim D must be 64 or 128 on CUDA, got {D}")
     else:
-        pm = q.new_empty((0,), dtype=torch.float32)
-    return out, pm
+        torch._check_value(D >= 8 and D % 8 == 0 and D <= 256,
+                           lambda: f"kvsparse: head_dim D must be a multiple of 8 in [8, 256], got {D}")
+
+
+def check_lens(lens, name, B, ref, ref_name):
+    """int32 [B] on ref's device (check_lens_tensor; values are not checked)."""
+    check_dtype(lens, torch.int32, name)
+    check_dim(lens, 1, name, "[B]")
+    check_size(lens, 0, B, name, "B")
+    check_device(lens, name, ref, ref_name)
+
+
+def check_q(q):
+    """q float [B, H, D] with H >= 1; returns (B, H, D)."""
+    check_float(q, "q")
+    check_dim(q, 3, "q", "[B, H, D]")
+    torch._check_value(q.shape[1] >= 1, lambda: f"kvsparse: q must have at least one head, got shape {tuple(q.shape)}")
+    return tuple(q.shape)
+
+
+def check_cache(k, name):
+    """k-like cache float [B, Hkv, cap, D] with Hkv >= 1; returns (B, Hkv, cap, D)."""
+    check_float(k, name)
+    check_dim(k, 4, name, "[B, Hkv, cap, D]")
+    torch._check_value(k.shape[1] >= 1, lambda: f"kvsparse: {name} must have at least one KV head, got shape {tuple(k.shape)}")
+    torch._check_value(k.shape[2] <= _INT32_MAX, lambda: f"kvsparse: {name}.shape[2] (cap) must be <= 2^31 - 1")
+    return tuple(k.shape)
+
+
+def check_gqa(H, Hkv):
+    torch._check_value(H % Hkv == 0, lambda: f"kvsparse: the number of query heads H of q ({H}) must be a multiple "
+                       f"of the number of KV heads Hkv ({Hkv})")
+
+
+def check_qkv(q, k, v):
+    """Decode attention operands (check_qkv); returns (B, H, Hkv, cap, D)."""
+    B, H, D = check_q(q)
+    _, Hkv, cap, _ = check_cache(k, "k")
+    check_same_dtype(k, "k", q, "q")
+    check_device(k, "k", q, "q")
+    check_same_dtype(v, "v", q, "q")
+    check_dim(v, 4, "v", "[B, Hkv, cap, D]")
+    check_device(v, "v", q, "q")
+    check_size(k, 0, B, "k", "B, as q.shape[0]")
+    check_size(k, 3, D, "k", "D, as q.shape[2]")
+    check_same_shape(v, "v", k, "k")
+    check_gqa(H, Hkv)
+    check_head_dim(D, q.device)
+    return B, H, Hkv, cap, D
+

@@ -546,3 +546,144 @@ def compact(store, seq_lens):
         arena[b, torch.repeat_interleave(dst[b], n) + k] = store.arena[b, torch.repeat_interleave(src[b], n) + k]
     return store._replace(arena=arena, offsets=offs.contiguous(), widths=widths.contiguous(),
                           sz=store.sz.clone(), oidx=store.oidx.clone(), oval=store.oval.clone())
+
+
+# ---- fake kernels --------------------------------------------------------------
+# Output shapes and dtypes for FakeTensor / torch.compile / torch.export, with
+# the structural checks of csrc/ops/qaq.cpp (values, contiguity and the
+# CUDA-only limits are left to the real op).
+
+_MAX_GROUP = 32768  # KS_QAQ_MAX_GROUP: outlier indices are int16
+
+
+def _check_heads(Hkv, D, device):
+    torch._check_value(Hkv >= 1, lambda: f"kvsparse: num_kv_heads must be >= 1, got {Hkv}")
+    _ops.check_head_dim(D, device)
+
+
+def _check_store_fake(arena, offsets, widths, sz, oidx, oval, ref, ref_name, Hkv, D, p=""):
+    """The structure of a store's tensors (check_qstore); returns (B, Hg, cap)."""
+    n = {f: p + f for f in ("arena", "offsets", "widths", "sz", "oidx", "oval")}
+    _ops.check_dtype(arena, torch.uint8, n["arena"])
+    _ops.check_dim(arena, 2, n["arena"], "[B, A]")
+    _ops.check_device(arena, n["arena"], ref, ref_name)
+    B, A = arena.shape
+    _ops.check_dtype(offsets, torch.int32, n["offsets"])
+    _ops.check_dim(offsets, 3, n["offsets"], "[B, Hg, cap]")
+    _ops.check_device(offsets, n["offsets"], ref, ref_name)
+    _ops.check_size(offsets, 0, B, n["offsets"], "B, as arena.shape[0]")
+    Hg, cap = offsets.shape[1], offsets.shape[2]
+    torch._check_value(cap <= _ops._INT32_MAX, lambda: f"kvsparse: {n['offsets']}.shape[2] (cap) must be <= 2^31 - 1, got {cap}")
+    torch._check_value(Hg == Hkv or Hg == 1,
+                       lambda: f"kvsparse: {n['offsets']}.shape[1] (Hg) must be Hkv = {Hkv} or 1, got shape {tuple(offsets.shape)}")
+    _ops.check_dtype(widths, torch.uint8, n["widths"])
+    _ops.check_device(widths, n["widths"], ref, ref_name)
+    _ops.check_same_shape(widths, n["widths"], offsets, n["offsets"])
+    _ops.check_dtype(sz, torch.float16, n["sz"])
+    _ops.check_device(sz, n["sz"], ref, ref_name)
+    _ops.check_dim(sz, 4, n["sz"], "[B, Hg, cap, 2]")
+    for d, size, what in ((0, B, "B"), (1, Hg, "Hg"), (2, cap, "cap"), (3, 2, "scale, zero")):
+        _ops.check_size(sz, d, size, n["sz"], what)
+    _ops.check_dtype(oidx, torch.int16, n["oidx"])
+    _ops.check_device(oidx, n["oidx"], ref, ref_name)
+    _ops.check_dim(oidx, 4, n["oidx"], "[B, Hg, cap, n_out]")
+    for d, size, what in ((0, B, "B"), (1, Hg, "Hg"), (2, cap, "cap")):
+        _ops.check_size(oidx, d, size, n["oidx"], what)
+    n_out, E = oidx.shape[3], D * (Hkv // Hg)
+    torch._check_value(E <= _MAX_GROUP, lambda: f"kvsparse: the group size E = head_dim * num_kv_heads / Hg = {E} "
+                       f"must be <= {_MAX_GROUP}")
+    torch._check_value(n_out % 2 == 0 and n_out < E, lambda: f"kvsparse: {n['oidx']}.shape[3] (n_out) must be even and "
+                       f"smaller than the group size E = {E}, got {n_out}")
+    _ops.check_float(oval, n["oval"])
+    _ops.check_device(oval, n["oval"], ref, ref_name)
+    _ops.check_same_shape(oval, n["oval"], oidx, n["oidx"])
+    torch._check_value(A < (1 << 31), lambda: f"kvsparse: {n['arena']}.shape[1] (bytes per sequence) must be < 2^31, got {A}")
+    return B, Hg, cap
+
+
+def _bits_fake(rng, aux, aux_name, seq_lens, sigma, sigma_name, allowed, n_recent):
+    _ops.check_dtype(rng, torch.float32, "rng")
+    _ops.check_dim(rng, 3, "rng", "[B, Hg, cap]")
+    B, Hg, cap = rng.shape
+    sizes, layout = ((B, Hg), "[B, Hg]") if aux_name == "q_sq" else ((B, Hg, cap), "[B, Hg, cap]")
+    _ops.check_dtype(aux, torch.float32, aux_name)
+    torch._check_value(aux.dim() == len(sizes) and all(a == b for a, b in zip(aux.shape, sizes)),
+                       lambda: f"kvsparse: {aux_name} must have shape {layout} = {sizes}, got {tuple(aux.shape)}")
+    _ops.check_device(aux, aux_name, rng, "rng")
+    _ops.check_lens(seq_lens, "seq_lens", B, rng, "rng")
+    torch._check_value(len(allowed) > 0, lambda: "kvsparse: allowed (the allowed bit-widths) must not be empty")
+    for w in allowed:
+        torch._check_value(w in (0, 1, 2, 4, 8), lambda: f"kvsparse: allowed contains the width {w}; "
+                           "each width must be one of {0, 1, 2, 4, 8}")
+    torch._check_value(n_recent >= 0, lambda: f"kvsparse: n_recent must be >= 0, got {n_recent}")
+    torch._check_value(sigma >= 0.0, lambda: f"kvsparse: {sigma_name} must be >= 0, got {sigma}")
+    return rng.new_empty(rng.shape, dtype=torch.uint8)
+
+
+@torch.library.register_fake("kvsparse::qaq_key_bits")
+def _qaq_key_bits_fake(rng, q_sq, seq_lens, sigma_s, allowed, n_recent):
+    return _bits_fake(rng, q_sq, "q_sq", seq_lens, sigma_s, "sigma_s", allowed, n_recent)
+
+
+@torch.library.register_fake("kvsparse::qaq_value_bits")
+def _qaq_value_bits_fake(rng, s_max, seq_lens, sigma_x, allowed, n_recent):
+    return _bits_fake(rng, s_max, "s_max", seq_lens, sigma_x, "sigma_x", allowed, n_recent)
+
+
+@torch.library.register_fake("kvsparse::qaq_quantize")
+def _qaq_quantize_fake(x, pos, new_widths, new_offsets, arena, offsets, widths, sz, oidx, oval):
+    _, Hkv, n, D = _ops.check_cache(x, "x")
+    _ops.check_head_dim(D, x.device)
+    B, Hg, _ = _check_store_fake(arena, offsets, widths, sz, oidx, oval, x, "x", Hkv, D)
+    _ops.check_same_dtype(oval, "oval", x, "x")
+    _ops.check_size(x, 0, B, "x", "B, as arena.shape[0]")
+    _ops.check_lens(pos, "pos", B, x, "x")
+    _ops.check_dtype(new_widths, torch.uint8, "new_widths")
+    _ops.check_dtype(new_offsets, torch.int32, "new_offsets")
+    for t, name in ((new_widths, "new_widths"), (new_offsets, "new_offsets")):
+        torch._check_value(t.dim() == 3 and t.shape[0] == B and t.shape[1] == Hg and t.shape[2] == n,
+                           lambda: f"kvsparse: {name} must have shape [B, Hg, n] = [{B}, {Hg}, {n}], got {tuple(t.shape)}")
+        _ops.check_device(t, name, x, "x")
+    return None
+
+
+@torch.library.register_fake("kvsparse::qaq_dequantize")
+def _qaq_dequantize_fake(arena, offsets, widths, sz, oidx, oval, seq_lens, num_kv_heads, head_dim):
+    _check_heads(num_kv_heads, head_dim, arena.device)
+    B, _, cap = _check_store_fake(arena, offsets, widths, sz, oidx, oval, arena, "arena", num_kv_heads, head_dim)
+    _ops.check_lens(seq_lens, "seq_lens", B, arena, "arena")
+    return oval.new_empty((B, num_kv_heads, cap, head_dim))
+
+
+@torch.library.register_fake("kvsparse::qaq_requantize")
+def _qaq_requantize_fake(arena, offsets, widths, sz, oidx, oval, new_widths, seq_lens, num_kv_heads, head_dim):
+    _check_heads(num_kv_heads, head_dim, arena.device)
+    B, _, _ = _check_store_fake(arena, offsets, widths, sz, oidx, oval, arena, "arena", num_kv_heads, head_dim)
+    _ops.check_lens(seq_lens, "seq_lens", B, arena, "arena")
+    _ops.check_dtype(new_widths, torch.uint8, "new_widths")
+    _ops.check_same_shape(new_widths, "new_widths", widths, "widths")
+    _ops.check_device(new_widths, "new_widths", arena, "arena")
+    return None
+
+
+@torch.library.register_fake("kvsparse::qaq_attention")
+def _qaq_attention_fake(q, k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, v_arena, v_offsets, v_widths,
+                        v_sz, v_oidx, v_oval, seq_lens, num_kv_heads, scale, return_p_max):
+    B, H, D = _ops.check_q(q)
+    _check_heads(num_kv_heads, D, q.device)
+    _ops.check_gqa(H, num_kv_heads)
+    _, _, k_cap = _check_store_fake(k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, q, "q", num_kv_heads, D, "k_")
+    _, _, v_cap = _check_store_fake(v_arena, v_offsets, v_widths, v_sz, v_oidx, v_oval, q, "q", num_kv_heads, D, "v_")
+    _ops.check_same_dtype(k_oval, "k_oval", q, "q")
+    _ops.check_same_dtype(v_oval, "v_oval", q, "q")
+    _ops.check_size(k_arena, 0, B, "k_arena", "B, as q.shape[0]")
+    _ops.check_size(v_arena, 0, B, "v_arena", "B, as q.shape[0]")
+    torch._check_value(v_cap == k_cap, lambda: f"kvsparse: v_offsets.shape[2] (cap) must equal k_offsets.shape[2] = {k_cap}, "
+                       f"got {v_cap}")
+    _ops.check_lens(seq_lens, "seq_lens", B, q, "q")
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if return_p_max:
+        pm = q.new_empty((B, num_kv_heads, k_cap), dtype=torch.float32)
+    else:
+        pm = q.new_empty((0,), dtype=torch.float32)
+    return out, pm

@@ -278,3 +278,112 @@ def combine_scores(scores, num_kv_heads, how="softmax", scale=1.0):
     out.masked_fill_(nan.any(2), float("nan"))
     return out.masked_fill_(empty, float("-inf"))
 
+
+
+# ---- fake kernels --------------------------------------------------------------
+# Output shapes and dtypes for FakeTensor / torch.compile / torch.export, with
+# the structural checks of csrc/ops/quest.cpp (values, contiguity and the
+# CUDA-only limits are left to the real op).
+
+
+def _check_page_size(page_size):
+    torch._check_value(page_size >= 1 and page_size <= _ops._INT32_MAX,
+                       lambda: f"kvsparse: page_size must be in [1, 2^31 - 1], got {page_size}")
+
+
+def _check_token_budget(token_budget, page_size):
+    torch._check_value(token_budget >= page_size,
+                       lambda: f"kvsparse: token_budget ({token_budget}) must be >= page_size ({page_size})")
+
+
+def _check_meta(m, name, ref, ref_name, B, Hkv, D):
+    """kmin/kmax [B, Hkv, max_pages, D] of ref's dtype and device."""
+    _ops.check_same_dtype(m, name, ref, ref_name)
+    _ops.check_dim(m, 4, name, "[B, Hkv, max_pages, D]")
+    _ops.check_size(m, 0, B, name, "B")
+    _ops.check_size(m, 1, Hkv, name, "Hkv")
+    _ops.check_size(m, 3, D, name, "D")
+    _ops.check_device(m, name, ref, ref_name)
+
+
+@torch.library.register_fake("kvsparse::quest_page_metadata")
+def _page_metadata_fake(k, seq_lens, page_size):
+    B, Hkv, cap, D = _ops.check_cache(k, "k")
+    _ops.check_head_dim(D, k.device)
+    _check_page_size(page_size)
+    _ops.check_lens(seq_lens, "seq_lens", B, k, "k")
+    max_pages = _ops.ceil_div(cap, page_size)
+    kmin = k.new_empty((B, Hkv, max_pages, D))
+    kmax = k.new_empty((B, Hkv, max_pages, D))
+    return kmin, kmax
+
+
+@torch.library.register_fake("kvsparse::quest_update_metadata")
+def _update_metadata_fake(k, kmin, kmax, start_lens, seq_lens, page_size):
+    B, Hkv, cap, D = _ops.check_cache(k, "k")
+    _ops.check_head_dim(D, k.device)
+    _check_page_size(page_size)
+    _ops.check_lens(seq_lens, "seq_lens", B, k, "k")
+    max_pages = _ops.ceil_div(cap, page_size)
+    for m, name in ((kmin, "kmin"), (kmax, "kmax")):
+        _check_meta(m, name, k, "k", B, Hkv, D)
+        _ops.check_size(m, 2, max_pages, name, "max_pages = ceil(cap / page_size)")
+    _ops.check_lens(start_lens, "start_lens", B, k, "k")
+    return None
+
+
+@torch.library.register_fake("kvsparse::quest_page_scores")
+def _page_scores_fake(q, kmin, kmax, seq_lens, page_size, group):
+    B, H, D = _ops.check_q(q)
+    _ops.check_head_dim(D, q.device)
+    _check_page_size(page_size)
+    _ops.check_dim(kmin, 4, "kmin", "[B, Hkv, max_pages, D]")
+    Hkv, max_pages = kmin.shape[1], kmin.shape[2]
+    torch._check_value(Hkv >= 1, lambda: f"kvsparse: kmin must have at least one KV head, got shape {tuple(kmin.shape)}")
+    _check_meta(kmin, "kmin", q, "q", B, Hkv, D)
+    _check_meta(kmax, "kmax", q, "q", B, Hkv, D)
+    _ops.check_size(kmax, 2, max_pages, "kmax", "max_pages, as kmin")
+    _ops.check_gqa(H, Hkv)
+    _ops.check_lens(seq_lens, "seq_lens", B, q, "q")
+    Hs = Hkv if group else H
+    return q.new_empty((B, Hs, max_pages), dtype=torch.float32)
+
+
+@torch.library.register_fake("kvsparse::quest_select_pages")
+def _select_pages_fake(scores, seq_lens, page_size, token_budget):
+    _ops.check_dtype(scores, torch.float32, "scores")
+    _ops.check_dim(scores, 3, "scores", "[B, Hs, max_pages]")
+    _check_page_size(page_size)
+    _check_token_budget(token_budget, page_size)
+    B, Hs, max_pages = scores.shape
+    _ops.check_lens(seq_lens, "seq_lens", B, scores, "scores")
+    n_sel = torch.sym_min(token_budget // page_size, max_pages)
+    return scores.new_empty((B, Hs, n_sel), dtype=torch.int32)
+
+
+@torch.library.register_fake("kvsparse::quest_sparse_attention")
+def _sparse_attention_fake(q, k, v, page_idx, seq_lens, page_size, scale):
+    B, H, Hkv, cap, D = _ops.check_qkv(q, k, v)
+    _check_page_size(page_size)
+    _ops.check_lens(seq_lens, "seq_lens", B, q, "q")
+    _ops.check_dtype(page_idx, torch.int32, "page_idx")
+    _ops.check_dim(page_idx, 3, "page_idx", "[B, Hs, n_sel]")
+    _ops.check_device(page_idx, "page_idx", q, "q")
+    _ops.check_size(page_idx, 0, B, "page_idx", "B")
+    Hs = page_idx.shape[1]
+    torch._check_value(Hs == H or Hs == Hkv, lambda: f"kvsparse: page_idx.shape[1] (Hs) must be H = {H} (head mode) "
+                       f"or Hkv = {Hkv} (group mode), got shape {tuple(page_idx.shape)}")
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("kvsparse::quest_attention")
+def _attention_fake(q, k, v, kmin, kmax, seq_lens, page_size, token_budget, group, scale):
+    B, H, Hkv, cap, D = _ops.check_qkv(q, k, v)
+    _check_page_size(page_size)
+    _ops.check_lens(seq_lens, "seq_lens", B, q, "q")
+    _check_token_budget(token_budget, page_size)
+    max_pages = _ops.ceil_div(cap, page_size)
+    for m, name in ((kmin, "kmin"), (kmax, "kmax")):
+        _check_meta(m, name, q, "q", B, Hkv, D)
+        _ops.check_size(m, 2, max_pages, name, "max_pages = ceil(cap / page_size)")
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

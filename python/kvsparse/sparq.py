@@ -296,3 +296,150 @@ def choose_r_k(D, seq_len, compression):
     r = min(D, max(1, _round_half_up(c * D)))
     k = min(S, max(1, _round_half_up(c * S / 2.0)))
     return r, k
+
+
+# ---- fake kernels --------------------------------------------------------------
+# Output shapes and dtypes for FakeTensor / torch.compile / torch.export, with
+# the structural checks of csrc/ops/sparq.cpp (values, contiguity and the
+# CUDA-only limits are left to the real op).
+
+
+def _check_kv_pair(k, v):
+    """k [B, Hkv, cap, D] and v of its dtype, device and shape; returns k's dims."""
+    B, Hkv, cap, D = _ops.check_cache(k, "k")
+    _ops.check_head_dim(D, k.device)
+    _ops.check_same_dtype(v, "v", k, "k")
+    _ops.check_dim(v, 4, "v", "[B, Hkv, cap, D]")
+    _ops.check_device(v, "v", k, "k")
+    _ops.check_same_shape(v, "v", k, "k")
+    return B, Hkv, cap, D
+
+
+def _check_kt(kt, ref, ref_name, B, Hkv, D, cap):
+    _ops.check_same_dtype(kt, "kt", ref, ref_name)
+    _ops.check_dim(kt, 4, "kt", "[B, Hkv, D, cap]")
+    for d, n, what in ((0, B, "B"), (1, Hkv, "Hkv"), (2, D, "D"), (3, cap, "cap")):
+        _ops.check_size(kt, d, n, "kt", what)
+    _ops.check_device(kt, "kt", ref, ref_name)
+
+
+def _check_f32(t, name, layout, sizes, ref, ref_name):
+    """float32 t of ``layout`` with shape ``sizes`` on ref's device (v_mean, s_hat)."""
+    _ops.check_dtype(t, torch.float32, name)
+    _ops.check_dim(t, len(sizes), name, layout)
+    for d, (n, what) in enumerate(sizes):
+        _ops.check_size(t, d, n, name, what)
+    _ops.check_device(t, name, ref, ref_name)
+
+
+def _check_index_rows(idx, name, layout, ref, ref_name, B, H, Hkv):
+    """int32 [B, Hs, n] with Hs in {H, Hkv}."""
+    _ops.check_dtype(idx, torch.int32, name)
+    _ops.check_dim(idx, 3, name, layout)
+    _ops.check_device(idx, name, ref, ref_name)
+    _ops.check_size(idx, 0, B, name, "B")
+    Hs = idx.shape[1]
+    torch._check_value(Hs == H or Hs == Hkv, lambda: f"kvsparse: {name}.shape[1] (Hs) must be H = {H} or "
+                       f"Hkv = {Hkv}, got shape {tuple(idx.shape)}")
+
+
+def _check_r(r, D):
+    torch._check_value(r >= 1 and r <= D, lambda: f"kvsparse: r (the number of query channels) must be in [1, D = {D}], got {r}")
+
+
+def _check_k_top(k, cap, name):
+    torch._check_value(k >= 1, lambda: f"kvsparse: {name} (the number of kept positions) must be >= 1, got {k}")
+    torch._check_value(k <= cap, lambda: f"kvsparse: {name} = {k} is larger than the cache (cap = {cap})")
+
+
+def _check_local_window(w):
+    torch._check_value(w >= 0, lambda: f"kvsparse: local_window must be >= 0, got {w}")
+
+
+def _check_group_size(gs, H):
+    torch._check_value(gs >= 1 and H % gs == 0,
+                       lambda: f"kvsparse: group_size ({gs}) must be >= 1 and divide the number of query heads H ({H})")
+
+
+@torch.library.register_fake("kvsparse::sparq_build")
+def _sparq_build_fake(k, v, seq_lens):
+    B, Hkv, cap, D = _check_kv_pair(k, v)
+    _ops.check_lens(seq_lens, "seq_lens", B, k, "k")
+    return k.new_empty((B, Hkv, D, cap)), k.new_empty((B, Hkv, D), dtype=torch.float32)
+
+
+@torch.library.register_fake("kvsparse::sparq_append")
+def _sparq_append_fake(k_new, v_new, k, v, kt, v_mean, seq_lens):
+    B, Hkv, cap, D = _check_kv_pair(k, v)
+    _ops.check_same_dtype(k_new, "k_new", k, "k")
+    _ops.check_dim(k_new, 4, "k_new", "[B, Hkv, n_new, D]")
+    _ops.check_device(k_new, "k_new", k, "k")
+    for d, n, what in ((0, B, "B"), (1, Hkv, "Hkv"), (3, D, "D")):
+        _ops.check_size(k_new, d, n, "k_new", what)
+    _ops.check_same_dtype(v_new, "v_new", k, "k")
+    _ops.check_dim(v_new, 4, "v_new", "[B, Hkv, n_new, D]")
+    _ops.check_device(v_new, "v_new", k, "k")
+    _ops.check_same_shape(v_new, "v_new", k_new, "k_new")
+    _check_kt(kt, k, "k", B, Hkv, D, cap)
+    _check_f32(v_mean, "v_mean", "[B, Hkv, D]", ((B, "B"), (Hkv, "Hkv"), (D, "D")), k, "k")
+    _ops.check_lens(seq_lens, "seq_lens", B, k, "k")
+    return None
+
+
+@torch.library.register_fake("kvsparse::sparq_top_channels")
+def _sparq_top_channels_fake(q, r, group_size):
+    B, H, D = _ops.check_q(q)
+    _ops.check_head_dim(D, q.device)
+    _check_r(r, D)
+    _check_group_size(group_size, H)
+    return q.new_empty((B, H // group_size, r), dtype=torch.int32)
+
+
+@torch.library.register_fake("kvsparse::sparq_approx_scores")
+def _sparq_approx_scores_fake(q, kt, i1, seq_lens):
+    B, H, D = _ops.check_q(q)
+    _ops.check_head_dim(D, q.device)
+    _ops.check_same_dtype(kt, "kt", q, "q")
+    _ops.check_dim(kt, 4, "kt", "[B, Hkv, D, cap]")
+    Hkv, cap = kt.shape[1], kt.shape[3]
+    torch._check_value(Hkv >= 1, lambda: f"kvsparse: kt must have at least one KV head, got shape {tuple(kt.shape)}")
+    _check_kt(kt, q, "q", B, Hkv, D, cap)
+    _ops.check_gqa(H, Hkv)
+    _check_index_rows(i1, "i1", "[B, Hs, r]", q, "q", B, H, Hkv)
+    _check_r(i1.shape[2], D)
+    _ops.check_lens(seq_lens, "seq_lens", B, q, "q")
+    return q.new_empty((B, H, cap), dtype=torch.float32)
+
+
+@torch.library.register_fake("kvsparse::sparq_top_positions")
+def _sparq_top_positions_fake(s_hat, seq_lens, k, local_window, group_size):
+    _ops.check_dtype(s_hat, torch.float32, "s_hat")
+    _ops.check_dim(s_hat, 3, "s_hat", "[B, H, cap]")
+    B, H, cap = s_hat.shape
+    _check_k_top(k, cap, "k")
+    _check_local_window(local_window)
+    _check_group_size(group_size, torch.sym_max(H, 1))
+    _ops.check_lens(seq_lens, "seq_lens", B, s_hat, "s_hat")
+    return s_hat.new_empty((B, H // group_size, k), dtype=torch.int32)
+
+
+@torch.library.register_fake("kvsparse::sparq_sparse_attention")
+def _sparq_sparse_attention_fake(q, k, v, i2, s_hat, v_mean, seq_lens, scale, reallocate):
+    B, H, Hkv, cap, D = _ops.check_qkv(q, k, v)
+    _ops.check_lens(seq_lens, "seq_lens", B, q, "q")
+    _check_index_rows(i2, "i2", "[B, Hs, n_sel]", q, "q", B, H, Hkv)
+    _check_f32(s_hat, "s_hat", "[B, H, cap]", ((B, "B"), (H, "H"), (cap, "cap")), q, "q")
+    _check_f32(v_mean, "v_mean", "[B, Hkv, D]", ((B, "B"), (Hkv, "Hkv"), (D, "D")), q, "q")
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("kvsparse::sparq_attention")
+def _sparq_attention_fake(q, k, v, kt, v_mean, seq_lens, r, k_top, local_window, group, reallocate, scale):
+    B, H, Hkv, cap, D = _ops.check_qkv(q, k, v)
+    _ops.check_lens(seq_lens, "seq_lens", B, q, "q")
+    _check_kt(kt, q, "q", B, Hkv, D, cap)
+    _check_f32(v_mean, "v_mean", "[B, Hkv, D]", ((B, "B"), (Hkv, "Hkv"), (D, "D")), q, "q")
+    _check_r(r, D)
+    _check_k_top(k_top, cap, "k_top")
+    _check_local_window(local_window)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
