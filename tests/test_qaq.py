@@ -346,6 +346,21 @@ CAP = 77
 LENS = {1: [75], 3: [77, 9, 50]}  # ragged, not multiples of 16
 
 
+def _attention_against_reference(device, q, ks, vs, sl):
+    """Poison, run the fused attention with p_max and compare both with the
+    float64 reference over the dequantized caches; returns (out, p_max, K~, V~)."""
+    _dirty(device)
+    out, pm = qaq.attention(q, ks, vs, sl, return_p_max=True)
+    Hkv, D = ks.num_kv_heads, ks.head_dim
+    kd = ref.qaq_dequantize_ref(*ks.tensors(), sl, Hkv, D)
+    vd = ref.qaq_dequantize_ref(*vs.tensors(), sl, Hkv, D)
+    exp, pexp = ref.qaq_attention_ref(q, kd, vd, sl)
+    atol, rtol = ATTN_TOL[q.dtype]
+    torch.testing.assert_close(out.double().cpu(), exp, atol=atol, rtol=rtol)
+    torch.testing.assert_close(pm.double().cpu(), pexp, atol=1e-6, rtol=1e-4)
+    return out, pm, kd, vd
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("D", [64, 128])
@@ -363,16 +378,10 @@ def test_attention_matches_reference(device, dtype, D, G, B):
     vs, _, _ = _fill(device, B, Hkv, CAP, D, dtype, LENS[B], wv, seed + 4)
     g = torch.Generator().manual_seed(seed + 5)
     q = _randn((B, H, D), g, dtype, device) * 2
-    _dirty(device)
-    out, pm = qaq.attention(q, ks, vs, sl, return_p_max=True)
+    out, pm, kd, vd = _attention_against_reference(device, q, ks, vs, sl)
     assert out.shape == (B, H, D) and out.dtype == dtype
     assert pm.shape == (B, Hkv, CAP) and pm.dtype == torch.float32
-    kd = ref.qaq_dequantize_ref(*ks.tensors(), sl, Hkv, D)
-    vd = ref.qaq_dequantize_ref(*vs.tensors(), sl, Hkv, D)
-    exp, pexp = ref.qaq_attention_ref(q, kd, vd, sl)
     atol, rtol = ATTN_TOL[dtype]
-    torch.testing.assert_close(out.double().cpu(), exp, atol=atol, rtol=rtol)
-    torch.testing.assert_close(pm.double().cpu(), pexp, atol=1e-6, rtol=1e-4)
     past = torch.arange(CAP)[None, None] >= sl.cpu().long()[:, None, None]
     assert (pm.cpu()[past.expand_as(pm)] == 0).all()
     # the same through the dequantize op (the dense path)
@@ -403,14 +412,7 @@ def test_attention_uniform_tiles_every_width_pair(device, dtype, D):
     ks, _, sl = _fill(device, B, Hkv, cap, D, dtype, lens, wk, seed + 1, alpha=0.02)
     vs, _, _ = _fill(device, B, Hkv, cap, D, dtype, lens, wv, seed + 2, alpha=0.02)
     q = _randn((B, G * Hkv, D), torch.Generator().manual_seed(seed + 3), dtype, device) * 2
-    _dirty(device)
-    out, pm = qaq.attention(q, ks, vs, sl, return_p_max=True)
-    kd = ref.qaq_dequantize_ref(*ks.tensors(), sl, Hkv, D)
-    vd = ref.qaq_dequantize_ref(*vs.tensors(), sl, Hkv, D)
-    exp, pexp = ref.qaq_attention_ref(q, kd, vd, sl)
-    atol, rtol = ATTN_TOL[dtype]
-    torch.testing.assert_close(out.double().cpu(), exp, atol=atol, rtol=rtol)
-    torch.testing.assert_close(pm.double().cpu(), pexp, atol=1e-6, rtol=1e-4)
+    _attention_against_reference(device, q, ks, vs, sl)
 
 
 @pytest.mark.parametrize("device", DEVICES)
