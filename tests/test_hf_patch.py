@@ -314,19 +314,27 @@ def test_generate_static_cache_implementation():
 
 
 # ---------------------------------------------------------------- compiled
+def eager_and_compiled(model, ids, mask, n=10, max_cache_len=48):
+    """Greedy tokens of the (patched) model on a static cache, eager and through
+    transformers' compiled decode path (fullgraph, aot_eager: CPU); returns
+    ``(eager, compiled, eager cache, compiled cache)``."""
+    cc = CompileConfig(backend="aot_eager", fullgraph=True, mode=None)
+    cc._compile_all_devices = True  # transformers compiles only on accelerators by default
+    c_eager = hf.make_cache(model, batch_size=ids.shape[0], max_cache_len=max_cache_len)
+    eager = greedy(model, ids, n=n, attention_mask=mask, disable_compile=True, past_key_values=c_eager)
+    c_comp = hf.make_cache(model, batch_size=ids.shape[0], max_cache_len=max_cache_len)
+    compiled = greedy(model, ids, n=n, attention_mask=mask, compile_config=cc, past_key_values=c_comp)
+    assert "_compiled_call" in model.__dict__  # generate took its compiled path
+    return eager, compiled, c_eager, c_comp
+
+
 def test_compiled_static_decode_equals_eager():
     torch._dynamo.reset()
     model = tiny_model(layers=2)
     seqs = [prompt(n, seed=60 + n)[0] for n in (30, 19)]
     ids, mask = left_pad(seqs)
-    cc = CompileConfig(backend="aot_eager", fullgraph=True, mode=None)
-    cc._compile_all_devices = True  # transformers compiles only on accelerators by default
     with hf.patched(model, token_budget=16, page_size=8, dense_layers=1):
-        eager = greedy(model, ids, n=10, attention_mask=mask, disable_compile=True,
-                       past_key_values=hf.make_cache(model, batch_size=2, max_cache_len=48))
-        compiled = greedy(model, ids, n=10, attention_mask=mask, compile_config=cc,
-                          past_key_values=hf.make_cache(model, batch_size=2, max_cache_len=48))
-        assert "_compiled_call" in model.__dict__  # generate took its compiled path
+        eager, compiled, _, _ = eager_and_compiled(model, ids, mask)
         dyn = greedy(model, ids, n=10, attention_mask=mask)
     assert torch.equal(compiled, eager)
     assert torch.equal(dyn, eager)

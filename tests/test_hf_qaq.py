@@ -12,7 +12,7 @@ from kvsparse import hf, qaq  # noqa: E402
 from kvsparse.cache import KVSparseCache, QAQCache, QAQDynamicLayer, QAQStaticLayer  # noqa: E402
 from kvsparse.config import QAQConfig, make_config  # noqa: E402
 
-from test_hf_patch import greedy, left_pad, prompt, stepwise_logits, tiny_model  # noqa: E402
+from test_hf_patch import eager_and_compiled, greedy, left_pad, prompt, stepwise_logits, tiny_model  # noqa: E402
 
 # every token at 8 bits, never re-quantized, no outliers
 EIGHT = dict(allowed=(8,), requant_every=0, alpha=0.0)
@@ -288,21 +288,13 @@ def test_static_cache_equals_dynamic():
 def test_compiled_static_decode_equals_eager():
     """The static QAQ layer is compileable (fullgraph): the compiled decode step,
     re-quantizing on its device schedule, gives the eager tokens and widths."""
-    from transformers import CompileConfig
-
     torch._dynamo.reset()
     model = tiny_model(layers=2)
     seqs = [prompt(n, seed=60 + n)[0] for n in (30, 19)]
     ids, mask = left_pad(seqs)
-    cc = CompileConfig(backend="aot_eager", fullgraph=True, mode=None)
-    cc._compile_all_devices = True  # transformers compiles only on accelerators by default
     with hf.patched(model, method="qaq", **ADAPT):
-        c_eager = hf.make_cache(model, batch_size=2, max_cache_len=48)
-        assert c_eager.is_compileable
-        eager = greedy(model, ids, n=10, attention_mask=mask, disable_compile=True, past_key_values=c_eager)
-        c_comp = hf.make_cache(model, batch_size=2, max_cache_len=48)
-        compiled = greedy(model, ids, n=10, attention_mask=mask, compile_config=cc, past_key_values=c_comp)
-        assert "_compiled_call" in model.__dict__  # generate took its compiled path
+        eager, compiled, c_eager, c_comp = eager_and_compiled(model, ids, mask)
+    assert c_eager.is_compileable
     assert torch.equal(compiled, eager)
     lowered = False
     for le, lc in zip(c_eager.layers, c_comp.layers):
