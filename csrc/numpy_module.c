@@ -465,6 +465,31 @@ static PyObject *py_select_pages(PyObject *self, PyObject *args, PyObject *kwarg
 
 /* ---- sparse_attention ----------------------------------------------------- */
 
+/* The common arguments of the attention functions: q [B, H, D] (already
+ * checked, dtype dt) and k, v [B, Hkv, cap, D] of q's dtype, H a multiple of
+ * Hkv. 0, or -1 with the exception set. */
+static int qkv_arrays(PyArrayObject *q, ks_dtype dt, PyObject *ko, PyObject *vo, PyArrayObject **k,
+                      PyArrayObject **v, npy_intp *B, npy_intp *H, npy_intp *Hkv, npy_intp *cap,
+                      npy_intp *D)
+{
+    ks_dtype kdt;
+    *B = PyArray_DIM(q, 0);
+    *H = PyArray_DIM(q, 1);
+    *D = PyArray_DIM(q, 2);
+    if (check_head_dim(*D, "q") < 0 || !(*k = kv_array(ko, "k", &kdt)) ||
+        same_dtype(*k, "k", dt, "q") < 0)
+        return -1;
+    *Hkv = PyArray_DIM(*k, 1);
+    *cap = PyArray_DIM(*k, 2);
+    if (check_dim(*k, "k", 0, *B, "B") < 0 || check_dim(*k, "k", 3, *D, "D") < 0 ||
+        check_heads(*H, *Hkv) < 0 || !(*v = as_array(vo, "v", 4, 0)) ||
+        same_dtype(*v, "v", dt, "q") < 0 || check_dim(*v, "v", 0, *B, "B") < 0 ||
+        check_dim(*v, "v", 1, *Hkv, "Hkv") < 0 || check_dim(*v, "v", 2, *cap, "cap") < 0 ||
+        check_dim(*v, "v", 3, *D, "D") < 0)
+        return -1;
+    return 0;
+}
+
 static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"q", "k", "v", "page_idx", "seq_lens", "page_size", "scale", NULL};
@@ -472,7 +497,7 @@ static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *k
     Py_ssize_t P = 16;
     PyArrayObject *q, *k, *v, *idx, *out;
     const int32_t *lens, *ip;
-    ks_dtype dt, kdt;
+    ks_dtype dt;
     npy_intp B, H, Hkv, cap, D, Hs, n_sel, mp, i, n;
     float scale;
     int rc = 0;
@@ -482,19 +507,9 @@ static PyObject *py_sparse_attention(PyObject *self, PyObject *args, PyObject *k
         return NULL;
     if (check_page_size(P) < 0 || !(q = as_array(qo, "q", 3, 0)) || float_dtype(q, "q", &dt) < 0)
         return NULL;
-    B = PyArray_DIM(q, 0);
-    H = PyArray_DIM(q, 1);
-    D = PyArray_DIM(q, 2);
-    if (check_head_dim(D, "q") < 0 || !(k = kv_array(ko, "k", &kdt)) ||
-        same_dtype(k, "k", dt, "q") < 0)
+    if (qkv_arrays(q, dt, ko, vo, &k, &v, &B, &H, &Hkv, &cap, &D) < 0)
         return NULL;
-    Hkv = PyArray_DIM(k, 1);
-    cap = PyArray_DIM(k, 2);
-    if (check_dim(k, "k", 0, B, "B") < 0 || check_dim(k, "k", 3, D, "D") < 0 ||
-        check_heads(H, Hkv) < 0 || !(v = as_array(vo, "v", 4, 0)) ||
-        same_dtype(v, "v", dt, "q") < 0 || check_dim(v, "v", 0, B, "B") < 0 ||
-        check_dim(v, "v", 1, Hkv, "Hkv") < 0 || check_dim(v, "v", 2, cap, "cap") < 0 ||
-        check_dim(v, "v", 3, D, "D") < 0 || parse_scale(scale_o, D, &scale) < 0)
+    if (parse_scale(scale_o, D, &scale) < 0)
         return NULL;
     if (!(idx = as_array(io, "page_idx", 3, 0)) || is_int32(idx, "page_idx") < 0 ||
         check_dim(idx, "page_idx", 0, B, "B") < 0)
@@ -549,7 +564,7 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwargs)
     int group = 1;
     PyArrayObject *q, *k, *v, *kmin, *kmax, *out;
     const int32_t *lens;
-    ks_dtype dt, kdt;
+    ks_dtype dt;
     npy_intp B, H, Hkv, cap, D, mp, Hs, n_sel;
     float scale, *scores_ws = NULL;
     int32_t *idx_ws = NULL;
@@ -561,21 +576,10 @@ static PyObject *py_attention(PyObject *self, PyObject *args, PyObject *kwargs)
     if (check_page_size(P) < 0 || check_budget(budget, P) < 0 ||
         !(q = as_array(qo, "q", 3, 0)) || float_dtype(q, "q", &dt) < 0)
         return NULL;
-    B = PyArray_DIM(q, 0);
-    H = PyArray_DIM(q, 1);
-    D = PyArray_DIM(q, 2);
-    if (check_head_dim(D, "q") < 0 || !(k = kv_array(ko, "k", &kdt)) ||
-        same_dtype(k, "k", dt, "q") < 0)
+    if (qkv_arrays(q, dt, ko, vo, &k, &v, &B, &H, &Hkv, &cap, &D) < 0)
         return NULL;
-    Hkv = PyArray_DIM(k, 1);
-    cap = PyArray_DIM(k, 2);
     mp = ceil_div(cap, P);
-    if (check_dim(k, "k", 0, B, "B") < 0 || check_dim(k, "k", 3, D, "D") < 0 ||
-        check_heads(H, Hkv) < 0 || !(v = as_array(vo, "v", 4, 0)) ||
-        same_dtype(v, "v", dt, "q") < 0 || check_dim(v, "v", 0, B, "B") < 0 ||
-        check_dim(v, "v", 1, Hkv, "Hkv") < 0 || check_dim(v, "v", 2, cap, "cap") < 0 ||
-        check_dim(v, "v", 3, D, "D") < 0 ||
-        !(kmin = meta_array(mino, "kmin", dt, "q", B, Hkv, mp, D, 0)) ||
+    if (!(kmin = meta_array(mino, "kmin", dt, "q", B, Hkv, mp, D, 0)) ||
         !(kmax = meta_array(maxo, "kmax", dt, "q", B, Hkv, mp, D, 0)) ||
         !(lens = lens_array(lo, "seq_lens", B, cap)) || parse_scale(scale_o, D, &scale) < 0)
         return NULL;
@@ -693,7 +697,7 @@ static PyObject *py_sparq_attention(PyObject *self, PyObject *args, PyObject *kw
     int group = 1, reallocate = 1, rc = 0;
     PyArrayObject *q, *k, *v, *kt, *v_mean, *out;
     const int32_t *lens;
-    ks_dtype dt, kdt;
+    ks_dtype dt;
     npy_intp B, H, Hkv, cap, D, Hs;
     float scale, *s_hat_ws = NULL;
     int32_t *i1_ws = NULL, *i2_ws = NULL;
@@ -704,19 +708,9 @@ static PyObject *py_sparq_attention(PyObject *self, PyObject *args, PyObject *kw
         return NULL;
     if (!(q = as_array(qo, "q", 3, 0)) || float_dtype(q, "q", &dt) < 0)
         return NULL;
-    B = PyArray_DIM(q, 0);
-    H = PyArray_DIM(q, 1);
-    D = PyArray_DIM(q, 2);
-    if (check_head_dim(D, "q") < 0 || !(k = kv_array(ko, "k", &kdt)) ||
-        same_dtype(k, "k", dt, "q") < 0)
+    if (qkv_arrays(q, dt, ko, vo, &k, &v, &B, &H, &Hkv, &cap, &D) < 0)
         return NULL;
-    Hkv = PyArray_DIM(k, 1);
-    cap = PyArray_DIM(k, 2);
-    if (check_dim(k, "k", 0, B, "B") < 0 || check_dim(k, "k", 3, D, "D") < 0 ||
-        check_heads(H, Hkv) < 0 || !(v = as_array(vo, "v", 4, 0)) ||
-        same_dtype(v, "v", dt, "q") < 0 || check_dim(v, "v", 0, B, "B") < 0 ||
-        check_dim(v, "v", 1, Hkv, "Hkv") < 0 || check_dim(v, "v", 2, cap, "cap") < 0 ||
-        check_dim(v, "v", 3, D, "D") < 0 || !(kt = as_array(kto, "kt", 4, 0)) ||
+    if (!(kt = as_array(kto, "kt", 4, 0)) ||
         same_dtype(kt, "kt", dt, "q") < 0 || check_dim(kt, "kt", 0, B, "B") < 0 ||
         check_dim(kt, "kt", 1, Hkv, "Hkv") < 0 || check_dim(kt, "kt", 2, D, "D") < 0 ||
         check_dim(kt, "kt", 3, cap, "cap") < 0 || !(v_mean = as_array(vmo, "v_mean", 3, 0)) ||
