@@ -37,30 +37,24 @@ void check_kt(const Tensor &kt, const Tensor &ref, const char *ref_name, int64_t
   check_device(kt, "kt", ref, ref_name);
 }
 
+// A float32 [B, n1, n2] argument (v_mean [B, Hkv, D], s_hat [B, H, cap]).
+void check_f32_3d(const Tensor &t, const char *name, const char *layout, const Tensor &ref,
+                  const char *ref_name, int64_t B, int64_t n1, const char *name1, int64_t n2,
+                  const char *name2) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "kvsparse: ", name, " must be float32, got ",
+                   t.scalar_type());
+  check_dim(t, 3, name, layout);
+  check_size(t, 0, B, name, "B");
+  check_size(t, 1, n1, name, name1);
+  check_size(t, 2, n2, name, name2);
+  check_contig(t, name);
+  check_device(t, name, ref, ref_name);
+}
+
 // v_mean float32 [B,Hkv,D].
 void check_v_mean(const Tensor &vm, const Tensor &ref, const char *ref_name, int64_t B,
                   int64_t Hkv, int64_t D) {
-  TORCH_CHECK_TYPE(vm.scalar_type() == at::kFloat, "kvsparse: v_mean must be float32, got ",
-                   vm.scalar_type());
-  check_dim(vm, 3, "v_mean", "[B, Hkv, D]");
-  check_size(vm, 0, B, "v_mean", "B");
-  check_size(vm, 1, Hkv, "v_mean", "Hkv");
-  check_size(vm, 2, D, "v_mean", "D");
-  check_contig(vm, "v_mean");
-  check_device(vm, "v_mean", ref, ref_name);
-}
-
-// s_hat float32 [B,H,cap].
-void check_s_hat(const Tensor &s, const Tensor &ref, const char *ref_name, int64_t B, int64_t H,
-                 int64_t cap) {
-  TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "kvsparse: s_hat must be float32, got ",
-                   s.scalar_type());
-  check_dim(s, 3, "s_hat", "[B, H, cap]");
-  check_size(s, 0, B, "s_hat", "B");
-  check_size(s, 1, H, "s_hat", "H");
-  check_size(s, 2, cap, "s_hat", "cap");
-  check_contig(s, "s_hat");
-  check_device(s, "s_hat", ref, ref_name);
+  check_f32_3d(vm, "v_mean", "[B, Hkv, D]", ref, ref_name, B, Hkv, "Hkv", D, "D");
 }
 
 // index tensor int32 [B, Hs, n] with Hs in {H, Hkv}; returns Hs.
@@ -316,7 +310,7 @@ Tensor sparq_sparse_attention_impl(const Tensor &q, const Tensor &k, const Tenso
   const int64_t Hs2 = check_index_rows(i2, "i2", "[B, Hs, n_sel]", q, "q", a.B, a.H, a.Hkv);
   const int64_t n_sel = i2.size(2);
   check_cuda_rows(a.H, a.Hkv, Hs2, cuda);
-  check_s_hat(s_hat, q, "q", a.B, a.H, a.cap);
+  check_f32_3d(s_hat, "s_hat", "[B, H, cap]", q, "q", a.B, a.H, "H", a.cap, "cap");
   check_v_mean(v_mean, q, "q", a.B, a.Hkv, a.D);
   if (!cuda) check_index_values(i2, "i2", -1, a.cap, "-1 or a position in [0, cap)");
   Tensor out = at::empty({a.B, a.H, a.D}, q.options());
