@@ -208,6 +208,23 @@ int ks_qaq_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64
                           int64_t cap, int64_t D, ks_qaq_store kq, ks_qaq_store vq,
                           const int32_t *seq_lens, float scale, float *p_max, void *out);
 
+/* ---- 6. fused decode attention over selected pages -------------------------------------------
+ * As 5, restricted per (b, hk) to the tokens of the pages listed in
+ * page_idx[b, hk, 0 .. n_sel) (int32 [B, Hkv, n_sel]; Quest's selection,
+ * quest.h): page p holds tokens [p*P, p*P + P) of the sequence. Slot
+ * u = i*P + j (i < n_sel, j < P) is token page_idx[b,hk,i]*P + j; a slot whose
+ * page is negative or whose token is >= len selects nothing (so -1 padding and
+ * a partial last page are fine). The pages of a row should be distinct (a
+ * repeated page is attended twice). Only the selected tokens' metadata and
+ * code bytes are read. out[b, h] = softmax over the selected tokens (zeros when
+ * a row selects nothing). p_max (float32 [B, Hkv, n_sel*P], may be NULL):
+ * per slot, the largest probability over the G query heads of its token, 0
+ * for a slot that selects nothing. */
+int ks_qaq_sparse_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                                 int64_t cap, int64_t D, ks_qaq_store kq, ks_qaq_store vq,
+                                 const int32_t *page_idx, int64_t n_sel, int64_t P,
+                                 const int32_t *seq_lens, float scale, float *p_max, void *out);
+
 /* ---- CUDA twins (qaq_cuda.cu) -------------------------------------------------------------
  * Same semantics and results: codes, scales and dequantized values are
  * bit-identical to the CPU's (IEEE division / non-contracted multiply-add);
@@ -233,6 +250,16 @@ int ks_qaq_attention_cuda(const void *q, ks_dtype dt, int64_t B, int64_t H, int6
                           int64_t cap, int64_t D, ks_qaq_store kq, ks_qaq_store vq,
                           const int32_t *seq_lens, float scale, float *p_max, void *workspace,
                           void *out, void *stream);
+
+/* Workspace bytes of ks_qaq_sparse_attention_cuda. */
+size_t ks_qaq_sparse_attention_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t n_sel,
+                                              int64_t P, int64_t D, int with_p_max);
+/* The same kernel as ks_qaq_attention_cuda, reading each row's tokens through its page list. */
+int ks_qaq_sparse_attention_cuda(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                                 int64_t cap, int64_t D, ks_qaq_store kq, ks_qaq_store vq,
+                                 const int32_t *page_idx, int64_t n_sel, int64_t P,
+                                 const int32_t *seq_lens, float scale, float *p_max,
+                                 void *workspace, void *out, void *stream);
 
 #ifdef __cplusplus
 }

@@ -405,19 +405,25 @@ static inline void qq_row(const ks_qaq_store *s, ks_dtype dt, int64_t b, int64_t
               (hk % hpg) * D, D, dst);
 }
 
-int ks_qaq_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
-                          int64_t cap, int64_t D, ks_qaq_store kq, ks_qaq_store vq,
-                          const int32_t *seq_lens, float scale, float *p_max, void *out)
+/* The attention of ks_qaq_attention_cpu (page_idx == NULL: the tokens t < len)
+ * and ks_qaq_sparse_attention_cpu (the tokens of the listed pages): n_slot
+ * slots per (b, hk), slot u reading token tok(u) or nothing (-1). */
+static int qq_attention(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv, int64_t cap,
+                        int64_t D, ks_qaq_store kq, ks_qaq_store vq, const int32_t *page_idx,
+                        int64_t n_sel, int64_t P, const int32_t *seq_lens, float scale,
+                        float *p_max, void *out)
 {
     const int64_t G = H / Hkv, khpg = Hkv / kq.Hg, vhpg = Hkv / vq.Hg;
+    const int64_t n_slot = page_idx ? n_sel * P : cap;
     int64_t bh;
     int oom = 0;
-#pragma omp parallel if (B * H * cap * D * 2 >= QQ_PAR_MIN)
+#pragma omp parallel if (B * H * n_slot * D * 2 >= QQ_PAR_MIN)
     {
-        /* qf, acc: G*D; row: D; s: G*cap */
-        float *buf = (float *)malloc((size_t)(2 * G * D + D + G * (cap > 0 ? cap : 1)) *
-                                     sizeof(float));
-        if (!buf) {
+        /* qf, acc: G*D; row: D; s: G*n_slot; tok: n_slot */
+        const int64_t ns1 = n_slot > 0 ? n_slot : 1;
+        float *buf = (float *)malloc((size_t)(2 * G * D + D + G * ns1) * sizeof(float));
+        int64_t *tok = (int64_t *)malloc((size_t)ns1 * sizeof(int64_t));
+        if (!buf || !tok) {
 #pragma omp atomic write
             oom = 1;
         }
@@ -425,46 +431,57 @@ int ks_qaq_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64
         for (bh = 0; bh < B * Hkv; bh++) {
             const int64_t b = bh / Hkv, hk = bh % Hkv, len = qq_clamp_len(seq_lens[b], cap);
             float *qf, *acc, *row, *s;
-            int64_t g, t, d;
-            if (!buf)
+            int64_t g, t, d, u, n = 0; /* n: the selected tokens, tok[0 .. n) */
+            if (!buf || !tok)
                 continue;
             qf = buf;
             acc = qf + G * D;
             row = acc + G * D;
             s = row + D;
+            if (page_idx) {
+                const int32_t *pg = page_idx + bh * n_sel;
+                for (u = 0; u < n_slot; u++) {
+                    const int64_t p = pg[u / P], tt = p * P + u % P;
+                    if (p >= 0 && tt < len)
+                        tok[n++] = tt;
+                }
+            } else {
+                for (t = 0; t < len; t++)
+                    tok[n++] = t;
+            }
             ks_load_row(ks_cptr(q, dt, (b * H + hk * G) * D), dt, G * D, qf);
             for (d = 0; d < G * D; d++) {
                 qf[d] *= scale;
                 acc[d] = 0.f;
             }
-            for (t = 0; t < len; t++) {
-                qq_row(&kq, dt, b, hk, khpg, cap, D, t, row);
+            for (t = 0; t < n; t++) {
+                qq_row(&kq, dt, b, hk, khpg, cap, D, tok[t], row);
                 for (g = 0; g < G; g++)
-                    s[g * cap + t] = ks_dot(qf + g * D, row, D);
+                    s[g * ns1 + t] = ks_dot(qf + g * D, row, D);
             }
             for (g = 0; g < G; g++) {
-                float *sg = s + g * cap, m = -INFINITY, sum = 0.f, inv;
+                float *sg = s + g * ns1, m = -INFINITY, sum = 0.f, inv;
                 int bad = 0;
-                for (t = 0; t < len; t++) {
+                for (t = 0; t < n; t++) {
                     /* NaN policy (ks_dtype.h): a NaN or +inf logit, or all -inf, give NaN */
                     if (sg[t] != sg[t] || sg[t] == INFINITY)
                         bad = 1;
                     m = sg[t] > m ? sg[t] : m;
                 }
-                if (len > 0 && m == -INFINITY)
+                if (n > 0 && m == -INFINITY)
                     bad = 1;
-                for (t = 0; t < len; t++) {
+                for (t = 0; t < n; t++) {
                     sg[t] = bad ? NAN : expf(sg[t] - m);
                     sum += sg[t];
                 }
                 inv = sum > 0.f ? 1.f / sum : (bad ? NAN : 0.f);
-                for (t = 0; t < len; t++)
+                for (t = 0; t < n; t++)
                     sg[t] *= inv;
             }
-            for (t = 0; t < len; t++) {
-                qq_row(&vq, dt, b, hk, vhpg, cap, D, t, row);
+            for (t = 0; t < n; t++) {
+                qq_row(&vq, dt, b, hk, vhpg, cap, D, tok[t], row);
                 for (g = 0; g < G; g++) {
-                    const float p = s[g * cap + t];
+                    const float p = s[g * ns1 + t];
                     float *a = acc + g * D;
                     for (d = 0; d < D; d++)
                         a[d] += p * row[d];
@@ -472,18 +489,50 @@ int ks_qaq_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64
             }
             ks_store_row(acc, dt, G * D, ks_ptr(out, dt, (b * H + hk * G) * D));
             if (p_max) {
-                float *pm = p_max + bh * cap;
-                for (t = 0; t < len; t++) {
-                    float m = s[t];
-                    for (g = 1; g < G; g++)
-                        m = s[g * cap + t] > m ? s[g * cap + t] : m;
-                    pm[t] = m;
+                /* per slot (the dense case: slot = token); the selected tokens in slot order */
+                float *pm = p_max + bh * n_slot;
+                const int32_t *pg = page_idx ? page_idx + bh * n_sel : NULL;
+                int64_t i = 0;
+                for (u = 0; u < n_slot; u++) {
+                    int sel;
+                    if (pg) {
+                        const int64_t p = pg[u / P];
+                        sel = p >= 0 && p * P + u % P < len;
+                    } else {
+                        sel = u < len;
+                    }
+                    if (!sel) {
+                        pm[u] = 0.f;
+                        continue;
+                    }
+                    {
+                        float m = s[i];
+                        for (g = 1; g < G; g++)
+                            m = s[g * ns1 + i] > m ? s[g * ns1 + i] : m;
+                        pm[u] = m;
+                    }
+                    i++;
                 }
-                for (t = len; t < cap; t++)
-                    pm[t] = 0.f;
             }
         }
         free(buf);
+        free(tok);
     }
     return oom ? KS_ERR_NOMEM : 0;
+}
+
+int ks_qaq_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                          int64_t cap, int64_t D, ks_qaq_store kq, ks_qaq_store vq,
+                          const int32_t *seq_lens, float scale, float *p_max, void *out)
+{
+    return qq_attention(q, dt, B, H, Hkv, cap, D, kq, vq, NULL, 0, 1, seq_lens, scale, p_max, out);
+}
+
+int ks_qaq_sparse_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                                 int64_t cap, int64_t D, ks_qaq_store kq, ks_qaq_store vq,
+                                 const int32_t *page_idx, int64_t n_sel, int64_t P,
+                                 const int32_t *seq_lens, float scale, float *p_max, void *out)
+{
+    return qq_attention(q, dt, B, H, Hkv, cap, D, kq, vq, page_idx, n_sel, P, seq_lens, scale, p_max,
+                        out);
 }

@@ -841,10 +841,27 @@ __device__ __forceinline__ void qa_token_decode(const QaRaw &x, int lim, int E, 
   if (w == 0) z = __fadd_rn(z, __fmul_rn(sc, 0.5f));
 }
 
+// the tokens a (b, hk) row attends: pidx == nullptr: tokens [0, len); else the
+// pages pidx[row * n_sel + i] (P tokens each): slot u = i * P + j is token
+// pidx[i] * P + j, or nothing when the page is negative or the token >= len
+struct QaSel {
+  const int32_t *pidx;
+  int64_t n_sel, P;
+};
+// token of slot u (< n_slot) of row `row` (b * Hkv + hk), or -1
+__device__ __forceinline__ int qa_locate(const QaSel &sel, int64_t row, int64_t u, int64_t n_slot,
+                                         int64_t len) {
+  if (u >= n_slot) return -1;
+  if (!sel.pidx) return u < len ? (int)u : -1;
+  const int64_t pg = __ldg(sel.pidx + row * sel.n_sel + u / sel.P);
+  const int64_t t = pg * sel.P + u % sel.P;
+  return pg >= 0 && t < len ? (int)t : -1;
+}
+
 template <typename T, int D, int MINB>
 __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
     qa_attn_kernel(const T *__restrict__ q, ks_qaq_store kq, ks_qaq_store vq, int H, int Hkv,
-                   int64_t cap, const int32_t *__restrict__ seq_lens, float scale_log2,
+                   int64_t cap, const int32_t *__restrict__ seq_lens, QaSel sel, float scale_log2,
                    int per_split, float *__restrict__ part, int *__restrict__ counters,
                    float *__restrict__ lam, float *__restrict__ slog, T *__restrict__ out) {
   constexpr int W = QA_WARPS, NT = W * 32, MAXG = QQ_GMAX;
@@ -857,7 +874,10 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   const int split = blockIdx.x, nsplit = gridDim.x, hk = blockIdx.y, b = blockIdx.z;
   const int G = H / Hkv;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
-  const int64_t len = clamp_len(seq_lens[b], cap);
+  const int64_t tlen = clamp_len(seq_lens[b], cap);
+  // slots: the tokens themselves, or the selected pages' (QaSel)
+  const int64_t len = sel.pidx ? sel.n_sel * sel.P : tlen;
+  const int64_t srow = (int64_t)b * Hkv + hk;
 
   __shared__ float qs[MAXG][D];  // q (float32; zero rows past G)
   __shared__ float s_qsum[MAXG], s_qpow[MAXG];
@@ -941,7 +961,7 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
 
   const int64_t t_begin = (int64_t)split * per_split;
   const int64_t t_end = t_begin + per_split < len ? t_begin + per_split : len;
-  float *slog_b = slog ? slog + ((int64_t)b * Hkv + hk) * cap * G : nullptr;
+  float *slog_b = slog ? slog + srow * (sel.pidx ? len : cap) * G : nullptr;
 
   float oacc[NS][4];
 #pragma unroll
@@ -963,12 +983,13 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   const int16_t *oidx_m = rowm.oidx;
   const T *oval_m = mine_k ? okv : ovv;
   // this lane's token of tile tt: its codes (width w_l at offset off_l) and outlier slots 0-1
-  auto issue = [&](int64_t tt, int off_l, int w_l, int stage) {
+  // (t_l: the lane's token, -1 when its slot selects nothing)
+  auto issue = [&](int t_l, int off_l, int w_l, int stage) {
     const uint32_t base = stage0 + (uint32_t)(stage * SG::BYTES);
-    const int k = lane & 15, t = (int)tt + k;
+    const int k = lane & 15, t = t_l;
     if (w_l) copy_bytes(base + (mine_k ? 0 : SG::CODES) + k * SG::KS, arena_m + off_l + ((hbm * w_l) >> 3),
                         (D * w_l) >> 3 >= 4 ? (D * w_l) >> 3 : 4);
-    if (tt + k < t_end && nm) {
+    if (t >= 0 && nm) {
       // (n_out is even, so slot 0 of a row starts 4-byte aligned)
       const uint32_t o = base + SG::OUT + (mine_k ? 0 : 256) + k * 16;
       cp_async<4>(o, oidx_m + (int64_t)t * nm);
@@ -977,33 +998,33 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
       for (int j = 0; j < (int)(QA_OUT * sizeof(T)) / 4; ++j) cp_async<4>(o + 4 + 4 * j, vals + j);
     }
   };
-  int m_off, m_w, n_off, n_w;
+  int m_off, m_w, n_off, n_w, m_t, n_t;  // m_t / n_t: the lane's token of this / the next tile, or -1
   float m_s, m_z, n_s, n_z;
   {
     const int64_t t = t_begin + (int64_t)warp * 16 + (lane & 15);
-    qa_token_decode(qa_token_load(rowm, (int)t, t < t_end), rowm.lim, Em, m_off, m_w, m_s, m_z);
-    if (t_begin + (int64_t)warp * 16 < t_end) issue(t_begin + (int64_t)warp * 16, m_off, m_w, 0);
+    m_t = qa_locate(sel, srow, t, t_end, tlen);
+    qa_token_decode(qa_token_load(rowm, m_t, m_t >= 0), rowm.lim, Em, m_off, m_w, m_s, m_z);
+    if (t_begin + (int64_t)warp * 16 < t_end) issue(m_t, m_off, m_w, 0);
     cp_async_commit();
-    qa_token_decode(qa_token_load(rowm, (int)(t + wstep), t + wstep < t_end), rowm.lim, Em, n_off, n_w,
-                    n_s, n_z);
+    n_t = qa_locate(sel, srow, t + wstep, t_end, tlen);
+    qa_token_decode(qa_token_load(rowm, n_t, n_t >= 0), rowm.lim, Em, n_off, n_w, n_s, n_z);
   }
   int stage = 0;
   for (int64_t t0 = t_begin + (int64_t)warp * 16; t0 < t_end; t0 += wstep, stage ^= 1) {
-    const int t0i = (int)t0;
-    if (t0 + wstep < t_end) issue(t0 + wstep, n_off, n_w, stage ^ 1);
+    if (t0 + wstep < t_end) issue(n_t, n_off, n_w, stage ^ 1);
     cp_async_commit();
     QaRaw nn;  // tile i + 2, decoded at the end of this step
-    {
-      const int64_t t = t0 + 2 * wstep + (lane & 15);
-      nn = qa_token_load(rowm, (int)t, t < t_end);
-    }
+    const int nn_t = qa_locate(sel, srow, t0 + 2 * wstep + (lane & 15), t_end, tlen);
+    nn = qa_token_load(rowm, nn_t, nn_t >= 0);
     bool okr[2];
+    int trow[2];  // the tokens of rows gid, gid + 8 (-1: nothing)
     int kw[2];
     float ks_[2], kz_[2], vs_[2], vz_[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int src = gid + 8 * r;
-      okr[r] = t0 + src < t_end;
+      trow[r] = __shfl_sync(0xffffffffu, m_t, src);
+      okr[r] = trow[r] >= 0;
       kw[r] = __shfl_sync(0xffffffffu, m_w, src);
       ks_[r] = __shfl_sync(0xffffffffu, m_s, src);
       kz_[r] = __shfl_sync(0xffffffffu, m_z, src);
@@ -1090,7 +1111,7 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
       // K outliers: q_e (x_e - zero) for this lane's heads (an outlier's code is 0)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int t = t0i + gid + 8 * r;
+        const int t = trow[r];
         for (int j = 0; j < nk; ++j) {
           int rel;
           float xo;
@@ -1248,7 +1269,7 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int t = t0i + gid + 8 * r;
+      const int t = trow[r];
       for (int j = QA_OUT; j < nv; ++j) {
         int e;
         float xo;
@@ -1259,7 +1280,8 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
         vadd(rel, p[2 * r] * cr[0] * d0, p[2 * r + 1] * cr[1] * d0, same);
       }
     }
-    m_off = n_off; m_w = n_w; m_s = n_s; m_z = n_z;
+    m_off = n_off; m_w = n_w; m_s = n_s; m_z = n_z; m_t = n_t;
+    n_t = nn_t;
     qa_token_decode(nn, rowm.lim, Em, n_off, n_w, n_s, n_z);
   }
   // ---- the warp's record: acc[g][d] = O + z_run + outlier sums, M, L
@@ -1350,21 +1372,23 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   }
 }
 
-// p_max[b, hk, t] = max_g exp2(s_g[t] - lambda_g) for t < len, else 0
+// p_max[b, hk, u] = max_g exp2(s_g[u] - lambda_g) for the slots u < n_slot that
+// select a token (the tokens t < len themselves without a page list), else 0
 __global__ void qa_pmax_kernel(const float *__restrict__ slog, const float *__restrict__ lam, int H,
-                               int Hkv, int64_t cap, const int32_t *seq_lens, float *p_max) {
-  const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+                               int Hkv, int64_t cap, const int32_t *seq_lens, QaSel sel,
+                               int64_t n_slot, float *p_max) {
+  const int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   const int hk = blockIdx.y, b = blockIdx.z, G = H / Hkv;
-  if (t >= cap) return;
+  if (u >= n_slot) return;
   const int64_t len = clamp_len(seq_lens[b], cap);
   const int64_t row = (int64_t)b * Hkv + hk;
   float m = 0.f;
-  if (t < len) {
-    const float *s = slog + (row * cap + t) * G;
+  if (qa_locate(sel, row, u, n_slot, len) >= 0) {
+    const float *s = slog + (row * n_slot + u) * G;
     const float *lm = lam + (int64_t)b * H + (int64_t)hk * G;
     for (int g = 0; g < G; ++g) m = fmaxf(m, exp2f(__ldg(s + g) - __ldg(lm + g)));
   }
-  p_max[row * cap + t] = m;
+  p_max[row * n_slot + u] = m;
 }
 
 inline unsigned nblocks(int64_t n, int per) { return (unsigned)((n + per - 1) / per); }
@@ -1447,12 +1471,14 @@ inline int64_t qa_nsplit(int64_t B, int64_t H, int64_t Hkv, int64_t cap) {
 
 namespace {
 
+// n_slot: the slots of a row (cap, or n_sel * P with a page list)
 template <typename T, int D>
 int launch_attn(const T *q, int64_t B, int64_t H, int64_t Hkv, int64_t cap, const ks_qaq_store &kq,
-                const ks_qaq_store &vq, const int32_t *seq_lens, float scale, float *lam,
-                float *slog, float *part, int *counters, T *out, cudaStream_t s) {
-  const int64_t per = qa_per_split(B, H, Hkv, cap);
-  const int64_t ns = qa_nsplit(B, H, Hkv, cap);
+                const ks_qaq_store &vq, const int32_t *seq_lens, const QaSel &sel, int64_t n_slot,
+                float scale, float *lam, float *slog, float *part, int *counters, T *out,
+                cudaStream_t s) {
+  const int64_t per = qa_per_split(B, H, Hkv, n_slot);
+  const int64_t ns = qa_nsplit(B, H, Hkv, n_slot);
   const dim3 grid((unsigned)ns, (unsigned)Hkv, (unsigned)B);
   const float sl2 = scale * 1.4426950408889634f;
   const size_t dyn = qa_stage_bytes(D);
@@ -1460,17 +1486,17 @@ int launch_attn(const T *q, int64_t B, int64_t H, int64_t Hkv, int64_t cap, cons
     case 2:
       qa_set_smem<T, D, 2>();
       qa_attn_kernel<T, D, 2><<<grid, QA_WARPS * 32, dyn, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
-          seq_lens, sl2, (int)per, part, counters, lam, slog, out);
+          seq_lens, sel, sl2, (int)per, part, counters, lam, slog, out);
       break;
     case 3:
       qa_set_smem<T, D, 3>();
       qa_attn_kernel<T, D, 3><<<grid, QA_WARPS * 32, dyn, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
-          seq_lens, sl2, (int)per, part, counters, lam, slog, out);
+          seq_lens, sel, sl2, (int)per, part, counters, lam, slog, out);
       break;
     default:
       qa_set_smem<T, D, 4>();
       qa_attn_kernel<T, D, 4><<<grid, QA_WARPS * 32, dyn, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
-          seq_lens, sl2, (int)per, part, counters, lam, slog, out);
+          seq_lens, sel, sl2, (int)per, part, counters, lam, slog, out);
   }
   return (int)cudaGetLastError();
 }
@@ -1489,8 +1515,9 @@ size_t qa_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D, i
 template <typename T>
 int attention_t(const T *q, int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
                 const ks_qaq_store &kq, const ks_qaq_store &vq, const int32_t *seq_lens,
-                float scale, float *p_max, void *workspace, T *out, cudaStream_t s) {
-  const int64_t ns = qa_nsplit(B, H, Hkv, cap);
+                const QaSel &sel, float scale, float *p_max, void *workspace, T *out, cudaStream_t s) {
+  const int64_t n_slot = sel.pidx ? sel.n_sel * sel.P : cap;
+  const int64_t ns = qa_nsplit(B, H, Hkv, n_slot);
   char *ws = (char *)workspace;
   int *counters = (int *)ws;
   ws += align256((size_t)B * Hkv * sizeof(int));
@@ -1503,14 +1530,14 @@ int attention_t(const T *q, int64_t B, int64_t H, int64_t Hkv, int64_t cap, int6
     cudaError_t e = cudaMemsetAsync(counters, 0, (size_t)B * Hkv * sizeof(int), s);
     if (e != cudaSuccess) return (int)e;
   }
-  int rc = D == 64 ? launch_attn<T, 64>(q, B, H, Hkv, cap, kq, vq, seq_lens, scale, lam, slog,
-                                          part, counters, out, s)
-                   : launch_attn<T, 128>(q, B, H, Hkv, cap, kq, vq, seq_lens, scale, lam, slog,
-                                           part, counters, out, s);
+  int rc = D == 64 ? launch_attn<T, 64>(q, B, H, Hkv, cap, kq, vq, seq_lens, sel, n_slot, scale,
+                                          lam, slog, part, counters, out, s)
+                   : launch_attn<T, 128>(q, B, H, Hkv, cap, kq, vq, seq_lens, sel, n_slot, scale,
+                                           lam, slog, part, counters, out, s);
   if (rc != 0) return rc;
-  if (p_max && cap > 0) {
-    const dim3 gm(nblocks(cap, 256), (unsigned)Hkv, (unsigned)B);
-    qa_pmax_kernel<<<gm, 256, 0, s>>>(slog, lam, (int)H, (int)Hkv, cap, seq_lens, p_max);
+  if (p_max && n_slot > 0) {
+    const dim3 gm(nblocks(n_slot, 256), (unsigned)Hkv, (unsigned)B);
+    qa_pmax_kernel<<<gm, 256, 0, s>>>(slog, lam, (int)H, (int)Hkv, cap, seq_lens, sel, n_slot, p_max);
   }
   return (int)cudaGetLastError();
 }
@@ -1595,22 +1622,54 @@ size_t ks_qaq_attention_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_
   return qa_workspace(B, H, Hkv, cap, D, with_p_max);
 }
 
-int ks_qaq_attention_cuda(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
-                          int64_t cap, int64_t D, ks_qaq_store kq, ks_qaq_store vq,
-                          const int32_t *seq_lens, float scale, float *p_max, void *workspace,
-                          void *out, void *stream) {
+}  // extern "C"
+
+namespace {
+int attention_any(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv, int64_t cap,
+                  int64_t D, const ks_qaq_store &kq, const ks_qaq_store &vq,
+                  const int32_t *seq_lens, const QaSel &sel, float scale, float *p_max,
+                  void *workspace, void *out, void *stream) {
   if (B * H * D == 0) return 0;
   if ((D != 64 && D != 128) || Hkv < 1 || H % Hkv != 0 || H / Hkv > QQ_GMAX)
     return (int)cudaErrorInvalidValue;
   cudaStream_t s = (cudaStream_t)stream;
   if (dt == KS_F32)
-    return attention_t<float>((const float *)q, B, H, Hkv, cap, D, kq, vq, seq_lens, scale,
+    return attention_t<float>((const float *)q, B, H, Hkv, cap, D, kq, vq, seq_lens, sel, scale,
                               p_max, workspace, (float *)out, s);
   if (dt == KS_F16)
-    return attention_t<__half>((const __half *)q, B, H, Hkv, cap, D, kq, vq, seq_lens, scale,
+    return attention_t<__half>((const __half *)q, B, H, Hkv, cap, D, kq, vq, seq_lens, sel, scale,
                                p_max, workspace, (__half *)out, s);
-  return attention_t<__nv_bfloat16>((const __nv_bfloat16 *)q, B, H, Hkv, cap, D, kq, vq,
-                                    seq_lens, scale, p_max, workspace, (__nv_bfloat16 *)out, s);
+  return attention_t<__nv_bfloat16>((const __nv_bfloat16 *)q, B, H, Hkv, cap, D, kq, vq, seq_lens,
+                                    sel, scale, p_max, workspace, (__nv_bfloat16 *)out, s);
+}
+}  // namespace
+
+extern "C" {
+
+int ks_qaq_attention_cuda(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                          int64_t cap, int64_t D, ks_qaq_store kq, ks_qaq_store vq,
+                          const int32_t *seq_lens, float scale, float *p_max, void *workspace,
+                          void *out, void *stream) {
+  const QaSel none = {nullptr, 0, 1};
+  return attention_any(q, dt, B, H, Hkv, cap, D, kq, vq, seq_lens, none, scale, p_max, workspace,
+                       out, stream);
+}
+
+size_t ks_qaq_sparse_attention_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t n_sel,
+                                              int64_t P, int64_t D, int with_p_max) {
+  if (Hkv < 1 || n_sel < 0 || P < 1) return 0;
+  return qa_workspace(B, H, Hkv, n_sel * P, D, with_p_max);
+}
+
+int ks_qaq_sparse_attention_cuda(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
+                                 int64_t cap, int64_t D, ks_qaq_store kq, ks_qaq_store vq,
+                                 const int32_t *page_idx, int64_t n_sel, int64_t P,
+                                 const int32_t *seq_lens, float scale, float *p_max,
+                                 void *workspace, void *out, void *stream) {
+  if (!page_idx || n_sel < 0 || P < 1) return (int)cudaErrorInvalidValue;
+  const QaSel sel = {page_idx, n_sel, P};
+  return attention_any(q, dt, B, H, Hkv, cap, D, kq, vq, seq_lens, sel, scale, p_max, workspace,
+                       out, stream);
 }
 
 }  // extern "C"

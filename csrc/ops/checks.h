@@ -251,6 +251,25 @@ inline KDims check_cache(const Tensor &k, const char *name) {
   return {k.size(0), k.size(1), k.size(2), k.size(3)};
 }
 
+// Page lists (Quest's selection, read by quest.cpp and qaq.cpp): 1 <= page_size
+// <= INT32_MAX (quest.h's KS_MAX_PAGE_SIZE: positions are int32); cap <=
+// INT32_MAX is each cache's own check; max_pages = ceil_div(cap, P).
+inline void check_page_size(int64_t page_size) {
+  TORCH_CHECK_VALUE(page_size >= 1 && page_size <= INT32_MAX,
+                    "kvsparse: page_size must be in [1, ", int64_t(INT32_MAX), "], got ", page_size);
+}
+
+// CPU only: every page_idx value is -1 or in [0, max_pages).
+inline void check_page_idx_values(const Tensor &page_idx, int64_t max_pages) {
+  const int32_t *p = page_idx.data_ptr<int32_t>();
+  const int64_t n = page_idx.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(p[i] == -1 || (p[i] >= 0 && p[i] < max_pages), "kvsparse: page_idx value ",
+                      p[i], " at flat index ", i, " must be -1 or in [0, ", max_pages,
+                      ") (max_pages = ceil(cap / page_size))");
+  }
+}
+
 inline void check_gqa(int64_t H, int64_t Hkv) {
   TORCH_CHECK_VALUE(H % Hkv == 0, "kvsparse: the number of query heads H of q (", H,
                     ") must be a multiple of the number of KV heads Hkv (", Hkv, ")");

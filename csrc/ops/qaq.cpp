@@ -406,6 +406,73 @@ std::tuple<Tensor, Tensor> qaq_attention_impl(const Tensor &q, const QStore &ks,
 }
 
 
+// 6. attention over selected pages (Quest's selection over the packed cache)
+
+std::tuple<Tensor, Tensor> qaq_sparse_attention_impl(const Tensor &q, const QStore &ks,
+                                                     const QStore &vs, const Tensor &page_idx,
+                                                     const Tensor &seq_lens, int64_t Hkv,
+                                                     int64_t page_size, double scale,
+                                                     bool return_p_max, bool cuda) {
+  QDims qd = check_q(q);
+  check_qaq_heads(Hkv, qd.D, cuda);
+  check_gqa(qd.H, Hkv);
+  TORCH_CHECK_VALUE(!cuda || qd.H / Hkv <= 8, "kvsparse: qaq_sparse_attention on CUDA supports at most 8 query heads per KV head (H / Hkv), got ",
+                    qd.H / Hkv);
+  QDimsQ kd = check_qstore(ks, q, "q", Hkv, qd.D, cuda);
+  QDimsQ vd = check_qstore(vs, q, "q", Hkv, qd.D, cuda);
+  check_same_dtype(ks.oval, "k_oval", q, "q");
+  check_same_dtype(vs.oval, "v_oval", q, "q");
+  check_size(ks.arena, 0, qd.B, "k_arena", "B, as q.shape[0]");
+  check_size(vs.arena, 0, qd.B, "v_arena", "B, as q.shape[0]");
+  TORCH_CHECK_VALUE(vd.cap == kd.cap, "kvsparse: v_offsets.shape[2] (cap) must equal k_offsets.shape[2] = ",
+                    kd.cap, ", got ", vd.cap);
+  check_page_size(page_size);
+  check_int32(page_idx, "page_idx");
+  check_dim(page_idx, 3, "page_idx", "[B, Hkv, n_sel]");
+  check_contig(page_idx, "page_idx");
+  check_device(page_idx, "page_idx", q, "q");
+  check_size(page_idx, 0, qd.B, "page_idx", "B, as q.shape[0]");
+  check_size(page_idx, 1, Hkv, "page_idx", "num_kv_heads (one page list per KV head)");
+  const int64_t n_sel = page_idx.size(2), max_pages = ceil_div(kd.cap, page_size);
+  TORCH_CHECK_VALUE(n_sel <= max_pages, "kvsparse: page_idx.shape[2] (n_sel) must be <= ceil(cap / page_size) = ",
+                    max_pages, ", got ", n_sel);
+  const int64_t n_slot = n_sel * page_size;  // <= cap + page_size - 1 < 2^32: no overflow
+  check_lens_tensor(seq_lens, "seq_lens", qd.B, q, "q");
+  if (!cuda) {
+    check_lens_values(seq_lens, "seq_lens", kd.cap, "cap = k_offsets.shape[2]");
+    check_qstore_values(ks, kd, qd.D * (Hkv / kd.Hg), seq_lens);
+    check_qstore_values(vs, vd, qd.D * (Hkv / vd.Hg), seq_lens);
+    check_page_idx_values(page_idx, max_pages);
+  }
+  Tensor out = at::empty({qd.B, qd.H, qd.D}, q.options());
+  Tensor pm = return_p_max ? at::empty({qd.B, Hkv, n_slot}, q.options().dtype(at::kFloat))
+                           : at::empty({0}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) {
+    if (pm.numel()) pm.zero_();
+    return {out, pm};
+  }
+  ks_qaq_store kst = to_store(ks, kd), vst = to_store(vs, vd);
+  float *pmp = return_p_max && pm.numel() ? pm.data_ptr<float>() : nullptr;
+  if (!cuda) {
+    check_cpu_rc(ks_qaq_sparse_attention_cpu(q.data_ptr(), kd.dt, qd.B, qd.H, Hkv, kd.cap, qd.D, kst,
+                                             vst, page_idx.data_ptr<int32_t>(), n_sel, page_size,
+                                             seq_lens.data_ptr<int32_t>(), static_cast<float>(scale),
+                                             pmp, out.data_ptr()),
+                 "qaq_sparse_attention");
+  } else {
+#ifdef KVSPARSE_WITH_CUDA
+    Tensor ws = byte_workspace(
+        ks_qaq_sparse_attention_cuda_workspace(qd.B, qd.H, Hkv, n_sel, page_size, qd.D, pmp ? 1 : 0), q);
+    int rc = ks_qaq_sparse_attention_cuda(q.data_ptr(), kd.dt, qd.B, qd.H, Hkv, kd.cap, qd.D, kst, vst,
+                                          page_idx.data_ptr<int32_t>(), n_sel, page_size,
+                                          seq_lens.data_ptr<int32_t>(), static_cast<float>(scale),
+                                          pmp, ws.data_ptr(), out.data_ptr(), cur_stream());
+    check_cuda_rc(rc, "qaq_sparse_attention");
+#endif
+  }
+  return {out, pm};
+}
+
 // ---------------------------------------------------------------------------
 // entry points (one per op; see checks.h)
 
@@ -470,6 +537,20 @@ std::tuple<Tensor, Tensor> qaq_attention(
 }
 
 template <bool CUDA>
+std::tuple<Tensor, Tensor> qaq_sparse_attention(
+    const Tensor &q, const Tensor &k_arena, const Tensor &k_offsets, const Tensor &k_widths,
+    const Tensor &k_sz, const Tensor &k_oidx, const Tensor &k_oval, const Tensor &v_arena,
+    const Tensor &v_offsets, const Tensor &v_widths, const Tensor &v_sz, const Tensor &v_oidx,
+    const Tensor &v_oval, const Tensor &page_idx, const Tensor &seq_lens, int64_t num_kv_heads,
+    int64_t page_size, double scale, bool return_p_max) {
+  const OnDevice<CUDA> on(q);
+  return qaq_sparse_attention_impl(q, mk(k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, "k_"),
+                                   mk(v_arena, v_offsets, v_widths, v_sz, v_oidx, v_oval, "v_"),
+                                   page_idx, seq_lens, num_kv_heads, page_size, scale, return_p_max,
+                                   CUDA);
+}
+
+template <bool CUDA>
 void impls(torch::Library &m) {
   m.impl("qaq_key_bits", &qaq_key_bits<CUDA>);
   m.impl("qaq_value_bits", &qaq_value_bits<CUDA>);
@@ -477,6 +558,7 @@ void impls(torch::Library &m) {
   m.impl("qaq_dequantize", &qaq_dequantize<CUDA>);
   m.impl("qaq_requantize", &qaq_requantize<CUDA>);
   m.impl("qaq_attention", &qaq_attention<CUDA>);
+  m.impl("qaq_sparse_attention", &qaq_sparse_attention<CUDA>);
 }
 
 }  // namespace
@@ -508,6 +590,12 @@ TORCH_LIBRARY_FRAGMENT(kvsparse, m) {
       "Tensor k_oidx, Tensor k_oval, Tensor v_arena, Tensor v_offsets, Tensor v_widths, "
       "Tensor v_sz, Tensor v_oidx, Tensor v_oval, Tensor seq_lens, int num_kv_heads, "
       "float scale, bool return_p_max) -> (Tensor, Tensor)");
+  m.def(
+      "qaq_sparse_attention(Tensor q, Tensor k_arena, Tensor k_offsets, Tensor k_widths, "
+      "Tensor k_sz, Tensor k_oidx, Tensor k_oval, Tensor v_arena, Tensor v_offsets, "
+      "Tensor v_widths, Tensor v_sz, Tensor v_oidx, Tensor v_oval, Tensor page_idx, "
+      "Tensor seq_lens, int num_kv_heads, int page_size, float scale, bool return_p_max) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kvsparse, CPU, m) { kvsparse::impls<false>(m); }

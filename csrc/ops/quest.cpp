@@ -15,13 +15,6 @@ namespace {
 // ---------------------------------------------------------------------------
 // validation
 
-// Quest size limits, in one place: 1 <= page_size <= KS_MAX_PAGE_SIZE (int32
-// positions), cap <= INT32_MAX (check_cache); max_pages = ceil_div(cap, P).
-void check_page_size(int64_t page_size) {
-  TORCH_CHECK_VALUE(page_size >= 1 && page_size <= KS_MAX_PAGE_SIZE,
-                    "kvsparse: page_size must be in [1, ", KS_MAX_PAGE_SIZE, "], got ", page_size);
-}
-
 void check_token_budget(int64_t token_budget, int64_t page_size) {
   TORCH_CHECK_VALUE(token_budget >= page_size, "kvsparse: token_budget (", token_budget,
                     ") must be >= page_size (", page_size, ")");
@@ -34,17 +27,6 @@ void check_start_values(const Tensor &start_lens, const Tensor &seq_lens) {
   for (int64_t b = 0; b < start_lens.numel(); ++b) {
     TORCH_CHECK_VALUE(s[b] >= 0 && s[b] <= l[b], "kvsparse: start_lens[", b, "] = ", s[b],
                       " must be in [0, seq_lens[", b, "] = ", l[b], "]");
-  }
-}
-
-// CPU only: every page_idx value is -1 or in [0, max_pages).
-void check_page_idx_values(const Tensor &page_idx, int64_t max_pages) {
-  const int32_t *p = page_idx.data_ptr<int32_t>();
-  const int64_t n = page_idx.numel();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(p[i] == -1 || (p[i] >= 0 && p[i] < max_pages), "kvsparse: page_idx value ",
-                      p[i], " at flat index ", i, " must be -1 or in [0, ", max_pages,
-                      ") (max_pages = ceil(cap / page_size))");
   }
 }
 

@@ -97,6 +97,7 @@ __all__ = [
     "uniform_tiles",
     "AttentionWindow",
     "attention",
+    "sparse_attention",
     "memory_report",
     "compact",
 ]
@@ -442,6 +443,34 @@ class AttentionWindow:
         self.hist.index_copy_(0, slot, p_max.unsqueeze(0).to(self.hist.dtype))
         self.step.add_(1)
 
+    def tensors(self):
+        """The window's state tensors (static addresses in a static layer)."""
+        return [self.hist, self.step]
+
+    def reset(self):
+        self.hist.zero_()
+        self.step.zero_()
+
+    def nbytes(self):
+        return self.hist.numel() * self.hist.element_size()
+
+    def resized(self, cap):
+        """A window of ``cap`` tokens holding this one's steps (the first ones)."""
+        n, B, Hkv, old = self.hist.shape
+        win = AttentionWindow(B, Hkv, cap, n=n, device=self.hist.device)
+        m = min(old, cap)
+        win.hist[..., :m].copy_(self.hist[..., :m])
+        win.step.copy_(self.step)
+        return win
+
+    def map_batch(self, fn, in_place):
+        """Apply ``fn`` to the batch dim (dim 1 of the history)."""
+        hist = fn(self.hist.transpose(0, 1)).transpose(0, 1)
+        if in_place:
+            self.hist.copy_(hist)
+        else:
+            self.hist = hist.contiguous()
+
     def s_max(self, groups):
         n, B, Hkv, cap = self.hist.shape
         groups = _pos_int(groups, "groups")
@@ -487,6 +516,52 @@ def attention(q, k_store, v_store, seq_lens, scale=None, return_p_max=False):
                                      k_store.num_kv_heads, _ops.float_arg(scale, "scale"), bool(return_p_max))
     return (out, pm) if return_p_max else out
 
+
+
+def sparse_attention(q, k_store, v_store, page_idx, seq_lens, page_size=16, scale=None, return_p_max=False):
+    """Decode attention over the packed caches, restricted to selected pages
+    (Quest's selection over a QAQ cache).
+
+    Per KV head ``hk`` of sequence ``b``, only the tokens of the pages
+    ``page_idx[b, hk]`` are attended: page ``p`` holds tokens ``[p * P, (p + 1)
+    * P)``; ``-1`` entries and tokens past ``seq_lens[b]`` select nothing.
+    Only those tokens' metadata and code bytes are read and dequantized (in
+    registers on CUDA: the same kernel as :func:`attention`, reading each
+    row's tokens through its page list). ``out[b, h] = softmax(scale * q[b, h]
+    . K~) @ V~`` over the selected tokens (zeros when none is selected).
+
+    Args:
+        q: ``[B, H, D]``, the stores' dtype.
+        k_store, v_store: :class:`QuantStore` as in :func:`attention`.
+        page_idx: int32 ``[B, Hkv, n_sel]``: distinct page indices in
+            ``[0, ceil(cap / P))`` or ``-1`` (e.g. :func:`kvsparse.quest.select_pages`
+            of per-KV-head scores); ``n_sel <= ceil(cap / P)``.
+        seq_lens: int32 ``[B]`` in ``[0, cap]``.
+        page_size: ``P``.
+        scale: logit scale, default ``1 / sqrt(D)``.
+        return_p_max: also return ``p_max``.
+
+    Returns:
+        ``out`` ``[B, H, D]``, or ``(out, p_max)`` with ``p_max`` float32
+        ``[B, Hkv, n_sel * P]``: per slot ``i * P + j`` (token
+        ``page_idx[b, hk, i] * P + j``) the largest attention probability over
+        the query heads of its KV head, 0 for a slot that selects nothing.
+    """
+    _check_store(k_store, "k_store")
+    _check_store(v_store, "v_store")
+    _tensor(q, "q", 3, "[B, H, D]")
+    if (v_store.num_kv_heads, v_store.head_dim) != (k_store.num_kv_heads, k_store.head_dim):
+        raise ValueError(f"kvsparse: v_store (num_kv_heads {v_store.num_kv_heads}, head_dim {v_store.head_dim}) "
+                         f"must match k_store ({k_store.num_kv_heads}, {k_store.head_dim})")
+    if q.shape[-1] != k_store.head_dim:
+        raise ValueError(f"kvsparse: q.shape[2] (D) must equal the stores' head_dim = {k_store.head_dim}, "
+                         f"got shape {tuple(q.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, pm = _ops.ops.qaq_sparse_attention(q, *k_store.tensors(), *v_store.tensors(), page_idx, seq_lens,
+                                            k_store.num_kv_heads, _ops.int_arg(page_size, "page_size"),
+                                            _ops.float_arg(scale, "scale"), bool(return_p_max))
+    return (out, pm) if return_p_max else out
 
 def memory_report(store, seq_lens):
     """True bytes in use for the valid tokens against an fp16 cache.
@@ -686,4 +761,25 @@ def _qaq_attention_fake(q, k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, v
         pm = q.new_empty((B, num_kv_heads, k_cap), dtype=torch.float32)
     else:
         pm = q.new_empty((0,), dtype=torch.float32)
+    return out, pm
+
+
+@torch.library.register_fake("kvsparse::qaq_sparse_attention")
+def _qaq_sparse_attention_fake(q, k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, v_arena, v_offsets,
+                               v_widths, v_sz, v_oidx, v_oval, page_idx, seq_lens, num_kv_heads, page_size,
+                               scale, return_p_max):
+    out, _ = _qaq_attention_fake(q, k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, v_arena, v_offsets,
+                                 v_widths, v_sz, v_oidx, v_oval, seq_lens, num_kv_heads, scale, False)
+    B, cap = q.shape[0], k_offsets.shape[2]
+    torch._check_value(1 <= page_size <= _ops._INT32_MAX,
+                       lambda: f"kvsparse: page_size must be in [1, {_ops._INT32_MAX}], got {page_size}")
+    _ops.check_dtype(page_idx, torch.int32, "page_idx")
+    _ops.check_dim(page_idx, 3, "page_idx", "[B, Hkv, n_sel]")
+    _ops.check_device(page_idx, "page_idx", q, "q")
+    _ops.check_size(page_idx, 0, B, "page_idx", "B, as q.shape[0]")
+    _ops.check_size(page_idx, 1, num_kv_heads, "page_idx", "num_kv_heads (one page list per KV head)")
+    n_sel, max_pages = page_idx.shape[2], -(-cap // page_size)
+    torch._check_value(n_sel <= max_pages, lambda: f"kvsparse: page_idx.shape[2] (n_sel) must be <= "
+                       f"ceil(cap / page_size) = {max_pages}, got {n_sel}")
+    pm = q.new_empty((B, num_kv_heads, n_sel * page_size) if return_p_max else (0,), dtype=torch.float32)
     return out, pm

@@ -503,3 +503,36 @@ def qaq_attention_ref(q, kd, vd, seq_lens, scale=None):
     p = p / torch.where(den > 0, den, torch.ones_like(den))
     out = torch.einsum("bkgt,bktd->bkgd", p, vd.double().cpu()).reshape(B, H, D)
     return out, p.amax(2)
+
+
+def qaq_sparse_attention_ref(q, kd, vd, page_idx, seq_lens, page_size, scale=None):
+    """Quest over the dequantized cache: float64 attention over the tokens of
+    the pages ``page_idx`` ``[B, Hkv, n_sel]`` (``-1``: none; tokens ``t <
+    seq_lens``) of dequantized caches ``kd``, ``vd`` ``[B, Hkv, cap, D]``.
+
+    Returns ``(out [B, H, D], p_max [B, Hkv, n_sel * P])``: per slot ``i * P + j``
+    (token ``page_idx[.., i] * P + j``) the largest probability over the query
+    heads of the KV head, 0 where the slot selects nothing.
+    """
+    B, H, D = q.shape
+    Hkv, cap = kd.shape[1], kd.shape[2]
+    G = H // Hkv
+    P = int(page_size)
+    n_sel = page_idx.shape[2]
+    s = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    pi = page_idx.long().cpu()
+    slot = torch.arange(n_sel * P)
+    tok = pi[:, :, slot // P] * P + slot % P  # [B, Hkv, n_slot]
+    sel = (pi[:, :, slot // P] >= 0) & (tok < seq_lens.cpu().long().view(B, 1, 1))
+    tok = torch.where(sel, tok, torch.zeros_like(tok))
+    kg = kd.double().cpu().gather(2, tok.unsqueeze(-1).expand(B, Hkv, n_sel * P, D))
+    vg = vd.double().cpu().gather(2, tok.unsqueeze(-1).expand(B, Hkv, n_sel * P, D))
+    logits = torch.einsum("bkgd,bktd->bkgt", q.double().cpu().view(B, Hkv, G, D), kg) * s
+    logits = logits.masked_fill(~sel.unsqueeze(2), float("-inf"))
+    m = logits.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(logits - m)
+    den = p.sum(-1, keepdim=True)
+    p = p / torch.where(den > 0, den, torch.ones_like(den))
+    out = torch.einsum("bkgt,bktd->bkgd", p, vg).reshape(B, H, D)
+    return out, p.amax(2)

@@ -8,6 +8,6 @@ module here that defines its config and :class:`Method` and calls
 from .base import Method, MethodConfig, get, names, register, registered
 
 # each module registers its method (in this order: names() lists them so)
-from . import quest, sparq, qaq  # noqa: E402
+from . import quest, sparq, qaq, quest_qaq  # noqa: E402
 
-__all__ = ["Method", "MethodConfig", "get", "names", "register", "registered", "quest", "sparq", "qaq"]
+__all__ = ["Method", "MethodConfig", "get", "names", "register", "registered", "quest", "sparq", "qaq", "quest_qaq"]

@@ -316,12 +316,14 @@ class QuantKV(Part):
                 if not self.packed:
                     new.arena[:, : st.arena.shape[1]].copy_(st.arena)
             setattr(self, name, new)
-        win = qaq.AttentionWindow(layer.batch_size, self.num_heads, capacity, n=self.config.window,
-                                  device=layer.device)
+        self.window = self._new_window(layer, capacity)
+
+    def _new_window(self, layer, capacity):
+        """The importance window at ``capacity`` tokens, keeping the steps it holds."""
         if self.window is not None:
-            win.hist[..., :old].copy_(self.window.hist)
-            win.step.copy_(self.window.step)
-        self.window = win
+            return self.window.resized(capacity)
+        return qaq.AttentionWindow(layer.batch_size, self.num_heads, capacity, n=self.config.window,
+                                   device=layer.device)
 
     def tensors(self):
         """Every tensor a decode step reads or writes in place (static addresses)."""
@@ -330,7 +332,7 @@ class QuantKV(Part):
             if st is not None:
                 out.extend(st.tensors())
         if self.window is not None:
-            out.extend((self.window.hist, self.window.step))
+            out.extend(self.window.tensors())
         return out
 
     # ---------------------------------------------------------- packed arena
@@ -465,6 +467,12 @@ class QuantKV(Part):
             return qaq.attention(qd, self.ks, self.vs, layer.seq_lens, scaling).to(q.dtype)
         out, pm = qaq.attention(qd, self.ks, self.vs, layer.seq_lens, scaling, return_p_max=True)
         self.window.push(pm)
+        self._after_decode(layer, q, scaling)
+        return out.to(q.dtype)
+
+    def _after_decode(self, layer, q, scaling):
+        """After an adaptive decode step fed the window: the key bound's
+        ``|q|^2`` and the re-quantization schedule."""
         self.q_sq.copy_(torch.maximum(self.q_sq, qaq.query_sq(q.detach(), self.groups, scaling)))
         if not self.packed:
             # no host counter (a compiled step is replayed as a CUDA graph): the
@@ -475,13 +483,12 @@ class QuantKV(Part):
                 due = self._dsteps >= self.config.requant_every
                 self.requantize(layer, due)
                 self._dsteps.masked_fill_(due, 0)
-            return out.to(q.dtype)
+            return
         self._steps += 1
         if self.config.requant_every and self._steps >= self.config.requant_every:
             self.requantize(layer)
             if self.config.compact_every and self._requants >= self.config.compact_every:
                 self.compact(layer)
-        return out.to(q.dtype)
 
     def requantize(self, layer, due=None):
         """Recompute the widths from the bounds and lower them in place (no sync).
@@ -491,8 +498,7 @@ class QuantKV(Part):
         layer's schedule, with no host branch)."""
         cfg, seq_lens = self.config, layer.seq_lens
         kb = qaq.key_bits(qaq.stored_range(self.ks), self.q_sq, seq_lens, cfg.key_sigma, cfg.allowed, cfg.n_recent)
-        vb = qaq.value_bits(qaq.stored_range(self.vs), self.window.s_max(self.vs.groups), seq_lens,
-                            cfg.value_sigma, cfg.allowed, cfg.n_recent)
+        vb = self._value_bits(layer)
         if cfg.tile_widths > 1:
             kb = qaq.uniform_tiles(kb, seq_lens, cfg.tile_widths)
             vb = qaq.uniform_tiles(vb, seq_lens, cfg.tile_widths)
@@ -508,6 +514,12 @@ class QuantKV(Part):
         self._steps = 0
         self._requants += 1
 
+    def _value_bits(self, layer):
+        """The values' widths from the bound, ``S_t`` from the window."""
+        cfg = self.config
+        return qaq.value_bits(qaq.stored_range(self.vs), self.window.s_max(self.vs.groups), layer.seq_lens,
+                              cfg.value_sigma, cfg.allowed, cfg.n_recent)
+
     # --------------------------------------------------------------- memory
     def memory_report(self, layer):
         """Bytes in use (keys + values) vs an fp16 cache; see :func:`kvsparse.qaq.memory_report`.
@@ -521,7 +533,7 @@ class QuantKV(Part):
         rv = qaq.memory_report(self.vs, layer.seq_lens)
         rep = {key: rk[key] + rv[key] for key in _REPORT_KEYS}
         rep["allocated"] = sum(t.numel() * t.element_size() for st in (self.ks, self.vs) for t in st.tensors())
-        rep["window"] = self.window.hist.numel() * 4 if self.adaptive else 0
+        rep["window"] = self.window.nbytes() if self.adaptive and self.window is not None else 0
         return _finish_report(rep)
 
     # ------------------------------------------------------ Cache API bits
@@ -533,8 +545,8 @@ class QuantKV(Part):
                 st.oidx.fill_(-1)
                 if not self.packed:
                     st.offsets.copy_(qaq.slot_offsets(st, self.width))
-            self.window.hist.zero_()
-            self.window.step.zero_()
+            if self.window is not None:
+                self.window.reset()
         self.used_k.zero_()
         self.used_v.zero_()
         self.q_sq.zero_()
@@ -556,11 +568,8 @@ class QuantKV(Part):
             for name in ("ks", "vs"):
                 st = getattr(self, name)
                 setattr(self, name, st._replace(**{f: apply(getattr(st, f)) for f in st._fields[:6]}))
-            hist = fn(self.window.hist.transpose(0, 1)).transpose(0, 1)
-            if in_place:
-                self.window.hist.copy_(hist)
-            else:
-                self.window.hist = hist.contiguous()
+            if self.window is not None:
+                self.window.map_batch(fn, in_place)
 
 
 _REPORT_KEYS = ("codes", "scale_zero", "widths", "offsets", "outliers", "total", "fp16", "arena")

@@ -1,0 +1,160 @@
+"""Quest selection over a QAQ-packed cache: the sparse attention op
+(``kvsparse.qaq.sparse_attention`` / ``torch.ops.kvsparse.qaq_sparse_attention``)
+against the float64 reference "Quest over the dequantized cache"
+(:func:`kvsparse.reference.qaq_sparse_attention_ref`, and for the pages
+:func:`kvsparse.reference.quest_sparse_attention_ref` over the dequantized K / V).
+
+CPU tests always run; CUDA tests are marked ``gpu`` and skipped without a GPU.
+"""
+import pytest
+import torch
+
+from kvsparse import qaq, quest
+from kvsparse import reference as ref
+
+from kvs_testing import ATTN_TOL, DEVICES, DT_IDS, DTYPES  # noqa: E402
+from kvs_testing import dirty as _dirty  # noqa: E402
+from kvs_testing import seed as _seed  # noqa: E402
+
+from test_qaq import _fill, _rand_widths, _randn  # noqa: E402
+
+
+def _pages(B, Hkv, cap, P, n_sel, lens, seed, pad=True):
+    """Random distinct pages per (b, hk) row, ascending, some rows -1 padded,
+    among them pages past the sequence's end (they select nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    mp = -(-cap // P)
+    out = torch.full((B, Hkv, n_sel), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hkv):
+            k = n_sel - (int(torch.randint(0, 2, (1,), generator=g)) if pad else 0)
+            sel = torch.randperm(mp, generator=g)[:k].sort().values
+            out[b, h, :k] = sel.to(torch.int32)
+    return out
+
+
+def _check(device, q, ks, vs, pidx, sl, P, scale=None):
+    _dirty(device)
+    out, pm = qaq.sparse_attention(q, ks, vs, pidx.to(device), sl, P, scale=scale, return_p_max=True)
+    Hkv, D = ks.num_kv_heads, ks.head_dim
+    kd = ref.qaq_dequantize_ref(*ks.tensors(), sl, Hkv, D)
+    vd = ref.qaq_dequantize_ref(*vs.tensors(), sl, Hkv, D)
+    exp, pexp = ref.qaq_sparse_attention_ref(q, kd, vd, pidx, sl, P, scale)
+    atol, rtol = ATTN_TOL[q.dtype]
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert pm.shape == (q.shape[0], Hkv, pidx.shape[2] * P) and pm.dtype == torch.float32
+    torch.testing.assert_close(out.double().cpu(), exp, atol=atol, rtol=rtol)
+    torch.testing.assert_close(pm.double().cpu(), pexp, atol=1e-6, rtol=1e-4)
+    # the same as Quest's own sparse attention reference over the dequantized cache
+    qexp = ref.quest_sparse_attention_ref(q.cpu(), kd, vd, pidx, sl.cpu(), P, scale)
+    torch.testing.assert_close(out.double().cpu(), qexp, atol=atol, rtol=rtol)
+    return out, pm
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("P", [16, 8])
+def test_sparse_attention_matches_quest_over_dequantized(device, dtype, D, G, B, P):
+    Hkv, cap = 2, 101
+    lens = {1: [101], 3: [101, 9, 60]}[B]  # not multiples of the page size
+    seed = _seed("qq", dtype, D, G, B, P)
+    shared = seed % 2 == 0
+    wk = _rand_widths(B, 1 if shared else Hkv, cap, seed + 1)
+    wv = _rand_widths(B, Hkv, cap, seed + 2, (1, 2, 4, 8))
+    ks, _, sl = _fill(device, B, Hkv, cap, D, dtype, lens, wk, seed + 3, shared=shared, alpha=0.03)
+    vs, _, _ = _fill(device, B, Hkv, cap, D, dtype, lens, wv, seed + 4, alpha=0.03)
+    q = _randn((B, G * Hkv, D), torch.Generator().manual_seed(seed + 5), dtype, device) * 2
+    pidx = _pages(B, Hkv, cap, P, 4, lens, seed + 6)
+    _check(device, q, ks, vs, pidx, sl, P)
+    _check(device, q, ks, vs, pidx, sl, P, scale=0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_every_page_is_the_dense_qaq_attention(device, dtype):
+    """Selecting every page (in order) gives qaq.attention's output and p_max."""
+    B, Hkv, G, cap, D, P = 2, 2, 3, 16 * 20 + 7, 128, 16
+    seed = _seed("qq-all", dtype)
+    lens = [cap, 200]
+    ks, _, sl = _fill(device, B, Hkv, cap, D, dtype, lens, _rand_widths(B, 1, cap, seed), seed + 1, shared=True,
+                      alpha=0.02)
+    vs, _, _ = _fill(device, B, Hkv, cap, D, dtype, lens, _rand_widths(B, Hkv, cap, seed + 2), seed + 3)
+    q = _randn((B, G * Hkv, D), torch.Generator().manual_seed(seed + 4), dtype, device)
+    mp = -(-cap // P)
+    pidx = torch.arange(mp, dtype=torch.int32).view(1, 1, mp).expand(B, Hkv, mp).contiguous()
+    out, pm = _check(device, q, ks, vs, pidx, sl, P)
+    dense, dpm = qaq.attention(q, ks, vs, sl, return_p_max=True)
+    atol, rtol = ATTN_TOL[dtype]
+    torch.testing.assert_close(out.double(), dense.double(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(pm[..., :cap], dpm, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quest_selection_then_sparse_attention(device):
+    """The decode step of quest_qaq: page bounds from the unquantized keys,
+    Quest's scores and selection, then the packed sparse attention, against
+    Quest's float64 reference over the dequantized cache with the same pages."""
+    B, Hkv, G, cap, D, P, budget = 2, 2, 4, 200, 64, 16, 64
+    dtype = torch.float32
+    lens = [200, 77]
+    ks, x, sl = _fill(device, B, Hkv, cap, D, dtype, lens, _rand_widths(B, Hkv, cap, 3, (4, 8)), 4)
+    vs, _, _ = _fill(device, B, Hkv, cap, D, dtype, lens, _rand_widths(B, Hkv, cap, 5, (2, 4)), 6)
+    q = torch.randn(B, G * Hkv, D, generator=torch.Generator().manual_seed(7)).to(device)
+    kmin, kmax = quest.page_metadata(x, sl, P)
+    scores = quest.page_scores(q, kmin, kmax, sl, P, "group")
+    pidx = quest.select_pages(scores, sl, P, budget)
+    out, _ = _check(device, q, ks, vs, pidx.cpu(), sl, P)
+    assert out.isfinite().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_rows_and_nan(device):
+    B, Hkv, cap, D, P = 2, 2, 40, 64, 16
+    w = torch.full((B, Hkv, cap), 4, dtype=torch.uint8)
+    ks, _, _ = _fill(device, B, Hkv, cap, D, torch.float32, [40, 40], w, 1)
+    sl = torch.tensor([0, 33], dtype=torch.int32, device=device)
+    q = torch.randn(B, 4, D, device=device)
+    pidx = torch.tensor([[[0, 1], [-1, -1]], [[-1, -1], [2, -1]]], dtype=torch.int32, device=device)
+    out, pm = qaq.sparse_attention(q, ks, ks, pidx, sl, P, return_p_max=True)
+    # sequence 0 is empty, (1, head 0) selects nothing: zeros; (1, head 1): page 2 holds token 32 only
+    assert (out[0] == 0).all() and (pm[0] == 0).all()
+    assert (out[1, :2] == 0).all() and (pm[1, 0] == 0).all()
+    assert pm[1, 1, 0].item() == pytest.approx(1.0) and (pm[1, 1, 1:] == 0).all()
+    qn = q.clone()
+    qn[1, 3, 5] = float("nan")
+    out = qaq.sparse_attention(qn, ks, ks, pidx, sl, P)
+    assert out[1, 3].isnan().all() and out[1, 2].isfinite().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_name_the_argument(device):
+    B, Hkv, cap, D, P = 1, 2, 40, 64, 16
+    ks, _, sl = _fill(device, B, Hkv, cap, D, torch.float32, [40], torch.full((B, Hkv, cap), 4, dtype=torch.uint8), 1)
+    q = torch.randn(B, 4, D, device=device)
+    good = torch.zeros(B, Hkv, 2, dtype=torch.int32, device=device)
+    with pytest.raises(TypeError, match="page_idx"):
+        qaq.sparse_attention(q, ks, ks, good.long(), sl, P)
+    with pytest.raises(ValueError, match="page_idx"):
+        qaq.sparse_attention(q, ks, ks, good[:, :1], sl, P)  # one list for two KV heads
+    with pytest.raises(ValueError, match="n_sel"):
+        qaq.sparse_attention(q, ks, ks, torch.zeros(B, Hkv, 4, dtype=torch.int32, device=device), sl, P)
+    with pytest.raises(ValueError, match="page_size"):
+        qaq.sparse_attention(q, ks, ks, good, sl, 0)
+    if device == "cpu":
+        with pytest.raises(ValueError, match="page_idx value"):
+            qaq.sparse_attention(q, ks, ks, torch.full((B, Hkv, 2), 3, dtype=torch.int32), sl, P)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    B, Hkv, cap, D, P = 2, 2, 40, 64, 16
+    w = _rand_widths(B, Hkv, cap, 9, (2, 4, 8))
+    ks, _, sl = _fill(device, B, Hkv, cap, D, torch.float16, [40, 21], w, 10)
+    q = torch.randn(B, 4, D, device=device, dtype=torch.float16)
+    pidx = torch.tensor([[[0, 2], [1, -1]], [[0, 1], [1, 2]]], dtype=torch.int32, device=device)
+    for want in (False, True):
+        torch.library.opcheck(torch.ops.kvsparse.qaq_sparse_attention,
+                              (q, *ks.tensors(), *ks.tensors(), pidx, sl, Hkv, P, 0.125, want))
