@@ -75,6 +75,10 @@ def test_cuda_fp16_small_budget_finite():
     ("quest", dict(token_budget=32, page_size=16, dense_layers=1)),
     # re-quantization every 2 steps on the static layer's device schedule (CUDA graphs)
     ("qaq", dict(sigma=0.05, requant_every=2, window=3, n_recent=2)),
+    # Quest over QAQ: page selection + packed sparse attention + the device re-quantization schedule
+    ("quest_qaq", dict(token_budget=32, page_size=16, dense_layers=1, sigma=0.05, requant_every=2, window=3,
+                       n_recent=2)),
+    ("quest_qaq", dict(token_budget=32, page_size=16, dense_layers=1, uniform_bits=4)),
 ])
 def test_cuda_static_compiled_equals_eager(method, kw):
     """transformers' compiled decode path (static cache, torch.compile,
@@ -111,7 +115,10 @@ def _steps_without_sync(model, cache, ids, n=12):
                                        ("qaq", {"max_cache_len": 512, "requant_every": 2}),  # static layer
                                        ("quest", {"token_budget": 64, "dense_below": 0}),
                                        ("quest", {"token_budget": 64, "dense_below": 0, "mode": "softmax"}),
-                                       ("sparq", {"compression": 0.25, "dense_below": 0})])
+                                       ("sparq", {"compression": 0.25, "dense_below": 0}),
+                                       ("quest_qaq", {"token_budget": 64, "dense_layers": 1}),
+                                       ("quest_qaq", {"token_budget": 64, "max_cache_len": 512,
+                                                      "requant_every": 2})])
 def test_cuda_decode_steps_never_sync(method, kw):
     """Decode steps (re-quantization included, compaction not yet due) make no
     host synchronisation: torch's sync debug mode raises on any."""

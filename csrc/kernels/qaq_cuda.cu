@@ -581,6 +581,7 @@ __global__ void __launch_bounds__(QQ_NT)
 #define QA_WARPS 4
 #define QA_BLOCKS 3       // blocks per SM asked of the register allocator (<= 168 registers)
 #define QA_MIN_SPLIT 256  // fewest tokens per split
+#define QA_MIN_SPLIT_SEL 64  // with a page list (a few thousand slots: more, shorter splits)
 #define QA_OUT 2          // outlier slots per row read ahead of use (more are read when used)
 static_assert(QA_OUT == 2, "the outlier loops pick slot 0 or 1 of the read-ahead");
 
@@ -1447,12 +1448,12 @@ int qa_blocks() {
 
 // tokens per split: about one full wave of blocks (the blocks per SM the
 // kernel is built for), at least QA_MIN_SPLIT tokens each, a multiple of 64
-int64_t qa_per_split(int64_t B, int64_t H, int64_t Hkv, int64_t cap) {
-  if (cap <= 0) return QA_MIN_SPLIT;
+int64_t qa_per_split(int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t min_split = QA_MIN_SPLIT) {
+  if (cap <= 0) return min_split;
   const int per_sm = qa_blocks();
   const int64_t rows = B * Hkv > 0 ? B * Hkv : 1;
   const int64_t want = ((int64_t)per_sm * qa_sm_count() + rows - 1) / rows;
-  int64_t ns = (cap + QA_MIN_SPLIT - 1) / QA_MIN_SPLIT;
+  int64_t ns = (cap + min_split - 1) / min_split;
   if (want < ns) ns = want;
   if (ns < 1) ns = 1;
   int64_t per = (cap + ns - 1) / ns;
@@ -1460,8 +1461,8 @@ int64_t qa_per_split(int64_t B, int64_t H, int64_t Hkv, int64_t cap) {
   return per;
 }
 
-inline int64_t qa_nsplit(int64_t B, int64_t H, int64_t Hkv, int64_t cap) {
-  const int64_t per = qa_per_split(B, H, Hkv, cap);
+inline int64_t qa_nsplit(int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t min_split = QA_MIN_SPLIT) {
+  const int64_t per = qa_per_split(B, H, Hkv, cap, min_split);
   return cap > 0 ? (cap + per - 1) / per : 1;
 }
 
@@ -1477,8 +1478,9 @@ int launch_attn(const T *q, int64_t B, int64_t H, int64_t Hkv, int64_t cap, cons
                 const ks_qaq_store &vq, const int32_t *seq_lens, const QaSel &sel, int64_t n_slot,
                 float scale, float *lam, float *slog, float *part, int *counters, T *out,
                 cudaStream_t s) {
-  const int64_t per = qa_per_split(B, H, Hkv, n_slot);
-  const int64_t ns = qa_nsplit(B, H, Hkv, n_slot);
+  const int64_t ms = sel.pidx ? QA_MIN_SPLIT_SEL : QA_MIN_SPLIT;
+  const int64_t per = qa_per_split(B, H, Hkv, n_slot, ms);
+  const int64_t ns = qa_nsplit(B, H, Hkv, n_slot, ms);
   const dim3 grid((unsigned)ns, (unsigned)Hkv, (unsigned)B);
   const float sl2 = scale * 1.4426950408889634f;
   const size_t dyn = qa_stage_bytes(D);
@@ -1503,8 +1505,9 @@ int launch_attn(const T *q, int64_t B, int64_t H, int64_t Hkv, int64_t cap, cons
 
 // workspace: counters [B * Hkv] int | partials [B * H * nsplit * (D + 2)] |
 // lambda [B * H] | (p_max only) log2-logits [B * H * cap]
-size_t qa_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D, int with_p_max) {
-  const int64_t ns = qa_nsplit(B, H, Hkv, cap);
+size_t qa_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D, int with_p_max,
+                    int64_t min_split = QA_MIN_SPLIT) {
+  const int64_t ns = qa_nsplit(B, H, Hkv, cap, min_split);
   size_t n = align256((size_t)B * Hkv * sizeof(int));
   n += align256((size_t)B * H * ns * (D + 2) * sizeof(float));
   n += align256((size_t)B * H * sizeof(float));
@@ -1517,7 +1520,7 @@ int attention_t(const T *q, int64_t B, int64_t H, int64_t Hkv, int64_t cap, int6
                 const ks_qaq_store &kq, const ks_qaq_store &vq, const int32_t *seq_lens,
                 const QaSel &sel, float scale, float *p_max, void *workspace, T *out, cudaStream_t s) {
   const int64_t n_slot = sel.pidx ? sel.n_sel * sel.P : cap;
-  const int64_t ns = qa_nsplit(B, H, Hkv, n_slot);
+  const int64_t ns = qa_nsplit(B, H, Hkv, n_slot, sel.pidx ? QA_MIN_SPLIT_SEL : QA_MIN_SPLIT);
   char *ws = (char *)workspace;
   int *counters = (int *)ws;
   ws += align256((size_t)B * Hkv * sizeof(int));
@@ -1658,7 +1661,7 @@ int ks_qaq_attention_cuda(const void *q, ks_dtype dt, int64_t B, int64_t H, int6
 size_t ks_qaq_sparse_attention_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t n_sel,
                                               int64_t P, int64_t D, int with_p_max) {
   if (Hkv < 1 || n_sel < 0 || P < 1) return 0;
-  return qa_workspace(B, H, Hkv, n_sel * P, D, with_p_max);
+  return qa_workspace(B, H, Hkv, n_sel * P, D, with_p_max, QA_MIN_SPLIT_SEL);
 }
 
 int ks_qaq_sparse_attention_cuda(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
