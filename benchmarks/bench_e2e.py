@@ -61,6 +61,10 @@ METHODS = {
     "qaq": ("qaq", dict()),
     # per-KV-head groups: 2 outlier slots per head instead of 22 shared ones at Llama-3-8B (E = 1024)
     "qaq-head": ("qaq", dict(shared=False)),
+    # Quest over QAQ: QAQ's default widths, uniform 4 bits (shared groups), uniform 4 bits per-head groups
+    "quest_qaq": ("quest_qaq", dict(token_budget=2048, page_size=16)),
+    "quest_qaq-4bit": ("quest_qaq", dict(token_budget=2048, page_size=16, uniform_bits=4)),
+    "quest_qaq-4bit-head": ("quest_qaq", dict(token_budget=2048, page_size=16, uniform_bits=4, shared=False)),
 }
 
 
@@ -141,6 +145,15 @@ def step_read_bytes(method, kw, cfg, B, S):
         meta = 2 * Hkv * D * 2 * (S // P)  # kmin + kmax
         per_sparse = meta + budget * row
         return B * (dense_layers * S * row + (L - dense_layers) * per_sparse)
+    if name == "quest_qaq":  # the selected tokens' codes at the uniform width (8: an upper bound) + metadata
+        P = args.get("page_size", 16)
+        dense_layers = args.get("dense_layers", 2)
+        budget = min(args.get("token_budget", 1024), S)
+        bits = args.get("uniform_bits") or 8
+        n_out = 4 if args.get("shared", True) is False else 22  # alpha 0.02: E = 128 / 1024
+        tok = 2 * Hkv * (D * bits // 8 + 9 + n_out * 4)  # K + V codes and metadata, every KV head's read
+        meta = 2 * Hkv * D * 2 * (S // P)
+        return B * (dense_layers * S * tok + (L - dense_layers) * (meta + budget * tok))
     if name == "sparq":
         c = args.get("compression", 1 / 8)
         return int(L * B * S * row * c)
