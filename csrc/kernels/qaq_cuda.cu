@@ -854,8 +854,10 @@ __device__ __forceinline__ int qa_locate(const QaSel &sel, int64_t row, int64_t 
                                          int64_t len) {
   if (u >= n_slot) return -1;
   if (!sel.pidx) return u < len ? (int)u : -1;
-  const int64_t pg = __ldg(sel.pidx + row * sel.n_sel + u / sel.P);
-  const int64_t t = pg * sel.P + u % sel.P;
+  // 32-bit division: n_slot = n_sel * P < cap + P <= 2^32 (n_sel <= ceil(cap / P), checked by the binding)
+  const uint32_t uu = (uint32_t)u, pp = (uint32_t)sel.P, i = uu / pp;
+  const int64_t pg = __ldg(sel.pidx + row * sel.n_sel + i);
+  const int64_t t = pg * sel.P + (int64_t)(uu - i * pp);
   return pg >= 0 && t < len ? (int)t : -1;
 }
 
