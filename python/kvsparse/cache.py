@@ -50,6 +50,7 @@ Use these caches only with a model patched by :func:`kvsparse.patch`: a decode
 ``update`` returns the whole buffers, whose valid part is described by
 ``seq_lens`` rather than by the attention mask.
 """
+import operator
 from collections import namedtuple
 
 import torch
@@ -330,6 +331,77 @@ class KVCacheLayer(CacheLayerMixin):
             part.map_batch(fn, in_place)
         self.batch_size = self.seq_lens.shape[0]
 
+    # ------------------------------------------------------ load a sequence
+    def _check_load(self, b, other):
+        """Raise ``TypeError`` / ``ValueError`` naming the argument unless
+        sequence 0 of ``other`` can be loaded into row ``b`` (see
+        :meth:`load_sequence`); returns ``b`` as an int."""
+        where = f"kvsparse: load_sequence (layer {self.layer_idx})"
+        if not isinstance(other, KVCacheLayer):
+            raise TypeError(f"{where}: other must be a kvsparse cache layer, got {type(other).__name__}")
+        if isinstance(b, bool):
+            raise TypeError(f"{where}: b must be an int, got {b!r}")
+        try:
+            b = operator.index(b)
+        except TypeError:
+            raise TypeError(f"{where}: b must be an int, got {type(b).__name__}") from None
+        if not self.is_initialized:
+            raise ValueError(
+                f"{where}: this cache is not initialised; make it with its batch size, "
+                "e.g. kvsparse.make_cache(model, batch_size=B, max_cache_len=N)")
+        if not 0 <= b < self.batch_size:
+            raise ValueError(f"{where}: b must be in [0, {self.batch_size}), got {b}")
+        if not other.is_initialized:
+            raise ValueError(f"{where}: other is not initialised (prefill it first)")
+        if other.batch_size != 1:
+            raise ValueError(f"{where}: other must hold one sequence (batch size 1), got batch size {other.batch_size}")
+        for who, layer in (("this cache", self), ("other", other)):
+            if layer.pending is not None:
+                raise ValueError(
+                    f"{where}: {who} holds a prefill that the kvsparse attention never committed "
+                    "(run the forward with the patched model)")
+        if other.config.method != self.config.method:
+            raise ValueError(f"{where}: other is a {other.config.method!r} cache, this one {self.config.method!r}")
+        mine, theirs = _config_fields(self.config), _config_fields(other.config)
+        if mine != theirs:
+            diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+            raise ValueError(f"{where}: other's config differs in {', '.join(diff)}")
+        if other.layer_idx != self.layer_idx:
+            raise ValueError(f"{where}: other is layer {other.layer_idx}")
+        if other.is_compileable != self.is_compileable:
+            kinds = {True: "static", False: "dynamic"}
+            raise ValueError(
+                f"{where}: other is a {kinds[other.is_compileable]} cache, this one "
+                f"{kinds[self.is_compileable]}; load a static cache into a static one (same max_cache_len), "
+                "a dynamic one into a dynamic one")
+        if self.is_compileable and other.lengths.max_cache_len != self.lengths.max_cache_len:
+            raise ValueError(
+                f"{where}: other's max_cache_len is {other.lengths.max_cache_len}, "
+                f"this cache's {self.lengths.max_cache_len}")
+        if (other.num_heads, other.head_dim) != (self.num_heads, self.head_dim):
+            raise ValueError(
+                f"{where}: other has {other.num_heads} KV heads of dim {other.head_dim}, "
+                f"this cache {self.num_heads} of dim {self.head_dim}")
+        if other.dtype != self.dtype:
+            raise TypeError(f"{where}: other's dtype is {other.dtype}, this cache's {self.dtype}")
+        return b
+
+    def load_sequence(self, b, other):
+        """Make sequence ``b`` of this layer a copy of sequence 0 of ``other``
+        (a layer of the same method and config holding one sequence), in
+        place: ``seq_lens[b]``, every part's per-sequence data
+        (:meth:`kvsparse.parts.Part.load_sequence`) and the token-column
+        count (the larger of both). A static layer keeps its tensors'
+        addresses; a dynamic one first grows to ``other``'s capacity. See
+        :meth:`KVSparseCache.load_sequence`."""
+        b = self._check_load(b, other)
+        if not self.is_compileable:
+            self.lengths.reserve(self, other.capacity)
+        self.seq_lens[b].copy_(other.seq_lens[0])
+        for mine, theirs in zip(self._parts(), other._parts()):
+            mine.load_sequence(self, b, theirs, other)
+        self.lengths.load_sequence(other.lengths)
+
     def reorder_cache(self, beam_idx):
         idx = beam_idx.to(self.device) if self.is_initialized else beam_idx
         self._map_batch(lambda t: t.index_select(0, idx), in_place=self.is_compileable)
@@ -355,6 +427,13 @@ class KVCacheLayer(CacheLayerMixin):
 
 
 _MISSING = object()
+
+
+def _config_fields(config):
+    """A config's fields but ``max_cache_len`` (a cache's own may override it)."""
+    fields = config.to_dict()
+    fields.pop("max_cache_len", None)
+    return fields
 
 
 def _text_config(model_config):
@@ -468,6 +547,65 @@ class KVSparseCache(Cache):
         """``(index, layer)`` of the layers that are kvsparse layers (not
         :attr:`native_layers`)."""
         return [(i, layer) for i, layer in enumerate(self.layers) if i not in self.native_layers]
+
+    def load_sequence(self, b, other):
+        """Copy the one sequence of ``other`` into row ``b`` of this cache, in
+        place: to prefill a batch sequence by sequence (one prompt's dense
+        prefill at a time, then decode the batch).
+
+        Args:
+            b: the row (``0 <= b < batch size``).
+            other: a kvsparse cache of the same method and config (its
+                ``max_cache_len`` aside) with batch size 1 and the same
+                number of layers, every layer initialised (prefilled by the
+                patched model); static with the same ``max_cache_len`` when
+                this cache is static, dynamic when it is dynamic.
+
+        This cache must be initialised with its batch size
+        (``kvsparse.make_cache(model, batch_size=B, max_cache_len=N)``). Each
+        layer copies ``seq_lens`` and every per-sequence tensor of its parts;
+        the token-column count (``get_seq_length()``) becomes the larger of
+        both, as after a left-padded batch prefill. A static cache keeps its
+        tensors' addresses (a compiled decode step stays valid); a dynamic one
+        grows to ``other``'s capacity. State a method shares across the batch
+        is made to agree: QAQ's importance window is rotated into this cache's
+        ring position; its re-quantization schedule (every ``requant_every``
+        decode steps) is this cache's, so a sequence decodes as it would alone
+        when both caches are at the same point of it (e.g. both fresh after
+        their prefill, or after ``reset()``).
+
+        Raises:
+            TypeError: ``other`` is not a kvsparse cache, ``b`` is not an int,
+                or the dtypes differ.
+            ValueError: ``b`` out of range, ``other``'s batch size is not 1,
+                different method, config, number of layers, kind (static /
+                dynamic), ``max_cache_len`` or geometry, a layer not
+                initialised, or a prefill never committed by the kvsparse
+                attention (in either cache). Nothing is changed then.
+            NotImplementedError: either cache has layers held by transformers'
+                own cache layers (``native_layers``: the sliding-window layers
+                of Gemma 3), whose single shared position cannot hold
+                sequences of different lengths.
+        """
+        if not isinstance(other, KVSparseCache):
+            raise TypeError(f"kvsparse: load_sequence: other must be a kvsparse cache, got {type(other).__name__}")
+        if other.config.method != self.config.method:
+            raise ValueError(
+                f"kvsparse: load_sequence: other is a {other.config.method!r} cache, this one {self.config.method!r}")
+        if len(other.layers) != len(self.layers):
+            raise ValueError(
+                f"kvsparse: load_sequence: other has {len(other.layers)} layers, this cache {len(self.layers)}")
+        native = sorted(self.native_layers | other.native_layers)
+        if native:
+            raise NotImplementedError(
+                f"kvsparse: load_sequence: layers {native} are transformers' own cache layers "
+                "(cache.native_layers, e.g. Gemma 3's sliding-window layers): their one shared position "
+                "cannot hold sequences of different lengths")
+        pairs = [(mine, other.layers[i]) for i, mine in self.kvsparse_layers()]
+        for mine, theirs in pairs:  # every check first: nothing changes on bad input
+            mine._check_load(b, theirs)
+        for mine, theirs in pairs:
+            mine.load_sequence(b, theirs)
 
     @staticmethod
     def for_config(config, **kwargs):

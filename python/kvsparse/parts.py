@@ -22,7 +22,7 @@ import torch
 
 from . import _compat
 
-__all__ = ["Part", "DenseKV", "DynamicLengths", "StaticLengths", "round_up", "is_compiling", "slot_rows"]
+__all__ = ["Part", "DenseKV", "DynamicLengths", "StaticLengths", "round_up", "is_compiling", "slot_rows", "copy_row"]
 
 
 def round_up(x, m):
@@ -43,6 +43,26 @@ def slot_rows(layer, pos):
     b = torch.arange(B, device=layer.device).view(B, 1)
     h = torch.arange(H, device=layer.device).view(1, H)
     return b, h, pos.view(B, 1)
+
+
+def copy_row(dst, b, src, dim=0, fill=0):
+    """In place: row ``b`` of ``dst`` (index ``b`` along ``dim``) becomes row 0
+    of ``src`` (any device). A ``src`` row smaller along some dims (a dynamic
+    cache of a smaller capacity) fills the leading block of the row and the
+    rest is set to ``fill``; ``src=None`` (nothing allocated) sets the whole
+    row to ``fill``. ``dst`` keeps its address."""
+    row = dst.select(dim, b)
+    if src is None:
+        row.fill_(fill)
+        return
+    s = src.select(dim, 0)
+    if s.shape == row.shape:
+        row.copy_(s)
+        return
+    if s.dim() != row.dim() or any(n > m for n, m in zip(s.shape, row.shape)):
+        raise ValueError(f"kvsparse: cannot copy a row of shape {tuple(s.shape)} into one of shape {tuple(row.shape)}")
+    row.fill_(fill)
+    row[tuple(slice(0, n) for n in s.shape)].copy_(s)
 
 
 class Part:
@@ -100,6 +120,18 @@ class Part:
                 t.copy_(fn(t))
             else:
                 setattr(self, name, fn(t).contiguous())
+
+    def load_sequence(self, layer, b, other, other_layer):
+        """Make sequence ``b`` of ``layer`` a copy of sequence 0 of
+        ``other_layer`` (whose part of the same kind is ``other``), in place
+        (see :meth:`kvsparse.cache.KVCacheLayer.load_sequence`). The layer's
+        capacity is at least ``other_layer``'s. Default: every tensor of
+        :attr:`names` copied along its batch dim 0 (slots past the other's
+        capacity zeroed)."""
+        for name in self.names:
+            t = getattr(self, name)
+            if t is not None:
+                copy_row(t, b, getattr(other, name))
 
 
 class DenseKV(Part):
@@ -189,6 +221,11 @@ class DynamicLengths:
     def reset(self):
         self.seen = 0
 
+    def load_sequence(self, other):
+        """A sequence of ``other`` (a :class:`DynamicLengths`) was loaded: the
+        token columns are the larger count."""
+        self.seen = max(self.seen, other.seen)
+
 
 class StaticLengths:
     """Buffers preallocated at ``max_cache_len`` tokens (static shapes and
@@ -240,3 +277,9 @@ class StaticLengths:
 
     def reset(self):
         self.cumulative_length.zero_()
+
+    def load_sequence(self, other):
+        """A sequence of ``other`` (a :class:`StaticLengths`) was loaded: the
+        token columns are the larger count (in place, on the device)."""
+        theirs = other.cumulative_length.to(self.cumulative_length.device)
+        self.cumulative_length.copy_(torch.maximum(self.cumulative_length, theirs))

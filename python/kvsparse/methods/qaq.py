@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .. import qaq
-from ..parts import Part
+from ..parts import Part, copy_row
 from .base import Method, MethodConfig, check_int, register
 
 __all__ = ["QAQConfig", "QuantKV", "QAQ"]
@@ -570,6 +570,39 @@ class QuantKV(Part):
                 setattr(self, name, st._replace(**{f: apply(getattr(st, f)) for f in st._fields[:6]}))
             if self.window is not None:
                 self.window.map_batch(fn, in_place)
+
+    def load_sequence(self, layer, b, other, other_layer):
+        """Sequence ``b`` becomes sequence 0 of ``other`` (the same config's
+        :class:`QuantKV`): both stores' first six fields (per-token tensors
+        and the arena row), ``q_sq``, ``used_k`` / ``used_v``, and the
+        window's history (the batch on dim 1), rotated so that the sequence's
+        oldest step is the one overwritten next at this layer's ring position
+        (``window.step`` is shared by the batch). A packed (dynamic) arena
+        first grows to ``other``'s width (a new tensor: dynamic layers have no
+        fixed addresses) and the host byte bounds become the larger. The
+        re-quantization counters (``_dsteps`` / ``_steps``, shared by the
+        batch) stay this layer's."""
+        if self.ks is None:  # a dynamic layer with nothing allocated: so is other (capacity 0)
+            return
+        for name in ("ks", "vs"):
+            st, so = getattr(self, name), getattr(other, name)
+            if self.packed and so is not None and so.arena.shape[1] > st.arena.shape[1]:
+                arena = torch.zeros(layer.batch_size, so.arena.shape[1], dtype=torch.uint8, device=layer.device)
+                arena[:, : st.arena.shape[1]].copy_(st.arena)
+                st = st._replace(arena=arena)
+                setattr(self, name, st)
+            for field in st._fields[:6]:
+                copy_row(getattr(st, field), b, None if so is None else getattr(so, field),
+                         fill=-1 if field == "oidx" else 0)
+            self._bound[name] = max(self._bound[name], other._bound[name])
+        for name in ("q_sq", "used_k", "used_v"):
+            copy_row(getattr(self, name), b, getattr(other, name))
+        src = None
+        if other.window is not None:
+            shift = int(self.window.step) - int(other.window.step)
+            src = torch.roll(other.window.hist, shifts=shift, dims=0)
+        copy_row(self.window.hist, b, src, dim=1)
+        self._requants = max(self._requants, other._requants)
 
 
 _REPORT_KEYS = ("codes", "scale_zero", "widths", "offsets", "outliers", "total", "fp16", "arena")
