@@ -463,6 +463,18 @@ class AttentionWindow:
         win.step.copy_(self.step)
         return win
 
+    def load_sequence(self, b, other):
+        """Sequence ``b``'s history becomes sequence 0 of ``other`` (a window of
+        the same ``n``, or ``None``: empty), rotated so that its oldest step is
+        the one overwritten next at this window's ring position (``step`` is
+        shared by the batch)."""
+        from .parts import copy_row
+
+        src = None
+        if other is not None:
+            src = torch.roll(other.hist, shifts=int(self.step) - int(other.step), dims=0)
+        copy_row(self.hist, b, src, dim=1)
+
     def map_batch(self, fn, in_place):
         """Apply ``fn`` to the batch dim (dim 1 of the history)."""
         hist = fn(self.hist.transpose(0, 1)).transpose(0, 1)

@@ -597,11 +597,8 @@ class QuantKV(Part):
             self._bound[name] = max(self._bound[name], other._bound[name])
         for name in ("q_sq", "used_k", "used_v"):
             copy_row(getattr(self, name), b, getattr(other, name))
-        src = None
-        if other.window is not None:
-            shift = int(self.window.step) - int(other.window.step)
-            src = torch.roll(other.window.hist, shifts=shift, dims=0)
-        copy_row(self.window.hist, b, src, dim=1)
+        if self.window is not None:
+            self.window.load_sequence(b, other.window)
         self._requants = max(self._requants, other._requants)
 
 

@@ -165,6 +165,15 @@ class PageWindow:
         win.step.copy_(self.step)
         return win
 
+    def load_sequence(self, b, other):
+        """As :meth:`kvsparse.qaq.AttentionWindow.load_sequence`, both histories."""
+        from ..parts import copy_row
+
+        shift = 0 if other is None else int(self.step) - int(other.step)
+        for name, fill in (("p", 0), ("tok", -1)):
+            src = None if other is None else torch.roll(getattr(other, name), shifts=shift, dims=0)
+            copy_row(getattr(self, name), b, src, dim=1, fill=fill)
+
     def map_batch(self, fn, in_place):
         for name in ("p", "tok"):
             t = fn(getattr(self, name).transpose(0, 1)).transpose(0, 1)
