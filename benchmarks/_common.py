@@ -1,10 +1,22 @@
 """Timing helpers shared by the benchmark scripts (CUDA events, CUDA graphs)."""
+import json
 import os
 import platform
 import statistics
 import time
 
 import torch
+
+
+def fmt(v, spec):
+    """``v`` formatted with ``spec``, or ``-`` for ``None`` (a table cell)."""
+    return "-" if v is None else format(v, spec)
+
+
+def read_jsonl(path):
+    """The rows (dicts) of a JSON-lines results file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def hbm_bandwidth(nbytes=2 << 30):

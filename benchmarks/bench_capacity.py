@@ -54,6 +54,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import fmt, read_jsonl  # noqa: E402
 
 DEFAULT_METHOD = "quest_qaq"
 DEFAULT_KWARGS = {"token_budget": 2048, "page_size": 16, "uniform_bits": 4}
@@ -423,12 +424,8 @@ def main(argv=None):
     print(f"wrote {path} and {path[:-len('.jsonl')]}.md")
 
 
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
 def write_table(jsonl):
-    rows = [json.loads(line) for line in open(jsonl) if line.strip()]
+    rows = read_jsonl(jsonl)
     if not rows:
         return
     r0 = rows[-1]
@@ -453,12 +450,12 @@ def write_table(jsonl):
     for r in rows:
         tok, dt = r.get("tok_s"), dense_tok.get(r["run"])
         x = tok / dt if (tok and dt and r["method"] != "dense") else None
-        dec = r["error"] if r.get("error") else _fmt(r.get("decode_ms"), ".2f")
+        dec = r["error"] if r.get("error") else fmt(r.get("decode_ms"), ".2f")
         lines.append(
-            f"| {r['shape']} | {r['S']} | {r['new']} | {r['method']} | {_fmt(r.get('B'), 'd')} | "
-            f"{_fmt(r.get('prefill_s'), '.1f')} | {dec} | {_fmt(tok, '.1f')} | {_fmt(x, '.2f')} | "
-            f"{_fmt(r.get('peak_gib'), '.1f')} | {_fmt(r.get('kv_gib'), '.2f')} | {_fmt(r.get('held_gib'), '.2f')} | "
-            f"{_fmt(r.get('floor_ms'), '.2f')} | {_fmt(r.get('floor_share'), '.2f')} | {r.get('note', '')} |")
+            f"| {r['shape']} | {r['S']} | {r['new']} | {r['method']} | {fmt(r.get('B'), 'd')} | "
+            f"{fmt(r.get('prefill_s'), '.1f')} | {dec} | {fmt(tok, '.1f')} | {fmt(x, '.2f')} | "
+            f"{fmt(r.get('peak_gib'), '.1f')} | {fmt(r.get('kv_gib'), '.2f')} | {fmt(r.get('held_gib'), '.2f')} | "
+            f"{fmt(r.get('floor_ms'), '.2f')} | {fmt(r.get('floor_share'), '.2f')} | {r.get('note', '')} |")
     text = "\n".join(lines) + "\n"
     with open(jsonl[: -len(".jsonl")] + ".md", "w") as f:
         f.write(text)

@@ -39,6 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import fmt, read_jsonl  # noqa: E402
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
@@ -242,12 +243,8 @@ def main():
     write_table(path)
 
 
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
 def write_table(jsonl):
-    rows = [json.loads(line) for line in open(jsonl) if line.strip()]
+    rows = read_jsonl(jsonl)
     if not rows:
         return
     out = jsonl[: -len(".jsonl")]
@@ -266,9 +263,9 @@ def write_table(jsonl):
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['mode']} | {r['S']} | {r['B']} | {r['method']} | "
-            f"{_fmt(r['decode_ms'], '.2f') if not r.get('error') else r['error']} | "
-            f"{_fmt(r['speedup'], '.2f')} | {_fmt(r['prefill_s'], '.2f')} | {_fmt(r['peak_gib'], '.1f')} | "
-            f"{_fmt(r['kv_gib'], '.2f')} | {_fmt(r['floor_ms'], '.2f')} | {_fmt(r['floor_share'], '.2f')} |")
+            f"{fmt(r['decode_ms'], '.2f') if not r.get('error') else r['error']} | "
+            f"{fmt(r['speedup'], '.2f')} | {fmt(r['prefill_s'], '.2f')} | {fmt(r['peak_gib'], '.1f')} | "
+            f"{fmt(r['kv_gib'], '.2f')} | {fmt(r['floor_ms'], '.2f')} | {fmt(r['floor_share'], '.2f')} |")
     text = "\n".join(lines) + "\n"
     with open(out + ".md", "w") as f:
         f.write(text)

@@ -355,16 +355,21 @@ void qaq_requantize_impl(const QStore &s, const Tensor &new_widths, const Tensor
 }
 
 // ---------------------------------------------------------------------------
-// 5. attention
+// 5. attention, and 6. attention over selected pages (Quest's selection over the packed cache)
 
-std::tuple<Tensor, Tensor> qaq_attention_impl(const Tensor &q, const QStore &ks, const QStore &vs,
-                                              const Tensor &seq_lens, int64_t Hkv, double scale,
-                                              bool return_p_max, bool cuda) {
+// q, the K / V stores and seq_lens of a decode attention op (qaq_attention,
+// qaq_sparse_attention; the values on CPU only)
+struct AttnQDims {
+  QDims q;
+  QDimsQ k, v;
+};
+AttnQDims check_attention_args(const Tensor &q, const QStore &ks, const QStore &vs,
+                               const Tensor &seq_lens, int64_t Hkv, bool cuda, const char *op) {
   QDims qd = check_q(q);
   check_qaq_heads(Hkv, qd.D, cuda);
   check_gqa(qd.H, Hkv);
-  TORCH_CHECK_VALUE(!cuda || qd.H / Hkv <= 8, "kvsparse: qaq_attention on CUDA supports at most 8 query heads per KV head (H / Hkv), got ",
-                    qd.H / Hkv);
+  TORCH_CHECK_VALUE(!cuda || qd.H / Hkv <= 8, "kvsparse: ", op,
+                    " on CUDA supports at most 8 query heads per KV head (H / Hkv), got ", qd.H / Hkv);
   QDimsQ kd = check_qstore(ks, q, "q", Hkv, qd.D, cuda);
   QDimsQ vd = check_qstore(vs, q, "q", Hkv, qd.D, cuda);
   check_same_dtype(ks.oval, "k_oval", q, "q");
@@ -379,70 +384,37 @@ std::tuple<Tensor, Tensor> qaq_attention_impl(const Tensor &q, const QStore &ks,
     check_qstore_values(ks, kd, qd.D * (Hkv / kd.Hg), seq_lens);
     check_qstore_values(vs, vd, qd.D * (Hkv / vd.Hg), seq_lens);
   }
-  Tensor out = at::empty({qd.B, qd.H, qd.D}, q.options());
-  Tensor pm = return_p_max ? at::empty({qd.B, Hkv, kd.cap}, q.options().dtype(at::kFloat))
-                           : at::empty({0}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) {
-    if (pm.numel()) pm.zero_();
-    return {out, pm};
-  }
-  ks_qaq_store kst = to_store(ks, kd), vst = to_store(vs, vd);
-  float *pmp = return_p_max && pm.numel() ? pm.data_ptr<float>() : nullptr;
-  if (!cuda) {
-    check_cpu_rc(ks_qaq_attention_cpu(q.data_ptr(), kd.dt, qd.B, qd.H, Hkv, kd.cap, qd.D, kst, vst,
-                           seq_lens.data_ptr<int32_t>(), static_cast<float>(scale), pmp,
-                           out.data_ptr()),
-                 "qaq_attention");
-  } else {
-#ifdef KVSPARSE_WITH_CUDA
-    Tensor ws = byte_workspace(ks_qaq_attention_cuda_workspace(qd.B, qd.H, Hkv, kd.cap, qd.D, pmp ? 1 : 0), q);
-    int rc = ks_qaq_attention_cuda(q.data_ptr(), kd.dt, qd.B, qd.H, Hkv, kd.cap, qd.D, kst, vst,
-                                   seq_lens.data_ptr<int32_t>(), static_cast<float>(scale), pmp,
-                                   ws.data_ptr(), out.data_ptr(), cur_stream());
-    check_cuda_rc(rc, "qaq_attention");
-#endif
-  }
-  return {out, pm};
+  return {qd, kd, vd};
 }
 
 
-// 6. attention over selected pages (Quest's selection over the packed cache)
-
-std::tuple<Tensor, Tensor> qaq_sparse_attention_impl(const Tensor &q, const QStore &ks,
-                                                     const QStore &vs, const Tensor &page_idx,
-                                                     const Tensor &seq_lens, int64_t Hkv,
-                                                     int64_t page_size, double scale,
-                                                     bool return_p_max, bool cuda) {
-  QDims qd = check_q(q);
-  check_qaq_heads(Hkv, qd.D, cuda);
-  check_gqa(qd.H, Hkv);
-  TORCH_CHECK_VALUE(!cuda || qd.H / Hkv <= 8, "kvsparse: qaq_sparse_attention on CUDA supports at most 8 query heads per KV head (H / Hkv), got ",
-                    qd.H / Hkv);
-  QDimsQ kd = check_qstore(ks, q, "q", Hkv, qd.D, cuda);
-  QDimsQ vd = check_qstore(vs, q, "q", Hkv, qd.D, cuda);
-  check_same_dtype(ks.oval, "k_oval", q, "q");
-  check_same_dtype(vs.oval, "v_oval", q, "q");
-  check_size(ks.arena, 0, qd.B, "k_arena", "B, as q.shape[0]");
-  check_size(vs.arena, 0, qd.B, "v_arena", "B, as q.shape[0]");
-  TORCH_CHECK_VALUE(vd.cap == kd.cap, "kvsparse: v_offsets.shape[2] (cap) must equal k_offsets.shape[2] = ",
-                    kd.cap, ", got ", vd.cap);
-  check_page_size(page_size);
-  check_int32(page_idx, "page_idx");
-  check_dim(page_idx, 3, "page_idx", "[B, Hkv, n_sel]");
-  check_contig(page_idx, "page_idx");
-  check_device(page_idx, "page_idx", q, "q");
-  check_size(page_idx, 0, qd.B, "page_idx", "B, as q.shape[0]");
-  check_size(page_idx, 1, Hkv, "page_idx", "num_kv_heads (one page list per KV head)");
-  const int64_t n_sel = page_idx.size(2), max_pages = ceil_div(kd.cap, page_size);
-  TORCH_CHECK_VALUE(n_sel <= max_pages, "kvsparse: page_idx.shape[2] (n_sel) must be <= ceil(cap / page_size) = ",
-                    max_pages, ", got ", n_sel);
-  const int64_t n_slot = n_sel * page_size;  // <= cap + page_size - 1 < 2^32: no overflow
-  check_lens_tensor(seq_lens, "seq_lens", qd.B, q, "q");
-  if (!cuda) {
-    check_lens_values(seq_lens, "seq_lens", kd.cap, "cap = k_offsets.shape[2]");
-    check_qstore_values(ks, kd, qd.D * (Hkv / kd.Hg), seq_lens);
-    check_qstore_values(vs, vd, qd.D * (Hkv / vd.Hg), seq_lens);
-    check_page_idx_values(page_idx, max_pages);
+// qaq_attention (page_idx == nullptr) and qaq_sparse_attention (the tokens of
+// the pages page_idx[b, hk] of page_size tokens): one set of checks, outputs
+// and kernel calls
+std::tuple<Tensor, Tensor> attention_impl(const Tensor &q, const QStore &ks, const QStore &vs,
+                                          const Tensor *page_idx, const Tensor &seq_lens, int64_t Hkv,
+                                          int64_t page_size, double scale, bool return_p_max,
+                                          bool cuda) {
+  const char *op = page_idx ? "qaq_sparse_attention" : "qaq_attention";
+  const AttnQDims a = check_attention_args(q, ks, vs, seq_lens, Hkv, cuda, op);
+  const QDims &qd = a.q;
+  const QDimsQ &kd = a.k, &vd = a.v;
+  int64_t n_sel = 0, n_slot = kd.cap;  // p_max slots per (b, hk)
+  if (page_idx) {
+    const Tensor &pi = *page_idx;
+    check_page_size(page_size);
+    check_int32(pi, "page_idx");
+    check_dim(pi, 3, "page_idx", "[B, Hkv, n_sel]");
+    check_contig(pi, "page_idx");
+    check_device(pi, "page_idx", q, "q");
+    check_size(pi, 0, qd.B, "page_idx", "B, as q.shape[0]");
+    check_size(pi, 1, Hkv, "page_idx", "num_kv_heads (one page list per KV head)");
+    const int64_t max_pages = ceil_div(kd.cap, page_size);
+    n_sel = pi.size(2);
+    TORCH_CHECK_VALUE(n_sel <= max_pages, "kvsparse: page_idx.shape[2] (n_sel) must be <= ceil(cap / page_size) = ",
+                      max_pages, ", got ", n_sel);
+    n_slot = n_sel * page_size;  // <= cap + page_size - 1 < 2^32: no overflow
+    if (!cuda) check_page_idx_values(pi, max_pages);
   }
   Tensor out = at::empty({qd.B, qd.H, qd.D}, q.options());
   Tensor pm = return_p_max ? at::empty({qd.B, Hkv, n_slot}, q.options().dtype(at::kFloat))
@@ -451,23 +423,30 @@ std::tuple<Tensor, Tensor> qaq_sparse_attention_impl(const Tensor &q, const QSto
     if (pm.numel()) pm.zero_();
     return {out, pm};
   }
-  ks_qaq_store kst = to_store(ks, kd), vst = to_store(vs, vd);
+  const ks_qaq_store kst = to_store(ks, kd), vst = to_store(vs, vd);
   float *pmp = return_p_max && pm.numel() ? pm.data_ptr<float>() : nullptr;
+  const int32_t *pidx = page_idx ? page_idx->data_ptr<int32_t>() : nullptr;
+  const int32_t *lens = seq_lens.data_ptr<int32_t>();
+  const float sc = static_cast<float>(scale);
   if (!cuda) {
-    check_cpu_rc(ks_qaq_sparse_attention_cpu(q.data_ptr(), kd.dt, qd.B, qd.H, Hkv, kd.cap, qd.D, kst,
-                                             vst, page_idx.data_ptr<int32_t>(), n_sel, page_size,
-                                             seq_lens.data_ptr<int32_t>(), static_cast<float>(scale),
-                                             pmp, out.data_ptr()),
-                 "qaq_sparse_attention");
+    check_cpu_rc(pidx ? ks_qaq_sparse_attention_cpu(q.data_ptr(), kd.dt, qd.B, qd.H, Hkv, kd.cap, qd.D, kst, vst,
+                                                    pidx, n_sel, page_size, lens, sc, pmp, out.data_ptr())
+                      : ks_qaq_attention_cpu(q.data_ptr(), kd.dt, qd.B, qd.H, Hkv, kd.cap, qd.D, kst, vst, lens,
+                                             sc, pmp, out.data_ptr()),
+                 op);
   } else {
 #ifdef KVSPARSE_WITH_CUDA
+    const int wp = pmp ? 1 : 0;
     Tensor ws = byte_workspace(
-        ks_qaq_sparse_attention_cuda_workspace(qd.B, qd.H, Hkv, n_sel, page_size, qd.D, pmp ? 1 : 0), q);
-    int rc = ks_qaq_sparse_attention_cuda(q.data_ptr(), kd.dt, qd.B, qd.H, Hkv, kd.cap, qd.D, kst, vst,
-                                          page_idx.data_ptr<int32_t>(), n_sel, page_size,
-                                          seq_lens.data_ptr<int32_t>(), static_cast<float>(scale),
+        pidx ? ks_qaq_sparse_attention_cuda_workspace(qd.B, qd.H, Hkv, n_sel, page_size, qd.D, wp)
+             : ks_qaq_attention_cuda_workspace(qd.B, qd.H, Hkv, kd.cap, qd.D, wp),
+        q);
+    int rc = pidx ? ks_qaq_sparse_attention_cuda(q.data_ptr(), kd.dt, qd.B, qd.H, Hkv, kd.cap, qd.D, kst, vst,
+                                                 pidx, n_sel, page_size, lens, sc, pmp, ws.data_ptr(),
+                                                 out.data_ptr(), cur_stream())
+                  : ks_qaq_attention_cuda(q.data_ptr(), kd.dt, qd.B, qd.H, Hkv, kd.cap, qd.D, kst, vst, lens, sc,
                                           pmp, ws.data_ptr(), out.data_ptr(), cur_stream());
-    check_cuda_rc(rc, "qaq_sparse_attention");
+    check_cuda_rc(rc, op);
 #endif
   }
   return {out, pm};
@@ -531,9 +510,9 @@ std::tuple<Tensor, Tensor> qaq_attention(
     const Tensor &v_oval, const Tensor &seq_lens, int64_t num_kv_heads, double scale,
     bool return_p_max) {
   const OnDevice<CUDA> on(q);
-  return qaq_attention_impl(q, mk(k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, "k_"),
-                            mk(v_arena, v_offsets, v_widths, v_sz, v_oidx, v_oval, "v_"),
-                            seq_lens, num_kv_heads, scale, return_p_max, CUDA);
+  return attention_impl(q, mk(k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, "k_"),
+                        mk(v_arena, v_offsets, v_widths, v_sz, v_oidx, v_oval, "v_"), nullptr, seq_lens,
+                        num_kv_heads, 1, scale, return_p_max, CUDA);
 }
 
 template <bool CUDA>
@@ -544,10 +523,9 @@ std::tuple<Tensor, Tensor> qaq_sparse_attention(
     const Tensor &v_oval, const Tensor &page_idx, const Tensor &seq_lens, int64_t num_kv_heads,
     int64_t page_size, double scale, bool return_p_max) {
   const OnDevice<CUDA> on(q);
-  return qaq_sparse_attention_impl(q, mk(k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, "k_"),
-                                   mk(v_arena, v_offsets, v_widths, v_sz, v_oidx, v_oval, "v_"),
-                                   page_idx, seq_lens, num_kv_heads, page_size, scale, return_p_max,
-                                   CUDA);
+  return attention_impl(q, mk(k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, "k_"),
+                        mk(v_arena, v_offsets, v_widths, v_sz, v_oidx, v_oval, "v_"), &page_idx, seq_lens,
+                        num_kv_heads, page_size, scale, return_p_max, CUDA);
 }
 
 template <bool CUDA>

@@ -492,6 +492,21 @@ class AttentionWindow:
         return self.hist.view(n, B, groups, Hkv // groups, cap).amax(dim=(0, 3))
 
 
+def _check_attention_args(q, k_store, v_store, scale):
+    """The checks of :func:`attention` / :func:`sparse_attention` done before
+    the op; returns the scale (default ``1 / sqrt(D)``)."""
+    _check_store(k_store, "k_store")
+    _check_store(v_store, "v_store")
+    _tensor(q, "q", 3, "[B, H, D]")
+    if (v_store.num_kv_heads, v_store.head_dim) != (k_store.num_kv_heads, k_store.head_dim):
+        raise ValueError(f"kvsparse: v_store (num_kv_heads {v_store.num_kv_heads}, head_dim {v_store.head_dim}) "
+                         f"must match k_store ({k_store.num_kv_heads}, {k_store.head_dim})")
+    if q.shape[-1] != k_store.head_dim:
+        raise ValueError(f"kvsparse: q.shape[2] (D) must equal the stores' head_dim = {k_store.head_dim}, "
+                         f"got shape {tuple(q.shape)}")
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
 def attention(q, k_store, v_store, seq_lens, scale=None, return_p_max=False):
     """Decode attention reading the packed caches directly.
 
@@ -513,17 +528,7 @@ def attention(q, k_store, v_store, seq_lens, scale=None, return_p_max=False):
         float32 ``[B, Hkv, cap]``: each token's largest attention probability
         over the query heads of its KV head (0 past ``seq_lens``).
     """
-    _check_store(k_store, "k_store")
-    _check_store(v_store, "v_store")
-    _tensor(q, "q", 3, "[B, H, D]")
-    if (v_store.num_kv_heads, v_store.head_dim) != (k_store.num_kv_heads, k_store.head_dim):
-        raise ValueError(f"kvsparse: v_store (num_kv_heads {v_store.num_kv_heads}, head_dim {v_store.head_dim}) "
-                         f"must match k_store ({k_store.num_kv_heads}, {k_store.head_dim})")
-    if q.shape[-1] != k_store.head_dim:
-        raise ValueError(f"kvsparse: q.shape[2] (D) must equal the stores' head_dim = {k_store.head_dim}, "
-                         f"got shape {tuple(q.shape)}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = _check_attention_args(q, k_store, v_store, scale)
     out, pm = _ops.ops.qaq_attention(q, *k_store.tensors(), *v_store.tensors(), seq_lens,
                                      k_store.num_kv_heads, _ops.float_arg(scale, "scale"), bool(return_p_max))
     return (out, pm) if return_p_max else out
@@ -559,17 +564,7 @@ def sparse_attention(q, k_store, v_store, page_idx, seq_lens, page_size=16, scal
         ``page_idx[b, hk, i] * P + j``) the largest attention probability over
         the query heads of its KV head, 0 for a slot that selects nothing.
     """
-    _check_store(k_store, "k_store")
-    _check_store(v_store, "v_store")
-    _tensor(q, "q", 3, "[B, H, D]")
-    if (v_store.num_kv_heads, v_store.head_dim) != (k_store.num_kv_heads, k_store.head_dim):
-        raise ValueError(f"kvsparse: v_store (num_kv_heads {v_store.num_kv_heads}, head_dim {v_store.head_dim}) "
-                         f"must match k_store ({k_store.num_kv_heads}, {k_store.head_dim})")
-    if q.shape[-1] != k_store.head_dim:
-        raise ValueError(f"kvsparse: q.shape[2] (D) must equal the stores' head_dim = {k_store.head_dim}, "
-                         f"got shape {tuple(q.shape)}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = _check_attention_args(q, k_store, v_store, scale)
     out, pm = _ops.ops.qaq_sparse_attention(q, *k_store.tensors(), *v_store.tensors(), page_idx, seq_lens,
                                             k_store.num_kv_heads, _ops.int_arg(page_size, "page_size"),
                                             _ops.float_arg(scale, "scale"), bool(return_p_max))

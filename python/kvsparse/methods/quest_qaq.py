@@ -15,10 +15,10 @@ import torch
 
 from .. import qaq
 from .. import quest as qops
-from ..parts import Part, slot_rows
+from ..parts import slot_rows
 from .base import Method, register
 from .qaq import QAQ, QAQCacheMethods, QAQConfig, QuantKV
-from .quest import Quest, QuestCacheMethods, QuestConfig
+from .quest import Quest, QuestCacheMethods, QuestConfig, QuestPages
 
 __all__ = ["QuestQAQConfig", "QuestBounds", "PageWindow", "PagedQuantKV", "QuestQAQ"]
 
@@ -69,30 +69,14 @@ def _n_sel(config, capacity):
     return max(1, min(config.token_budget // P, -(-int(capacity) // P)))
 
 
-class QuestBounds(Part):
+class QuestBounds(QuestPages):
     """Quest's page bounds kept beside a storage without dense keys: per page
     of ``page_size`` slots the channel-wise min / max of the keys as they
     arrived (before quantization), ``kmin`` / ``kmax``
-    ``[B, Hkv, ceil(capacity / P), D]`` in the cache dtype. A decode token
-    updates its page (in place, O(1)); a prefill resets the pages it starts
-    and folds its tokens into the pages it touches."""
-
-    names = ("kmin", "kmax")
-
-    def __init__(self, page_size):
-        super().__init__()
-        self.page_size = int(page_size)
-
-    def allocate(self, layer, capacity):
-        B, H, D = layer.batch_size, layer.num_heads, layer.head_dim
-        pages = -(-capacity // self.page_size)
-        kmin = torch.zeros((B, H, pages, D), dtype=layer.dtype, device=layer.device)
-        kmax = torch.zeros_like(kmin)
-        if self.kmin is not None:
-            old = self.kmin.shape[2]
-            kmin[:, :, :old].copy_(self.kmin)
-            kmax[:, :, :old].copy_(self.kmax)
-        self.kmin, self.kmax = kmin, kmax
+    ``[B, Hkv, ceil(capacity / P), D]`` in the cache dtype (allocated as
+    :class:`~kvsparse.methods.quest.QuestPages`). A decode token updates its
+    page (in place, O(1)); a prefill resets the pages it starts and folds its
+    tokens into the pages it touches."""
 
     def nbytes(self, seq_lens):
         """Bytes of the valid pages' bounds (both tensors)."""
