@@ -158,3 +158,70 @@ def test_opcheck(device):
     for want in (False, True):
         torch.library.opcheck(torch.ops.kvsparse.qaq_sparse_attention,
                               (q, *ks.tensors(), *ks.tensors(), pidx, sl, Hkv, P, 0.125, want))
+
+
+class _Layer:
+    """The geometry a side index reads from its layer."""
+
+    def __init__(self, B, H, D, dtype, cap):
+        self.batch_size, self.num_heads, self.head_dim = B, H, D
+        self.dtype, self.device, self.capacity = dtype, torch.device("cpu"), 0
+        self.seq_lens = torch.zeros(B, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("P", [16, 5])
+def test_page_bounds_follow_the_arriving_keys(dtype, P):
+    """quest_qaq's page bounds (QuestBounds), fed by prefills (with padding,
+    a second one continuing mid-page) and decode tokens, equal the bounds of
+    every key stored so far (the float64 reference over the unquantized keys)."""
+    from kvsparse.methods.quest_qaq import QuestBounds
+
+    B, H, D, cap = 3, 2, 8, 64
+    g = torch.Generator().manual_seed(_seed("bounds", dtype, P))
+    keys = _randn((B, H, cap, D), g, dtype, "cpu")
+    layer = _Layer(B, H, D, dtype, cap)
+    side = QuestBounds(P)
+    side.allocate(layer, cap)
+    layer.capacity = cap
+    lens = torch.zeros(B, dtype=torch.int32)
+
+    def commit(counts, L):
+        nonlocal lens
+        counts = torch.tensor(counts, dtype=torch.int32)
+        k = torch.stack([torch.cat([keys[b, :, lens[b]:lens[b] + counts[b]],
+                                    _randn((H, L - int(counts[b]), D), g, dtype, "cpu")], dim=1)
+                         for b in range(B)])  # the valid tokens first, then padding
+        new = lens + counts
+        side.commit(layer, lens.clone(), new, k, k, counts, int(lens.max()))
+        lens = new
+
+    commit([20, 7, 0], 20)
+    commit([11, 3, 9], 11)  # continues mid-page
+    for _ in range(6):  # decode tokens
+        pos = lens.to(torch.int64)
+        side.append_one(layer, keys[torch.arange(B), :, pos].unsqueeze(2), None, pos, lens + 1)
+        lens = lens + 1
+    kmin, kmax = ref.quest_page_metadata_ref(keys, lens, P)
+    pages = -(-lens.long() // P)
+    for b in range(B):
+        n = int(pages[b])
+        torch.testing.assert_close(side.kmin[b, :, :n].double(), kmin[b, :, :n], atol=0, rtol=0)
+        torch.testing.assert_close(side.kmax[b, :, :n].double(), kmax[b, :, :n], atol=0, rtol=0)
+
+
+def test_config_checks_both_methods_fields():
+    import kvsparse
+
+    cfg = kvsparse.make_config("quest_qaq", token_budget=512, uniform_bits=4)
+    assert cfg.method == "quest_qaq" and cfg.page_size == 16 and cfg.max_width == 4 and cfg.dense_layers == 2
+    with pytest.raises(ValueError, match="mode"):
+        kvsparse.make_config("quest_qaq", mode="head")
+    with pytest.raises(ValueError, match="token_budget"):
+        kvsparse.make_config("quest_qaq", token_budget=8, page_size=16)
+    with pytest.raises(ValueError, match="alpha"):
+        kvsparse.make_config("quest_qaq", alpha=0.7)
+    with pytest.raises(ValueError, match="chunk_size"):
+        kvsparse.make_config("quest_qaq", chunk_size=20, page_size=16)
+    with pytest.raises(ValueError, match="unknown option"):
+        kvsparse.make_config("quest_qaq", compression=0.5)
