@@ -26,6 +26,10 @@ METHODS = {  # test id -> (method, patch kwargs)
     "quest-group": ("quest", dict(token_budget=64, page_size=16, dense_layers=0, dense_below=0, mode="group")),
     "sparq": ("sparq", dict(r=8, k=64, dense_layers=0)),
     "qaq": ("qaq", dict(dense_layers=0, requant_every=2)),
+    # Quest over QAQ: uniform widths (page selection + packed sparse attention only) and
+    # QAQ's widths (the static layer re-evaluates every position's width each step, as QAQ's)
+    "quest_qaq-4bit": ("quest_qaq", dict(token_budget=64, page_size=16, dense_layers=0, uniform_bits=4)),
+    "quest_qaq": ("quest_qaq", dict(token_budget=64, page_size=16, dense_layers=0, requant_every=2)),
 }
 G = 2  # query heads per KV head
 
@@ -93,9 +97,10 @@ def test_decode_step_allocates_no_cache_sized_memory(method, compiled):
     # what it reads at a real head dim: 2 x ~1 KB per position at D = 128 x 8 KV heads)
     name, kw = METHODS[method]
     per = 16 if kw.get("mode") == "group" or name == "sparq" else 16 * (G + 1)
-    if name == "qaq":
+    if name == "qaq" or (name == "quest_qaq" and "uniform_bits" not in kw):
         per = 81
-    per_pos = per * H_KV * LAYERS / (kw["page_size"] if name == "quest" else 1)
+    paged = name == "quest" or (name == "quest_qaq" and "uniform_bits" in kw)
+    per_pos = per * H_KV * LAYERS / (kw["page_size"] if paged else 1)
     allowed = int((large - small) * per_pos) + 16384
     assert b - a <= allowed, (
         f"{method} ({'compiled' if compiled else 'eager'}): a decode step allocates {a} bytes at capacity "
