@@ -103,6 +103,18 @@ void check_group_size(int64_t gs, int64_t H) {
                     ") must be >= 1 and divide the number of query heads H (", H, ")");
 }
 
+// `t` (4-d, `layout`) has the dtype and device of `ref` and the shape of
+// `shape_ref`: a cache's values beside its keys, new values beside new keys
+void check_twin(const Tensor &t, const char *name, const char *layout, const Tensor &ref,
+                const char *ref_name, const Tensor &shape_ref, const char *shape_ref_name) {
+  check_same_dtype(t, name, ref, ref_name);
+  check_dim(t, 4, name, layout);
+  check_contig(t, name);
+  check_device(t, name, ref, ref_name);
+  TORCH_CHECK_VALUE(t.sizes() == shape_ref.sizes(), "kvsparse: ", name, " must have the same shape as ",
+                    shape_ref_name, " ", shape_ref.sizes(), ", got ", t.sizes());
+}
+
 // CUDA: a row of i1 / i2 serves at most 8 query heads.
 void check_cuda_rows(int64_t H, int64_t Hkv, int64_t Hs, bool cuda) {
   if (!cuda || Hs == H) return;
@@ -117,12 +129,7 @@ std::tuple<Tensor, Tensor> sparq_build_impl(const Tensor &k, const Tensor &v,
                                             const Tensor &seq_lens, bool cuda) {
   KDims kd = check_cache(k, "k");
   check_head_dim(kd.D, cuda);
-  check_same_dtype(v, "v", k, "k");
-  check_dim(v, 4, "v", "[B, Hkv, cap, D]");
-  check_contig(v, "v");
-  check_device(v, "v", k, "k");
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "kvsparse: v must have the same shape as k ",
-                    k.sizes(), ", got ", v.sizes());
+  check_twin(v, "v", "[B, Hkv, cap, D]", k, "k", k, "k");
   check_lens_tensor(seq_lens, "seq_lens", kd.B, k, "k");
   if (!cuda) check_lens_values(seq_lens, "seq_lens", kd.cap, "cap = k.shape[2]");
   Tensor kt = at::empty({kd.B, kd.Hkv, kd.D, kd.cap}, k.options());
@@ -147,12 +154,7 @@ void sparq_append_impl(const Tensor &k_new, const Tensor &v_new, const Tensor &k
                        const Tensor &kt, const Tensor &v_mean, const Tensor &seq_lens, bool cuda) {
   KDims kd = check_cache(k, "k");
   check_head_dim(kd.D, cuda);
-  check_same_dtype(v, "v", k, "k");
-  check_dim(v, 4, "v", "[B, Hkv, cap, D]");
-  check_contig(v, "v");
-  check_device(v, "v", k, "k");
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "kvsparse: v must have the same shape as k ",
-                    k.sizes(), ", got ", v.sizes());
+  check_twin(v, "v", "[B, Hkv, cap, D]", k, "k", k, "k");
   check_same_dtype(k_new, "k_new", k, "k");
   check_dim(k_new, 4, "k_new", "[B, Hkv, n_new, D]");
   check_contig(k_new, "k_new");
@@ -160,12 +162,7 @@ void sparq_append_impl(const Tensor &k_new, const Tensor &v_new, const Tensor &k
   check_size(k_new, 0, kd.B, "k_new", "B");
   check_size(k_new, 1, kd.Hkv, "k_new", "Hkv");
   check_size(k_new, 3, kd.D, "k_new", "D");
-  check_same_dtype(v_new, "v_new", k, "k");
-  check_dim(v_new, 4, "v_new", "[B, Hkv, n_new, D]");
-  check_contig(v_new, "v_new");
-  check_device(v_new, "v_new", k, "k");
-  TORCH_CHECK_VALUE(v_new.sizes() == k_new.sizes(), "kvsparse: v_new must have the same shape as k_new ",
-                    k_new.sizes(), ", got ", v_new.sizes());
+  check_twin(v_new, "v_new", "[B, Hkv, n_new, D]", k, "k", k_new, "k_new");
   check_kt(kt, k, "k", kd.B, kd.Hkv, kd.D, kd.cap);
   check_v_mean(v_mean, k, "k", kd.B, kd.Hkv, kd.D);
   check_lens_tensor(seq_lens, "seq_lens", kd.B, k, "k");
