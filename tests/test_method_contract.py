@@ -17,7 +17,7 @@ from transformers import DynamicCache  # noqa: E402
 
 import kvsparse  # noqa: E402
 from kvsparse import hf, methods  # noqa: E402
-from kvsparse.cache import KVCacheLayer, KVSparseCache  # noqa: E402
+from kvsparse.cache import KVCacheLayer, KVSparseCache, cache_class  # noqa: E402
 
 from test_hf_patch import greedy, left_pad, prompt, stepwise_logits, tiny_model  # noqa: E402
 
@@ -42,8 +42,8 @@ def test_registry_entry(method):
     cfg = kvsparse.make_config(method.name, **_lossless(method))
     assert type(cfg) is method.config_class and cfg.method == method.name
     assert getattr(kvsparse, f"{method.title}Config") is method.config_class
-    assert getattr(kvsparse, f"{method.title}Cache") is method.cache_class()
-    assert type(KVSparseCache.for_config(cfg, num_layers=2)) is method.cache_class()
+    assert getattr(kvsparse, f"{method.title}Cache") is cache_class(method)
+    assert type(KVSparseCache.for_config(cfg, num_layers=2)) is cache_class(method)
     with pytest.raises(ValueError, match="valid: .*chunk_size"):
         kvsparse.make_config(method.name, no_such_field=1)
     # what the evaluation reads
@@ -83,7 +83,7 @@ def test_lossless_config_is_dense_attention(method, monkeypatch):
         calls.clear()  # (the patch's self-check decodes too)
         cache = hf.make_cache(model)
         got = stepwise_logits(model, ids, cont, cache)
-    assert type(cache) is method.cache_class()
+    assert type(cache) is cache_class(method)
     assert len(calls) == 2 * cont.shape[1]  # layers x decode steps
     torch.testing.assert_close(got[:, 0], ref[:, 0])  # the prefill is the model's dense attention
     atol, rtol = method.lossless_tolerance
@@ -128,7 +128,7 @@ def test_static_cache_equals_dynamic(method):
     ids, mask = left_pad(seqs)
     with hf.patched(model, method=method.name, **_lossless(method)):
         cache = hf.make_cache(model, batch_size=2, max_cache_len=48)
-        assert cache.is_compileable and type(cache) is method.cache_class()
+        assert cache.is_compileable and type(cache) is cache_class(method)
         assert all(isinstance(layer, KVCacheLayer) and layer.is_compileable for layer in cache.layers)
         static = greedy(model, ids, n=10, attention_mask=mask, past_key_values=cache, disable_compile=True)
         dynamic = greedy(model, ids, n=10, attention_mask=mask, return_dict_in_generate=True)

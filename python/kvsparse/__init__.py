@@ -42,7 +42,7 @@ del _method
 
 # Hugging Face integration (needs transformers): imported on first use, so
 # that `import kvsparse` works without transformers installed. Each method's
-# cache class is kvsparse.<Title>Cache (QuestCache, ...).
+# cache class is kvsparse.<Title>Cache (QuestCache, ...: kvsparse.cache.cache_class).
 _LAZY = {
     "patch": "hf", "unpatch": "hf", "patched": "hf", "make_cache": "hf", "hf": None, "cache": None,
     "models": None,
@@ -53,7 +53,9 @@ _CACHES = {f"{m.title}Cache": m for m in methods.registered()}
 
 def __getattr__(name):
     if name in _CACHES:
-        value = _CACHES[name].cache_class()
+        from .cache import cache_class
+
+        value = cache_class(_CACHES[name])
     elif name in _LAZY:
         import importlib
 

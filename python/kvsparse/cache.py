@@ -3,7 +3,9 @@ r"""Hugging Face ``Cache`` classes holding the KV cache in the layout of the kvs
 Every method's cache is a :class:`KVSparseCache` of :class:`KVCacheLayer`\ s
 (one class each, made from the method by :func:`method_classes`:
 ``QuestCache`` of ``QuestDynamicLayer`` / ``QuestStaticLayer``, ``SparQCache``,
-``QAQCache``, ...). A layer keeps the geometry, ``seq_lens`` (int32 ``[B]``
+``QAQCache``, ...; :func:`cache_class` and :func:`layer_class` give them). The
+methods describe themselves and know nothing of this module; the cache is
+built from what they say. A layer keeps the geometry, ``seq_lens`` (int32 ``[B]``
 on the device, the number of valid tokens of each sequence: sequence ``b``
 occupies slots ``[0, seq_lens[b])``) and the capacity, and is built from
 parts (:mod:`kvsparse.parts`) that its method chooses
@@ -57,11 +59,11 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import _compat, methods
-from .config import MethodConfig
+from .methods import MethodConfig
 from .parts import DynamicLengths, StaticLengths, is_compiling, round_up
 
 __all__ = [
-    "KVCacheLayer", "KVSparseCache", "method_classes", "cache_geometry", "sliding_layers",
+    "KVCacheLayer", "KVSparseCache", "method_classes", "cache_class", "layer_class", "cache_geometry", "sliding_layers",
     "QuestCacheLayer", "QuestDynamicLayer", "QuestStaticLayer", "QuestCache",
     "SparQCacheLayer", "SparQDynamicLayer", "SparQStaticLayer", "SparQCache",
     "QAQCacheLayer", "QAQDynamicLayer", "QAQStaticLayer", "QAQCache",
@@ -497,7 +499,7 @@ def _native_layers(layers, model_config, max_cache_len, native_layers):
 class KVSparseCache(Cache):
     """A transformers ``Cache`` with one kvsparse layer per decoder layer, of
     the method that the config names (a method's own cache class,
-    :meth:`~kvsparse.methods.base.Method.cache_class`, is a subclass:
+    :func:`cache_class`, is a subclass:
     :class:`QuestCache` for a :class:`~kvsparse.config.QuestConfig`,
     :class:`SparQCache`, :class:`QAQCache`).
 
@@ -538,8 +540,8 @@ class KVSparseCache(Cache):
         if max_cache_len is None:
             max_cache_len = config.max_cache_len
         self.config = config
-        layer_class = methods.get(config.method).layer_class(static=max_cache_len is not None)
-        layers = [layer_class(config, max_cache_len, i) for i in range(num_layers)]
+        layer = layer_class(config.method, static=max_cache_len is not None)
+        layers = [layer(config, max_cache_len, i) for i in range(num_layers)]
         self.native_layers = _native_layers(layers, model_config, max_cache_len, native_layers)
         super().__init__(layers=layers)
 
@@ -612,7 +614,7 @@ class KVSparseCache(Cache):
         """The cache class of ``config``'s method, instantiated."""
         if not isinstance(config, MethodConfig) or config.method not in methods.names():
             raise TypeError(f"kvsparse: no cache for a {type(config).__name__}")
-        return methods.get(config.method).cache_class()(config=config, **kwargs)
+        return cache_class(config.method)(config=config, **kwargs)
 
     def __repr__(self):
         kind = "static" if self.is_compileable else "dynamic"
@@ -650,6 +652,19 @@ def method_classes(method):
                      method=method.name)
         _CLASSES[method.name] = MethodClasses(layer, dynamic, static, cache)
     return _CLASSES[method.name]
+
+
+def cache_class(method):
+    """The transformers ``Cache`` class of ``method`` (a registered
+    :class:`~kvsparse.methods.base.Method` or its name): ``<Title>Cache``."""
+    return method_classes(method).cache
+
+
+def layer_class(method, static):
+    """The class of the dynamic or ``static`` cache layers of ``method`` (a
+    registered :class:`~kvsparse.methods.base.Method` or its name)."""
+    classes = method_classes(method)
+    return classes.static_layer if static else classes.dynamic_layer
 
 
 # the built-in methods' classes, under the names they have always had

@@ -31,7 +31,7 @@ versions live in :mod:`kvsparse._compat`):
 * ``model._prepare_cache_for_generation`` is overridden on the instance so
   that ``generate()`` creates the method's cache (:class:`~kvsparse.cache.QuestCache`,
   :class:`~kvsparse.cache.SparQCache`, :class:`~kvsparse.cache.QAQCache`: the
-  method's :meth:`~kvsparse.methods.base.Method.cache_class`; dynamic;
+  method's :func:`~kvsparse.cache.cache_class`; dynamic;
   static when ``max_cache_len`` is configured or
   ``cache_implementation="static"`` is requested). A cache can also be made
   with :func:`make_cache` and passed as ``past_key_values=``.
@@ -445,7 +445,7 @@ def _native_layers(model, config, num_layers, head_dim, device=None):
 
 def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=None, device=None):
     """The kvsparse cache of the configured method for ``model`` (the
-    method's :meth:`~kvsparse.methods.base.Method.cache_class`:
+    method's :func:`~kvsparse.cache.cache_class`:
     :class:`~kvsparse.cache.QuestCache`, :class:`~kvsparse.cache.SparQCache`,
     :class:`~kvsparse.cache.QAQCache`).
 

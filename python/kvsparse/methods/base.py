@@ -11,7 +11,7 @@ under its name with :func:`register` and found with :func:`get`. Its module
   are, by default dense K/V buffers; :meth:`Method.side_index`: the data
   kept beside them, e.g. Quest's page bounds), from which
   :mod:`kvsparse.cache` builds its transformers cache classes
-  (:meth:`Method.cache_class`, :meth:`Method.layer_class`);
+  (:func:`kvsparse.cache.cache_class`, :func:`kvsparse.cache.layer_class`);
 * its decode attention (:meth:`Method.decode`) and its prefill hooks
   (:meth:`Method.continuation_kv`, :meth:`Method.after_prefill`);
 * the facts the evaluation needs (which field it sweeps, which fields fix
@@ -20,7 +20,10 @@ under its name with :func:`register` and found with :func:`get`. Its module
   (:meth:`Method.lossless_kwargs`, used by the contract tests that every
   registered method gets).
 
-Nothing here imports transformers: the configs must load without it.
+Nothing here imports transformers: the configs must load without it. Nor
+does anything in :mod:`kvsparse.methods` import :mod:`kvsparse.cache` or
+:mod:`kvsparse.config`: the dependency runs one way, from the cache (and the
+configs' by-name lookup) to the methods.
 """
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
@@ -174,19 +177,6 @@ class Method:
         """Slot granularity of the cache layers: their capacity and growth
         chunk are multiples of it (Quest: its page size; default 1)."""
         return 1
-
-    def cache_class(self):
-        """The method's transformers ``Cache`` class, ``<title>Cache`` (imports transformers)."""
-        from ..cache import method_classes
-
-        return method_classes(self).cache
-
-    def layer_class(self, static):
-        """The class of the method's dynamic or ``static`` cache layers (imports transformers)."""
-        from ..cache import method_classes
-
-        classes = method_classes(self)
-        return classes.static_layer if static else classes.dynamic_layer
 
     # ------------------------------------------------------------- attention
     def decode(self, q, layer, config, dense, scaling):
