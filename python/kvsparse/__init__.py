@@ -45,7 +45,7 @@ del _method
 # cache class is kvsparse.<Title>Cache (QuestCache, ...: kvsparse.cache.cache_class).
 _LAZY = {
     "patch": "hf", "unpatch": "hf", "patched": "hf", "make_cache": "hf", "hf": None, "cache": None,
-    "models": None,
+    "models": None, "geometry": None,
     "ruler": "eval",  # the RULER-style suite, kvsparse.eval.tasks.ruler
 }
 _CACHES = {f"{m.title}Cache": m for m in methods.registered()}

@@ -59,6 +59,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import _compat, methods
+from .geometry import WINDOWED_LAYER_TYPES, ModelGeometry, cache_geometry, sliding_layers  # noqa: F401 (old home)
 from .methods import MethodConfig
 from .parts import DynamicLengths, StaticLengths, is_compiling, round_up
 
@@ -438,59 +439,21 @@ def _config_fields(config):
     return fields
 
 
-def _text_config(model_config):
-    return model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
-
-
-#: ``layer_types`` entries of a windowed layer (transformers' names)
-WINDOWED_LAYER_TYPES = ("sliding_attention", "chunked_attention")
-
-
-def sliding_layers(model_config):
-    """Indices of the sliding-window layers of a *hybrid* decoder config (some
-    layers windowed, some full, from ``config.layer_types``: Gemma 3, Qwen2/3
-    with ``use_sliding_window`` and ``max_window_layers``).
-
-    A kvsparse cache leaves these layers to transformers' own sliding-window
-    cache layer and the model's own (windowed) attention; the method runs on
-    the full-attention layers. A config whose layers are all windowed, or
-    that has no ``layer_types`` (Mistral with ``sliding_window``), gives
-    ``()``: every layer runs the method, the window applied at prefill only
-    (see :mod:`kvsparse.hf`)."""
-    cfg = _text_config(model_config)
-    types = getattr(cfg, "layer_types", None)
-    if not types:
-        return ()
-    types = list(types)[: cfg.num_hidden_layers]
-    windowed = tuple(i for i, t in enumerate(types) if t in WINDOWED_LAYER_TYPES)
-    return () if len(windowed) == len(types) else windowed
-
-
-def cache_geometry(model_config):
-    """``(num_layers, num_kv_heads, head_dim)`` of a decoder config."""
-    cfg = _text_config(model_config)
-    num_layers = cfg.num_hidden_layers
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return num_layers, kv_heads, head_dim
-
-
-def _native_layers(layers, model_config, max_cache_len, native_layers):
+def _native_layers(layers, geometry, max_cache_len, native_layers):
     """Replace ``layers[i]`` for ``i`` in ``native_layers`` (default: the
-    sliding layers of ``model_config``) by transformers' own cache layer;
+    sliding layers of ``geometry``) by transformers' own cache layer;
     returns the indices as a frozenset."""
     if native_layers is None:
-        native_layers = sliding_layers(model_config) if model_config is not None else ()
+        native_layers = geometry.sliding_layers if geometry is not None else ()
     native = frozenset(int(i) for i in native_layers)
     if not native:
         return native
-    if model_config is None:
+    if geometry is None:
         raise ValueError("kvsparse: native_layers needs the model_config")
     bad = sorted(i for i in native if not 0 <= i < len(layers))
     if bad:
         raise ValueError(f"kvsparse: native_layers {bad} out of range for {len(layers)} layers")
-    hf_layers = _compat.transformers_cache_layers(model_config, max_cache_len)
+    hf_layers = _compat.transformers_cache_layers(geometry.model_config, max_cache_len)
     for i in native:
         layers[i] = hf_layers[i]
     return native
@@ -504,7 +467,8 @@ class KVSparseCache(Cache):
     :class:`SparQCache`, :class:`QAQCache`).
 
     Args:
-        num_layers: number of decoder layers (or pass ``model_config``).
+        num_layers: number of decoder layers (or pass ``model_config`` or
+            ``geometry``).
         config: the method config (page size, chunk size, default
             ``max_cache_len``); a method's cache class defaults to its
             method's default config.
@@ -512,38 +476,67 @@ class KVSparseCache(Cache):
             layer static (preallocated, compileable).
         model_config: a transformers config to take ``num_layers`` from
             (and the sliding-window layers of a hybrid model, see
-            :func:`sliding_layers`).
+            :func:`~kvsparse.geometry.sliding_layers`).
         native_layers: indices of the layers held by transformers' own cache
             layer (the one ``DynamicCache`` / ``StaticCache`` would give them)
             instead of a kvsparse layer; the patched attention runs the
             model's original attention on them. Default: the
-            :func:`sliding_layers` of ``model_config`` (none without it).
-            Needs ``model_config``.
+            :func:`~kvsparse.geometry.sliding_layers` of ``model_config``
+            (none without it). Needs ``model_config`` (or ``geometry``).
+        geometry: the model as :func:`kvsparse.geometry.read_model` read it
+            (a :class:`~kvsparse.geometry.ModelGeometry`), instead of
+            ``model_config``; :meth:`allocate` places each layer on its
+            attention's device from it.
 
-    ``native_layers`` (a frozenset) says which layers those are.
+    ``native_layers`` (a frozenset) says which layers those are;
+    ``geometry`` is the :class:`~kvsparse.geometry.ModelGeometry` the cache
+    was made for (``None`` when made from ``num_layers`` alone).
     """
 
     #: the method name of a method's cache class (``QuestCache``: ``"quest"``)
     method = None
 
-    def __init__(self, num_layers=None, config=None, max_cache_len=None, model_config=None, native_layers=None):
+    def __init__(self, num_layers=None, config=None, max_cache_len=None, model_config=None, native_layers=None,
+                 geometry=None):
         if config is None:
             if self.method is None:
                 raise TypeError("kvsparse: KVSparseCache needs a method config")
             config = methods.get(self.method).config_class()
         if not isinstance(config, MethodConfig) or self.method not in (None, config.method):
             raise TypeError(f"kvsparse: {type(self).__name__} cannot hold a {type(config).__name__}")
+        if geometry is None and model_config is not None:
+            geometry = ModelGeometry.from_config(model_config)
         if num_layers is None:
-            if model_config is None:
+            if geometry is None:
                 raise ValueError(f"kvsparse: {type(self).__name__} needs num_layers or model_config")
-            num_layers = cache_geometry(model_config)[0]
+            num_layers = geometry.num_layers
         if max_cache_len is None:
             max_cache_len = config.max_cache_len
         self.config = config
+        self.geometry = geometry
         layer = layer_class(config.method, static=max_cache_len is not None)
         layers = [layer(config, max_cache_len, i) for i in range(num_layers)]
-        self.native_layers = _native_layers(layers, model_config, max_cache_len, native_layers)
+        self.native_layers = _native_layers(layers, geometry, max_cache_len, native_layers)
         super().__init__(layers=layers)
+
+    def allocate(self, batch_size, dtype=None, device=None):
+        """Allocate every layer's buffers now, for ``batch_size`` sequences
+        (otherwise they are allocated at the first forward), in ``dtype``
+        (default: the model's) on ``device`` (default: each layer on its
+        attention's device, a model split with ``device_map`` included; a
+        layer whose device cannot be told is left to its first update).
+        Needs the cache's :attr:`geometry` read from a model
+        (:func:`kvsparse.make_cache` gives it)."""
+        g = self.geometry
+        if g is None or g.dtype is None:
+            raise ValueError(f"kvsparse: {type(self).__name__}.allocate needs the geometry read from a model "
+                             "(make the cache with kvsparse.make_cache(model, batch_size=...))")
+        for i, layer in enumerate(self.layers):
+            dev = torch.device(device) if device is not None else g.layer_device(i)
+            if dev is None or dev.type == "meta":
+                continue
+            fake = torch.zeros(int(batch_size), g.num_kv_heads, 0, g.head_dim, dtype=dtype or g.dtype, device=dev)
+            _compat.lazy_initialization(layer, fake, fake)
 
     def kvsparse_layers(self):
         """``(index, layer)`` of the layers that are kvsparse layers (not

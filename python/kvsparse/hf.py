@@ -17,6 +17,13 @@ included), Mistral, Qwen2, Qwen3 (q/k norms) and Gemma 3 (text,
 How it plugs into transformers (4.57 through 5.x; the differences between
 versions live in :mod:`kvsparse._compat`):
 
+* The model is read in one place, :func:`kvsparse.geometry.read_model`, once
+  per :func:`patch` and once per cache made (:func:`make_cache`, and each
+  ``generate()``, so that a model moved after the patch is read where it is
+  now): its attention modules, cache shapes, sliding-window layers, layer
+  devices and dtype, as a :class:`~kvsparse.geometry.ModelGeometry` that is
+  passed on to the cache (:class:`~kvsparse.cache.KVSparseCache`).
+
 * An attention function is registered with transformers' ``AttentionInterface``
   (and the matching mask function with ``AttentionMaskInterface``) under the
   name ``"kvsparse"`` (``"kvsparse_<impl>"`` when the model's original
@@ -93,8 +100,9 @@ import warnings
 import torch
 
 from . import _compat, methods
-from .cache import KVCacheLayer, KVSparseCache, cache_geometry, sliding_layers
+from .cache import KVCacheLayer, KVSparseCache
 from .config import MethodConfig, make_config
+from .geometry import read_model, supported_models
 from .parts import is_compiling
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "make_cache", "supported_models", "CUDA_HEAD_DIMS"]
@@ -107,48 +115,6 @@ _STATE_ATTR = "_kvsparse_state"
 #: on the model config: False when a full-attention layer is left to
 #: transformers' attention (it needs the decode mask; see make_cache)
 _MASK_FREE_ATTR = "_kvsparse_mask_free"
-
-
-# --------------------------------------------------------------------- models
-#: (transformers module, causal LM, base model, attention) of each supported family
-_FAMILIES = (
-    ("transformers.models.llama.modeling_llama", "LlamaForCausalLM", "LlamaModel", "LlamaAttention"),
-    ("transformers.models.mistral.modeling_mistral", "MistralForCausalLM", "MistralModel", "MistralAttention"),
-    ("transformers.models.qwen2.modeling_qwen2", "Qwen2ForCausalLM", "Qwen2Model", "Qwen2Attention"),
-    ("transformers.models.qwen3.modeling_qwen3", "Qwen3ForCausalLM", "Qwen3Model", "Qwen3Attention"),
-    ("transformers.models.gemma3.modeling_gemma3", "Gemma3ForCausalLM", "Gemma3TextModel", "Gemma3Attention"),
-)
-
-
-def _supported_classes():
-    """``(model classes, attention classes)`` of the families this
-    transformers ships (causal LMs first, then the base models)."""
-    found = [c for c in (_compat.find_classes(mod, *names) for mod, *names in _FAMILIES) if c is not None]
-    models = tuple(c[0] for c in found) + tuple(c[1] for c in found)
-    attentions = tuple(c[2] for c in found)
-    return models, attentions
-
-
-def supported_models():
-    """Names of the model classes :func:`patch` accepts (and their subclasses)."""
-    return tuple(c.__name__ for c in _supported_classes()[0])
-
-
-def _check_supported(model):
-    models, _ = _supported_classes()
-    if not isinstance(model, models):
-        raise TypeError(
-            f"kvsparse: {type(model).__name__} is not supported; supported models: "
-            f"{', '.join(supported_models())}"
-        )
-
-
-def _attention_modules(model):
-    _, attentions = _supported_classes()
-    mods = [m for m in model.modules() if isinstance(m, attentions)]
-    if not mods:
-        raise TypeError(f"kvsparse: no supported attention module found in {type(model).__name__}")
-    return mods
 
 
 # ----------------------------------------------------------- attention function
@@ -399,45 +365,24 @@ def _kernel_supports(head_dim, device):
     return torch.device(device).type != "cuda" or int(head_dim) in CUDA_HEAD_DIMS
 
 
-def _layer_devices(model):
-    """``{layer_idx: device}`` where each attention runs: its weights' device,
-    or accelerate's execution device for weights offloaded to ``meta``
-    (layers whose device cannot be told are left out)."""
-    out = {}
-    for m in _attention_modules(model):
-        p = next(m.parameters(), None)
-        if p is None or getattr(m, "layer_idx", None) is None:
-            continue
-        dev = p.device
-        if dev.type == "meta":
-            hook = getattr(m, "_hf_hook", None)
-            dev = getattr(hook, "execution_device", None)
-            if dev is None:
-                continue
-            dev = torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
-        out[int(m.layer_idx)] = dev
-    return out
-
-
-def _native_layers(model, config, num_layers, head_dim, device=None):
-    """The layers a cache for ``model`` leaves to transformers' own cache
-    layers: the sliding layers of a hybrid model and, with a warning, the
-    layers on a device whose kernels lack ``head_dim`` (CUDA, head_dim not
-    in :data:`CUDA_HEAD_DIMS`)."""
-    native = set(sliding_layers(model.config))
+def _native_layers(geometry, config, device=None):
+    """The layers a cache for the model of ``geometry`` leaves to
+    transformers' own cache layers: the sliding layers of a hybrid model and,
+    with a warning, the layers on a device (``device``, else each layer's
+    own) whose kernels lack the head dim (CUDA, head_dim not in
+    :data:`CUDA_HEAD_DIMS`)."""
     if device is not None:
-        devices = {i: torch.device(device) for i in range(num_layers)}
-    else:
-        devices = _layer_devices(model)
-        default = next(model.parameters()).device
-        devices = {i: devices.get(i, default) for i in range(num_layers)}
-    no_kernel = sorted(i for i in range(num_layers) if i not in native and not _kernel_supports(head_dim, devices[i]))
+        geometry = geometry.on_device(device)
+    native = set(geometry.sliding_layers)
+    head_dim = geometry.head_dim
+    no_kernel = sorted(i for i in range(geometry.num_layers)
+                       if i not in native and not _kernel_supports(head_dim, geometry.layer_device(i)))
     if no_kernel:
         warnings.warn(
             f"kvsparse: {config.method} has no CUDA kernel for head_dim {head_dim} (the CUDA kernels take head_dim "
             f"{' or '.join(map(str, CUDA_HEAD_DIMS))}): layers {no_kernel} fall back to the model's dense attention "
             "on transformers' cache layers",
-            UserWarning, stacklevel=3,
+            UserWarning, stacklevel=4,
         )
         native.update(no_kernel)
     return sorted(native)
@@ -475,26 +420,20 @@ def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=No
     if not isinstance(config, MethodConfig) or config.method not in methods.names():
         kinds = ", ".join(m.config_class.__name__ for m in methods.registered())
         raise TypeError(f"kvsparse: make_cache needs a method config ({kinds}), got {type(config).__name__}")
-    num_layers, kv_heads, head_dim = cache_geometry(model.config)
-    methods.get(config.method).check_model(config, head_dim)
-    native = _native_layers(model, config, num_layers, head_dim, device=device if batch_size is not None else None)
+    return _make_cache(model, read_model(model), config, batch_size, max_cache_len, dtype, device)
+
+
+def _make_cache(model, geometry, config, batch_size=None, max_cache_len=None, dtype=None, device=None):
+    """:func:`make_cache` for the model of ``geometry`` (read by :func:`~kvsparse.geometry.read_model`)."""
+    methods.get(config.method).check_model(config, geometry.head_dim)
+    native = _native_layers(geometry, config, device=device if batch_size is not None else None)
     # a full-attention layer left to transformers (no kernel for its head dim)
     # reads the decode mask: keep building it for this model
-    full_native = set(native) - set(sliding_layers(model.config))
+    full_native = set(native) - set(geometry.sliding_layers)
     object.__setattr__(model.config, _MASK_FREE_ATTR, not full_native)
-    cache = KVSparseCache.for_config(config, num_layers=num_layers, max_cache_len=max_cache_len,
-                                     model_config=model.config, native_layers=native)
+    cache = KVSparseCache.for_config(config, max_cache_len=max_cache_len, geometry=geometry, native_layers=native)
     if batch_size is not None:
-        param = next(model.parameters())
-        devices = _layer_devices(model)
-        for i, layer in enumerate(cache.layers):
-            # each layer on its own attention's device (a model split with
-            # device_map); a layer whose device is unknown is made at its first update
-            dev = device or devices.get(i, None if param.device.type == "meta" else param.device)
-            if dev is None:
-                continue
-            fake = torch.zeros(int(batch_size), kv_heads, 0, head_dim, dtype=dtype or param.dtype, device=dev)
-            _compat.lazy_initialization(layer, fake, fake)
+        cache.allocate(batch_size, dtype=dtype, device=device)
     return cache
 
 
@@ -569,9 +508,11 @@ def patch(model, method="quest", config=None, self_check=True, **kwargs):
         cfg = make_config(method, **kwargs)
     if cfg.method not in methods.names():  # pragma: no cover
         raise ValueError(f"kvsparse: method {cfg.method!r} is not supported by patch()")
-    _check_supported(model)
-    methods.get(cfg.method).check_model(cfg, cache_geometry(model.config)[2])
-    attn_modules = _attention_modules(model)
+    # the model, read once: its attention modules (hooked below) and the
+    # geometry the self-check's cache is built from
+    geometry = read_model(model)
+    methods.get(cfg.method).check_model(cfg, geometry.head_dim)
+    attn_modules = geometry.attention_modules
     if is_patched(model):
         unpatch(model)
 
@@ -599,7 +540,7 @@ def patch(model, method="quest", config=None, self_check=True, **kwargs):
         model.kvsparse_config = cfg
         model.__dict__[_STATE_ATTR] = state
         if self_check:
-            _self_check(model, cfg)
+            _self_check(model, cfg, geometry)
     except Exception:
         for h in state["hooks"]:
             h.remove()
@@ -612,11 +553,11 @@ def patch(model, method="quest", config=None, self_check=True, **kwargs):
 
 
 @torch.no_grad()
-def _self_check(model, cfg):
+def _self_check(model, cfg, geometry):
     """A 4-token prefill and one decode step on a fresh dynamic cache of the
     method: every layer must commit the prefill and read the decode token
     through the kvsparse attention, or :class:`~kvsparse._compat.IntegrationError`."""
-    cache = make_cache(model, config=cfg.replace(max_cache_len=None))
+    cache = _make_cache(model, geometry, cfg.replace(max_cache_len=None))
     emb = model.get_input_embeddings()
     vocab = emb.weight.shape[0] if emb is not None else 8
     device = emb.weight.device if emb is not None else next(model.parameters()).device
