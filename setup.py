@@ -4,7 +4,8 @@ Two extension modules share one set of plain-C kernels (csrc/kernels/*.c):
   kvsparse._C          torch custom ops (csrc/ops/*.cpp: one file per method
                        plus the module), and the CUDA kernels
                        (csrc/kernels/*.cu) when built with CUDA;
-  kvsparse._kernels_np a CPython/NumPy C-API module (csrc/numpy_module.c)
+  kvsparse._kernels_np a CPython/NumPy C-API module (csrc/numpy/*.c: one file
+                       per method plus the module and the checks they share)
                        over the CPU kernels, usable without torch.
 
 Environment variables:
@@ -29,6 +30,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KDIR = os.path.join("csrc", "kernels")
+NPDIR = os.path.join("csrc", "numpy")
 
 
 def _flag(name):
@@ -60,6 +62,7 @@ LINK_FLAGS = ["-fopenmp"] + san
 
 C_KERNELS = sorted(glob.glob(os.path.join(KDIR, "*.c")))
 CU_KERNELS = sorted(glob.glob(os.path.join(KDIR, "*.cu")))
+NP_SOURCES = sorted(glob.glob(os.path.join(NPDIR, "*.c")))
 
 
 class Build(BuildExtension):
@@ -71,7 +74,7 @@ class Build(BuildExtension):
                                      include_dirs=[KDIR], extra_postargs=C_FLAGS)
         np_ext = [e for e in self.extensions if e.name == "kvsparse._kernels_np"]
         if np_ext:
-            objs_np = self.compiler.compile(["csrc/numpy_module.c"], output_dir=self.build_temp,
+            objs_np = self.compiler.compile(NP_SOURCES, output_dir=self.build_temp,
                                             include_dirs=[KDIR, numpy.get_include()] + self.include_dirs,
                                             extra_postargs=C_FLAGS)
             np_ext[0].extra_objects = objs_np
@@ -123,7 +126,7 @@ else:
 
 # Sources are compiled in Build.build_extensions; a placeholder keeps setuptools happy.
 # A plain setuptools Extension (not CppExtension): the module must not link libtorch.
-np_ext = Extension("kvsparse._kernels_np", ["csrc/numpy_module.c"], libraries=["m"], extra_link_args=LINK_FLAGS)
+np_ext = Extension("kvsparse._kernels_np", NP_SOURCES, libraries=["m"], extra_link_args=LINK_FLAGS)
 np_ext.sources = []
 
 setup(
