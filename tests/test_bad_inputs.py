@@ -136,18 +136,18 @@ def _case_list():
         ValueError, "x")
     add("op.qaq_quantize-offsets-overlap", lambda a: OPS.qaq_quantize(
         torch.randn(1, 2, 2, 16), _lens(0), torch.full((1, 2, 2), 8, dtype=torch.uint8),
-        torch.zeros(1, 2, 2, dtype=I32), *_store().tensors()), ValueError, "new_offsets")
+        torch.zeros(1, 2, 2, dtype=I32), *_store().tensors(), 2, 16), ValueError, "new_offsets")
     add("op.qaq_quantize-group-too-large", lambda a: OPS.qaq_quantize(
         torch.randn(1, 160, 1, 256), _lens(0), torch.zeros(1, 1, 1, dtype=torch.uint8),
         torch.zeros(1, 1, 1, dtype=I32), torch.zeros(1, 8, dtype=torch.uint8), torch.zeros(1, 1, 1, dtype=I32),
         torch.zeros(1, 1, 1, dtype=torch.uint8), torch.zeros(1, 1, 1, 2, dtype=torch.float16),
-        torch.zeros(1, 1, 1, 2, dtype=torch.int16), torch.zeros(1, 1, 1, 2)), ValueError, "head_dim")
+        torch.zeros(1, 1, 1, 2, dtype=torch.int16), torch.zeros(1, 1, 1, 2), 160, 256), ValueError, "head_dim")
 
     def x_in_arena(a):
         st = _store()
         x = st.arena[:, :128].view(torch.float32).view(1, 2, 1, 16)
         OPS.qaq_quantize(x, _lens(0), torch.full((1, 2, 1), 8, dtype=torch.uint8),
-                         st.offsets[:, :, :1].contiguous(), *st.tensors())
+                         st.offsets[:, :, :1].contiguous(), *st.tensors(), 2, 16)
     add("op.qaq_quantize-x-view-of-arena", x_in_arena, ValueError, "arena")
 
     def requant_alias(a):
@@ -156,6 +156,46 @@ def _case_list():
     add("op.qaq_requantize-new_widths-is-widths", requant_alias, ValueError, "widths")
     add("qaq.attention-q-head_dim", lambda a: qaq.attention(torch.randn(1, 2, 32), _store(), _store(), _lens(1)),
         ValueError, "q")
+    add("op.qaq_quantize-x-head_dim", lambda a: OPS.qaq_quantize(
+        torch.randn(1, 2, 1, 8), _lens(0), torch.full((1, 2, 1), 8, dtype=torch.uint8),
+        _store().offsets[:, :, :1].contiguous(), *_store().tensors(), 2, 16), ValueError, "x")
+    add("op.qaq_quantize-x-heads", lambda a: OPS.qaq_quantize(
+        torch.randn(1, 4, 1, 16), _lens(0), torch.zeros(1, 1, 1, dtype=torch.uint8),
+        torch.zeros(1, 1, 1, dtype=I32), *_store(shared=True).tensors(), 2, 16), ValueError, "x")
+
+    def op_attention_head_dim(a):
+        st = _store()
+        qaq.quantize(st, torch.randn(1, 2, 2, 16), _lens(0), 4)
+        OPS.qaq_attention(torch.randn(1, 2, 32), *st.tensors(), *st.tensors(), _lens(2), 2, 16, 0.25, False)
+    add("op.qaq_attention-q-head_dim", op_attention_head_dim, ValueError, "q")
+
+    def op_sparse_attention_head_dim(a):
+        st = _store()
+        qaq.quantize(st, torch.randn(1, 2, 2, 16), _lens(0), 4)
+        OPS.qaq_sparse_attention(torch.randn(1, 2, 8), *st.tensors(), *st.tensors(),
+                                 torch.zeros(1, 2, 1, dtype=I32), _lens(2), 2, 16, 4, 0.25, False)
+    add("op.qaq_sparse_attention-q-head_dim", op_sparse_attention_head_dim, ValueError, "q")
+    # finite values beyond what QAQ's fp16 scale / zero hold (qaq.h): a clear error, not NaN
+    for dt in (torch.float32, torch.bfloat16):
+        for big in (1e5, 1e37):
+            add(f"qaq.quantize-beyond-fp16-{dt}-{big:g}", lambda a, dt=dt, big=big: qaq.quantize(
+                qaq.alloc(1, 2, 8, 16, dt, alpha=0.0), (torch.randn(1, 2, 2, 16) * big).to(dt), _lens(0), 4),
+                ValueError, "x")
+    add("qaq.quantize-range-beyond-fp16", lambda a: qaq.quantize(
+        _store(alpha=0.0), torch.linspace(-4e4, 4e4, 16).expand(1, 2, 2, 16).contiguous(), _lens(0), 8), ValueError, "x")
+    # no backward: a tensor that requires grad under grad mode is refused, naming it
+    add("quest.attention-q-requires-grad", lambda a: quest.attention(
+        a["q"].requires_grad_(), a["k"], a["v"], a["kmin"], a["kmax"], a["lens"], 16, 32), ValueError, "q")
+    add("quest.sparse_attention-v-requires-grad", lambda a: quest.sparse_attention(
+        a["q"], a["k"], a["v"].requires_grad_(), a["idx"], a["lens"], 16), ValueError, "v")
+    add("quest.page_metadata-k-requires-grad", lambda a: quest.page_metadata(
+        a["k"].requires_grad_(), a["lens"], 16), ValueError, "k")
+    add("sparq.attention-k-requires-grad", lambda a: sparq.attention(
+        a["q"], a["k"].requires_grad_(), a["v"], a["kt"], a["vm"], a["lens"], 4, 8), ValueError, "k")
+    add("qaq.attention-q-requires-grad", lambda a: qaq.attention(
+        torch.randn(1, 2, 16, requires_grad=True), _store(), _store(), _lens(0)), ValueError, "q")
+    add("qaq.quantize-x-requires-grad", lambda a: qaq.quantize(
+        _store(), torch.randn(1, 2, 1, 16, requires_grad=True), _lens(0)), ValueError, "x")
     add("qaq.attention-store-type", lambda a: qaq.attention(a["q"], None, _store(), _lens(1)), TypeError, "k_store")
     add("qaq.query_sq-groups0", lambda a: qaq.query_sq(a["q"], 0), ValueError, "groups")
     add("qaq.query_sq-groups3", lambda a: qaq.query_sq(a["q"], 3), ValueError, "groups")
@@ -383,6 +423,35 @@ def test_nan_rule_long_sequence(device):
         assert out.isnan().all()
     oq, os_ = run(q, k3, _lens(0))  # no token: zeros (SparQ then mixes in the mean value)
     assert (oq == 0).all() and not os_.isnan().any()
+
+
+def test_qaq_large_finite_values_within_fp16_stay_finite():
+    """Values near (not beyond) what fp16 scale / zero hold quantize and attend finitely;
+    the group beyond is refused and the store's other tokens are untouched."""
+    st_k, st_v = _store(alpha=0.0), _store(alpha=0.0)
+    x = torch.rand(1, 2, 3, 16, generator=torch.Generator().manual_seed(3)) * 3e4 + 3e4  # in [3e4, 6e4]
+    qaq.quantize(st_k, x, _lens(0), 8)
+    qaq.quantize(st_v, x, _lens(0), 8)
+    d = qaq.dequantize(st_k, _lens(3))[:, :, :3]
+    assert torch.isfinite(d).all() and (d - x).abs().max() < 3e4 / 255
+    out = qaq.attention(torch.randn(1, 2, 16) * 1e-4, st_k, st_v, _lens(3))
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="x holds a group"):
+        qaq.quantize(st_k, torch.full((1, 2, 1, 16), 7e4), _lens(3), 8)
+    assert torch.equal(qaq.dequantize(st_k, _lens(3))[:, :, :3], d)  # the stored tokens are untouched
+
+
+def test_no_backward_under_no_grad_or_detached():
+    """kvsparse's ops refuse tensors that require grad only under grad mode."""
+    a = _base()
+    q = a["q"].clone().requires_grad_()
+    with torch.no_grad():
+        out = quest.attention(q, a["k"], a["v"], a["kmin"], a["kmax"], a["lens"], 16, 32)
+    assert not out.requires_grad
+    with torch.inference_mode():
+        quest.attention(q, a["k"], a["v"], a["kmin"], a["kmax"], a["lens"], 16, 32)
+    ref = quest.attention(q.detach(), a["k"], a["v"], a["kmin"], a["kmax"], a["lens"], 16, 32)
+    assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)

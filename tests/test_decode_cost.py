@@ -39,7 +39,7 @@ def _model():
                       num_attention_heads=4, num_key_value_heads=H_KV, head_dim=D,
                       max_position_embeddings=1 << 20)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
     model.generation_config.eos_token_id = None
     return model
 

@@ -49,7 +49,7 @@ def tiny_model(arch="llama", layers=3, dtype=torch.float32, seed=0, **extra):
     )
     kw.update(extra)
     torch.manual_seed(seed)
-    model = model_cls(cfg_cls(**kw)).to(dtype).eval()
+    model = model_cls(cfg_cls(**kw)).to(dtype).eval().requires_grad_(False)  # kvsparse has no backward
     # a random model rarely hits EOS, but never let it stop early
     model.generation_config.eos_token_id = None
     return model
@@ -394,3 +394,32 @@ def test_cache_from_dense_layers_and_deepcopy():
             c = model(nxt, past_key_values=twin, position_ids=pos).logits
     assert converted.layers[0].seq_lens.tolist() == [41]  # 40 prefilled + 1 decoded
     assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# ---------------------------------------------------------------- autograd
+@pytest.mark.parametrize("method", ["quest", "sparq", "qaq"])
+def test_patched_model_with_grad_prefills_exactly_and_refuses_decode(method):
+    """kvsparse's kernels have no backward: a first prefill (dense attention)
+    keeps the unpatched model's gradients; a decode step with grad raises."""
+    model = tiny_model(layers=2)
+    ids = torch.randint(3, VOCAB, (1, 12))
+    model.requires_grad_(True)
+    model.zero_grad()
+    model(ids, use_cache=False).logits.sum().backward()
+    want = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    with hf.patched(model, method=method):
+        cache = hf.make_cache(model)
+        out = model(ids, past_key_values=cache, use_cache=True)
+        out.logits.sum().backward()
+        got = model.model.layers[0].self_attn.q_proj.weight.grad
+        torch.testing.assert_close(got, want)
+        pos = torch.full((1, 1), ids.shape[1], dtype=torch.long)
+        with pytest.raises(ValueError, match="has no backward.*torch.no_grad"):
+            model(ids[:, :1], past_key_values=cache, position_ids=pos, use_cache=True)
+        cache.reset()
+        with torch.no_grad():  # the same cache works once grad is off
+            model(ids, past_key_values=cache, use_cache=True)
+            out = model(ids[:, :1], past_key_values=cache, position_ids=pos, use_cache=True)
+        assert torch.isfinite(out.logits).all()
+    model.requires_grad_(False)

@@ -549,10 +549,10 @@ OPCHECK_CASES = {
     "qaq_value_bits": lambda a: (torch.rand(2, 2, 19, device=a["q"].device), torch.rand(2, 2, 19, device=a["q"].device),
                                  a["sl"], 0.01, [1, 2, 8], 2),
     "qaq_quantize": lambda a: (a["x"][:, :, :3].contiguous(), torch.tensor([4, 1], dtype=torch.int32, device=a["q"].device),
-                               a["w"][:, :, :3].contiguous(), a["ks"].offsets[:, :, 4:7].contiguous(), *a["ks"].tensors()),
+                               a["w"][:, :, :3].contiguous(), a["ks"].offsets[:, :, 4:7].contiguous(), *a["ks"].tensors(), 2, 64),
     "qaq_dequantize": lambda a: (*a["vs"].tensors(), a["sl"], 2, 64),
     "qaq_requantize": lambda a: (*a["ks"].tensors(), torch.ones_like(a["ks"].widths), a["sl"], 2, 64),
-    "qaq_attention": lambda a: (a["q"], *a["ks"].tensors(), *a["vs"].tensors(), a["sl"], 2, 0.125, True),
+    "qaq_attention": lambda a: (a["q"], *a["ks"].tensors(), *a["vs"].tensors(), a["sl"], 2, 64, 0.125, True),
 }
 
 

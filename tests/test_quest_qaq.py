@@ -157,7 +157,7 @@ def test_opcheck(device):
     pidx = torch.tensor([[[0, 2], [1, -1]], [[0, 1], [1, 2]]], dtype=torch.int32, device=device)
     for want in (False, True):
         torch.library.opcheck(torch.ops.kvsparse.qaq_sparse_attention,
-                              (q, *ks.tensors(), *ks.tensors(), pidx, sl, Hkv, P, 0.125, want))
+                              (q, *ks.tensors(), *ks.tensors(), pidx, sl, Hkv, D, P, 0.125, want))
 
 
 class _Layer:

@@ -24,5 +24,8 @@ typedef enum { KS_F32 = 0, KS_F16 = 1, KS_BF16 = 2 } ks_dtype;
 
 /* Return code of a CPU kernel whose scratch allocation failed. */
 #define KS_ERR_NOMEM 1
+/* Return code of QAQ's CPU quantize when a group of finite values has a range
+ * its fp16 (scale, zero) cannot hold (qaq.h, ks_qaq_quantize_cpu). */
+#define KS_ERR_RANGE 2
 
 #endif /* KVSPARSE_KS_DTYPE_H */

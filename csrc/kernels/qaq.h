@@ -61,12 +61,16 @@
  *               NaN); outlier elements get code 0 (so that a kernel can take
  *               the outlier's correction x - zero without reading its code).
  * Per element the error of an inlier is at most scale/2 plus the fp16
- * rounding of zero and scale; outliers are exact. Values must lie in the
- * fp16 range (the scale and zero point are fp16): a group whose inlier range
- * overflows fp16, or holds a NaN / Inf inlier, dequantizes its inliers to
- * NaN / Inf (so the attention over it is NaN, see ks_dtype.h's NaN policy); a
- * NaN outlier dequantizes to itself. So NaN in a group gives NaN out, even
- * with n_out = 0.
+ * rounding of zero and scale; outliers are exact. The scale and zero point
+ * are fp16, so a group's finite inliers must have min, max and range (max -
+ * min) within +-KS_QAQ_SZ_MAX (a margin below fp16's 65504 that re-quantization
+ * keeps): the CPU quantize writes such a group with NaN scale / zero and
+ * returns KS_ERR_RANGE (the bindings raise a ValueError naming x); the CUDA
+ * quantize cannot report without a host sync and writes the NaN scale / zero
+ * alone, so the attention over it is NaN, never a wrong finite value. A group
+ * holding a NaN / Inf inlier dequantizes its inliers to NaN / Inf (so the
+ * attention over it is NaN, see ks_dtype.h's NaN policy); a NaN outlier
+ * dequantizes to itself. So NaN in a group gives NaN out, even with n_out = 0.
  * Cost: the outliers are selected in O(E log n_side) (CPU) or by one thread
  * block per group (CUDA); see the kernels.
  * E <= KS_QAQ_MAX_GROUP (oidx is int16); the bindings reject larger groups.
@@ -143,6 +147,10 @@ static inline KS_QAQ_HD uint32_t ks_qaq_unord(uint32_t k)
 
 /* fp16 NaN stored as the scale / zero of a group with a NaN range */
 #define KS_QAQ_H_NAN 0x7e00u
+/* largest magnitude of a group's finite inlier min, max and range that its
+ * fp16 scale / zero hold at every width (65504 less a margin for the fp16
+ * rounding of the scale, so that a re-quantized group stays in range) */
+#define KS_QAQ_SZ_MAX 65000.0f
 
 /* One quantized cache (keys or values). Hg is Hkv (per-head groups) or 1
  * (shared groups); E = D * Hkv / Hg. */

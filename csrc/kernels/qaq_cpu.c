@@ -179,8 +179,12 @@ static void qq_mark_outliers(const int16_t *idx, int64_t n_out, int64_t E, uint8
 }
 
 /* Quantizes x[0..E) at width w with the elements marked in out[0..E) excluded
- * from the range (they get code 0); writes codes (if w > 0 and codes) and sz. */
-static void qq_pack_group(const float *x, int64_t E, int w, const uint8_t *out, uint8_t *codes,
+ * from the range (they get code 0); writes codes (if w > 0 and codes) and sz.
+ * Returns 1 when the inliers are finite but their min, max or range (the scale
+ * at width 0) exceeds KS_QAQ_SZ_MAX in magnitude: fp16 sz could not hold the
+ * group at every width (re-quantization included), and the group is written
+ * with NaN scale and zero. Returns 0 otherwise. */
+static int qq_pack_group(const float *x, int64_t E, int w, const uint8_t *out, uint8_t *codes,
                           uint16_t *sz)
 {
     uint32_t kmn = UINT32_MAX, kmx = 0;
@@ -208,11 +212,19 @@ static void qq_pack_group(const float *x, int64_t E, int w, const uint8_t *out, 
         mn = ks_u2f(ks_qaq_unord(kmn));
         mx = ks_u2f(ks_qaq_unord(kmx));
     }
+    if (!nan && kmn <= kmx && (ks_f2u(mn) & 0x7f800000u) != 0x7f800000u
+        && (ks_f2u(mx) & 0x7f800000u) != 0x7f800000u
+        && (mx - mn > KS_QAQ_SZ_MAX || mx > KS_QAQ_SZ_MAX || mn < -KS_QAQ_SZ_MAX)) {
+        sz[0] = sz[1] = (uint16_t)KS_QAQ_H_NAN;
+        if (w > 0 && codes)
+            memset(codes, 0, (size_t)(E * w / 8));
+        return 1;
+    }
     s = w > 0 ? (mx - mn) / (float)((1 << w) - 1) : mx - mn;
     sz[0] = s != s ? (uint16_t)KS_QAQ_H_NAN : ks_float_to_half(s);
     sz[1] = mn != mn ? (uint16_t)KS_QAQ_H_NAN : ks_float_to_half(mn);
     if (w == 0 || !codes)
-        return;
+        return 0;
     sf = qq_h2f(sz[0]);
     zf = qq_h2f(sz[1]);
     memset(codes, 0, (size_t)(E * w / 8));
@@ -228,6 +240,7 @@ static void qq_pack_group(const float *x, int64_t E, int w, const uint8_t *out, 
             codes[bit >> 3] |= (uint8_t)(c << (bit & 7));
         }
     }
+    return 0;
 }
 
 /* Dequantizes elements [e0, e0+n) of a group into dst (outliers applied). */
@@ -268,7 +281,7 @@ int ks_qaq_quantize_cpu(const void *x, ks_dtype dt, int64_t B, int64_t Hkv, int6
     const int64_t Hg = st.Hg, hpg = Hkv / Hg, E = hpg * D, n_out = st.n_out;
     const size_t esz = ks_dtype_size(dt);
     int64_t it;
-    int oom = 0;
+    int oom = 0, range = 0;
 #pragma omp parallel if (B * Hkv * n * D * 8 >= QQ_PAR_MIN)
     {
         /* per thread: the group as float32 (E), its outlier heap (n_side), its outlier mask (E) */
@@ -303,14 +316,17 @@ int ks_qaq_quantize_cpu(const void *x, ks_dtype dt, int64_t B, int64_t Hkv, int6
                     memset(dst, 0, esz);
             }
             w = qq_eff_w(new_w[it], new_off[it], E, st.A);
-            qq_pack_group(buf, E, w, out, w ? st.arena + b * st.A + new_off[it] : NULL,
-                          st.sz + 2 * gi);
+            if (qq_pack_group(buf, E, w, out, w ? st.arena + b * st.A + new_off[it] : NULL,
+                              st.sz + 2 * gi)) {
+#pragma omp atomic write
+                range = 1;
+            }
         }
         free(buf);
         free(heap);
         free(out);
     }
-    return oom ? KS_ERR_NOMEM : 0;
+    return oom ? KS_ERR_NOMEM : range ? KS_ERR_RANGE : 0;
 }
 
 /* ---- 3. dequantize -------------------------------------------------------------------------- */
@@ -383,7 +399,9 @@ int ks_qaq_requantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, 
             qq_unpack(w_old ? codes : NULL, w_old, st.sz + 2 * gi, st.oidx + gi * n_out,
                       ks_cptr(st.oval, dt, gi * n_out), dt, n_out, E, 0, E, buf);
             qq_mark_outliers(st.oidx + gi * n_out, n_out, E, out);
-            qq_pack_group(buf, E, w_new, out, w_new ? codes : NULL, st.sz + 2 * gi);
+            /* cannot fail: the group passed quantize's range check, and a
+             * dequantized group lies within its stored range */
+            (void)qq_pack_group(buf, E, w_new, out, w_new ? codes : NULL, st.sz + 2 * gi);
             st.widths[gi] = (uint8_t)nw;
         }
         free(buf);

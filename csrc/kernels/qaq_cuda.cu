@@ -302,6 +302,11 @@ __device__ __forceinline__ void range_sz(uint32_t kmn, uint32_t kmx, uint32_t na
   } else {
     mn = __uint_as_float(ks_qaq_unord(kmn));
     mx = __uint_as_float(ks_qaq_unord(kmx));
+    // finite inliers beyond what fp16 sz holds at every width: NaN scale / zero
+    // (qaq.h; the CPU quantize also raises, the CUDA one cannot without a sync)
+    if (isfinite(mn) && isfinite(mx) &&
+        (__fsub_rn(mx, mn) > KS_QAQ_SZ_MAX || mx > KS_QAQ_SZ_MAX || mn < -KS_QAQ_SZ_MAX))
+      mn = mx = CUDART_NAN_F;
   }
   const float s = w > 0 ? __fdiv_rn(__fsub_rn(mx, mn), (float)((1 << w) - 1)) : __fsub_rn(mx, mn);
   s16 = s != s ? (uint16_t)KS_QAQ_H_NAN : f2h(s);

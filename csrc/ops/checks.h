@@ -39,6 +39,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/core/DeviceGuard.h>
 
 #ifdef KVSPARSE_WITH_CUDA
@@ -305,6 +307,41 @@ inline void check_qkv_lens(const Tensor &seq_lens, const Tensor &q, const AttnDi
   check_lens_tensor(seq_lens, "seq_lens", a.B, q, "q");
   if (!cuda) check_lens_values(seq_lens, "seq_lens", a.cap, "cap = k.shape[2]");
 }
+
+// ---------------------------------------------------------------------------
+// No backward: the ops are for inference. Their Autograd kernel (registered for
+// every op by each ops file, see NoBackward) raises a ValueError naming the
+// first tensor argument that requires grad while grad mode is on, instead of
+// returning a result silently cut from the graph; otherwise it calls the op
+// below autograd. (Under torch.no_grad() / torch.inference_mode(), or with
+// detached inputs, nothing changes.)
+inline void no_backward_kernel(const c10::OperatorHandle &op, c10::DispatchKeySet ks,
+                               torch::jit::Stack *stack) {
+  if (at::GradMode::is_enabled()) {
+    const auto &args = op.schema().arguments();
+    const size_t n = args.size(), base = stack->size() - n;
+    for (size_t i = 0; i < n; ++i) {
+      const c10::IValue &v = (*stack)[base + i];
+      TORCH_CHECK_VALUE(!(v.isTensor() && v.toTensor().requires_grad()), "kvsparse: ",
+                        args[i].name(), " requires grad, but ", op.schema().name(),
+                        " has no backward (kvsparse's ops are for inference): call it under "
+                        "torch.no_grad() or torch.inference_mode(), or pass ", args[i].name(),
+                        ".detach()");
+    }
+  }
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+}
+
+// Stands in for the torch::Library of an ops file's impls<CUDA>(m): registers
+// no_backward_kernel as the Autograd kernel of each op the list names.
+struct NoBackward {
+  torch::Library &m;
+  template <class F>
+  void impl(const char *name, F &&) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_backward_kernel>());
+  }
+};
 
 }  // namespace kvsparse
 

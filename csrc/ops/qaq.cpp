@@ -214,9 +214,13 @@ Tensor qaq_bits_impl(const Tensor &rng, const Tensor &aux, const Tensor &seq_len
 // 2. quantize
 
 void qaq_quantize_impl(const Tensor &x, const Tensor &pos, const Tensor &new_widths,
-                       const Tensor &new_offsets, const QStore &s, bool cuda) {
+                       const Tensor &new_offsets, const QStore &s, int64_t Hkv, int64_t D,
+                       bool cuda) {
+  check_qaq_heads(Hkv, D, cuda);
   KDims xd = check_cache(x, "x");
-  check_head_dim(xd.D, cuda);
+  TORCH_CHECK_VALUE(xd.Hkv == Hkv && xd.D == D, "kvsparse: x must have shape [B, Hkv, n, D] with "
+                    "the store's num_kv_heads = ", Hkv, " and head_dim = ", D, ", got shape ",
+                    x.sizes());
   QDimsQ d = check_qstore(s, x, "x", xd.Hkv, xd.D, cuda);
   check_same_dtype(s.oval, "oval", x, "x");
   check_size(x, 0, d.B, "x", "B, as arena.shape[0]");
@@ -273,10 +277,14 @@ void qaq_quantize_impl(const Tensor &x, const Tensor &pos, const Tensor &new_wid
   if (n == 0 || d.B == 0) return;
   ks_qaq_store st = to_store(s, d);
   if (!cuda) {
-    check_cpu_rc(ks_qaq_quantize_cpu(x.data_ptr(), d.dt, d.B, xd.Hkv, n, xd.D, d.cap, pos.data_ptr<int32_t>(),
-                          new_widths.data_ptr<uint8_t>(), new_offsets.data_ptr<int32_t>(),
-                          s.offsets.data_ptr<int32_t>(), st),
-                 "qaq_quantize");
+    const int rc = ks_qaq_quantize_cpu(x.data_ptr(), d.dt, d.B, xd.Hkv, n, xd.D, d.cap,
+                                       pos.data_ptr<int32_t>(), new_widths.data_ptr<uint8_t>(),
+                                       new_offsets.data_ptr<int32_t>(), s.offsets.data_ptr<int32_t>(), st);
+    TORCH_CHECK_VALUE(rc != KS_ERR_RANGE, "kvsparse: qaq_quantize: x holds a group of finite values whose "
+                      "min, max or range (max - min) exceeds ", KS_QAQ_SZ_MAX, " in magnitude, beyond what "
+                      "QAQ's fp16 scale and zero point hold; those groups were written with a NaN scale. "
+                      "Rescale the model's keys / values, or use a method without quantization");
+    check_cpu_rc(rc, "qaq_quantize");
   } else {
 #ifdef KVSPARSE_WITH_CUDA
     int rc = ks_qaq_quantize_cuda(x.data_ptr(), d.dt, d.B, xd.Hkv, n, xd.D, d.cap,
@@ -364,9 +372,12 @@ struct AttnQDims {
   QDimsQ k, v;
 };
 AttnQDims check_attention_args(const Tensor &q, const QStore &ks, const QStore &vs,
-                               const Tensor &seq_lens, int64_t Hkv, bool cuda, const char *op) {
+                               const Tensor &seq_lens, int64_t Hkv, int64_t head_dim, bool cuda,
+                               const char *op) {
   QDims qd = check_q(q);
-  check_qaq_heads(Hkv, qd.D, cuda);
+  check_qaq_heads(Hkv, head_dim, cuda);
+  TORCH_CHECK_VALUE(qd.D == head_dim, "kvsparse: q.shape[2] (D) must be the stores' head_dim = ",
+                    head_dim, ", got shape ", q.sizes());
   check_gqa(qd.H, Hkv);
   TORCH_CHECK_VALUE(!cuda || qd.H / Hkv <= 8, "kvsparse: ", op,
                     " on CUDA supports at most 8 query heads per KV head (H / Hkv), got ", qd.H / Hkv);
@@ -393,10 +404,10 @@ AttnQDims check_attention_args(const Tensor &q, const QStore &ks, const QStore &
 // and kernel calls
 std::tuple<Tensor, Tensor> attention_impl(const Tensor &q, const QStore &ks, const QStore &vs,
                                           const Tensor *page_idx, const Tensor &seq_lens, int64_t Hkv,
-                                          int64_t page_size, double scale, bool return_p_max,
-                                          bool cuda) {
+                                          int64_t head_dim, int64_t page_size, double scale,
+                                          bool return_p_max, bool cuda) {
   const char *op = page_idx ? "qaq_sparse_attention" : "qaq_attention";
-  const AttnQDims a = check_attention_args(q, ks, vs, seq_lens, Hkv, cuda, op);
+  const AttnQDims a = check_attention_args(q, ks, vs, seq_lens, Hkv, head_dim, cuda, op);
   const QDims &qd = a.q;
   const QDimsQ &kd = a.k, &vd = a.v;
   int64_t n_sel = 0, n_slot = kd.cap;  // p_max slots per (b, hk)
@@ -477,10 +488,11 @@ Tensor qaq_value_bits(const Tensor &rng, const Tensor &s_max, const Tensor &seq_
 template <bool CUDA>
 void qaq_quantize(const Tensor &x, const Tensor &pos, const Tensor &new_widths,
                   const Tensor &new_offsets, const Tensor &arena, const Tensor &offsets,
-                  const Tensor &widths, const Tensor &sz, const Tensor &oidx, const Tensor &oval) {
+                  const Tensor &widths, const Tensor &sz, const Tensor &oidx, const Tensor &oval,
+                  int64_t num_kv_heads, int64_t head_dim) {
   const OnDevice<CUDA> on(x);
   qaq_quantize_impl(x, pos, new_widths, new_offsets, mk(arena, offsets, widths, sz, oidx, oval, ""),
-                    CUDA);
+                    num_kv_heads, head_dim, CUDA);
 }
 
 template <bool CUDA>
@@ -507,12 +519,12 @@ std::tuple<Tensor, Tensor> qaq_attention(
     const Tensor &q, const Tensor &k_arena, const Tensor &k_offsets, const Tensor &k_widths,
     const Tensor &k_sz, const Tensor &k_oidx, const Tensor &k_oval, const Tensor &v_arena,
     const Tensor &v_offsets, const Tensor &v_widths, const Tensor &v_sz, const Tensor &v_oidx,
-    const Tensor &v_oval, const Tensor &seq_lens, int64_t num_kv_heads, double scale,
-    bool return_p_max) {
+    const Tensor &v_oval, const Tensor &seq_lens, int64_t num_kv_heads, int64_t head_dim,
+    double scale, bool return_p_max) {
   const OnDevice<CUDA> on(q);
   return attention_impl(q, mk(k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, "k_"),
                         mk(v_arena, v_offsets, v_widths, v_sz, v_oidx, v_oval, "v_"), nullptr, seq_lens,
-                        num_kv_heads, 1, scale, return_p_max, CUDA);
+                        num_kv_heads, head_dim, 1, scale, return_p_max, CUDA);
 }
 
 template <bool CUDA>
@@ -521,15 +533,15 @@ std::tuple<Tensor, Tensor> qaq_sparse_attention(
     const Tensor &k_sz, const Tensor &k_oidx, const Tensor &k_oval, const Tensor &v_arena,
     const Tensor &v_offsets, const Tensor &v_widths, const Tensor &v_sz, const Tensor &v_oidx,
     const Tensor &v_oval, const Tensor &page_idx, const Tensor &seq_lens, int64_t num_kv_heads,
-    int64_t page_size, double scale, bool return_p_max) {
+    int64_t head_dim, int64_t page_size, double scale, bool return_p_max) {
   const OnDevice<CUDA> on(q);
   return attention_impl(q, mk(k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, "k_"),
                         mk(v_arena, v_offsets, v_widths, v_sz, v_oidx, v_oval, "v_"), &page_idx, seq_lens,
-                        num_kv_heads, page_size, scale, return_p_max, CUDA);
+                        num_kv_heads, head_dim, page_size, scale, return_p_max, CUDA);
 }
 
-template <bool CUDA>
-void impls(torch::Library &m) {
+template <bool CUDA, class Lib = torch::Library>
+void impls(Lib &m) {
   m.impl("qaq_key_bits", &qaq_key_bits<CUDA>);
   m.impl("qaq_value_bits", &qaq_value_bits<CUDA>);
   m.impl("qaq_quantize", &qaq_quantize<CUDA>);
@@ -555,7 +567,7 @@ TORCH_LIBRARY_FRAGMENT(kvsparse, m) {
   m.def(
       "qaq_quantize(Tensor x, Tensor pos, Tensor new_widths, Tensor new_offsets, "
       "Tensor(a!) arena, Tensor(b!) offsets, Tensor(c!) widths, Tensor(d!) sz, "
-      "Tensor(e!) oidx, Tensor(f!) oval) -> ()");
+      "Tensor(e!) oidx, Tensor(f!) oval, int num_kv_heads, int head_dim) -> ()");
   m.def(
       "qaq_dequantize(Tensor arena, Tensor offsets, Tensor widths, Tensor sz, Tensor oidx, "
       "Tensor oval, Tensor seq_lens, int num_kv_heads, int head_dim) -> Tensor");
@@ -567,16 +579,22 @@ TORCH_LIBRARY_FRAGMENT(kvsparse, m) {
       "qaq_attention(Tensor q, Tensor k_arena, Tensor k_offsets, Tensor k_widths, Tensor k_sz, "
       "Tensor k_oidx, Tensor k_oval, Tensor v_arena, Tensor v_offsets, Tensor v_widths, "
       "Tensor v_sz, Tensor v_oidx, Tensor v_oval, Tensor seq_lens, int num_kv_heads, "
-      "float scale, bool return_p_max) -> (Tensor, Tensor)");
+      "int head_dim, float scale, bool return_p_max) -> (Tensor, Tensor)");
   m.def(
       "qaq_sparse_attention(Tensor q, Tensor k_arena, Tensor k_offsets, Tensor k_widths, "
       "Tensor k_sz, Tensor k_oidx, Tensor k_oval, Tensor v_arena, Tensor v_offsets, "
       "Tensor v_widths, Tensor v_sz, Tensor v_oidx, Tensor v_oval, Tensor page_idx, "
-      "Tensor seq_lens, int num_kv_heads, int page_size, float scale, bool return_p_max) "
+      "Tensor seq_lens, int num_kv_heads, int head_dim, int page_size, float scale, "
+      "bool return_p_max) "
       "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kvsparse, CPU, m) { kvsparse::impls<false>(m); }
+
+TORCH_LIBRARY_IMPL(kvsparse, Autograd, m) {
+  kvsparse::NoBackward nb{m};
+  kvsparse::impls<false>(nb);
+}
 
 #ifdef KVSPARSE_WITH_CUDA
 TORCH_LIBRARY_IMPL(kvsparse, CUDA, m) { kvsparse::impls<true>(m); }

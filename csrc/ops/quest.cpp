@@ -340,8 +340,8 @@ Tensor quest_attention(const Tensor &q, const Tensor &k, const Tensor &v, const 
                         CUDA);
 }
 
-template <bool CUDA>
-void impls(torch::Library &m) {
+template <bool CUDA, class Lib = torch::Library>
+void impls(Lib &m) {
   m.impl("quest_page_metadata", &quest_page_metadata<CUDA>);
   m.impl("quest_update_metadata", &quest_update_metadata<CUDA>);
   m.impl("quest_page_scores", &quest_page_scores<CUDA>);
@@ -376,6 +376,11 @@ TORCH_LIBRARY_FRAGMENT(kvsparse, m) {
 }
 
 TORCH_LIBRARY_IMPL(kvsparse, CPU, m) { kvsparse::impls<false>(m); }
+
+TORCH_LIBRARY_IMPL(kvsparse, Autograd, m) {
+  kvsparse::NoBackward nb{m};
+  kvsparse::impls<false>(nb);
+}
 
 #ifdef KVSPARSE_WITH_CUDA
 TORCH_LIBRARY_IMPL(kvsparse, CUDA, m) { kvsparse::impls<true>(m); }

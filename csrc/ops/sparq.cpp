@@ -434,8 +434,8 @@ Tensor sparq_attention(const Tensor &q, const Tensor &k, const Tensor &v, const 
                               reallocate, scale, CUDA);
 }
 
-template <bool CUDA>
-void impls(torch::Library &m) {
+template <bool CUDA, class Lib = torch::Library>
+void impls(Lib &m) {
   m.impl("sparq_build", &sparq_build<CUDA>);
   m.impl("sparq_append", &sparq_append<CUDA>);
   m.impl("sparq_top_channels", &sparq_top_channels<CUDA>);
@@ -470,6 +470,11 @@ TORCH_LIBRARY_FRAGMENT(kvsparse, m) {
 }
 
 TORCH_LIBRARY_IMPL(kvsparse, CPU, m) { kvsparse::impls<false>(m); }
+
+TORCH_LIBRARY_IMPL(kvsparse, Autograd, m) {
+  kvsparse::NoBackward nb{m};
+  kvsparse::impls<false>(nb);
+}
 
 #ifdef KVSPARSE_WITH_CUDA
 TORCH_LIBRARY_IMPL(kvsparse, CUDA, m) { kvsparse::impls<true>(m); }

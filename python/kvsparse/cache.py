@@ -241,6 +241,7 @@ class KVCacheLayer(CacheLayerMixin):
             # never write out of bounds (a full static cache overwrites its last slot)
             pos = pos.clamp(max=self.capacity - 1)
             new_lens = new_lens.clamp(max=self.capacity)
+        key_states, value_states = key_states.detach(), value_states.detach()  # the cache holds no graph
         out = self.storage.append_one(self, key_states, value_states, pos, new_lens)
         if self.side is not None and not self.always_dense:
             self.side.append_one(self, key_states, value_states, pos, new_lens)

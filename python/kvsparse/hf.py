@@ -251,6 +251,16 @@ def _make_attention_function(impl):
 
         if scaling is None:
             scaling = module.head_dim ** -0.5
+        needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        if needs_grad and (decoding and layer.pending is None or layer.tokens_seen() > 0):
+            layer.pending = None
+            layer.awaiting_attention = False
+            raise ValueError(
+                f"kvsparse: the {cfg.method!r} attention of layer {module.layer_idx} has no backward: a decode "
+                "step or a prefill that continues a cache reads the compressed cache, which gradients cannot "
+                "flow through, and the query/key/value states require grad; run the model under "
+                "torch.no_grad() or torch.inference_mode() (generate() does), or call "
+                "model.requires_grad_(False)")
         if decoding and layer.pending is None:
             # decode: the token is already in the buffers
             if not is_compiling():
@@ -279,7 +289,8 @@ def _make_attention_function(impl):
         else:
             kv = method.continuation_kv(layer, seen + L)
             out = _continuation_attention(module, query, layer, start, valid, seen, scaling, kv, **kwargs)
-        method.after_prefill(layer, query, start, valid, seen, scaling)
+        with torch.no_grad():  # the cache's side data takes no gradient; ``out`` above keeps its own
+            method.after_prefill(layer, query.detach(), start, valid, seen, scaling)
         return out
 
     kvsparse_attention.__name__ = f"kvsparse_attention_{impl}"

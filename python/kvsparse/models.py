@@ -132,7 +132,7 @@ def load_smollm2(dtype=None, device="cpu"):
     with _offline():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = _load_gguf_model(folder, name, dtype)
-    model = model.to(device).eval()
+    model = model.to(device).eval().requires_grad_(False)  # for inference: kvsparse has no backward
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # for batched generation
@@ -263,4 +263,4 @@ def load_gemma3(dtype=None, device="cpu", output_dir=None):
     with _offline():
         tokenizer = _gemma3_tokenizer(path)
         model = _load_gguf_model(folder, name, dtype)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval().requires_grad_(False), tokenizer

@@ -288,7 +288,8 @@ def quantize(store, x, pos, widths=8, offsets=None):
         t = (pos.to(device=dev, dtype=torch.int64)[:, None] + torch.arange(n, device=dev)[None]).clamp(0, max(cap - 1, 0))
         offsets = torch.gather(store.offsets, 2, t[:, None, :].expand(B, Hg, n)) if cap else \
             torch.zeros(B, Hg, n, dtype=torch.int32, device=dev)
-    _ops.ops.qaq_quantize(x, pos, widths, offsets.contiguous(), *store.tensors())
+    _ops.ops.qaq_quantize(x, pos, widths, offsets.contiguous(), *store.tensors(), store.num_kv_heads,
+                          store.head_dim)
 
 
 def dequantize(store, seq_lens):
@@ -530,7 +531,8 @@ def attention(q, k_store, v_store, seq_lens, scale=None, return_p_max=False):
     """
     scale = _check_attention_args(q, k_store, v_store, scale)
     out, pm = _ops.ops.qaq_attention(q, *k_store.tensors(), *v_store.tensors(), seq_lens,
-                                     k_store.num_kv_heads, _ops.float_arg(scale, "scale"), bool(return_p_max))
+                                     k_store.num_kv_heads, k_store.head_dim, _ops.float_arg(scale, "scale"),
+                                     bool(return_p_max))
     return (out, pm) if return_p_max else out
 
 
@@ -566,7 +568,8 @@ def sparse_attention(q, k_store, v_store, page_idx, seq_lens, page_size=16, scal
     """
     scale = _check_attention_args(q, k_store, v_store, scale)
     out, pm = _ops.ops.qaq_sparse_attention(q, *k_store.tensors(), *v_store.tensors(), page_idx, seq_lens,
-                                            k_store.num_kv_heads, _ops.int_arg(page_size, "page_size"),
+                                            k_store.num_kv_heads, k_store.head_dim,
+                                            _ops.int_arg(page_size, "page_size"),
                                             _ops.float_arg(scale, "scale"), bool(return_p_max))
     return (out, pm) if return_p_max else out
 
@@ -713,9 +716,13 @@ def _qaq_value_bits_fake(rng, s_max, seq_lens, sigma_x, allowed, n_recent):
 
 
 @torch.library.register_fake("kvsparse::qaq_quantize")
-def _qaq_quantize_fake(x, pos, new_widths, new_offsets, arena, offsets, widths, sz, oidx, oval):
+def _qaq_quantize_fake(x, pos, new_widths, new_offsets, arena, offsets, widths, sz, oidx, oval, num_kv_heads,
+                       head_dim):
+    _check_heads(num_kv_heads, head_dim, x.device)
     _, Hkv, n, D = _ops.check_cache(x, "x")
-    _ops.check_head_dim(D, x.device)
+    torch._check_value(Hkv == num_kv_heads and D == head_dim,
+                       lambda: f"kvsparse: x must have shape [B, Hkv, n, D] with the store's num_kv_heads = "
+                       f"{num_kv_heads} and head_dim = {head_dim}, got shape {tuple(x.shape)}")
     B, Hg, _ = _check_store_fake(arena, offsets, widths, sz, oidx, oval, x, "x", Hkv, D)
     _ops.check_same_dtype(oval, "oval", x, "x")
     _ops.check_size(x, 0, B, "x", "B, as arena.shape[0]")
@@ -750,9 +757,11 @@ def _qaq_requantize_fake(arena, offsets, widths, sz, oidx, oval, new_widths, seq
 
 @torch.library.register_fake("kvsparse::qaq_attention")
 def _qaq_attention_fake(q, k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, v_arena, v_offsets, v_widths,
-                        v_sz, v_oidx, v_oval, seq_lens, num_kv_heads, scale, return_p_max):
+                        v_sz, v_oidx, v_oval, seq_lens, num_kv_heads, head_dim, scale, return_p_max):
     B, H, D = _ops.check_q(q)
-    _check_heads(num_kv_heads, D, q.device)
+    _check_heads(num_kv_heads, head_dim, q.device)
+    torch._check_value(D == head_dim, lambda: f"kvsparse: q.shape[2] (D) must be the stores' head_dim = {head_dim}, "
+                       f"got shape {tuple(q.shape)}")
     _ops.check_gqa(H, num_kv_heads)
     _, _, k_cap = _check_store_fake(k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, q, "q", num_kv_heads, D, "k_")
     _, _, v_cap = _check_store_fake(v_arena, v_offsets, v_widths, v_sz, v_oidx, v_oval, q, "q", num_kv_heads, D, "v_")
@@ -773,10 +782,10 @@ def _qaq_attention_fake(q, k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, v
 
 @torch.library.register_fake("kvsparse::qaq_sparse_attention")
 def _qaq_sparse_attention_fake(q, k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, v_arena, v_offsets,
-                               v_widths, v_sz, v_oidx, v_oval, page_idx, seq_lens, num_kv_heads, page_size,
-                               scale, return_p_max):
+                               v_widths, v_sz, v_oidx, v_oval, page_idx, seq_lens, num_kv_heads, head_dim,
+                               page_size, scale, return_p_max):
     out, _ = _qaq_attention_fake(q, k_arena, k_offsets, k_widths, k_sz, k_oidx, k_oval, v_arena, v_offsets,
-                                 v_widths, v_sz, v_oidx, v_oval, seq_lens, num_kv_heads, scale, False)
+                                 v_widths, v_sz, v_oidx, v_oval, seq_lens, num_kv_heads, head_dim, scale, False)
     B, cap = q.shape[0], k_offsets.shape[2]
     torch._check_value(1 <= page_size <= _ops._INT32_MAX,
                        lambda: f"kvsparse: page_size must be in [1, {_ops._INT32_MAX}], got {page_size}")

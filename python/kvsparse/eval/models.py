@@ -65,4 +65,4 @@ def tiny_model(seed=0, num_layers=4, hidden=128, heads=4, kv_heads=2, head_dim=3
     with g:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
-    return model.float().eval(), ByteTokenizer()
+    return model.float().eval().requires_grad_(False), ByteTokenizer()
