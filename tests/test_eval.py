@@ -214,8 +214,8 @@ def test_cli_quick_end_to_end(tmp_path):
         with open(text, "w") as f:
             f.write(" ".join(f"Line {i} of a made-up text about kings and queens." for i in range(200)))
     out = tmp_path / "out"
-    rc = ev.main(["--task", "all", "--model", "tiny", "--quick", "--text", text, "--out", str(out),
-                  "--no-progress"])
+    rc = ev.main(["--task", "all", "--model", "tiny", "--quick", "--lengths", "256,384", "--text", text,
+                  "--out", str(out), "--no-progress"])
     assert rc == 0
     md = (out / "results.md").read_text()
     assert "Passkey retrieval" in md and "Perplexity" in md and "| dense |" in md
@@ -229,12 +229,12 @@ def test_cli_quick_end_to_end(tmp_path):
     assert res["patch_configs"]["quest-64"]["token_budget"] == 64
     pk = res["passkey"]["records"]
     assert len(pk) == len(labels) * 2 * 3  # runs x lengths x depths x 1 trial
-    assert {r["length"] for r in pk} == {512, 1024}
+    assert {r["length"] for r in pk} == {256, 384}
     assert all(r["decode_tok_s"] > 0 for r in pk)
     pp = res["ppl"]["records"]
     assert len(pp) == len(labels)
-    assert all(set(r["ppl"]) == {"512", "1024"} and r["ppl"]["1024"] > 1 for r in pp)
-    assert len(pp[0]["token_nll"]["64-1024"]) == 1024 - 64
+    assert all(set(r["ppl"]) == {"256", "384"} and r["ppl"]["384"] > 1 for r in pp)
+    assert len(pp[0]["token_nll"]["64-384"]) == 384 - 64
     # merging two result folders gives the same tables
     merged = tmp_path / "merged"
     assert ev.main(["--merge", str(out), "--out", str(merged)]) == 0

@@ -87,7 +87,8 @@ def build_parser():
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default=None, help="output folder (default out/eval-DATE)")
     ap.add_argument("--quick", action="store_true",
-                    help="a small smoke run: lengths 512,1024, depths 0,0.5,1, one trial, budgets 64,256")
+                    help="a small smoke run: lengths 512,1024, depths 0,0.5,1, one trial, budgets 64,256 "
+                         "(options given beside it win)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                     help="combine the results.json of earlier runs (e.g. passkey and ppl run in parallel) "
@@ -106,13 +107,23 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.lengths = "512,1024"
-        args.ppl_lengths = args.ppl_lengths or "512,1024"
-        args.depths = "0,0.5,1"
-        args.trials = 1
-        args.budgets = ",".join(b for b in args.budgets.split(",") if b.strip() in ("64", "256")) or "64,256"
-        args.compressions = "0.5,0.125"
-        args.sigmas = ",".join(args.sigmas.split(",")[:2])
+        # smaller defaults; an option given on the command line wins
+        d = build_parser()
+        given = lambda name: getattr(args, name) != d.get_default(name)  # noqa: E731
+        if not given("lengths"):
+            args.lengths = "512,1024"
+        if not given("ppl_lengths"):
+            args.ppl_lengths = args.lengths
+        if not given("depths"):
+            args.depths = "0,0.5,1"
+        if not given("trials"):
+            args.trials = 1
+        if not given("budgets"):
+            args.budgets = "64,256"
+        if not given("compressions"):
+            args.compressions = "0.5,0.125"
+        if not given("sigmas"):
+            args.sigmas = ",".join(args.sigmas.split(",")[:2])
     lengths = _ints(args.lengths)
     ppl_lengths = _ints(args.ppl_lengths) if args.ppl_lengths else lengths
     depths = _floats(args.depths)
