@@ -272,3 +272,24 @@ def test_smollm2_prompt_and_decode_ppl(smol):
     full = ev.full_forward_nll(model, ids, 32, L)
     assert max(abs(a - b) for a, b in zip(nll, full)) < 1e-3
     assert math.exp(sum(full) / len(full)) < 100  # a real model on real text
+
+
+@pytest.mark.parametrize("bad", [
+    ["--method", "questt"], ["--budgets", "-64"], ["--compressions", "5", "--method", "sparq"],
+    ["--lengths", "0"], ["--lengths", "a,b"], ["--depths", "2"], ["--sigmas", "0", "--method", "qaq"],
+    ["--text", "no-such-file.txt"], ["--method-kwargs", "{"], ["--method-kwargs", "[1]"],
+    ["--method-kwargs", '{"page_size": 0}'], ["--trials", "0"], ["--ruler-tasks", "nope"],
+    ["--ppl-lengths", "32"], ["--merge", "no-such-dir", "--out", "x"],
+])
+def test_cli_rejects_a_bad_argument_in_one_line_before_loading(bad, monkeypatch, capsys, tmp_path):
+    from kvsparse.eval import cli
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_model", no_load)
+    with pytest.raises(SystemExit) as e:
+        cli.main(bad + (["--out", str(tmp_path / "o")] if "--out" not in bad else []))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("python -m kvsparse.eval: error: --") or "error: run " in err, err

@@ -31,17 +31,92 @@ def _floats(s):
 
 
 def _default_text():
-    """``../shared/data/tinyshakespeare.txt`` next to the repository, when it exists."""
+    """The perplexity text when ``--text`` is not given: the project leads'
+    ``../shared/data/tinyshakespeare.txt`` next to the repository when it
+    exists, else the repository's own ``README.md`` (a clone always has it)."""
     here = os.path.dirname(os.path.abspath(__file__))
     for base in (os.getcwd(), os.path.join(here, "..", "..", "..")):
         p = os.path.normpath(os.path.join(base, "..", "shared", "data", "tinyshakespeare.txt"))
         if os.path.exists(p):
             return p
-    return None
+    readme = os.path.normpath(os.path.join(here, "..", "..", "..", "README.md"))
+    return readme if os.path.exists(readme) else None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line (no usage block), before any model is loaded."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _list(ap, args, name, conv, what, ok, rule):
+    """Parse the comma-separated ``--name`` with ``conv``; every item must pass ``ok``."""
+    raw = getattr(args, name.replace("-", "_"))
+    try:
+        vals = [conv(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--{name} {raw!r}: not a comma-separated list of {what}")
+    if not vals:
+        ap.error(f"--{name} is empty")
+    bad = [v for v in vals if not ok(v)]
+    if bad:
+        ap.error(f"--{name} {raw!r}: {bad[0]} is out of range ({rule})")
+    return vals
+
+
+def _validate(ap, args):
+    """Check every argument before a model is loaded; ``ap.error`` (exit 2, one line) on the first bad one."""
+    from .. import methods as _methods
+    from ..config import make_config
+
+    _list(ap, args, "lengths", int, "integers", lambda v: v >= 1, "each >= 1")
+    if args.ppl_lengths:
+        _list(ap, args, "ppl-lengths", int, "integers", lambda v: v > max(args.prefix, 0), "each > --prefix")
+    _list(ap, args, "depths", float, "numbers", lambda v: 0.0 <= v <= 1.0, "each in [0, 1]")
+    _list(ap, args, "budgets", int, "integers", lambda v: v >= 1, "each >= 1")
+    _list(ap, args, "compressions", float, "numbers", lambda v: 0.0 < v <= 1.0, "each in (0, 1]")
+    _list(ap, args, "sigmas", float, "numbers", lambda v: v > 0.0, "each > 0")
+    for name, low in (("trials", 1), ("samples", 1), ("max_new_tokens", 1), ("prefix", 0)):
+        if getattr(args, name) < low:
+            ap.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    if args.ppl_window is not None and args.ppl_window < 1:
+        ap.error(f"--ppl-window must be >= 1, got {args.ppl_window}")
+    if not 0.0 <= args.variation <= 1.0:
+        ap.error(f"--variation must be in [0, 1], got {args.variation}")
+    known = set(_methods.names())
+    names = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not names:
+        ap.error("--method is empty")
+    for m in names:
+        if m != "dense" and m not in known:
+            ap.error(f"--method: unknown method {m!r} (known: {', '.join(sorted(known))}, dense)")
+    unknown = [t.strip() for t in args.ruler_tasks.split(",") if t.strip() and t.strip() not in RULER_TASKS]
+    if unknown:
+        ap.error(f"--ruler-tasks: unknown task {unknown[0]!r} (known: {', '.join(RULER_TASKS)})")
+    try:
+        extra = json.loads(args.method_kwargs)
+    except ValueError as e:
+        ap.error(f"--method-kwargs is not JSON: {e}")
+    dicts = extra if isinstance(extra, list) else [extra]
+    if not dicts or not all(isinstance(d, dict) for d in dicts):
+        ap.error("--method-kwargs must be a JSON object or a list of objects")
+    if args.text is not None and not os.path.isfile(args.text):
+        ap.error(f"--text {args.text!r}: no such file")
+    # every run's config, as patch() will build it
+    runs = make_runs(names, _ints(args.budgets), extra, include_dense=False,
+                     compressions=_floats(args.compressions), sigmas=_floats(args.sigmas))
+    for run in runs:
+        try:
+            make_config(run.method, **run.kwargs)
+        except (TypeError, ValueError) as e:
+            ap.error(f"run {run.label}: {e}")
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="python -m kvsparse.eval",
         description="Passkey retrieval and decode-mode perplexity of a sparse KV-cache method vs dense.")
     ap.add_argument("--task", choices=["passkey", "ppl", "ruler", "all"], default="all",
@@ -68,7 +143,8 @@ def build_parser():
     ap.add_argument("--trials", type=int, default=2, help="passkey prompts per (length, depth) (default 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--text", default=None,
-                    help="text file for perplexity (default ../shared/data/tinyshakespeare.txt if present)")
+                    help="text file for perplexity (default ../shared/data/tinyshakespeare.txt if present, else the "
+                         "repository's README.md)")
     ap.add_argument("--prefix", type=int, default=64, help="dense prefill tokens before perplexity scoring")
     ap.add_argument("--ppl-window", type=int, default=None,
                     help="score only the last W tokens before each length (L - W prefilled densely, "
@@ -97,10 +173,14 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.merge:
         if not args.out:
-            build_parser().error("--merge needs --out")
+            parser.error("--merge needs --out")
+        for out_dir in args.merge:
+            if not os.path.isfile(os.path.join(out_dir, "results.json")):
+                parser.error(f"--merge {out_dir!r}: no results.json there")
         md, _ = merge_results(args.merge, args.out)
         print(md)
         return 0
@@ -124,6 +204,7 @@ def main(argv=None):
             args.compressions = "0.5,0.125"
         if not given("sigmas"):
             args.sigmas = ",".join(args.sigmas.split(",")[:2])
+    _validate(parser, args)
     lengths = _ints(args.lengths)
     ppl_lengths = _ints(args.ppl_lengths) if args.ppl_lengths else lengths
     depths = _floats(args.depths)
@@ -139,7 +220,8 @@ def main(argv=None):
     ruler_tasks = [t.strip() for t in args.ruler_tasks.split(",") if t.strip()]
     text_path = args.text or (_default_text() if do_ppl else None)
     if do_ppl and not text_path:
-        _log("no --text given and ../shared/data/tinyshakespeare.txt not found: skipping perplexity")
+        _log("no --text given, and neither ../shared/data/tinyshakespeare.txt nor the repository's README.md "
+             "was found: skipping perplexity")
         do_ppl = False
 
     dtype = getattr(torch, args.dtype)
