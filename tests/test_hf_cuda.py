@@ -1,4 +1,7 @@
-"""kvsparse.patch on CUDA (tiny random Llama with head_dim 64): run on the GPU machine."""
+"""kvsparse.patch on CUDA (tiny random Llama with head_dim 64; 80, 96 and 256
+in test_cuda_head_dims_lossless_equals_unpatched): run on the GPU machine."""
+import warnings
+
 import pytest
 import torch
 
@@ -16,12 +19,12 @@ pytestmark = [
 VOCAB, PAD = 128, 0
 
 
-def tiny_llama(dtype=torch.float32, layers=3):
+def tiny_llama(dtype=torch.float32, layers=3, head_dim=64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=layers,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=head_dim,
                       max_position_embeddings=2048, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg).to(device="cuda", dtype=dtype).eval()
     model.generation_config.eos_token_id = None
@@ -133,3 +136,56 @@ def test_cuda_decode_steps_never_sync(method, kw):
     with hf.patched(model, method=method, **kw):
         out = _steps_without_sync(model, hf.make_cache(model, 1), ids)
     assert torch.isfinite(out.logits.float()).all()
+
+
+@torch.no_grad()
+def _stepwise_logits(model, ids, cont, cache):
+    """Prefill ``ids``, then teacher-force ``cont`` one token at a time: the
+    logits of every step (the prefill's last position first)."""
+    out = model(ids, past_key_values=cache, use_cache=True)
+    logits = [out.logits[:, -1].float()]
+    for i in range(cont.shape[1]):
+        pos = torch.full((ids.shape[0], 1), ids.shape[1] + i, dtype=torch.long, device=ids.device)
+        out = model(cont[:, i:i + 1], past_key_values=out.past_key_values, position_ids=pos, use_cache=True)
+        logits.append(out.logits[:, -1].float())
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("head_dim", [80, 96, 256])
+@pytest.mark.parametrize("method", ["quest", "sparq", "qaq", "quest_qaq"])
+def test_cuda_head_dims_lossless_equals_unpatched(method, head_dim):
+    """The head dims beyond 64 / 128 through the patched model on CUDA: under
+    the method's lossless settings the decode logits are the unpatched
+    model's (fp32, teacher-forced); a method whose CUDA kernels lack the head
+    dim (QAQ: 80) raises at patch time, and with fallback="dense" runs dense,
+    with a warning."""
+    from kvsparse import _compat, methods
+
+    m = methods.get(method)
+    model = tiny_llama(layers=2, head_dim=head_dim)
+    L, n = 90, 6
+    ids, cont = ids_of(L), ids_of(n, seed=2)
+    with torch.no_grad():
+        full = model(torch.cat([ids, cont], 1)).logits[:, L - 1:].float()  # unpatched, dense
+    kw = m.lossless_kwargs(head_dim, L + n)
+    if head_dim not in hf.cuda_head_dims(method):
+        with pytest.raises(_compat.IntegrationError, match=f"head_dim {head_dim} on cuda"):
+            hf.patch(model, method=method, **kw)
+        assert not hf.is_patched(model)
+        with pytest.warns(UserWarning, match=f"no CUDA kernel for head_dim {head_dim}"):
+            hf.patch(model, method=method, fallback="dense", **kw)
+        try:
+            with pytest.warns(UserWarning, match=f"no CUDA kernel for head_dim {head_dim}"):
+                cache = hf.make_cache(model)
+            got = _stepwise_logits(model, ids, cont, cache)
+        finally:
+            hf.unpatch(model)
+        assert cache.native_layers == {0, 1}
+        torch.testing.assert_close(got, full[:, : n + 1], atol=1e-4, rtol=1e-4)
+        return
+    with hf.patched(model, method=method, **kw):
+        cache = hf.make_cache(model)
+        got = _stepwise_logits(model, ids, cont, cache)
+    assert not cache.native_layers
+    atol, rtol = m.lossless_tolerance
+    torch.testing.assert_close(got, full[:, : n + 1], atol=atol, rtol=rtol)

@@ -167,16 +167,50 @@ def test_gemma3_static_cache_equals_unpatched():
         assert torch.equal(greedy(model, ids, n=8, past_key_values=cache, disable_compile=True), ref)
 
 
+def _no_kernel_for_256(monkeypatch):
+    """Simulate, on the CPU, a device whose kernels lack head_dim 256 (the
+    device support check of kvsparse.hf)."""
+    monkeypatch.setattr(hf, "_kernel_supports", lambda head_dim, device, method: int(head_dim) != 256)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_head_dim_without_kernel_raises(method, monkeypatch):
+    """A layer whose head dim has no kernel on its device: patch and
+    make_cache raise IntegrationError naming the head dim, the layers, the
+    device and the supported head dims (simulated on the CPU)."""
+    model = family_model("gemma3")
+    _no_kernel_for_256(monkeypatch)
+    dims = ", ".join(map(str, hf.cuda_head_dims(method)[:-1])) + f" or {hf.cuda_head_dims(method)[-1]}"
+    match = rf"{method} has no CUDA kernel for head_dim 256 on cpu: layers \[1\] .*head_dim {dims}.*fallback"
+    with pytest.raises(_compat.IntegrationError, match=match):
+        hf.patch(model, method=method, **small(method))
+    assert not hf.is_patched(model)  # raised before any hook
+    with pytest.raises(_compat.IntegrationError, match=match):
+        hf.patch(model, method=method, self_check=False, **small(method))
+    assert not hf.is_patched(model)
+    with pytest.raises(_compat.IntegrationError, match=match):
+        hf.make_cache(model, config=make_config(method, **small(method)))
+    # a patched model (with the fallback) still refuses a cache of a config without it
+    hf.patch(model, method=method, fallback="dense", self_check=False, **small(method))
+    try:
+        with pytest.raises(_compat.IntegrationError, match=match):
+            hf.make_cache(model, config=model.kvsparse_config.replace(fallback=None))
+    finally:
+        hf.unpatch(model)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_head_dim_without_kernel_falls_back_dense_with_warning(method, monkeypatch):
-    """On CUDA, head_dim 256 has no kernel: the full layers run dense, with a
-    warning naming the method and the head dim (simulated on the CPU)."""
+    """With fallback="dense", a head dim without a kernel on its device runs
+    the full layers dense, with a warning naming the method and the head dim
+    (simulated on the CPU)."""
     model = family_model("gemma3")
     ids = prompt(30)
     ref = greedy(model, ids, n=6)
-    monkeypatch.setattr(hf, "_kernel_supports", lambda head_dim, device: head_dim in hf.CUDA_HEAD_DIMS)
+    _no_kernel_for_256(monkeypatch)
     with pytest.warns(UserWarning, match=f"{method} has no CUDA kernel for head_dim 256"):
-        hf.patch(model, method=method, **small(method))
+        hf.patch(model, method=method, fallback="dense", **small(method))
+    assert model.kvsparse_config.fallback == "dense"
     try:
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
@@ -192,7 +226,23 @@ def test_head_dim_without_kernel_falls_back_dense_with_warning(method, monkeypat
         assert hf.make_cache(tiny_model(layers=1, head_dim=64), config=make_config(method)).native_layers == frozenset()
 
 
+def test_fallback_field():
+    for method in METHODS:
+        assert make_config(method).fallback is None
+        assert make_config(method, fallback="dense").to_dict()["fallback"] == "dense"
+        with pytest.raises(ValueError, match="fallback"):
+            make_config(method, fallback="sparse")
+
+
 def test_cuda_head_dims_match_the_ops():
-    assert hf.CUDA_HEAD_DIMS == (64, 128)
-    assert hf._kernel_supports(256, "cpu") and not hf._kernel_supports(256, "cuda")
-    assert hf._kernel_supports(128, "cuda") and hf._kernel_supports(64, "cuda")
+    from kvsparse import _ops
+
+    assert hf.CUDA_HEAD_DIMS == _ops.CUDA_HEAD_DIMS == (64, 80, 96, 128, 256)
+    assert hf.cuda_head_dims("quest") == hf.cuda_head_dims("sparq") == hf.CUDA_HEAD_DIMS
+    # QAQ's attention on CUDA (check_qaq_attention_head_dim in csrc/ops/qaq.cpp) takes no 80
+    assert hf.cuda_head_dims("qaq") == hf.cuda_head_dims("quest_qaq") == (64, 96, 128, 256)
+    assert hf.cuda_head_dims(make_config("qaq")) == (64, 96, 128, 256)
+    for method in METHODS:
+        assert hf._kernel_supports(72, "cpu", method) and not hf._kernel_supports(72, "cuda", method)
+        assert all(hf._kernel_supports(d, "cuda", method) for d in (64, 96, 128, 256))
+    assert hf._kernel_supports(80, "cuda", "quest") and not hf._kernel_supports(80, "cuda", "qaq")

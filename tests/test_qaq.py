@@ -345,6 +345,28 @@ def test_bits_monotone_in_attention_and_query_scale():
 CAP = 77
 LENS = {1: [75], 3: [77, 9, 50]}  # ragged, not multiples of 16
 
+#: head dims beyond 64 and 128: 96 (the CUDA attention runs it on D = 128 tiles)
+#: and 256 on both devices, 80 on the CPU only (the CUDA attention refuses it:
+#: test_cuda_head_dim_80); a few dtypes and shapes each (GPU suite time)
+NEW_D = (80, 96, 256)
+NEW_D_DTYPES = [(torch.float32, "f32"), (torch.bfloat16, "bf16")]
+CUDA_ATTN_D = (64, 96, 128, 256)
+
+
+def _cases(shapes, new_shapes):
+    """(dtype, D, *shape) cases: every dtype and shape for D = 64 and 128,
+    NEW_D_DTYPES and new_shapes for NEW_D."""
+    out = [pytest.param(dt, D, *sh, id=f"{i}-D{D}-" + "-".join(map(str, sh)))
+           for dt, i in zip(DTYPES, DT_IDS) for D in (64, 128) for sh in shapes]
+    out += [pytest.param(dt, D, *sh, id=f"{i}-D{D}-" + "-".join(map(str, sh)))
+            for dt, i in NEW_D_DTYPES for D in NEW_D for sh in new_shapes]
+    return out
+
+
+def _skip_cuda_d(device, D):
+    if device == "cuda" and D not in CUDA_ATTN_D:
+        pytest.skip(f"the QAQ attention on CUDA takes head_dim {CUDA_ATTN_D} (test_cuda_head_dim_80)")
+
 
 def _attention_against_reference(device, q, ks, vs, sl):
     """Poison, run the fused attention with p_max and compare both with the
@@ -362,11 +384,9 @@ def _attention_against_reference(device, q, ks, vs, sl):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("G", [1, 3, 4])
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("dtype,D,G,B", _cases([(G, B) for G in (1, 3, 4) for B in (1, 3)], [(4, 1), (3, 3)]))
 def test_attention_matches_reference(device, dtype, D, G, B):
+    _skip_cuda_d(device, D)
     Hkv = 2
     H = G * Hkv
     seed = _seed("attn", dtype, D, G, B)
@@ -393,12 +413,12 @@ def test_attention_matches_reference(device, dtype, D, G, B):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype,D", _cases([()], [()]))
 def test_attention_uniform_tiles_every_width_pair(device, dtype, D):
     """Tiles of 16 tokens with one K width and one V width (what tile_widths
     gives): every (K, V) pair of {2, 4, 8} appears, plus mixed tiles and a
     ragged end; the CUDA kernel runs its width-specialised code on them."""
+    _skip_cuda_d(device, D)
     B, Hkv, G, cap = 2, 2, 4, 16 * 9 * 3 + 5
     seed = _seed("tiles", dtype, D)
     pairs = [(a, b) for a in (2, 4, 8) for b in (2, 4, 8)]
@@ -640,6 +660,10 @@ CUDA_CFGS = {
     "head-a0.1": (2, 64, False, 0.1),  # E = 64, n_side = 4
     "shared1024": (8, 128, True, 0.02),  # E = 1024, n_side = 11 (Llama-3-8B, shared)
     "shared1024-a0.05": (8, 128, True, 0.05),  # E = 1024, n_side = 26
+    # head dims 96 (the attention's D = 128 tiles with padding; heads at 96-element
+    # offsets of a shared group) and 256 (its shared memory layout)
+    "shared-d96": (3, 96, True, 0.02),  # E = 288, n_side = 3
+    "head-d256": (2, 256, False, 0.02),  # E = 256, n_side = 3
 }
 
 
@@ -713,6 +737,31 @@ def test_cuda_quantize_ties_nan_matches_cpu(dtype, cfg):
         if ta.is_floating_point():
             ta, tc = ta.view(iv if name == "oval" else torch.int16), tc.view(iv if name == "oval" else torch.int16)
         assert torch.equal(ta, tc.cpu()), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and kvsparse built with CUDA")
+@pytest.mark.parametrize("shared", [False, True], ids=["head", "shared"])
+def test_cuda_head_dim_80(shared):
+    """head_dim 80 on CUDA: quantize, dequantize and requantize are the CPU's bit
+    for bit (80 codes at width 1 end in a partial word; a shared group of 3 heads
+    starts heads mid-word); the attention refuses it, naming the head dims it takes."""
+    B, Hkv, cap, D, dtype = 2, 3, 40, 80, torch.bfloat16
+    Hg = 1 if shared else Hkv
+    w = _rand_widths(B, Hg, cap, 81)
+    st, x, sl = _fill("cpu", B, Hkv, cap, D, dtype, [40, 17], w, 82, shared=shared, alpha=0.05)
+    sc, _, slc = _fill("cuda", B, Hkv, cap, D, dtype, [40, 17], w, 82, shared=shared, alpha=0.05)
+    for a, b in zip(st.tensors(), sc.tensors()):
+        assert torch.equal(a, b.cpu())
+    assert torch.equal(qaq.dequantize(st, sl), qaq.dequantize(sc, slc).cpu())
+    nw = _rand_widths(B, Hg, cap, 83)
+    qaq.requantize(st, nw, sl)
+    qaq.requantize(sc, nw.cuda(), slc)
+    for a, b in zip(st.tensors(), sc.tensors()):
+        assert torch.equal(a, b.cpu())
+    q = torch.randn(B, 2 * Hkv, D, dtype=dtype, device="cuda")
+    with pytest.raises(ValueError, match=r"head_dim must be 64, 96, 128 or 256 for the QAQ attention on CUDA, got 80"):
+        qaq.attention(q, sc, sc, slc)
 
 
 def _capture(step):

@@ -34,9 +34,20 @@ def _assert_scores_close(actual, expected):
     torch.testing.assert_close(a[fin], e[fin], **SCORE_TOL)
 
 
-def _skip_d(device, D):
-    if device == "cuda" and D not in (64, 128):
-        pytest.skip("CUDA supports head_dim 64 and 128 only")
+#: the head dims beyond 64 and 128 (the CUDA kernels' padded lanes: 80, 96; a
+#: whole warp per token: 256): a few dtypes and shapes each (GPU suite time)
+NEW_D = (80, 96, 256)
+NEW_D_DTYPES = [(torch.float32, "f32"), (torch.bfloat16, "bf16")]
+
+
+def _cases(shapes, new_shapes):
+    """(dtype, D, *shape) cases: every dtype and shape for D = 64 and 128,
+    NEW_D_DTYPES and new_shapes for NEW_D."""
+    out = [pytest.param(dt, D, *sh, id=f"{i}-D{D}-" + "-".join(map(str, sh)))
+           for dt, i in zip(DTYPES, ["f32", "f16", "bf16"]) for D in (64, 128) for sh in shapes]
+    out += [pytest.param(dt, D, *sh, id=f"{i}-D{D}-" + "-".join(map(str, sh)))
+            for dt, i in NEW_D_DTYPES for D in NEW_D for sh in new_shapes]
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -47,10 +58,9 @@ CAP = 211  # not a multiple of P: the last page of the cache is partial
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("G", [1, 3, 4, 8])
-@pytest.mark.parametrize("B", [1, 3])
+# (G, B): every pair for D = 64 / 128; the largest group (MAXG 8: the most
+# shared memory at D = 256) and a padded one (G = 3 in a MAXG 4 kernel) for NEW_D
+@pytest.mark.parametrize("dtype,D,G,B", _cases([(G, B) for G in (1, 3, 4, 8) for B in (1, 3)], [(8, 1), (3, 3)]))
 @pytest.mark.parametrize("budget", [72, 4096])  # 72: 4 pages (not a multiple of P); 4096 > cap
 @pytest.mark.parametrize("mode", ["group", "head"])
 def test_pipeline_matches_reference(device, dtype, D, G, B, budget, mode):
@@ -90,9 +100,7 @@ def test_pipeline_matches_reference(device, dtype, D, G, B, budget, mode):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("dtype,D,G", _cases([(1,), (4,)], [(4,)]))
 @pytest.mark.parametrize("mode", ["group", "head"])
 def test_full_budget_equals_sdpa(device, dtype, D, G, mode):
     """With token_budget >= every length, Quest is dense attention on the valid prefix."""
@@ -366,7 +374,7 @@ def _bad_base(device, D=64):
     k = torch.randn(B, Hkv, cap, D, device=device)
     v = torch.randn(B, Hkv, cap, D, device=device)
     sl = torch.tensor([40, 9], dtype=torch.int32, device=device)
-    kmin, kmax = quest.page_metadata(k, sl, P) if D in (64, 128) or device == "cpu" else (None, None)
+    kmin, kmax = quest.page_metadata(k, sl, P) if D in kvsparse.hf.CUDA_HEAD_DIMS or device == "cpu" else (None, None)
     return q, k, v, sl, kmin, kmax
 
 
@@ -427,7 +435,7 @@ def test_bad_inputs(device, fn, exc, match, cpu_only):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_head_dim(device):
-    D = 36 if device == "cpu" else 32  # CPU: D % 8 != 0; CUDA: not 64/128
+    D = 36 if device == "cpu" else 72  # CPU: D % 8 != 0; CUDA: not 64, 80, 96, 128 or 256
     k = torch.randn(1, 1, 16, D, device=device)
     sl = torch.tensor([16], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="head_dim"):

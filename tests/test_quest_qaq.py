@@ -51,13 +51,20 @@ def _check(device, q, ks, vs, pidx, sl, P, scale=None):
     return out, pm
 
 
+#: head dims beyond 64 and 128: 96 and 256 on both devices, 80 on the CPU only
+#: (the QAQ attention on CUDA refuses it); a few dtypes and shapes each (GPU suite time)
+_NEW_D_CASES = [pytest.param(dt, D, G, B, P, id=f"{i}-D{D}-{G}-{B}-{P}")
+                for dt, i in [(torch.float32, "f32"), (torch.bfloat16, "bf16")] for D in (80, 96, 256)
+                for G, B, P in [(4, 1, 16), (1, 3, 8)]]
+_CASES = [pytest.param(dt, D, G, B, P, id=f"{i}-D{D}-{G}-{B}-{P}")
+          for dt, i in zip(DTYPES, DT_IDS) for D in (64, 128) for G in (1, 4) for B in (1, 3) for P in (16, 8)]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("G", [1, 4])
-@pytest.mark.parametrize("B", [1, 3])
-@pytest.mark.parametrize("P", [16, 8])
+@pytest.mark.parametrize("dtype,D,G,B,P", _CASES + _NEW_D_CASES)
 def test_sparse_attention_matches_quest_over_dequantized(device, dtype, D, G, B, P):
+    if device == "cuda" and D == 80:
+        pytest.skip("the QAQ attention on CUDA takes head_dim 64, 96, 128 or 256")
     Hkv, cap = 2, 101
     lens = {1: [101], 3: [101, 9, 60]}[B]  # not multiples of the page size
     seed = _seed("qq", dtype, D, G, B, P)

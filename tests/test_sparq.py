@@ -47,6 +47,22 @@ CAP = 211
 LENS = {1: [203], 3: [211, 7, 64]}  # ragged, one shorter than most k
 
 
+#: the head dims beyond 64 and 128 (the CUDA attention's padded lanes: 80, 96;
+#: a whole warp per token: 256): a few dtypes and shapes each (GPU suite time)
+NEW_D = (80, 96, 256)
+NEW_D_DTYPES = [(torch.float32, "f32"), (torch.bfloat16, "bf16")]
+
+
+def _cases(shapes, new_shapes):
+    """(dtype, D, *shape) cases: every dtype and shape for D = 64 and 128,
+    NEW_D_DTYPES and new_shapes for NEW_D."""
+    out = [pytest.param(dt, D, *sh, id=f"{i}-D{D}-" + "-".join(map(str, sh)))
+           for dt, i in zip(DTYPES, DT_IDS) for D in (64, 128) for sh in shapes]
+    out += [pytest.param(dt, D, *sh, id=f"{i}-D{D}-" + "-".join(map(str, sh)))
+            for dt, i in NEW_D_DTYPES for D in NEW_D for sh in new_shapes]
+    return out
+
+
 def _configs(D):
     # (r, k, local_window, reallocate): r in {1, 8, D}; k below and above the
     # lengths (k = cap keeps everything); windows 0, < k and > k
@@ -54,10 +70,9 @@ def _configs(D):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("G", [1, 3, 4, 8])
-@pytest.mark.parametrize("B", [1, 3])
+# (G, B): every pair for D = 64 / 128; the largest group (MAXG 8: the most
+# shared memory at D = 256) and a padded one (G = 3 in a MAXG 4 kernel) for NEW_D
+@pytest.mark.parametrize("dtype,D,G,B", _cases([(G, B) for G in (1, 3, 4, 8) for B in (1, 3)], [(8, 1), (3, 3)]))
 @pytest.mark.parametrize("mode", ["group", "head"])
 def test_pipeline_matches_reference(device, dtype, D, G, B, mode):
     Hkv = 2
@@ -103,11 +118,8 @@ def test_pipeline_matches_reference(device, dtype, D, G, B, mode):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("dtype,D,G,realloc", _cases([(G, r) for G in (1, 4) for r in (False, True)], [(4, True)]))
 @pytest.mark.parametrize("mode", ["group", "head"])
-@pytest.mark.parametrize("realloc", [False, True])
 def test_full_k_equals_sdpa(device, dtype, D, G, mode, realloc):
     """k >= every length: dense attention over the valid prefix (exactly so without
     reallocation; with it alpha is 1 up to rounding)."""
@@ -487,7 +499,7 @@ def test_bad_inputs(device, fn, exc, match, cpu_only):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_head_dim(device):
-    D = 36 if device == "cpu" else 32
+    D = 36 if device == "cpu" else 72  # CPU: D % 8 != 0; CUDA: not 64, 80, 96, 128 or 256
     k = torch.randn(1, 1, 16, D, device=device)
     sl = torch.tensor([16], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="head_dim"):

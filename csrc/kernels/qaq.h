@@ -238,7 +238,8 @@ int ks_qaq_sparse_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H
  * bit-identical to the CPU's (IEEE division / non-contracted multiply-add);
  * attention outputs agree to float32 rounding. Device pointers, return 0 or a
  * cudaError_t code, never synchronise with the host, graph-capturable
- * (workspaces sized from shapes). Attention: D in {64, 128}, G = H / Hkv <= 8.
+ * (workspaces sized from shapes). Attention: D in {64, 96, 128, 256}, G = H / Hkv <= 8
+ * (quantize / dequantize / requantize: any D).
  * n_out <= 64. */
 int ks_qaq_bits_cuda(const float *rng, const float *q_sq, const float *s_max, int is_key,
                      int64_t B, int64_t Hg, int64_t cap, const int32_t *seq_lens, double sigma,

@@ -21,6 +21,20 @@
 // Arithmetic that decides codes uses IEEE-rounded intrinsics (__fdiv_rn,
 // __fadd_rn, __fmul_rn), unaffected by --use_fast_math and never contracted
 // into FMAs, so codes, scales and dequantized values equal the CPU's bit for bit.
+//
+// Head dims: bits, quantize, dequantize and requantize loop over the group at
+// run time (any D). The attention takes D in {64, 96, 128, 256}
+// (qa_head_dim_ok; QaDim below): its lanes read whole 32-bit code words of
+// D/4 (K) and D/8 (V) elements, and a head's codes start on a word boundary
+// at every width, which needs D % 32 == 0. D = 96 runs the D = 128 tiles
+// (DP = 128): q is zero past D (padded K elements add 0 to every logit), the
+// padded V rows are computed from whatever the staging area holds there and
+// never stored, and every copy, offset and record uses the real D, so memory
+// stays D-contiguous. D = 80 is not taken: at width 1 its 80 codes end in a
+// partial word (plain order, not the interleaved one) and a head of a shared
+// group starts mid-word. D = 256 moves the per-warp sums to dynamic shared
+// memory (static shared memory is limited to 48 KiB) and is built for one
+// block per SM (its shared memory allows no more; up to 255 registers).
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -662,6 +676,20 @@ __device__ __forceinline__ uint32_t bf16_pair8(uint32_t v) {
 
 template <int W> struct QaW { static constexpr int value = W; };
 
+// The head dims of the attention (see the top of the file): D the stored head
+// dim, P the head dim of the MMA tiles and lane chunks (D, or 128 for D = 96:
+// with 96 / 4 = 24 K elements per lane a chunk would start mid-word at widths
+// 1 and 2; with 32 every chunk is whole words), BUF_DYN: the per-warp sums
+// s_buf live in dynamic shared memory after the staging areas.
+template <int D> struct QaDim {
+  static_assert(D == 64 || D == 96 || D == 128 || D == 256, "QAQ attention: head_dim 64, 96, 128 or 256");
+  static constexpr int P = D == 96 ? 128 : D;
+  static constexpr bool BUF_DYN = D > 128;
+};
+__host__ __device__ constexpr bool qa_head_dim_ok(int64_t D) {
+  return D == 64 || D == 96 || D == 128 || D == 256;
+}
+
 // ---- asynchronous copies into a warp's staging area (cp.async, sm_80+).
 // A warp stages the next tile in shared memory while it computes the current
 // one. Per stage: the codes of the tile's 16 tokens for this KV head, K then V,
@@ -874,10 +902,11 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
                    float *__restrict__ lam, float *__restrict__ slog, T *__restrict__ out) {
   constexpr int W = QA_WARPS, NT = W * 32, MAXG = QQ_GMAX;
   constexpr int NQ = QaPrec<T>::NQ, NP = QaPrec<T>::NP;
-  constexpr int NS = D / 16;                  // k-steps of S = m-tiles of O^T
-  constexpr int EPK = D / 4, NPK = EPK / 2;   // K elements / pairs of a lane per token
-  constexpr int EPV = D / 8, NPV = EPV / 2;   // V elements / pairs of a lane per token (NPV = NS)
-  constexpr int NWK = D / 16, NWV = D / 32;   // most words of a lane's K / V chunk (width 8)
+  constexpr int DP = QaDim<D>::P;             // head dim of the tiles (D, or 128 for D = 96)
+  constexpr int NS = DP / 16;                 // k-steps of S = m-tiles of O^T
+  constexpr int EPK = DP / 4, NPK = EPK / 2;  // K elements / pairs of a lane per token
+  constexpr int EPV = DP / 8, NPV = EPV / 2;  // V elements / pairs of a lane per token (NPV = NS)
+  constexpr int NWK = DP / 16, NWV = DP / 32; // most words of a lane's K / V chunk (width 8)
   constexpr int REC = D + 2;                  // partial record: acc[D], M, L
   const int split = blockIdx.x, nsplit = gridDim.x, hk = blockIdx.y, b = blockIdx.z;
   const int G = H / Hkv;
@@ -887,20 +916,30 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   const int64_t len = sel.pidx ? sel.n_sel * sel.P : tlen;
   const int64_t srow = (int64_t)b * Hkv + hk;
 
-  __shared__ float qs[MAXG][D];  // q (float32; zero rows past G)
+  __shared__ float qs[MAXG][DP];  // q (float32; zero rows past G, zero columns past D)
   __shared__ float s_qsum[MAXG], s_qpow[MAXG];
   // per warp: V outlier sums relative to m_ref during the stream, the warp's
-  // merge record afterwards
-  __shared__ float s_buf[W][MAXG][D];
+  // merge record afterwards (static, or after the staging areas when BUF_DYN)
+  constexpr bool BUF_DYN = QaDim<D>::BUF_DYN;
+  __shared__ float s_buf_static[BUF_DYN ? 1 : W][MAXG][BUF_DYN ? 1 : D];
   __shared__ float s_m[W][MAXG], s_l[W][MAXG];
-  extern __shared__ uint4 s_stage[];  // [W][2 stages] staging areas (QaStage<D>)
+  extern __shared__ uint4 s_stage[];  // [W][2 stages] staging areas (QaStage<DP>), then s_buf if BUF_DYN
+  float (*s_buf)[MAXG][D] =
+      BUF_DYN ? reinterpret_cast<float (*)[MAXG][D]>(s_stage + W * 2 * QaStage<DP>::BYTES / 16)
+              : reinterpret_cast<float (*)[MAXG][D]>(&s_buf_static[0][0][0]);
 
-  for (int i = tid; i < MAXG * D; i += NT) {
-    const int g = i / D;
-    qs[g][i % D] = g < G ? to_f<T>(q[((int64_t)b * H + (int64_t)hk * G) * D + i]) : 0.f;
-    (&s_buf[0][0][0])[i] = 0.f;
+  if (DP == D) {
+    for (int i = tid; i < MAXG * D; i += NT) {
+      const int g = i / D;
+      qs[g][i % D] = g < G ? to_f<T>(q[((int64_t)b * H + (int64_t)hk * G) * D + i]) : 0.f;
+    }
+  } else {
+    for (int i = tid; i < MAXG * DP; i += NT) {
+      const int g = i / DP, d = i % DP;
+      qs[g][d] = g < G && d < D ? to_f<T>(q[((int64_t)b * H + (int64_t)hk * G + g) * D + d]) : 0.f;
+    }
   }
-  for (int i = MAXG * D + tid; i < W * MAXG * D; i += NT) (&s_buf[0][0][0])[i] = 0.f;
+  for (int i = tid; i < W * MAXG * D; i += NT) (&s_buf[0][0][0])[i] = 0.f;
   __syncthreads();
   for (int g = warp; g < MAXG; g += W) {
     float sm = 0.f, mx = 0.f;
@@ -982,7 +1021,7 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
   // per token, K or V), its codes and first outlier slots were copied into
   // stage i % 2 one step ahead (cp.async); step i issues the copies of tile
   // i + 1 and the metadata reads of tile i + 2, then waits for tile i's copies.
-  using SG = QaStage<D>;
+  using SG = QaStage<DP>;
   const uint32_t stage0 = smem_addr(s_stage) + (uint32_t)(warp * 2 * SG::BYTES);
   const int wstep = W * 16;
   const bool mine_k = lane < 16;
@@ -1303,13 +1342,16 @@ __global__ void __launch_bounds__(QA_WARPS * 32, MINB)
     float f[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) f[i] = m_ref[i] == -CUDART_INF_F ? 0.f : exp2f(m_ref[i] - m_run[i]);
+    // (D = 96: the lanes gid >= 6 hold the padded rows 96 .. 127, not stored)
+    if (DP == D || gid * EPV < D) {
 #pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      const int d = gid * EPV + 2 * s;
-      vc0[d] = oacc[s][0] + z_run[0] + vc0[d] * f[0];
-      vc1[d] = oacc[s][1] + z_run[1] + vc1[d] * f[1];
-      vc0[d + 1] = oacc[s][2] + z_run[0] + vc0[d + 1] * f[0];
-      vc1[d + 1] = oacc[s][3] + z_run[1] + vc1[d + 1] * f[1];
+      for (int s = 0; s < NS; ++s) {
+        const int d = gid * EPV + 2 * s;
+        vc0[d] = oacc[s][0] + z_run[0] + vc0[d] * f[0];
+        vc1[d] = oacc[s][1] + z_run[1] + vc1[d] * f[1];
+        vc0[d + 1] = oacc[s][2] + z_run[0] + vc0[d + 1] * f[0];
+        vc1[d + 1] = oacc[s][3] + z_run[1] + vc1[d + 1] * f[1];
+      }
     }
     if (gid == 0) {
 #pragma unroll
@@ -1427,9 +1469,11 @@ int qa_sm_count() {
   return n;
 }
 
-// dynamic shared memory of the attention kernel: the staging records
-inline size_t qa_stage_bytes(int64_t D) {
-  return (size_t)QA_WARPS * 2 * (D == 64 ? QaStage<64>::BYTES : QaStage<128>::BYTES);
+// dynamic shared memory of the attention kernel: the staging records (and,
+// for D = 256, the per-warp sums; see QaDim)
+template <int D> constexpr size_t qa_dyn_bytes() {
+  return (size_t)QA_WARPS * 2 * QaStage<QaDim<D>::P>::BYTES +
+         (QaDim<D>::BUF_DYN ? (size_t)QA_WARPS * QQ_GMAX * D * sizeof(float) : 0);
 }
 // lets a kernel take that much on top of its static shared memory (once per kernel)
 template <typename T, int D, int MINB>
@@ -1437,13 +1481,14 @@ void qa_set_smem() {
   static bool done = false;
   if (!done) {
     cudaFuncSetAttribute(qa_attn_kernel<T, D, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         (int)qa_stage_bytes(D));
+                         (int)qa_dyn_bytes<D>());
     done = true;
   }
 }
 
 // blocks per SM the kernel is built for: QA_BLOCKS, or KVSPARSE_QA_BLOCKS
-// (2, 3 or 4; an experiment switch of the benchmarks)
+// (2, 3 or 4; an experiment switch of the benchmarks, for D = 64 and 128 only:
+// D = 96 is built for QA_BLOCKS alone and D = 256 for one block, see launch_attn)
 int qa_blocks() {
   static int n = 0;
   if (n == 0) {
@@ -1490,24 +1535,34 @@ int launch_attn(const T *q, int64_t B, int64_t H, int64_t Hkv, int64_t cap, cons
   const int64_t ns = qa_nsplit(B, H, Hkv, n_slot, ms);
   const dim3 grid((unsigned)ns, (unsigned)Hkv, (unsigned)B);
   const float sl2 = scale * 1.4426950408889634f;
-  const size_t dyn = qa_stage_bytes(D);
-  switch (qa_blocks()) {
-    case 2:
-      qa_set_smem<T, D, 2>();
-      qa_attn_kernel<T, D, 2><<<grid, QA_WARPS * 32, dyn, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
-          seq_lens, sel, sl2, (int)per, part, counters, lam, slog, out);
-      break;
-    case 3:
-      qa_set_smem<T, D, 3>();
-      qa_attn_kernel<T, D, 3><<<grid, QA_WARPS * 32, dyn, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
-          seq_lens, sel, sl2, (int)per, part, counters, lam, slog, out);
-      break;
-    default:
-      qa_set_smem<T, D, 4>();
-      qa_attn_kernel<T, D, 4><<<grid, QA_WARPS * 32, dyn, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
-          seq_lens, sel, sl2, (int)per, part, counters, lam, slog, out);
+  const size_t dyn = qa_dyn_bytes<D>();
+  // D = 96 and 256: one build each (fewer instantiations: compile time); 256
+  // fits one block per SM (about 120 KiB of shared memory) with 255 registers
+  constexpr int FIXED = D == 96 ? QA_BLOCKS : D == 256 ? 1 : 0;
+  if constexpr (FIXED != 0) {
+    qa_set_smem<T, D, FIXED>();
+    qa_attn_kernel<T, D, FIXED><<<grid, QA_WARPS * 32, dyn, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
+        seq_lens, sel, sl2, (int)per, part, counters, lam, slog, out);
+    return (int)cudaGetLastError();
+  } else {
+    switch (qa_blocks()) {
+      case 2:
+        qa_set_smem<T, D, 2>();
+        qa_attn_kernel<T, D, 2><<<grid, QA_WARPS * 32, dyn, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
+            seq_lens, sel, sl2, (int)per, part, counters, lam, slog, out);
+        break;
+      case 3:
+        qa_set_smem<T, D, 3>();
+        qa_attn_kernel<T, D, 3><<<grid, QA_WARPS * 32, dyn, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
+            seq_lens, sel, sl2, (int)per, part, counters, lam, slog, out);
+        break;
+      default:
+        qa_set_smem<T, D, 4>();
+        qa_attn_kernel<T, D, 4><<<grid, QA_WARPS * 32, dyn, s>>>(q, kq, vq, (int)H, (int)Hkv, cap,
+            seq_lens, sel, sl2, (int)per, part, counters, lam, slog, out);
+    }
+    return (int)cudaGetLastError();
   }
-  return (int)cudaGetLastError();
 }
 
 // workspace: counters [B * Hkv] int | partials [B * H * nsplit * (D + 2)] |
@@ -1540,10 +1595,17 @@ int attention_t(const T *q, int64_t B, int64_t H, int64_t Hkv, int64_t cap, int6
     cudaError_t e = cudaMemsetAsync(counters, 0, (size_t)B * Hkv * sizeof(int), s);
     if (e != cudaSuccess) return (int)e;
   }
-  int rc = D == 64 ? launch_attn<T, 64>(q, B, H, Hkv, cap, kq, vq, seq_lens, sel, n_slot, scale,
-                                          lam, slog, part, counters, out, s)
-                   : launch_attn<T, 128>(q, B, H, Hkv, cap, kq, vq, seq_lens, sel, n_slot, scale,
-                                           lam, slog, part, counters, out, s);
+  int rc;
+  switch (D) {
+#define KS_QA_D(DD)                                                                            \
+  case DD:                                                                                     \
+    rc = launch_attn<T, DD>(q, B, H, Hkv, cap, kq, vq, seq_lens, sel, n_slot, scale, lam, slog, \
+                            part, counters, out, s);                                           \
+    break;
+    KS_QA_D(64) KS_QA_D(96) KS_QA_D(128) KS_QA_D(256)
+#undef KS_QA_D
+    default: return (int)cudaErrorInvalidValue;
+  }
   if (rc != 0) return rc;
   if (p_max && n_slot > 0) {
     const dim3 gm(nblocks(n_slot, 256), (unsigned)Hkv, (unsigned)B);
@@ -1640,7 +1702,7 @@ int attention_any(const void *q, ks_dtype dt, int64_t B, int64_t H, int64_t Hkv,
                   const int32_t *seq_lens, const QaSel &sel, float scale, float *p_max,
                   void *workspace, void *out, void *stream) {
   if (B * H * D == 0) return 0;
-  if ((D != 64 && D != 128) || Hkv < 1 || H % Hkv != 0 || H / Hkv > QQ_GMAX)
+  if (!qa_head_dim_ok(D) || Hkv < 1 || H % Hkv != 0 || H / Hkv > QQ_GMAX)
     return (int)cudaErrorInvalidValue;
   cudaStream_t s = (cudaStream_t)stream;
   if (dt == KS_F32)

@@ -105,7 +105,7 @@ int ks_quest_attention_cpu(const void *q, const void *k, const void *v, const vo
 /* ---- CUDA twins (quest_cuda.cu) ---------------------------------------------
  * Same semantics; all pointers are device pointers; stream is a cudaStream_t.
  * Return 0 on success, else a cudaError_t code (launch error). They never
- * synchronise with the host. The GPU supports D in {64, 128}. */
+ * synchronise with the host. The GPU supports D in {64, 80, 96, 128, 256}. */
 int ks_quest_page_metadata_cuda(const void *k, ks_dtype dt, int64_t B, int64_t Hkv, int64_t cap,
                                 int64_t D, const int32_t *start_lens, const int32_t *seq_lens,
                                 int64_t page_size, int64_t max_pages, void *kmin, void *kmax,

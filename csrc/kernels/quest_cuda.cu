@@ -6,12 +6,23 @@
 // loads in flight before their first use.
 //
 //   metadata   grid (page blocks, Hkv, B); one thread = (page, 8-dim chunk)
-//   scores     grid (page blocks, Hkv, B); D/8 lanes per page, 4 pages/thread
+//   scores     grid (page blocks, Hkv, B); Lanes<D> lanes per page, 4 pages/thread
 //   select     grid (Hs, B), 1024 threads: 4-pass radix select of the
 //              (n_sel-1)-th largest score, then an order-preserving compaction
 //   attention  grid (splits, Hs, B), 4 warps; a warp walks one selected page
 //              at a time with online softmax for all query heads of its row;
 //              splits merge in the last block to finish (no second launch)
+//
+// Head dims: D in {64, 80, 96, 128, 256} (the launch dispatches). The
+// scores and attention kernels give a token (a page) LPT lanes, D/8 rounded up
+// to a power of two (Lanes<D>: 8, 16, 16, 16, 32), so that the __shfl_xor_sync
+// reductions stay butterflies inside aligned lane groups. For D = 80 and 96
+// (10 and 12 chunks) lanes c >= D/8 are padding: they load nothing (zeros in
+// registers), add zeros to every reduction and store nothing; the tensors
+// stay D-contiguous. D = 256 takes a whole warp per token (one token per warp
+// step). The metadata kernel has no reductions: one thread per (page, chunk)
+// for any D. The split records (D + 2 floats per head) and the merges are
+// sized from D.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -32,6 +43,14 @@ using ks_cuda::merge_w;
 using ks_cuda::ninf_mark;
 
 constexpr float kLog2e = 1.4426950408889634f;
+
+// Lanes of one token (one page in the scores kernel): D/8 chunks of 8
+// elements, rounded up to a power of two; chunks c >= CH are padding.
+template <int D> struct Lanes {
+  static_assert(D % 8 == 0 && D >= 8 && D <= 256, "head_dim: a multiple of 8 up to 256");
+  static constexpr int CH = D / 8;                                    // real chunks
+  static constexpr int N = CH <= 8 ? 8 : CH <= 16 ? 16 : 32;          // lanes
+};
 
 // ---------------------------------------------------------------- loads ----
 template <typename T> struct Vec8;
@@ -193,7 +212,8 @@ __global__ void __launch_bounds__(SC_THREADS)
 scores_kernel(const T *__restrict__ q, const T *__restrict__ kmin, const T *__restrict__ kmax,
               int H, int G, int max_pages, const int32_t *seq_lens, int P, int64_t cap,
               int group_mode, float *__restrict__ scores) {
-  constexpr int LPP = D / 8;                 // lanes per page
+  constexpr int LPP = Lanes<D>::N;           // lanes per page
+  constexpr int CH = Lanes<D>::CH;           // lanes that hold channels (the rest: zeros)
   constexpr int PPS = SC_THREADS / LPP;      // pages per step
   const int b = blockIdx.z, hk = blockIdx.y, Hkv = gridDim.y;
   const int lane_c = threadIdx.x % LPP;      // which 8-dim chunk
@@ -204,7 +224,7 @@ scores_kernel(const T *__restrict__ q, const T *__restrict__ kmin, const T *__re
   float qv[MAXG][8];
 #pragma unroll
   for (int g = 0; g < MAXG; ++g) {
-    if (g < G) Vec8<T>::load(q + ((size_t)b * H + (size_t)hk * G + g) * D + lane_c * 8, qv[g]);
+    if (g < G && lane_c < CH) Vec8<T>::load(q + ((size_t)b * H + (size_t)hk * G + g) * D + lane_c * 8, qv[g]);
     else {
 #pragma unroll
       for (int i = 0; i < 8; ++i) qv[g][i] = 0.f;
@@ -217,7 +237,7 @@ scores_kernel(const T *__restrict__ q, const T *__restrict__ kmin, const T *__re
 #pragma unroll
   for (int j = 0; j < SC_PPT; ++j) {
     const int p = p0 + j * PPS;
-    if (p < np) {
+    if (p < np && lane_c < CH) {
       Vec8<T>::load_raw(kmin + (meta_row + p) * D + lane_c * 8, mnr[j]);
       Vec8<T>::load_raw(kmax + (meta_row + p) * D + lane_c * 8, mxr[j]);
     } else {
@@ -510,8 +530,9 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
             int H, int Hkv, int64_t cap, const int32_t *__restrict__ page_idx, int n_sel,
             const int32_t *seq_lens, int P, float scale_log2, int pages_per_split,
             float *__restrict__ part, int *counters, T *__restrict__ out) {
-  constexpr int LPT = D / 8;        // lanes per token
-  constexpr int TPS = 32 / LPT;     // tokens per warp step
+  constexpr int LPT = Lanes<D>::N;  // lanes per token
+  constexpr int CH = Lanes<D>::CH;  // lanes c < CH hold channels; the others zeros
+  constexpr int TPS = 32 / LPT;     // tokens per warp step (1 at D = 256)
   // load steps in flight: 16 tokens of fp16/bf16 (a whole default page at D=128)
   constexpr int U = (sizeof(T) == 2 && MAXG <= 4) ? 8 : AT_U;
   const int b = blockIdx.z, r = blockIdx.y, Hs = gridDim.y, split = blockIdx.x;
@@ -527,7 +548,7 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
   float qv[MAXG][8];
 #pragma unroll
   for (int g = 0; g < MAXG; ++g) {
-    if (g < qh) {
+    if (g < qh && c < CH) {
       Vec8<T>::load(q + ((size_t)b * H + h0 + g) * D + c * 8, qv[g]);
 #pragma unroll
       for (int i = 0; i < 8; ++i) qv[g][i] *= scale_log2;
@@ -560,7 +581,7 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int t = t0 + u * TPS + sub;
-        if (t < t_end) {
+        if (t < t_end && c < CH) {
           Vec8<T>::load_raw(k + (kv_base + t) * D + c * 8, kr[u]);
           Vec8<T>::load_raw(v + (kv_base + t) * D + c * 8, vr[u]);
         } else {
@@ -641,8 +662,10 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
   if (sub == 0) {
 #pragma unroll
     for (int g = 0; g < MAXG; ++g) {
+      if (c < CH) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) s_acc[warp][g][c * 8 + i] = acc[g][i];
+        for (int i = 0; i < 8; ++i) s_acc[warp][g][c * 8 + i] = acc[g][i];
+      }
       if (c == 0) { s_m[warp][g] = mrun[g]; s_l[warp][g] = lrun[g]; }
     }
   }
@@ -702,12 +725,13 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
   }
   __syncthreads();
   // weights of the splits, chunk by chunk; every thread accumulates its
-  // (g, d) outputs (at most MAXG of them: blockDim * MAXG >= qh * D)
+  // (g, d) outputs (at most PER of them: blockDim * PER >= MAXG * D >= qh * D)
+  constexpr int PER = (MAXG * D + AT_WARPS * 32 - 1) / (AT_WARPS * 32);
   __shared__ float s_L[MAXG];
   if (threadIdx.x < MAXG) s_L[threadIdx.x] = 0.f;
-  float A[MAXG];
+  float A[PER];
 #pragma unroll
-  for (int it = 0; it < MAXG; ++it) A[it] = 0.f;
+  for (int it = 0; it < PER; ++it) A[it] = 0.f;
   for (int c0 = 0; c0 < nsplit; c0 += MAXS) {
     const int nc = min(MAXS, nsplit - c0);
     __syncthreads();
@@ -726,7 +750,7 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
       s_L[threadIdx.x] += L;
     }
 #pragma unroll
-    for (int it = 0; it < MAXG; ++it) {
+    for (int it = 0; it < PER; ++it) {
       const int idx = it * blockDim.x + threadIdx.x;
       if (idx < qh * D) {
         const int g = idx / D, d = idx % D;
@@ -740,7 +764,7 @@ attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__restric
   }
   __syncthreads();
 #pragma unroll
-  for (int it = 0; it < MAXG; ++it) {
+  for (int it = 0; it < PER; ++it) {
     const int idx = it * blockDim.x + threadIdx.x;
     if (idx < qh * D) {
       const int g = idx / D, d = idx % D;
@@ -794,20 +818,22 @@ int launch_attn(int64_t D, const void *q, const void *k, const void *v, int64_t 
                 int64_t Hkv, int64_t cap, const int32_t *page_idx, int64_t Hs, int64_t n_sel,
                 const int32_t *seq_lens, int64_t P, float scale, float *part, int *counters,
                 void *out, cudaStream_t st, bool pdl) {
-  if (D == 64)
-    return launch_attn_t<T, 64>(q, k, v, B, H, Hkv, cap, page_idx, Hs, n_sel, seq_lens, P, scale,
-                                part, counters, out, st, pdl);
-  if (D == 128)
-    return launch_attn_t<T, 128>(q, k, v, B, H, Hkv, cap, page_idx, Hs, n_sel, seq_lens, P, scale,
-                                 part, counters, out, st, pdl);
-  return (int)cudaErrorInvalidValue;
+#define KS_AT_D(DD)                                                                            \
+  case DD:                                                                                     \
+    return launch_attn_t<T, DD>(q, k, v, B, H, Hkv, cap, page_idx, Hs, n_sel, seq_lens, P,     \
+                                scale, part, counters, out, st, pdl);
+  switch (D) {
+    KS_AT_D(64) KS_AT_D(80) KS_AT_D(96) KS_AT_D(128) KS_AT_D(256)
+    default: return (int)cudaErrorInvalidValue;
+  }
+#undef KS_AT_D
 }
 
 template <typename T, int D>
 int launch_scores_t(const void *q, const void *kmin, const void *kmax, int64_t B, int64_t H,
                     int64_t Hkv, int64_t max_pages, const int32_t *seq_lens, int64_t P,
                     int64_t cap, int group_mode, float *scores, cudaStream_t st) {
-  constexpr int PPB = (SC_THREADS / (D / 8)) * sc_ppt<T>();
+  constexpr int PPB = (SC_THREADS / Lanes<D>::N) * sc_ppt<T>();
   const int G = (int)(H / Hkv);
   dim3 grid((unsigned)((max_pages + PPB - 1) / PPB), (unsigned)Hkv, (unsigned)B);
 #define KS_SC(MG)                                                                              \
@@ -830,13 +856,15 @@ template <typename T>
 int launch_scores(int64_t D, const void *q, const void *kmin, const void *kmax, int64_t B,
                   int64_t H, int64_t Hkv, int64_t max_pages, const int32_t *seq_lens, int64_t P,
                   int64_t cap, int group_mode, float *scores, cudaStream_t st) {
-  if (D == 64)
-    return launch_scores_t<T, 64>(q, kmin, kmax, B, H, Hkv, max_pages, seq_lens, P, cap,
+#define KS_SC_D(DD)                                                                            \
+  case DD:                                                                                     \
+    return launch_scores_t<T, DD>(q, kmin, kmax, B, H, Hkv, max_pages, seq_lens, P, cap,       \
                                   group_mode, scores, st);
-  if (D == 128)
-    return launch_scores_t<T, 128>(q, kmin, kmax, B, H, Hkv, max_pages, seq_lens, P, cap,
-                                   group_mode, scores, st);
-  return (int)cudaErrorInvalidValue;
+  switch (D) {
+    KS_SC_D(64) KS_SC_D(80) KS_SC_D(96) KS_SC_D(128) KS_SC_D(256)
+    default: return (int)cudaErrorInvalidValue;
+  }
+#undef KS_SC_D
 }
 
 template <typename T>
@@ -845,14 +873,17 @@ int launch_metadata(const void *k, int64_t B, int64_t Hkv, int64_t cap, int64_t 
                     int64_t max_pages, void *kmin, void *kmax, cudaStream_t st) {
   const int threads = 256;
   dim3 grid((unsigned)((max_pages * (D / 8) + threads - 1) / threads), (unsigned)Hkv, (unsigned)B);
-  if (D == 64)
-    metadata_kernel<T, 64><<<grid, threads, 0, st>>>((const T *)k, cap, start_lens, seq_lens,
-                                                     (int)P, (int)max_pages, (T *)kmin, (T *)kmax);
-  else if (D == 128)
-    metadata_kernel<T, 128><<<grid, threads, 0, st>>>((const T *)k, cap, start_lens, seq_lens,
-                                                      (int)P, (int)max_pages, (T *)kmin, (T *)kmax);
-  else
-    return (int)cudaErrorInvalidValue;
+#define KS_MD_D(DD)                                                                            \
+  case DD:                                                                                     \
+    metadata_kernel<T, DD><<<grid, threads, 0, st>>>((const T *)k, cap, start_lens, seq_lens,  \
+                                                     (int)P, (int)max_pages, (T *)kmin,        \
+                                                     (T *)kmax);                               \
+    break;
+  switch (D) {
+    KS_MD_D(64) KS_MD_D(80) KS_MD_D(96) KS_MD_D(128) KS_MD_D(256)
+    default: return (int)cudaErrorInvalidValue;
+  }
+#undef KS_MD_D
   return (int)cudaGetLastError();
 }
 

@@ -133,7 +133,7 @@ int ks_sparq_attention_cpu(const void *q, const void *k, const void *v, const vo
  * Same semantics; device pointers; stream is a cudaStream_t. Return 0 on
  * success, else a cudaError_t code. They never synchronise with the host and
  * are CUDA-graph capturable (workspaces are sized from shapes only). The GPU
- * supports D in {64, 128}; a row of i1 / i2 may serve at most 8 query heads
+ * supports D in {64, 80, 96, 128, 256}; a row of i1 / i2 may serve at most 8 query heads
  * (G <= 8 in group mode). float results can differ from the CPU's in the last
  * bits (exp, FMA), so near-tied selections may differ between devices. */
 int ks_sparq_build_cuda(const void *k, const void *v, ks_dtype dt, int64_t B, int64_t Hkv,

@@ -22,10 +22,21 @@
 //                Otherwise: grid (rows, B), 1024 threads, the same radix
 //                select streaming the row from L2 (any length)
 //   attention    grid (splits, rows, B), 4 warps; each warp takes chunks of
-//                i2 entries (16-byte K/V loads, D/8 lanes per token, several
+//                i2 entries (16-byte K/V loads, Lanes<D> lanes per token, several
 //                tokens in flight), online softmax for all query heads of the
 //                row; the last split block of a row merges the partials and
 //                applies the mean-value reallocation
+//
+// Head dims: D in {64, 80, 96, 128, 256} (ks_sparq_build_cuda and the
+// attention dispatch check it). Only the attention is templated on D: it gives
+// a token LPT lanes, D/8 rounded up to a power of two (Lanes<D>: 8, 16, 16,
+// 16, 32), so that the __shfl_xor_sync reductions stay butterflies inside
+// aligned lane groups. For D = 80 and 96 (10 and 12 chunks of 8) lanes
+// c >= D/8 are padding: they load nothing (zeros in registers), add zeros to
+// every reduction and store nothing; the tensors stay D-contiguous. D = 256
+// takes a whole warp per token (one token per warp step, so the smallest warp
+// chunk, and with it the workspace bound, depends on D: at_min_chunk). The
+// other kernels loop over D at run time (any D <= 256).
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -113,6 +124,18 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 }
 
 size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
+
+// Lanes of one token in the attention: D/8 chunks of 8 elements, rounded up
+// to a power of two; chunks c >= CH are padding.
+template <int D> struct Lanes {
+  static_assert(D % 8 == 0 && D >= 8 && D <= 256, "head_dim: a multiple of 8 up to 256");
+  static constexpr int CH = D / 8;                                    // real chunks
+  static constexpr int N = CH <= 8 ? 8 : CH <= 16 ? 16 : 32;          // lanes
+};
+// the head dims the attention is instantiated for
+bool attn_head_dim_ok(int64_t D) { return D == 64 || D == 80 || D == 96 || D == 128 || D == 256; }
+int lanes_of(int64_t D) { return D <= 64 ? 8 : D <= 128 ? 16 : 32; }
+
 int maxg_bucket(int g) { return g <= 1 ? 1 : g <= 2 ? 2 : g <= 4 ? 4 : g <= 8 ? 8 : 0; }
 
 // ------------------------------------------------------------ build --------
@@ -148,7 +171,7 @@ vmean_kernel(const T *__restrict__ v, int Hkv, int64_t cap, int D, const int32_t
   __shared__ float red[VM_THREADS];
   const int bh = blockIdx.x, b = bh / Hkv;
   const int len = clamp_len(seq_lens, b, cap);
-  const int rows = blockDim.x / D;  // D divides the block (64 / 128)
+  const int rows = blockDim.x / D;  // D <= 256: at least 4 rows; threads past rows * D idle
   const int d = threadIdx.x % D, row = threadIdx.x / D;
   float acc = 0.f;
   const T *vp = v + (size_t)bh * cap * D;
@@ -684,7 +707,9 @@ select_cluster_kernel(const float *__restrict__ keys, int64_t cap, const int32_t
 
 // ----------------------------------------------------------- attention -----
 constexpr int AT_WARPS = 4;
-constexpr int AT_MIN_CHUNK = 8;  // smallest entries per warp chunk (D = 128, U = 4): workspace bound
+// smallest entries per warp chunk (tokens per warp step at the smallest unroll,
+// 4): the workspace bound on the number of splits
+int at_min_chunk(int64_t D) { return (32 / lanes_of(D)) * 4; }
 
 template <typename T, int MAXG> __host__ __device__ constexpr int at_unroll() {
   return (sizeof(T) == 2 && MAXG <= 4) ? 8 : 4;
@@ -698,8 +723,9 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
                    const float *__restrict__ s_hat, const float *__restrict__ v_mean,
                    const int32_t *seq_lens, float scale_log2, int reallocate, int per_split,
                    float *__restrict__ part, int *counters, T *__restrict__ out) {
-  constexpr int LPT = D / 8;     // lanes per token
-  constexpr int TPS = 32 / LPT;  // tokens per warp step
+  constexpr int LPT = Lanes<D>::N;   // lanes per token
+  constexpr int NCH = Lanes<D>::CH;  // lanes c < NCH hold channels; the others zeros
+  constexpr int TPS = 32 / LPT;      // tokens per warp step (1 at D = 256)
   constexpr int U = at_unroll<T, MAXG>();
   constexpr int CH = TPS * U;    // entries per warp chunk
   constexpr int REC = D + 3;
@@ -716,7 +742,7 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
   float qv[MAXG][8];
 #pragma unroll
   for (int g = 0; g < MAXG; ++g) {
-    if (g < qh) {
+    if (g < qh && c < NCH) {
       typename V8<T>::Raw raw;
       V8<T>::load(q + ((size_t)b * H + h0 + g) * D + c * 8, raw);
       V8<T>::cvt(raw, qv[g]);
@@ -747,7 +773,7 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
       int t = e < e_end ? idx[e] : -1;
       t = (t >= 0 && t < len) ? t : -1;
       tok[u] = t;
-      if (t >= 0) {
+      if (t >= 0 && c < NCH) {
         V8<T>::load(k + (kv_base + t) * D + c * 8, kr[u]);
         V8<T>::load(v + (kv_base + t) * D + c * 8, vr[u]);
       } else {
@@ -835,8 +861,10 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
   if (sub == 0) {
 #pragma unroll
     for (int g = 0; g < MAXG; ++g) {
+      if (c < NCH) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) s_acc[warp][g][c * 8 + i] = acc[g][i];
+        for (int i = 0; i < 8; ++i) s_acc[warp][g][c * 8 + i] = acc[g][i];
+      }
       if (c == 0) { s_m[warp][g] = mrun[g]; s_l[warp][g] = lrun[g]; s_a[warp][g] = arun[g]; }
     }
   }
@@ -883,7 +911,7 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
   __threadfence();
   const float *rp = part + ((size_t)b * Hs + row) * nsplit * (size_t)qh * REC;
   __shared__ float s_M[MAXG], s_L[MAXG], s_AL[MAXG];
-  // MAXG <= 8 heads and D <= 128: qh * D <= 1024 = 8 outputs per thread
+  // MAXG <= 8 heads and D <= 256: qh * D <= 2048 = 16 outputs per thread
   constexpr int PER = (MAXG * D + AT_WARPS * 32 - 1) / (AT_WARPS * 32);
   float A[PER];
   merge_splits<MAXG>(rp, nsplit, qh, D, REC, s_M, s_L, A);
@@ -999,7 +1027,7 @@ int launch_attn_t(const void *q, const void *k, const void *v, int64_t B, int64_
   const float sl = scale * 1.4426950408889634f;
 #define KS_AT(MG)                                                                              \
   {                                                                                            \
-    const int chunk = (32 / (D / 8)) * at_unroll<T, MG>();                                     \
+    const int chunk = (32 / Lanes<D>::N) * at_unroll<T, MG>();                                 \
     const int per = entries_per_split(B, Hs, n_sel, chunk);                                    \
     const int64_t ns = n_sel > 0 ? (n_sel + per - 1) / per : 1;                                \
     dim3 grid((unsigned)ns, (unsigned)Hs, (unsigned)B);                                        \
@@ -1023,13 +1051,15 @@ int launch_attn(int64_t D, const void *q, const void *k, const void *v, int64_t 
                 int64_t Hkv, int64_t cap, const int32_t *i2, int64_t Hs, int64_t n_sel,
                 const float *s_hat, const float *v_mean, const int32_t *seq_lens, float scale, int reallocate, float *part, int *counters,
                 void *out, cudaStream_t st) {
-  if (D == 64)
-    return launch_attn_t<T, 64>(q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, v_mean,
+#define KS_AT_D(DD)                                                                            \
+  case DD:                                                                                     \
+    return launch_attn_t<T, DD>(q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, v_mean,         \
                                 seq_lens, scale, reallocate, part, counters, out, st);
-  if (D == 128)
-    return launch_attn_t<T, 128>(q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, v_mean,
-                                 seq_lens, scale, reallocate, part, counters, out, st);
-  return (int)cudaErrorInvalidValue;
+  switch (D) {
+    KS_AT_D(64) KS_AT_D(80) KS_AT_D(96) KS_AT_D(128) KS_AT_D(256)
+    default: return (int)cudaErrorInvalidValue;
+  }
+#undef KS_AT_D
 }
 
 template <int KPT>
@@ -1079,7 +1109,8 @@ int launch_select(const float *keys, int64_t B, int64_t Hs, int64_t cap, const i
 }
 
 size_t attn_workspace(int64_t B, int64_t H, int64_t Hs, int64_t D, int64_t n_sel) {
-  const int64_t max_splits = n_sel > 0 ? (n_sel + AT_WARPS * AT_MIN_CHUNK - 1) / (AT_WARPS * AT_MIN_CHUNK) : 1;
+  const int64_t per = (int64_t)AT_WARPS * at_min_chunk(D);  // the smallest entries_per_split
+  const int64_t max_splits = n_sel > 0 ? (n_sel + per - 1) / per : 1;
   // per (b, row, split): qh records of D + 3 floats; Hs * qh == H
   return align256((size_t)B * Hs * sizeof(int)) +
          align256((size_t)B * H * max_splits * (D + 3) * sizeof(float));
@@ -1121,7 +1152,7 @@ int ks_sparq_build_cuda(const void *k, const void *v, ks_dtype dt, int64_t B, in
                         int64_t cap, int64_t D, const int32_t *seq_lens, void *kt,
                         float *v_mean, void *stream) {
   if (B == 0 || Hkv == 0 || D == 0) return 0;
-  if (D != 64 && D != 128) return (int)cudaErrorInvalidValue;
+  if (!attn_head_dim_ok(D)) return (int)cudaErrorInvalidValue;
   return KS_DISPATCH(dt, launch_build, k, v, B, Hkv, cap, D, seq_lens, kt, v_mean,
                      (cudaStream_t)stream);
 }

@@ -124,12 +124,17 @@ inline void check_size(const Tensor &t, int64_t d, int64_t expected, const char 
                     ") must be ", expected, ", got shape ", t.sizes());
 }
 
-// head_dim: 64 or 128 on CUDA (the kernels are instantiated for these), a
-// multiple of 8 in [8, 256] on CPU.
+// head_dim: on CUDA one of the head dims the kernels are instantiated for
+// (64, 80, 96, 128, 256; QAQ's attention takes fewer: check_qaq_attention_head_dim
+// in qaq.cpp), a multiple of 8 in [8, 256] on CPU.
+inline bool cuda_head_dim_ok(int64_t D) {
+  return D == 64 || D == 80 || D == 96 || D == 128 || D == 256;
+}
 inline void check_head_dim(int64_t D, bool cuda) {
   if (cuda) {
-    TORCH_CHECK_VALUE(D == 64 || D == 128,
-                      "kvsparse: head_dim D (last dim of q/k) must be 64 or 128 on CUDA, got ", D);
+    TORCH_CHECK_VALUE(cuda_head_dim_ok(D),
+                      "kvsparse: head_dim D (last dim of q/k) must be 64, 80, 96, 128 or 256 on CUDA, got ",
+                      D);
   } else {
     TORCH_CHECK_VALUE(D >= 8 && D % 8 == 0 && D <= 256,
                       "kvsparse: head_dim D (last dim of q/k) must be a multiple of 8 in [8, 256], got ",

@@ -149,6 +149,15 @@ void check_qaq_heads(int64_t Hkv, int64_t D, bool cuda) {
   check_head_dim(D, cuda);
 }
 
+// The QAQ attention on CUDA reads whole 32-bit code words per lane and head
+// (qaq_cuda.cu): head_dim 64, 96, 128 or 256 (not 80). Quantize, dequantize
+// and requantize take every CUDA head dim (check_head_dim).
+void check_qaq_attention_head_dim(int64_t head_dim, bool cuda, const char *op) {
+  TORCH_CHECK_VALUE(!cuda || head_dim == 64 || head_dim == 96 || head_dim == 128 || head_dim == 256,
+                    "kvsparse: ", op, ": head_dim must be 64, 96, 128 or 256 for the QAQ attention on CUDA, got ",
+                    head_dim);
+}
+
 int check_allowed(c10::ArrayRef<int64_t> allowed) {
   TORCH_CHECK_VALUE(!allowed.empty(), "kvsparse: allowed (the allowed bit-widths) must not be empty");
   int mask = 0;
@@ -376,6 +385,7 @@ AttnQDims check_attention_args(const Tensor &q, const QStore &ks, const QStore &
                                const char *op) {
   QDims qd = check_q(q);
   check_qaq_heads(Hkv, head_dim, cuda);
+  check_qaq_attention_head_dim(head_dim, cuda, op);
   TORCH_CHECK_VALUE(qd.D == head_dim, "kvsparse: q.shape[2] (D) must be the stores' head_dim = ",
                     head_dim, ", got shape ", q.sizes());
   check_gqa(qd.H, Hkv);

@@ -99,10 +99,17 @@ def check_device(t, name, ref, ref_name):
                  "all tensors must be on the same device")
 
 
+#: head dims the CUDA kernels are instantiated for (check_head_dim in
+#: csrc/ops/checks.h; kvsparse.methods.base.CUDA_HEAD_DIMS); QAQ's attention
+#: takes fewer, which its real op checks (check_qaq_attention_head_dim)
+CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
+
+
 def check_head_dim(D, device):
-    """64 or 128 on CUDA, a multiple of 8 in [8, 256] elsewhere (check_head_dim)."""
+    """One of CUDA_HEAD_DIMS on CUDA, a multiple of 8 in [8, 256] elsewhere (check_head_dim)."""
     if device.type == "cuda":
-        torch._check_value(D in (64, 128), lambda: f"kvsparse: head_dim D must be 64 or 128 on CUDA, got {D}")
+        torch._check_value(D in CUDA_HEAD_DIMS,
+                           lambda: f"kvsparse: head_dim D must be 64, 80, 96, 128 or 256 on CUDA, got {D}")
     else:
         torch._check_value(D >= 8 and D % 8 == 0 and D <= 256,
                            lambda: f"kvsparse: head_dim D must be a multiple of 8 in [8, 256], got {D}")

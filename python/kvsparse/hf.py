@@ -85,10 +85,15 @@ Scaling: the attention uses the ``scaling`` its module passes (Gemma 3:
 passed.
 
 Head dims: the CPU kernels take any multiple of 8 in [8, 256]; the CUDA
-kernels of every method (Quest page scores / metadata / attention, SparQ
-attention, QAQ attention; ``check_head_dim`` in ``csrc/ops/checks.h``) take
-head_dim 64 or 128 (:data:`CUDA_HEAD_DIMS`). On CUDA, the layers of another
-head dim (Gemma 3: 256) fall back to the model's dense attention on
+kernels (``check_head_dim`` in ``csrc/ops/checks.h``) take head_dim 64, 80,
+96, 128 or 256 (:data:`CUDA_HEAD_DIMS`), except QAQ's attention (methods
+``qaq`` and ``quest_qaq``), which takes 64, 96, 128 or 256
+(:func:`cuda_head_dims` gives a method's set). A model whose head dim has no
+kernel on the device of one of its layers makes :func:`patch` and
+:func:`make_cache` raise :class:`~kvsparse._compat.IntegrationError` naming
+the head dim, the layers, the device and the supported head dims, unless the
+config says ``fallback="dense"`` (``kvsparse.patch(model, ...,
+fallback="dense")``): then those layers run the model's dense attention on
 transformers' cache layer, with a ``UserWarning`` naming the method and the
 head dim (never silently).
 """
@@ -103,13 +108,24 @@ from . import _compat, methods
 from .cache import KVCacheLayer, KVSparseCache
 from .config import MethodConfig, make_config
 from .geometry import read_model, supported_models
+from .methods.base import CUDA_HEAD_DIMS as _CUDA_HEAD_DIMS
 from .parts import is_compiling
 
-__all__ = ["patch", "unpatch", "patched", "is_patched", "make_cache", "supported_models", "CUDA_HEAD_DIMS"]
+__all__ = ["patch", "unpatch", "patched", "is_patched", "make_cache", "supported_models", "CUDA_HEAD_DIMS",
+           "cuda_head_dims"]
 
-#: head dims the CUDA kernels of every method support (``check_head_dim`` in
-#: csrc/ops/checks.h; the kernels are instantiated for D = 64 and 128 only)
-CUDA_HEAD_DIMS = (64, 128)
+#: head dims the CUDA kernels are instantiated for (``check_head_dim`` in
+#: csrc/ops/checks.h); a method may take fewer (:func:`cuda_head_dims`: QAQ's
+#: attention takes no 80)
+CUDA_HEAD_DIMS = _CUDA_HEAD_DIMS
+
+
+def cuda_head_dims(method):
+    """The head dims the CUDA kernels of ``method`` (a registered method's
+    name or a config) take: :attr:`kvsparse.methods.Method.cuda_head_dims`."""
+    name = method.method if isinstance(method, MethodConfig) else method
+    return tuple(methods.get(name).cuda_head_dims)
+
 
 _STATE_ATTR = "_kvsparse_state"
 #: on the model config: False when a full-attention layer is left to
@@ -369,32 +385,52 @@ def _set_attn_implementation(model, name):
 
 
 # ------------------------------------------------------------------- caches
-def _kernel_supports(head_dim, device):
-    """Whether the kvsparse kernels run ``head_dim`` on ``device`` (CUDA:
-    :data:`CUDA_HEAD_DIMS`; the CPU kernels take every head dim a model has,
-    multiples of 8 up to 256, and report others themselves)."""
-    return torch.device(device).type != "cuda" or int(head_dim) in CUDA_HEAD_DIMS
+def _kernel_supports(head_dim, device, method):
+    """Whether the kernels of ``method`` (a registered method's name) run
+    ``head_dim`` on ``device`` (CUDA: :func:`cuda_head_dims`; the CPU kernels
+    take every head dim a model has, multiples of 8 up to 256, and report
+    others themselves)."""
+    return torch.device(device).type != "cuda" or int(head_dim) in cuda_head_dims(method)
 
 
-def _native_layers(geometry, config, device=None):
+def _dims_text(dims):
+    dims = [str(d) for d in dims]
+    return dims[0] if len(dims) == 1 else f"{', '.join(dims[:-1])} or {dims[-1]}"
+
+
+def _native_layers(geometry, config, device=None, warn=True):
     """The layers a cache for the model of ``geometry`` leaves to
     transformers' own cache layers: the sliding layers of a hybrid model and,
-    with a warning, the layers on a device (``device``, else each layer's
-    own) whose kernels lack the head dim (CUDA, head_dim not in
-    :data:`CUDA_HEAD_DIMS`)."""
+    with ``config.fallback == "dense"`` (and a warning, unless not
+    ``warn``), the layers on a device (``device``, else each layer's own)
+    whose kernels lack the head dim (CUDA, head_dim not in
+    :func:`cuda_head_dims`). Without the fallback such layers raise
+    :class:`~kvsparse._compat.IntegrationError` naming the head dim, the
+    layers, their devices and the supported head dims."""
     if device is not None:
         geometry = geometry.on_device(device)
     native = set(geometry.sliding_layers)
     head_dim = geometry.head_dim
     no_kernel = sorted(i for i in range(geometry.num_layers)
-                       if i not in native and not _kernel_supports(head_dim, geometry.layer_device(i)))
+                       if i not in native and not _kernel_supports(head_dim, geometry.layer_device(i), config.method))
     if no_kernel:
-        warnings.warn(
-            f"kvsparse: {config.method} has no CUDA kernel for head_dim {head_dim} (the CUDA kernels take head_dim "
-            f"{' or '.join(map(str, CUDA_HEAD_DIMS))}): layers {no_kernel} fall back to the model's dense attention "
-            "on transformers' cache layers",
-            UserWarning, stacklevel=4,
-        )
+        devices = sorted({str(geometry.layer_device(i)) for i in no_kernel})
+        dims = _dims_text(cuda_head_dims(config.method))
+        if getattr(config, "fallback", None) != "dense":
+            raise _compat.IntegrationError(
+                f"kvsparse: {config.method} has no CUDA kernel for head_dim {head_dim} on {', '.join(devices)}: "
+                f"layers {no_kernel} cannot run it ({config.method}'s CUDA kernels take head_dim {dims}). "
+                f"Pass fallback=\"dense\" (kvsparse.patch(model, {config.method!r}, ..., fallback=\"dense\")) to "
+                "run these layers with the model's dense attention on transformers' cache layers, or run "
+                "them on the CPU"
+            )
+        if warn:
+            warnings.warn(
+                f"kvsparse: {config.method} has no CUDA kernel for head_dim {head_dim} on {', '.join(devices)} "
+                f"(its CUDA kernels take head_dim {dims}): with fallback=\"dense\", layers {no_kernel} fall back "
+                "to the model's dense attention on transformers' cache layers",
+                UserWarning, stacklevel=4,
+            )
         native.update(no_kernel)
     return sorted(native)
 
@@ -422,9 +458,11 @@ def make_cache(model, batch_size=None, max_cache_len=None, config=None, dtype=No
     correctly.
 
     The sliding-window layers of a hybrid model (Gemma 3) get transformers'
-    own cache layers, and so do, with a ``UserWarning``, the layers placed on
-    CUDA when the model's head dim has no CUDA kernel (see
-    :data:`CUDA_HEAD_DIMS`); ``cache.native_layers`` lists them.
+    own cache layers; ``cache.native_layers`` lists them. Layers placed on
+    CUDA when the model's head dim has no CUDA kernel of the method (see
+    :func:`cuda_head_dims`) raise :class:`~kvsparse._compat.IntegrationError`,
+    or, with ``config.fallback == "dense"``, get transformers' cache layers
+    too (the model's dense attention), with a ``UserWarning``.
     """
     if config is None:
         config = getattr(model, "kvsparse_config", None) or make_config()
@@ -487,14 +525,20 @@ def patch(model, method="quest", config=None, self_check=True, **kwargs):
             ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` or ``Gemma3ForCausalLM``
             (or their base models / subclasses; :func:`supported_models`).
             Gemma 3's sliding-window layers keep their own attention (see
-            the module docstring); on CUDA, a head dim outside
-            :data:`CUDA_HEAD_DIMS` runs dense with a warning.
+            the module docstring). On CUDA, a head dim outside the
+            method's :func:`cuda_head_dims` raises
+            :class:`~kvsparse._compat.IntegrationError` naming the head dim,
+            the layers, the device and the supported head dims, unless
+            ``fallback="dense"`` (a config field, see
+            :class:`~kvsparse.config.MethodConfig`): then those layers run the
+            model's dense attention, with a warning.
         method: a registered method's name (``kvsparse.methods.names()``:
             ``"quest"``, ``"sparq"``, ``"qaq"``), or a config object.
         config: a config object (:class:`~kvsparse.config.QuestConfig`,
             :class:`~kvsparse.config.SparQConfig`, :class:`~kvsparse.config.QAQConfig`);
             ``kwargs`` override its fields.
-        **kwargs: the config fields (Quest: ``token_budget``, ``page_size``,
+        **kwargs: the config fields (every method: ``dense_layers``,
+            ``max_cache_len``, ``chunk_size``, ``fallback``; Quest: ``token_budget``, ``page_size``,
             ...; SparQ: ``compression`` or ``r`` and ``k``, ``local_window``,
             ``reallocate``, ...; QAQ: ``sigma`` or ``sigma_k`` / ``sigma_v``,
             ``allowed``, ``alpha``, ``window``, ``shared``, ``uniform_bits``, ...).
@@ -523,6 +567,9 @@ def patch(model, method="quest", config=None, self_check=True, **kwargs):
     # geometry the self-check's cache is built from
     geometry = read_model(model)
     methods.get(cfg.method).check_model(cfg, geometry.head_dim)
+    # a head dim without a kernel on a layer's device raises here, before any hook
+    # (with fallback="dense" the caches made later warn)
+    _native_layers(geometry, cfg, warn=False)
     attn_modules = geometry.attention_modules
     if is_patched(model):
         unpatch(model)

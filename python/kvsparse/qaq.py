@@ -69,8 +69,8 @@ On CPU the values of ``seq_lens``/``pos``/``widths``/``offsets``/``oidx``
 are validated; on CUDA they are trusted (a check would need a host sync): the
 kernels clamp lengths and read a group whose codes would leave the arena as
 width 0. Every CUDA op is graph-capturable. Head dim ``D``: a multiple of 8
-up to 256 on CPU, 64 or 128 on CUDA (attention there: at most 8 query heads
-per KV head, ``n_out <= 64``).
+up to 256 on CPU, 64, 80, 96, 128 or 256 on CUDA (attention there: head dim
+64, 96, 128 or 256, at most 8 query heads per KV head, ``n_out <= 64``).
 """
 import math
 from typing import NamedTuple

@@ -23,7 +23,7 @@ page_idx    [B, Hs, n_sel] int32       selected pages, ascending, -1 padded
 
 ``H`` must be a multiple of ``Hkv`` (grouped-query attention): query head ``h``
 reads KV head ``h // (H // Hkv)``. Head dim ``D`` must be a multiple of 8 up to
-256 on CPU, and 64 or 128 on CUDA.
+256 on CPU, and 64, 80, 96, 128 or 256 on CUDA.
 
 On CPU the values of ``seq_lens``/``start_lens``/``page_idx`` are validated; on
 CUDA they are trusted (checking them would need a host sync and break CUDA

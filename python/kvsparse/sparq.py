@@ -34,7 +34,7 @@ i2          [B, Hs, k] int32             kept positions, ascending, -1 padded
 
 ``H`` must be a multiple of ``Hkv``: query head ``h`` reads KV head
 ``h // (H // Hkv)``. ``Hs = Hkv`` in group mode, ``H`` in head mode. Head dim
-``D``: a multiple of 8 up to 256 on CPU, 64 or 128 on CUDA (where group mode
+``D``: a multiple of 8 up to 256 on CPU, 64, 80, 96, 128 or 256 on CUDA (where group mode
 allows at most 8 query heads per KV head).
 
 Cache maintenance: :func:`build` makes ``kt`` and ``v_mean`` from a full cache;

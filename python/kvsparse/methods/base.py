@@ -5,8 +5,9 @@ under its name with :func:`register` and found with :func:`get`. Its module
 (``kvsparse/methods/<name>.py``) holds everything that is particular to it:
 
 * its config, a :class:`MethodConfig` dataclass (the fields every method
-  has, ``dense_layers``, ``max_cache_len`` and ``chunk_size``, live in
-  :class:`MethodConfig`);
+  has, ``dense_layers``, ``max_cache_len``, ``chunk_size`` and ``fallback``,
+  live in :class:`MethodConfig`);
+* the head dims its CUDA kernels take (:attr:`Method.cuda_head_dims`);
 * what its cache layers hold (:meth:`Method.storage`: where the tokens
   are, by default dense K/V buffers; :meth:`Method.side_index`: the data
   kept beside them, e.g. Quest's page bounds), from which
@@ -30,7 +31,15 @@ from typing import Optional
 
 from ..parts import DenseKV
 
-__all__ = ["Method", "MethodConfig", "check_int", "register", "get", "names", "registered"]
+__all__ = ["Method", "MethodConfig", "check_int", "register", "get", "names", "registered",
+           "CUDA_HEAD_DIMS", "FALLBACKS"]
+
+#: head dims the CUDA kernels of Quest and SparQ are instantiated for
+#: (``check_head_dim`` in csrc/ops/checks.h); a method may take fewer
+#: (:attr:`Method.cuda_head_dims`: QAQ's attention takes no 80)
+CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
+#: the accepted values of :attr:`MethodConfig.fallback` besides ``None``
+FALLBACKS = ("dense",)
 
 
 def check_int(name, value, minimum=None):
@@ -54,6 +63,14 @@ class MethodConfig:
             An int: every buffer is allocated once at this length (static
             shapes and addresses, usable by ``torch.compile`` / CUDA graphs).
         chunk_size: growth granularity of the dynamic buffers, in tokens.
+        fallback: what a layer whose head dim has no kernel on its device
+            (CUDA, head dim not in the method's
+            :attr:`Method.cuda_head_dims`) does. ``None`` (default):
+            :func:`kvsparse.patch` and :func:`kvsparse.make_cache` raise
+            :class:`~kvsparse._compat.IntegrationError` naming the head dim,
+            the layers, the device and the supported head dims.
+            ``"dense"``: those layers run the model's own dense attention
+            on transformers' cache layers, with a ``UserWarning``.
     """
 
     #: method name used by :func:`kvsparse.make_config` and ``kvsparse.patch(method=...)``
@@ -62,6 +79,7 @@ class MethodConfig:
     dense_layers: int = 0
     max_cache_len: Optional[int] = None
     chunk_size: int = 256
+    fallback: Optional[str] = None
 
     def to_dict(self):
         """The fields as a plain dict, plus ``"method"``."""
@@ -77,6 +95,9 @@ class MethodConfig:
         if self.max_cache_len is not None:
             check_int("max_cache_len", self.max_cache_len, 1)
         check_int("chunk_size", self.chunk_size, 1)
+        if self.fallback is not None and self.fallback not in FALLBACKS:
+            raise ValueError(f"kvsparse: fallback must be None or one of {', '.join(map(repr, FALLBACKS))}, "
+                             f"got {self.fallback!r}")
 
     def dense_length(self):
         """Decode steps over at most this many cached tokens run one dense
@@ -118,6 +139,10 @@ class Method:
         cache_methods: ``None``, or a mixin class of methods and properties
             that the method's cache class adds (QAQ: ``memory_report``,
             ``compact``).
+        cuda_head_dims: the head dims every CUDA kernel of its decode path
+            takes (default :data:`CUDA_HEAD_DIMS`); a layer of another head
+            dim on CUDA raises at patch time or falls back to dense attention
+            (:attr:`MethodConfig.fallback`).
     """
 
     name = None
@@ -133,6 +158,7 @@ class Method:
     cache_kwargs = None
     lossless_tolerance = (2e-5, 1e-4)
     cache_methods = None
+    cuda_head_dims = CUDA_HEAD_DIMS
 
     def __repr__(self):
         return f"<kvsparse method {self.name!r}>"

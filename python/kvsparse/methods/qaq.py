@@ -645,6 +645,8 @@ class QAQ(Method):
     # every token at 8 bits, exactly scaled: close to dense, not equal
     lossless_tolerance = (3e-2, 3e-2)
     cache_methods = QAQCacheMethods
+    #: the QAQ attention on CUDA reads whole code words per head: no 80 (csrc/kernels/qaq_cuda.cu)
+    cuda_head_dims = (64, 96, 128, 256)
 
     def lossless_kwargs(self, head_dim, length):
         return dict(allowed=(8,), requant_every=0, alpha=0.0)

@@ -257,6 +257,7 @@ class QuestQAQ(Method):
     eval_defaults = {"page_size": 16}
     lossless_tolerance = QAQ.lossless_tolerance
     cache_methods = QuestQAQCacheMethods
+    cuda_head_dims = QAQ.cuda_head_dims  # Quest's kernels take them all; QAQ's attention fewer
 
     def lossless_kwargs(self, head_dim, length):
         kw = Quest().lossless_kwargs(head_dim, length)
