@@ -45,11 +45,11 @@ def main():
     fwd = model.forward if args.eager else torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
     tok = torch.tensor([[5]], device="cuda")
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **kvsparse.cache_kwargs(model, cache), use_cache=True)
 
         def step(i):
             pos = torch.tensor([[S + i]], device="cuda")
-            return fwd(input_ids=tok, past_key_values=cache, position_ids=pos, cache_position=pos[0], use_cache=True)
+            return fwd(input_ids=tok, **kvsparse.cache_kwargs(model, cache), position_ids=pos, cache_position=pos[0], use_cache=True)
 
         for i in range(6):
             step(i)

@@ -581,3 +581,29 @@ def test_fuzz_qaq_attention(shp, w, shared):
     out = qaq.attention(q, ks, vs, L)
     ref = reference.qaq_attention_ref(q, kd, vd, L)[0]
     torch.testing.assert_close(out.double(), ref, atol=5e-5, rtol=1e-4)
+
+
+def test_list_or_numpy_where_a_tensor_belongs_is_a_type_error_naming_it():
+    import numpy as np
+
+    from kvsparse import qaq, quest, sparq
+
+    B, H, Hkv, S, D = 1, 4, 2, 64, 64
+    k = torch.randn(B, Hkv, S, D)
+    v = torch.randn_like(k)
+    q = torch.randn(B, H, D)
+    sl = torch.full((B,), S, dtype=torch.int32)
+    kmin, kmax = quest.page_metadata(k, sl, page_size=16)
+    cases = [
+        ("seq_lens", lambda: quest.attention(q, k, v, kmin, kmax, [S], page_size=16, token_budget=32)),
+        ("k", lambda: quest.page_metadata(np.zeros((B, Hkv, S, D), np.float32), sl, page_size=16)),
+        ("seq_lens", lambda: sparq.build(k, v, [S])),
+        ("q", lambda: quest.page_scores(q.tolist(), kmin, kmax, sl, 16)),
+    ]
+    for name, call in cases:
+        with pytest.raises(TypeError, match=rf"\b{name} must be a torch.Tensor") as e:
+            call()
+        assert len(str(e.value)) < 200  # not the whole value dumped
+    store = qaq.alloc(B, Hkv, S, D, torch.float16, "cpu")
+    with pytest.raises(TypeError, match=r"x must be in the store's dtype torch.float16"):
+        qaq.quantize(store, k, torch.zeros(B, dtype=torch.int32))

@@ -58,10 +58,10 @@ def _step_profile(method, capacity, compiled):
     tok = torch.tensor([[5]])
     largest = 0
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **kvsparse.cache_kwargs(model, cache), use_cache=True)
         for i in range(3):  # warm-up (and compile)
             pos = torch.tensor([[40 + i]])
-            kw = dict(input_ids=tok, past_key_values=cache, position_ids=pos, cache_position=pos[0], use_cache=True)
+            kw = dict(input_ids=tok, **kvsparse.cache_kwargs(model, cache), position_ids=pos, cache_position=pos[0], use_cache=True)
             if compiled and i == 0:
                 _, codes = run_and_get_code(fwd, **kw)
                 for dims in re.findall(r"empty_strided_cpu\(\(([0-9, ]*)\)", "\n".join(codes)):
@@ -73,7 +73,7 @@ def _step_profile(method, capacity, compiled):
                 fwd(**kw)
         pos = torch.tensor([[43]])
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
-            fwd(input_ids=tok, past_key_values=cache, position_ids=pos, cache_position=pos[0], use_cache=True)
+            fwd(input_ids=tok, **kvsparse.cache_kwargs(model, cache), position_ids=pos, cache_position=pos[0], use_cache=True)
     allocated = sum(max(e.cpu_memory_usage, 0) for e in prof.events())
     return allocated, largest
 

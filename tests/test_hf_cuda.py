@@ -91,24 +91,24 @@ def test_cuda_static_compiled_equals_eager(method, kw):
     ids = ids_of(100, batch=2)
     with hf.patched(model, method=method, **kw):
         eager = greedy(model, ids, n=8, disable_compile=True,
-                       past_key_values=hf.make_cache(model, batch_size=2, max_cache_len=128))
+                       **kvsparse.cache_kwargs(model, hf.make_cache(model, batch_size=2, max_cache_len=128)))
         compiled = greedy(model, ids, n=8,
-                          past_key_values=hf.make_cache(model, batch_size=2, max_cache_len=128))
+                          **kvsparse.cache_kwargs(model, hf.make_cache(model, batch_size=2, max_cache_len=128)))
     assert torch.equal(compiled, eager)
 
 
 def _steps_without_sync(model, cache, ids, n=12):
     """Prefill, two warm-up decode steps, then ``n`` steps under torch's sync debug mode."""
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **kvsparse.cache_kwargs(model, cache))
         nxt = ids[:, -1:]
         for _ in range(2):  # warm-up (lazy allocations)
-            model(nxt, past_key_values=cache)
+            model(nxt, **kvsparse.cache_kwargs(model, cache))
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             for _ in range(n):
-                out = model(nxt, past_key_values=cache)
+                out = model(nxt, **kvsparse.cache_kwargs(model, cache))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return out
@@ -142,11 +142,11 @@ def test_cuda_decode_steps_never_sync(method, kw):
 def _stepwise_logits(model, ids, cont, cache):
     """Prefill ``ids``, then teacher-force ``cont`` one token at a time: the
     logits of every step (the prefill's last position first)."""
-    out = model(ids, past_key_values=cache, use_cache=True)
+    out = model(ids, **kvsparse.cache_kwargs(model, cache), use_cache=True)
     logits = [out.logits[:, -1].float()]
     for i in range(cont.shape[1]):
         pos = torch.full((ids.shape[0], 1), ids.shape[1] + i, dtype=torch.long, device=ids.device)
-        out = model(cont[:, i:i + 1], past_key_values=out.past_key_values, position_ids=pos, use_cache=True)
+        out = model(cont[:, i:i + 1], **kvsparse.cache_kwargs(model, out.past_key_values), position_ids=pos, use_cache=True)
         logits.append(out.logits[:, -1].float())
     return torch.stack(logits, 1)
 

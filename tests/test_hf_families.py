@@ -164,7 +164,7 @@ def test_gemma3_static_cache_equals_unpatched():
     with hf.patched(model, method="quest", **lossless("quest", 256)):
         cache = hf.make_cache(model, batch_size=1, max_cache_len=48)
         _check_layers(model, cache)
-        assert torch.equal(greedy(model, ids, n=8, past_key_values=cache, disable_compile=True), ref)
+        assert torch.equal(greedy(model, ids, n=8, **hf.cache_kwargs(model, cache), disable_compile=True), ref)
 
 
 def _no_kernel_for_256(monkeypatch):

@@ -78,13 +78,13 @@ def greedy(model, ids, n=12, **kw):
 def stepwise_logits(model, ids, cont, cache):
     """Prefill ``ids`` then teacher-force the tokens ``cont`` one at a time;
     returns the logits of every step (prefill's last position first)."""
-    out = model(ids, past_key_values=cache, use_cache=True)
+    out = model(ids, **kvsparse.cache_kwargs(model, cache), use_cache=True)
     logits = [out.logits[:, -1].float()]
     cache = out.past_key_values
     L = ids.shape[1]
     for i in range(cont.shape[1]):
         pos = torch.full((ids.shape[0], 1), L + i, dtype=torch.long)
-        out = model(cont[:, i:i + 1], past_key_values=cache, position_ids=pos, use_cache=True)
+        out = model(cont[:, i:i + 1], **kvsparse.cache_kwargs(model, cache), position_ids=pos, use_cache=True)
         logits.append(out.logits[:, -1].float())
     return torch.stack(logits, 1)
 
@@ -279,12 +279,12 @@ def test_static_cache_keeps_addresses():
         cache = hf.make_cache(model, batch_size=2, max_cache_len=48)
         assert cache.is_compileable and isinstance(cache.layers[0], QuestStaticLayer)
         ptrs = [(l.keys.data_ptr(), l.values.data_ptr(), l.kmin.data_ptr(), l.seq_lens.data_ptr()) for l in cache.layers]
-        out = greedy(model, ids, n=10, past_key_values=cache, disable_compile=True)
+        out = greedy(model, ids, n=10, **kvsparse.cache_kwargs(model, cache), disable_compile=True)
         assert [(l.keys.data_ptr(), l.values.data_ptr(), l.kmin.data_ptr(), l.seq_lens.data_ptr())
                 for l in cache.layers] == ptrs
         assert int(cache.get_seq_length()) == 29
         with pytest.raises(ValueError, match="max_cache_len"):
-            greedy(model, prompt(60), n=4, past_key_values=hf.make_cache(model, max_cache_len=48))
+            greedy(model, prompt(60), n=4, **kvsparse.cache_kwargs(model, hf.make_cache(model, max_cache_len=48)))
     assert torch.equal(out, greedy(model, ids, n=10))
 
 
@@ -297,7 +297,7 @@ def test_multi_turn_continuation():
         out1 = greedy(model, ids, n=5, attention_mask=mask, return_dict_in_generate=True)
         ids2 = torch.cat([out1.sequences, turn2], 1)
         mask2 = torch.cat([mask, torch.ones(2, 12, dtype=torch.long)], 1)
-        out2 = greedy(model, ids2, n=6, attention_mask=mask2, past_key_values=out1.past_key_values)
+        out2 = greedy(model, ids2, n=6, attention_mask=mask2, **kvsparse.cache_kwargs(model, out1.past_key_values))
     ref = greedy(model, ids2, n=6, attention_mask=mask2)
     assert torch.equal(out2, ref)
 
@@ -321,9 +321,9 @@ def eager_and_compiled(model, ids, mask, n=10, max_cache_len=48):
     cc = CompileConfig(backend="aot_eager", fullgraph=True, mode=None)
     cc._compile_all_devices = True  # transformers compiles only on accelerators by default
     c_eager = hf.make_cache(model, batch_size=ids.shape[0], max_cache_len=max_cache_len)
-    eager = greedy(model, ids, n=n, attention_mask=mask, disable_compile=True, past_key_values=c_eager)
+    eager = greedy(model, ids, n=n, attention_mask=mask, disable_compile=True, **kvsparse.cache_kwargs(model, c_eager))
     c_comp = hf.make_cache(model, batch_size=ids.shape[0], max_cache_len=max_cache_len)
-    compiled = greedy(model, ids, n=n, attention_mask=mask, compile_config=cc, past_key_values=c_comp)
+    compiled = greedy(model, ids, n=n, attention_mask=mask, compile_config=cc, **kvsparse.cache_kwargs(model, c_comp))
     assert "_compiled_call" in model.__dict__  # generate took its compiled path
     return eager, compiled, c_eager, c_comp
 
@@ -381,17 +381,17 @@ def test_cache_from_dense_layers_and_deepcopy():
     pos = torch.tensor([[40]])
     with hf.patched(model, token_budget=32, page_size=8, dense_layers=1):
         with torch.no_grad():
-            direct = model(ids, past_key_values=hf.make_cache(model)).past_key_values
-            dense = model(ids, past_key_values=DynamicCache(config=model.config)).past_key_values
+            direct = model(ids, **kvsparse.cache_kwargs(model, hf.make_cache(model))).past_key_values
+            dense = model(ids, **kvsparse.cache_kwargs(model, DynamicCache(config=model.config))).past_key_values
             converted = hf.make_cache(model)
             for src, dst in zip(dense.layers, converted.layers):
                 dst.update(src.keys, src.values)
                 dst.commit(None)
                 dst.commit(None)  # nothing pending: no-op
             twin = copy.deepcopy(direct)
-            a = model(nxt, past_key_values=direct, position_ids=pos).logits
-            b = model(nxt, past_key_values=converted, position_ids=pos).logits
-            c = model(nxt, past_key_values=twin, position_ids=pos).logits
+            a = model(nxt, **kvsparse.cache_kwargs(model, direct), position_ids=pos).logits
+            b = model(nxt, **kvsparse.cache_kwargs(model, converted), position_ids=pos).logits
+            c = model(nxt, **kvsparse.cache_kwargs(model, twin), position_ids=pos).logits
     assert converted.layers[0].seq_lens.tolist() == [41]  # 40 prefilled + 1 decoded
     assert torch.equal(a, b) and torch.equal(a, c)
 
@@ -410,16 +410,28 @@ def test_patched_model_with_grad_prefills_exactly_and_refuses_decode(method):
     model.zero_grad()
     with hf.patched(model, method=method):
         cache = hf.make_cache(model)
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **kvsparse.cache_kwargs(model, cache), use_cache=True)
         out.logits.sum().backward()
         got = model.model.layers[0].self_attn.q_proj.weight.grad
         torch.testing.assert_close(got, want)
         pos = torch.full((1, 1), ids.shape[1], dtype=torch.long)
         with pytest.raises(ValueError, match="has no backward.*torch.no_grad"):
-            model(ids[:, :1], past_key_values=cache, position_ids=pos, use_cache=True)
+            model(ids[:, :1], **kvsparse.cache_kwargs(model, cache), position_ids=pos, use_cache=True)
         cache.reset()
         with torch.no_grad():  # the same cache works once grad is off
-            model(ids, past_key_values=cache, use_cache=True)
-            out = model(ids[:, :1], past_key_values=cache, position_ids=pos, use_cache=True)
+            model(ids, **kvsparse.cache_kwargs(model, cache), use_cache=True)
+            out = model(ids[:, :1], **kvsparse.cache_kwargs(model, cache), position_ids=pos, use_cache=True)
         assert torch.isfinite(out.logits).all()
     model.requires_grad_(False)
+
+
+def test_report_says_what_the_patch_does():
+    model = tiny_model(layers=3)
+    assert hf.report(model) is None
+    with hf.patched(model, method="quest", token_budget=100, page_size=16, dense_layers=1):
+        text = hf.report(model)
+        assert "layers 0-2 (3 of 3)" in text and "layers 0 (dense_layers=1)" in text
+        assert "token_budget 100 is read as 6 pages of 16 = 96 tokens" in text
+        assert "at most 96 cached tokens runs exact dense attention" in text
+    with hf.patched(model, method="sparq", compression=0.25, dense_below=0):
+        assert "dense attention" not in hf.report(model).split("\n", 2)[-1]

@@ -119,12 +119,12 @@ def test_decode_step_is_the_qaq_op():
     ids = prompt(50)
     with hf.patched(model, method="qaq", **EIGHT):
         cache = hf.make_cache(model)
-        model(ids, past_key_values=cache)
+        model(ids, **hf.cache_kwargs(model, cache))
         attn = model.model.layers[0].self_attn
         seen, h_in = {}, {}
         hook = attn.register_forward_hook(lambda m, a, kw, out: seen.update(out=out[0]), with_kwargs=True)
         pre = attn.register_forward_pre_hook(lambda m, a, kw: h_in.update(kw=kw), with_kwargs=True)
-        model(prompt(1, seed=3), past_key_values=cache, position_ids=torch.tensor([[50]]))
+        model(prompt(1, seed=3), **hf.cache_kwargs(model, cache), position_ids=torch.tensor([[50]]))
         hook.remove()
         pre.remove()
     layer = cache.layers[0]
@@ -177,7 +177,7 @@ def test_compaction_is_exact_and_shrinks_arena():
     ids = prompt(200)
     with hf.patched(model, method="qaq", compact_every=0, **ADAPT):
         cache = hf.make_cache(model)
-        greedy(model, ids, n=10, past_key_values=cache)
+        greedy(model, ids, n=10, **hf.cache_kwargs(model, cache))
         layer = cache.layers[0]
         n_comp = layer.num_compactions
         before = [qaq.dequantize(st, layer.seq_lens) for st in (layer.ks, layer.vs)]
@@ -235,12 +235,12 @@ def test_widths_only_fall_and_new_tokens_get_the_largest():
     ids, cont = prompt(60, batch=2), prompt(12, batch=2, seed=4)
     with hf.patched(model, method="qaq", allowed=(1, 2, 4, 8), **ADAPT):
         cache = hf.make_cache(model)
-        model(ids, past_key_values=cache)
+        model(ids, **hf.cache_kwargs(model, cache))
         prev = None
         lowered = False
         for i in range(cont.shape[1]):
             pos = torch.full((2, 1), 60 + i, dtype=torch.long)
-            model(cont[:, i:i + 1], past_key_values=cache, position_ids=pos)
+            model(cont[:, i:i + 1], **hf.cache_kwargs(model, cache), position_ids=pos)
             now = [st.widths.clone() for _, st in _stores(cache)]
             n = int(cache.layers[0].seq_lens[0])
             if prev is not None:
@@ -272,7 +272,7 @@ def test_static_cache_equals_dynamic():
     with hf.patched(model, method="qaq", **ADAPT):
         c1 = hf.make_cache(model, batch_size=2, max_cache_len=48)
         assert isinstance(c1.layers[0], QAQStaticLayer)
-        static = greedy(model, ids, n=10, attention_mask=mask, past_key_values=c1)
+        static = greedy(model, ids, n=10, attention_mask=mask, **hf.cache_kwargs(model, c1))
         dyn = greedy(model, ids, n=10, attention_mask=mask, return_dict_in_generate=True)
     assert torch.equal(static, dyn.sequences)
     for ls, ld in zip(c1.layers, dyn.past_key_values.layers):
@@ -352,7 +352,7 @@ def test_multi_turn_continuation():
         out1 = greedy(model, ids, n=5, attention_mask=mask, return_dict_in_generate=True)
         ids2 = torch.cat([out1.sequences, turn2], 1)
         mask2 = torch.cat([mask, torch.ones(2, 12, dtype=torch.long)], 1)
-        out2 = greedy(model, ids2, n=6, attention_mask=mask2, past_key_values=out1.past_key_values,
+        out2 = greedy(model, ids2, n=6, attention_mask=mask2, **hf.cache_kwargs(model, out1.past_key_values),
                       return_dict_in_generate=True)
         for layer in out2.past_key_values.layers:
             assert layer.seq_lens.tolist() == [len(s) + 5 + 7 + 5 for s in seqs]
@@ -364,10 +364,10 @@ def test_deepcopy_and_reset():
     model = tiny_model(layers=1)
     with hf.patched(model, method="qaq", **ADAPT):
         cache = hf.make_cache(model)
-        model(prompt(40), past_key_values=cache)
+        model(prompt(40), **hf.cache_kwargs(model, cache))
         c2 = copy.deepcopy(cache)
         assert c2.memory_report() == cache.memory_report()
-        model(prompt(1, seed=2), past_key_values=c2, position_ids=torch.tensor([[40]]))
+        model(prompt(1, seed=2), **hf.cache_kwargs(model, c2), position_ids=torch.tensor([[40]]))
         assert cache.layers[0].seq_lens.tolist() == [40] and c2.layers[0].seq_lens.tolist() == [41]
         c2.reset()
         assert c2.layers[0].seq_lens.tolist() == [0] and c2.memory_report()["total"] == 0

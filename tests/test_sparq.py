@@ -604,3 +604,17 @@ def test_cuda_matches_cpu_kernels():
         o = sparq.sparse_attention(q, k, v, i2, s, vm, sl)
         o_c = sparq.sparse_attention(q.cuda(), k.cuda(), v.cuda(), i2.cuda(), s.cuda(), vm.cuda(), sl.cuda())
         _assert_close(o_c, o.double(), torch.float16, "cuda vs cpu")
+
+
+def test_check_cache_finds_a_kt_of_other_keys():
+    torch.manual_seed(0)
+    k = torch.randn(2, 2, 40, 64)
+    v = torch.randn_like(k)
+    sl = torch.tensor([40, 17], dtype=torch.int32)
+    kt, vm = sparq.build(k, v, sl)
+    sparq.check_cache(k, v, kt, vm, sl)  # matches
+    other, _ = sparq.build(torch.randn_like(k), v, sl)
+    with pytest.raises(ValueError, match="kt does not match k at sequence 0"):
+        sparq.check_cache(k, v, other, vm, sl)
+    with pytest.raises(ValueError, match="v_mean does not match v"):
+        sparq.check_cache(k, v, kt, vm + 1, sl)

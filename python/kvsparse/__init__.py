@@ -44,7 +44,8 @@ del _method
 # that `import kvsparse` works without transformers installed. Each method's
 # cache class is kvsparse.<Title>Cache (QuestCache, ...: kvsparse.cache.cache_class).
 _LAZY = {
-    "patch": "hf", "unpatch": "hf", "patched": "hf", "make_cache": "hf", "hf": None, "cache": None,
+    "patch": "hf", "unpatch": "hf", "patched": "hf", "make_cache": "hf", "cache_kwargs": "hf",
+    "output_cache": "hf", "report": "hf", "hf": None, "cache": None,
     "models": None, "geometry": None,
     "ruler": "eval",  # the RULER-style suite, kvsparse.eval.tasks.ruler
 }

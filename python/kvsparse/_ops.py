@@ -54,6 +54,50 @@ def float_arg(x, name):
         raise TypeError(f"kvsparse: {name} must be a real number, got {type(x).__name__}") from None
 
 
+_SEQUENCE_ARGS = {"allowed"}  # arguments that are Python sequences by design
+
+
+def tensor_errors(fn):
+    """Wrap a public op wrapper: when the call fails with the dispatcher's
+    ``RuntimeError`` because an argument that must be a tensor is something
+    else (a Python list, a NumPy array), raise ``TypeError`` naming that
+    argument instead (the dispatcher's message dumps the whole value). The
+    success path is the plain call."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError:
+            try:
+                bound = sig.bind(*args, **kwargs).arguments
+            except TypeError:
+                raise
+            for name, x in bound.items():
+                if name in _SEQUENCE_ARGS:
+                    continue
+                if isinstance(x, (list, tuple)) or type(x).__module__ == "numpy":
+                    raise TypeError(f"kvsparse: {fn.__name__}: {name} must be a torch.Tensor, got "
+                                    f"{type(x).__module__}.{type(x).__name__}" if type(x).__module__ == "numpy"
+                                    else f"kvsparse: {fn.__name__}: {name} must be a torch.Tensor, got "
+                                    f"{type(x).__name__}") from None
+            raise
+
+    return wrapper
+
+
+def wrap_public(namespace, names):
+    """:func:`tensor_errors` over the functions ``names`` of a module's ``namespace``."""
+    for n in names:
+        f = namespace.get(n)
+        if callable(f) and not isinstance(f, type) and getattr(f, "__module__", "") == namespace["__name__"]:
+            namespace[n] = tensor_errors(f)
+
+
 def ceil_div(a, b):
     """ceil(a / b) for a >= 0, b >= 1 (works on SymInts)."""
     return (a + b - 1) // b

@@ -98,6 +98,7 @@ transformers' cache layer, with a ``UserWarning`` naming the method and the
 head dim (never silently).
 """
 import contextlib
+import logging
 import sys
 import types
 import warnings
@@ -111,7 +112,7 @@ from .geometry import read_model, supported_models
 from .methods.base import CUDA_HEAD_DIMS as _CUDA_HEAD_DIMS
 from .parts import is_compiling
 
-__all__ = ["patch", "unpatch", "patched", "is_patched", "make_cache", "supported_models", "CUDA_HEAD_DIMS",
+__all__ = ["patch", "unpatch", "patched", "is_patched", "make_cache", "cache_kwargs", "output_cache", "report", "supported_models", "CUDA_HEAD_DIMS",
            "cuda_head_dims"]
 
 #: head dims the CUDA kernels are instantiated for (``check_head_dim`` in
@@ -512,6 +513,71 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     model_kwargs[key] = make_cache(self, batch_size=cache_batch, max_cache_len=max_len, config=cfg)
 
 
+def _ranges(idx):
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    out, idx = [], sorted(idx)
+    i = 0
+    while i < len(idx):
+        j = i
+        while j + 1 < len(idx) and idx[j + 1] == idx[j] + 1:
+            j += 1
+        out.append(str(idx[i]) if i == j else f"{idx[i]}-{idx[j]}")
+        i = j + 1
+    return ", ".join(out) or "none"
+
+
+def report(model):
+    """What the patch does to ``model``, in a few lines (``None`` when it is
+    not patched): the config, which layers run the method and which are left
+    to transformers, the ``dense_layers`` that attend every token, the
+    lengths that run dense (``dense_below``), and how a Quest budget rounds
+    to whole pages. :func:`patch` also logs it (logger ``"kvsparse"``, INFO)."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        return None
+    cfg = model.kvsparse_config
+    geometry = state["geometry"]
+    native = set(geometry.sliding_layers)
+    own = [i for i in range(geometry.num_layers) if i not in native]
+    lines = [f"kvsparse: {type(model).__name__} patched with {cfg!r}",
+             f"  layers {_ranges(own)} ({len(own)} of {geometry.num_layers}): the {cfg.method} cache and decode"]
+    if cfg.dense_layers:
+        first = [i for i in own[: cfg.dense_layers]]
+        lines.append(f"  of them, layers {_ranges(first)} (dense_layers={cfg.dense_layers}) attend every token")
+    if native:
+        lines.append(f"  layers {_ranges(native)}: sliding-window layers, left to transformers' attention and "
+                     "cache layers (their window holds the cache short)")
+    dense_len = cfg.dense_length()
+    if dense_len > 0:
+        lines.append(f"  a decode step over at most {dense_len} cached tokens runs exact dense attention "
+                     "(dense_below; 0 turns it off)")
+    budget, page = getattr(cfg, "token_budget", None), getattr(cfg, "page_size", None)
+    if budget is not None and page and budget % page:
+        lines.append(f"  token_budget {budget} is read as {budget // page} pages of {page} = "
+                     f"{budget // page * page} tokens")
+    devices = sorted({str(geometry.layer_device(i)) for i in own})
+    lines.append(f"  head_dim {geometry.head_dim}, {geometry.num_heads} heads, {geometry.num_kv_heads} KV heads; "
+                 f"on {', '.join(devices)}")
+    return "\n".join(lines)
+
+
+def cache_kwargs(model, cache):
+    """``{name: cache}``, to pass a cache to ``model(...)`` or ``model.generate(...)``
+    under the keyword the installed transformers takes (``cache`` from 5.24,
+    ``past_key_values`` before; the old name warns of its deprecation)::
+
+        out = model(ids, **kvsparse.cache_kwargs(model, cache))
+    """
+    return _compat.model_cache_kwargs(model, cache)
+
+
+def output_cache(out):
+    """The cache that a model or ``generate()`` output carries (its
+    ``cache`` or ``past_key_values`` field, whichever the installed
+    transformers fills)."""
+    return _compat.output_cache(out)
+
+
 # -------------------------------------------------------------- patch/unpatch
 def is_patched(model):
     return _STATE_ATTR in model.__dict__
@@ -533,9 +599,11 @@ def patch(model, method="quest", config=None, self_check=True, **kwargs):
             :class:`~kvsparse.config.MethodConfig`): then those layers run the
             model's dense attention, with a warning.
         method: a registered method's name (``kvsparse.methods.names()``:
-            ``"quest"``, ``"sparq"``, ``"qaq"``), or a config object.
+            ``"quest"``, ``"sparq"``, ``"qaq"``, ``"quest_qaq"``: Quest's page
+            selection over QAQ's packed cache), or a config object.
         config: a config object (:class:`~kvsparse.config.QuestConfig`,
-            :class:`~kvsparse.config.SparQConfig`, :class:`~kvsparse.config.QAQConfig`);
+            :class:`~kvsparse.config.SparQConfig`, :class:`~kvsparse.config.QAQConfig`,
+            :class:`~kvsparse.config.QuestQAQConfig`);
             ``kwargs`` override its fields.
         **kwargs: the config fields (every method: ``dense_layers``,
             ``max_cache_len``, ``chunk_size``, ``fallback``; Quest: ``token_budget``, ``page_size``,
@@ -548,8 +616,10 @@ def patch(model, method="quest", config=None, self_check=True, **kwargs):
             any layer did not go through the kvsparse attention (e.g. a
             transformers release that passes the cache differently).
 
-    The config is stored as ``model.kvsparse_config``. Patching a patched
-    model replaces its config.
+    The config is stored as ``model.kvsparse_config``; :func:`report`
+    says what the patch does (which layers, which lengths run dense, how a
+    budget rounds), and is logged at INFO (logger ``"kvsparse"``). Patching
+    a patched model replaces its config.
 
     Never silently dense: besides the self-check, a decode step over a cache
     that is not the method's kvsparse cache, a prefill that the kvsparse
@@ -585,6 +655,7 @@ def patch(model, method="quest", config=None, self_check=True, **kwargs):
         "cache_kwarg": model_key,
         "hooks": [],
         "compiled": {k: model.__dict__[k] for k in ("_compiled_call", "_last_compile_config") if k in model.__dict__},
+        "geometry": geometry,
     }
     for k in state["compiled"]:
         del model.__dict__[k]  # compile afresh for the patched model
@@ -599,6 +670,7 @@ def patch(model, method="quest", config=None, self_check=True, **kwargs):
         model.__dict__[_STATE_ATTR] = state
         if self_check:
             _self_check(model, cfg, geometry)
+        logging.getLogger("kvsparse").info("%s", report(model))
     except Exception:
         for h in state["hooks"]:
             h.remove()

@@ -92,12 +92,20 @@ def _load_gguf_without_accelerate(folder, name, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    from transformers.utils import logging as hf_logging
+
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors = load_gguf_checkpoint(
-        os.path.join(folder, name), return_tensors=True, model_to_load=model,
-        **_compat.gguf_checkpoint_kwargs(load_gguf_checkpoint, dtype),
-    )["tensors"]
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a few seconds: no bar (in a notebook without ipywidgets, a warning)
+    try:
+        tensors = load_gguf_checkpoint(
+            os.path.join(folder, name), return_tensors=True, model_to_load=model,
+            **_compat.gguf_checkpoint_kwargs(load_gguf_checkpoint, dtype),
+        )["tensors"]
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:

@@ -275,6 +275,8 @@ def quantize(store, x, pos, widths=8, offsets=None):
     _check_store(store, "store")
     _tensor(x, "x", 4, "[B, Hkv, n, D]")
     _tensor(pos, "pos", 1, "[B]")
+    if x.dtype != store.oval.dtype:
+        raise TypeError(f"kvsparse: x must be in the store's dtype {store.oval.dtype}, got {x.dtype}")
     if x.shape[1] != store.num_kv_heads or x.shape[3] != store.head_dim:
         raise ValueError(f"kvsparse: x must be [B, Hkv, n, D] with Hkv = {store.num_kv_heads} and "
                          f"D = {store.head_dim} (the store's num_kv_heads and head_dim), "
@@ -799,3 +801,7 @@ def _qaq_sparse_attention_fake(q, k_arena, k_offsets, k_widths, k_sz, k_oidx, k_
                        f"ceil(cap / page_size) = {max_pages}, got {n_sel}")
     pm = q.new_empty((B, num_kv_heads, n_sel * page_size) if return_p_max else (0,), dtype=torch.float32)
     return out, pm
+
+
+# a list or NumPy array where a tensor belongs: TypeError naming it
+_ops.wrap_public(globals(), __all__)

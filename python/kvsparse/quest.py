@@ -387,3 +387,7 @@ def _attention_fake(q, k, v, kmin, kmax, seq_lens, page_size, token_budget, grou
         _check_meta(m, name, q, "q", B, Hkv, D)
         _ops.check_size(m, 2, max_pages, name, "max_pages = ceil(cap / page_size)")
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# a list or NumPy array where a tensor belongs: TypeError naming it
+_ops.wrap_public(globals(), __all__)

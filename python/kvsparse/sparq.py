@@ -61,6 +61,7 @@ __all__ = [
     "sparse_attention",
     "attention",
     "choose_r_k",
+    "check_cache",
 ]
 
 _MODES = ("group", "head")
@@ -234,7 +235,9 @@ def attention(q, k, v, kt, v_mean, seq_lens, r, k_top, local_window=0, mode="gro
         q: ``[B, H, D]``.
         k, v: ``[B, Hkv, cap, D]``, q's dtype.
         kt: ``[B, Hkv, D, cap]`` and v_mean float32 ``[B, Hkv, D]``, up to
-            date for ``seq_lens`` (see :func:`build`, :func:`append`).
+            date for ``seq_lens`` (see :func:`build`, :func:`append`); their
+            contents are trusted (:func:`check_cache` compares them with
+            ``k`` and ``v``).
         seq_lens: ``[B]`` int32 in ``[0, cap]``.
         r: query channels used for the approximate scores, ``1 <= r <= D``.
         k_top: positions attended per row, ``1 <= k_top <= cap``.
@@ -443,3 +446,33 @@ def _sparq_attention_fake(q, k, v, kt, v_mean, seq_lens, r, k_top, local_window,
     _check_k_top(k_top, cap, "k_top")
     _check_local_window(local_window)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def check_cache(k, v, kt, v_mean, seq_lens, rtol=1e-3, atol=1e-3):
+    """Check that ``kt`` and ``v_mean`` match the cache ``k``, ``v`` (a
+    debugging aid: it reads the whole cache, which a decode step must not).
+
+    The ops trust ``kt`` to be the channel-major copy of ``k`` and ``v_mean``
+    the mean of ``v`` over each sequence's ``seq_lens[b]`` tokens, as
+    :func:`build` and :func:`append` keep them; only their shapes, dtypes
+    and devices are checked per call. A ``kt`` built from other keys gives
+    wrong positions without an error. This compares them.
+
+    Raises:
+        ValueError: naming ``kt`` or ``v_mean`` and the first sequence and KV
+            head that differ.
+    """
+    want_kt, want_mean = build(k, v, seq_lens)
+    for b, n in enumerate(seq_lens.tolist()):
+        for h in range(k.shape[1]):
+            if not torch.allclose(kt[b, h, :, :n].float(), want_kt[b, h, :, :n].float(), rtol=rtol, atol=atol,
+                                  equal_nan=True):
+                raise ValueError(f"kvsparse: kt does not match k at sequence {b}, KV head {h} "
+                                 "(rebuild it with sparq.build, and keep it with sparq.append)")
+            if not torch.allclose(v_mean[b, h].float(), want_mean[b, h].float(), rtol=rtol, atol=atol,
+                                  equal_nan=True):
+                raise ValueError(f"kvsparse: v_mean does not match v at sequence {b}, KV head {h}")
+
+
+# a list or NumPy array where a tensor belongs: TypeError naming it
+_ops.wrap_public(globals(), __all__)
