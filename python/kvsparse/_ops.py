@@ -80,7 +80,7 @@ def tensor_errors(fn):
             for name, x in bound.items():
                 if name in _SEQUENCE_ARGS:
                     continue
-                if isinstance(x, (list, tuple)) or type(x).__module__ == "numpy":
+                if type(x) in (list, tuple) or type(x).__module__ == "numpy":  # not a store (a named tuple)
                     raise TypeError(f"kvsparse: {fn.__name__}: {name} must be a torch.Tensor, got "
                                     f"{type(x).__module__}.{type(x).__name__}" if type(x).__module__ == "numpy"
                                     else f"kvsparse: {fn.__name__}: {name} must be a torch.Tensor, got "
