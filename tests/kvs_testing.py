@@ -46,3 +46,19 @@ def assert_close(actual, expected, dtype, what):
     atol, rtol = ATTN_TOL[dtype]
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol,
                                msg=lambda m: f"{what}: {m}")
+
+
+#: the head dims beyond 64 and 128 that the kernel sweeps add, each with a few
+#: dtypes and shapes (GPU suite time)
+NEW_D = (80, 96, 256)
+NEW_D_DTYPES = [(torch.float32, "f32"), (torch.bfloat16, "bf16")]
+
+
+def head_dim_cases(shapes, new_shapes):
+    """(dtype, D, *shape) cases: every dtype and shape for D = 64 and 128,
+    NEW_D_DTYPES and new_shapes for NEW_D."""
+    out = [pytest.param(dt, D, *sh, id=f"{i}-D{D}-" + "-".join(map(str, sh)))
+           for dt, i in zip(DTYPES, DT_IDS) for D in (64, 128) for sh in shapes]
+    out += [pytest.param(dt, D, *sh, id=f"{i}-D{D}-" + "-".join(map(str, sh)))
+            for dt, i in NEW_D_DTYPES for D in NEW_D for sh in new_shapes]
+    return out

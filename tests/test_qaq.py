@@ -14,7 +14,9 @@ from kvsparse import qaq
 from kvsparse import reference as ref
 
 from kvs_testing import ATTN_TOL, DEVICES, DT_IDS, DTYPES, HAS_GPU  # noqa: E402
+from kvs_testing import NEW_D, NEW_D_DTYPES  # noqa: E402
 from kvs_testing import dirty as _dirty  # noqa: E402
+from kvs_testing import head_dim_cases as _cases  # noqa: E402
 from kvs_testing import seed as _seed  # noqa: E402
 
 # attention outputs are checked with ATTN_TOL against the float64 reference
@@ -345,22 +347,11 @@ def test_bits_monotone_in_attention_and_query_scale():
 CAP = 77
 LENS = {1: [75], 3: [77, 9, 50]}  # ragged, not multiples of 16
 
-#: head dims beyond 64 and 128: 96 (the CUDA attention runs it on D = 128 tiles)
-#: and 256 on both devices, 80 on the CPU only (the CUDA attention refuses it:
-#: test_cuda_head_dim_80); a few dtypes and shapes each (GPU suite time)
-NEW_D = (80, 96, 256)
-NEW_D_DTYPES = [(torch.float32, "f32"), (torch.bfloat16, "bf16")]
+#: the head dims the CUDA attention takes: 96 runs on D = 128 tiles; kvs_testing.NEW_D's
+#: 80 is CPU-only (the CUDA attention refuses it: test_cuda_head_dim_80)
 CUDA_ATTN_D = (64, 96, 128, 256)
 
 
-def _cases(shapes, new_shapes):
-    """(dtype, D, *shape) cases: every dtype and shape for D = 64 and 128,
-    NEW_D_DTYPES and new_shapes for NEW_D."""
-    out = [pytest.param(dt, D, *sh, id=f"{i}-D{D}-" + "-".join(map(str, sh)))
-           for dt, i in zip(DTYPES, DT_IDS) for D in (64, 128) for sh in shapes]
-    out += [pytest.param(dt, D, *sh, id=f"{i}-D{D}-" + "-".join(map(str, sh)))
-            for dt, i in NEW_D_DTYPES for D in NEW_D for sh in new_shapes]
-    return out
 
 
 def _skip_cuda_d(device, D):

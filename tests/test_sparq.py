@@ -14,7 +14,9 @@ from kvsparse import sparq
 
 from kvs_testing import DEVICES, DT_IDS, DTYPES, HAS_GPU  # noqa: E402
 from kvs_testing import assert_close as _assert_close  # noqa: E402
+from kvs_testing import NEW_D, NEW_D_DTYPES  # noqa: E402
 from kvs_testing import dirty as _dirty  # noqa: E402
+from kvs_testing import head_dim_cases as _cases  # noqa: E402
 from kvs_testing import make_qkv as _make  # noqa: E402
 from kvs_testing import seed as _seed  # noqa: E402
 
@@ -47,20 +49,10 @@ CAP = 211
 LENS = {1: [203], 3: [211, 7, 64]}  # ragged, one shorter than most k
 
 
-#: the head dims beyond 64 and 128 (the CUDA attention's padded lanes: 80, 96;
-#: a whole warp per token: 256): a few dtypes and shapes each (GPU suite time)
-NEW_D = (80, 96, 256)
-NEW_D_DTYPES = [(torch.float32, "f32"), (torch.bfloat16, "bf16")]
+#: beyond D = 64 and 128 the sweeps add kvs_testing.NEW_D (the CUDA attention's
+#: padded lanes: 80, 96; a whole warp per token: 256)
 
 
-def _cases(shapes, new_shapes):
-    """(dtype, D, *shape) cases: every dtype and shape for D = 64 and 128,
-    NEW_D_DTYPES and new_shapes for NEW_D."""
-    out = [pytest.param(dt, D, *sh, id=f"{i}-D{D}-" + "-".join(map(str, sh)))
-           for dt, i in zip(DTYPES, DT_IDS) for D in (64, 128) for sh in shapes]
-    out += [pytest.param(dt, D, *sh, id=f"{i}-D{D}-" + "-".join(map(str, sh)))
-            for dt, i in NEW_D_DTYPES for D in NEW_D for sh in new_shapes]
-    return out
 
 
 def _configs(D):
