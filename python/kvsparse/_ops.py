@@ -73,18 +73,11 @@ def tensor_errors(fn):
         try:
             return fn(*args, **kwargs)
         except RuntimeError:
-            try:
-                bound = sig.bind(*args, **kwargs).arguments
-            except TypeError:
-                raise
-            for name, x in bound.items():
-                if name in _SEQUENCE_ARGS:
-                    continue
-                if type(x) in (list, tuple) or type(x).__module__ == "numpy":  # not a store (a named tuple)
-                    raise TypeError(f"kvsparse: {fn.__name__}: {name} must be a torch.Tensor, got "
-                                    f"{type(x).__module__}.{type(x).__name__}" if type(x).__module__ == "numpy"
-                                    else f"kvsparse: {fn.__name__}: {name} must be a torch.Tensor, got "
-                                    f"{type(x).__name__}") from None
+            for name, x in sig.bind(*args, **kwargs).arguments.items():
+                numpy = type(x).__module__ == "numpy"
+                if name not in _SEQUENCE_ARGS and (numpy or type(x) in (list, tuple)):  # not a store (a named tuple)
+                    kind = f"numpy.{type(x).__name__}" if numpy else type(x).__name__
+                    raise TypeError(f"kvsparse: {fn.__name__}: {name} must be a torch.Tensor, got {kind}") from None
             raise
 
     return wrapper
@@ -144,7 +137,7 @@ def check_device(t, name, ref, ref_name):
 
 
 #: head dims the CUDA kernels are instantiated for (check_head_dim in
-#: csrc/ops/checks.h; kvsparse.methods.base.CUDA_HEAD_DIMS); QAQ's attention
+#: csrc/ops/checks.h; re-exported as kvsparse.methods.base.CUDA_HEAD_DIMS); QAQ's attention
 #: takes fewer, which its real op checks (check_qaq_attention_head_dim)
 CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
 
@@ -152,8 +145,8 @@ CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
 def check_head_dim(D, device):
     """One of CUDA_HEAD_DIMS on CUDA, a multiple of 8 in [8, 256] elsewhere (check_head_dim)."""
     if device.type == "cuda":
-        torch._check_value(D in CUDA_HEAD_DIMS,
-                           lambda: f"kvsparse: head_dim D must be 64, 80, 96, 128 or 256 on CUDA, got {D}")
+        torch._check_value(D in CUDA_HEAD_DIMS, lambda: "kvsparse: head_dim D must be "
+                           f"{', '.join(map(str, CUDA_HEAD_DIMS[:-1]))} or {CUDA_HEAD_DIMS[-1]} on CUDA, got {D}")
     else:
         torch._check_value(D >= 8 and D % 8 == 0 and D <= 256,
                            lambda: f"kvsparse: head_dim D must be a multiple of 8 in [8, 256], got {D}")

@@ -188,8 +188,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.quick:
         # smaller defaults; an option given on the command line wins
-        d = build_parser()
-        given = lambda name: getattr(args, name) != d.get_default(name)  # noqa: E731
+        given = lambda name: getattr(args, name) != parser.get_default(name)  # noqa: E731
         if not given("lengths"):
             args.lengths = "512,1024"
         if not given("ppl_lengths"):

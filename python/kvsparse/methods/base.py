@@ -29,15 +29,16 @@ configs' by-name lookup) to the methods.
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+from .._ops import CUDA_HEAD_DIMS as _CUDA_HEAD_DIMS
 from ..parts import DenseKV
 
 __all__ = ["Method", "MethodConfig", "check_int", "register", "get", "names", "registered",
            "CUDA_HEAD_DIMS", "FALLBACKS"]
 
 #: head dims the CUDA kernels of Quest and SparQ are instantiated for
-#: (``check_head_dim`` in csrc/ops/checks.h); a method may take fewer
-#: (:attr:`Method.cuda_head_dims`: QAQ's attention takes no 80)
-CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
+#: (``check_head_dim`` in csrc/ops/checks.h; defined once, in :mod:`kvsparse._ops`);
+#: a method may take fewer (:attr:`Method.cuda_head_dims`: QAQ's attention takes no 80)
+CUDA_HEAD_DIMS = _CUDA_HEAD_DIMS
 #: the accepted values of :attr:`MethodConfig.fallback` besides ``None``
 FALLBACKS = ("dense",)
 
