@@ -542,7 +542,7 @@ def report(model):
     lines = [f"kvsparse: {type(model).__name__} patched with {cfg!r}",
              f"  layers {_ranges(own)} ({len(own)} of {geometry.num_layers}): the {cfg.method} cache and decode"]
     if cfg.dense_layers:
-        first = [i for i in own[: cfg.dense_layers]]
+        first = [i for i in own if i < cfg.dense_layers]  # as the attention reads it: layer_idx < dense_layers
         lines.append(f"  of them, layers {_ranges(first)} (dense_layers={cfg.dense_layers}) attend every token")
     if native:
         lines.append(f"  layers {_ranges(native)}: sliding-window layers, left to transformers' attention and "
