@@ -22,6 +22,8 @@ from kvs_testing import seed as _seed  # noqa: E402
 
 # s_hat: float32 logits of exactly representable products, then exp / sum
 SHAT_TOL = dict(atol=1e-6, rtol=2e-4)
+# the fused CUDA op against the step ops: one rounding of the output dtype
+FUSED_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _bits_equal(a, b):
@@ -103,8 +105,14 @@ def test_pipeline_matches_reference(device, dtype, D, G, B, mode):
         _dirty(device)
         out = sparq.attention(q, k, v, kt, vm, sl, r, kk, lw, mode=mode, reallocate=realloc)
         assert out.shape == (B, H, D) and out.dtype == dtype
-        # the fused op runs the same kernels: bit-identical to the step ops
-        assert torch.equal(out, out_s), what
+        if out.is_cuda:
+            # sm_90 fuses the steps (the selection also normalises and sums
+            # alpha, in its own order): the same positions, alpha within float
+            # rounding
+            tol = FUSED_TOL[dtype]
+            torch.testing.assert_close(out.float(), out_s.float(), atol=tol, rtol=tol, msg=what)
+        else:  # the fused op runs the same kernels: bit-identical to the step ops
+            assert torch.equal(out, out_s), what
         exp = ref.sparq_attention_ref(q, k, v, sl, r, kk, lw, group, realloc, v_mean=vm, s_hat=s)
         _assert_close(out, exp, dtype, "attention " + what)
 

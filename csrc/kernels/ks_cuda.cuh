@@ -1,6 +1,7 @@
 // Device helpers shared by the CUDA kernels (quest_cuda.cu, sparq_cuda.cu,
 // qaq_cuda.cu): dtype conversions, warp reductions, a block-wide scan, the
-// clamped sequence length, the merge of split-K attention partials. No torch,
+// clamped sequence length, the merge of split-K attention partials, programmatic
+// dependent launch. No torch,
 // no Python.
 #ifndef KVSPARSE_KS_CUDA_CUH
 #define KVSPARSE_KS_CUDA_CUH
@@ -8,7 +9,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math_constants.h>
+#include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 namespace ks_cuda {
 
@@ -152,6 +155,57 @@ __device__ __forceinline__ void merge_splits(const float *rp, int nsplit, int G,
     }
   }
   __syncthreads();
+}
+
+// Programmatic dependent launch (Hopper): a kernel launched with the PDL
+// attribute may start while its predecessor is still running; it must wait
+// here before reading what the predecessor writes. Without the attribute (or
+// below sm_90) both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Launch with the PDL attribute where the device supports it (sm_90+).
+// KVSPARSE_NO_PDL=1 in the environment turns it off (for A/B timing).
+inline bool pdl_enabled() {
+  static int env = -1;
+  if (env < 0) {
+    const char *e = getenv("KVSPARSE_NO_PDL");
+    env = (e && e[0] && e[0] != '0') ? 0 : 1;
+  }
+  if (!env) return false;
+  static int cache[64] = {0};  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (!cache[dev]) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cache[dev] = major >= 9 ? 2 : 1;
+  }
+  return cache[dev] == 2;
+}
+
+template <typename... KArgs, typename... Args>
+inline void launch_kernel(bool pdl, void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t st,
+                   Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
 }
 
 }  // namespace ks_cuda

@@ -36,6 +36,10 @@
 namespace {
 
 using ks_cuda::block_exclusive_scan;
+using ks_cuda::launch_kernel;
+using ks_cuda::pdl_enabled;
+using ks_cuda::pdl_launch_dependents;
+using ks_cuda::pdl_wait;
 using ks_cuda::clamp_len;
 using ks_cuda::finish;
 using ks_cuda::from_f;
@@ -142,20 +146,6 @@ template <> struct Vec8<__nv_bfloat16> {
 
 __device__ __forceinline__ int n_pages_of(int len, int P) { return (len + P - 1) / P; }
 
-// Programmatic dependent launch (Hopper): a kernel launched with the PDL
-// attribute may start while its predecessor is still running; it must wait
-// here before reading what the predecessor writes. Without the attribute (or
-// below sm_90) both are no-ops.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
 
 
 // ------------------------------------------------------------- metadata ----
@@ -463,41 +453,6 @@ select_reg_kernel(const float *__restrict__ scores, int max_pages, const int32_t
     if (take_flags & (1 << j)) out[pos++] = i0 + j;
 }
 
-// Launch with the PDL attribute where the device supports it (sm_90+).
-// KVSPARSE_NO_PDL=1 in the environment turns it off (for A/B timing).
-bool pdl_enabled() {
-  static int env = -1;
-  if (env < 0) {
-    const char *e = getenv("KVSPARSE_NO_PDL");
-    env = (e && e[0] && e[0] != '0') ? 0 : 1;
-  }
-  if (!env) return false;
-  static int cache[64] = {0};  // 0 unknown, 1 no, 2 yes
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (!cache[dev]) {
-    int major = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cache[dev] = major >= 9 ? 2 : 1;
-  }
-  return cache[dev] == 2;
-}
-
-template <typename... KArgs, typename... Args>
-void launch_kernel(bool pdl, void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t st,
-                   Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
-}
 
 // Picks the register-resident select for up to 16K candidate pages, else the
 // general one that streams the scores from L2 on every pass.

@@ -135,7 +135,11 @@ int ks_sparq_attention_cpu(const void *q, const void *k, const void *v, const vo
  * are CUDA-graph capturable (workspaces are sized from shapes only). The GPU
  * supports D in {64, 80, 96, 128, 256}; a row of i1 / i2 may serve at most 8 query heads
  * (G <= 8 in group mode). float results can differ from the CPU's in the last
- * bits (exp, FMA), so near-tied selections may differ between devices. */
+ * bits (exp, FMA), so near-tied selections may differ between devices.
+ * ks_sparq_attention_cuda on sm_90 with cap <= 131072 runs three kernels
+ * instead of the steps' five: the logits kernel also picks the channels, the
+ * selection also normalises the scores and sums alpha. It keeps the positions
+ * the steps keep; alpha is summed in another order (float rounding). */
 int ks_sparq_build_cuda(const void *k, const void *v, ks_dtype dt, int64_t B, int64_t Hkv,
                         int64_t cap, int64_t D, const int32_t *seq_lens, void *kt,
                         float *v_mean, void *stream);

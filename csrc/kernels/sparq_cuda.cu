@@ -21,6 +21,14 @@
 //                a cluster-wide prefix of per-block counts).
 //                Otherwise: grid (rows, B), 1024 threads, the same radix
 //                select streaming the row from L2 (any length)
+//   fused op     on sm_90 (cap <= 128k), three kernels: the logits kernel
+//                also ranks the channels (every block of a row the same way)
+//                and zeroes the split counters; the cluster selection
+//                merges the softmax partials itself, ranks p computed from
+//                the logits (normalize_kernel's arithmetic) and sums alpha
+//                over what it keeps; the attention takes that alpha instead
+//                of reading s_hat. The last two launch with PDL. Elsewhere:
+//                the step kernels in turn
 //   attention    grid (splits, rows, B), 4 warps; each warp takes chunks of
 //                i2 entries (16-byte K/V loads, Lanes<D> lanes per token, several
 //                tokens in flight), online softmax for all query heads of the
@@ -51,6 +59,10 @@ namespace {
 
 using ks_cuda::block_exclusive_scan;
 using ks_cuda::clamp_len;
+using ks_cuda::launch_kernel;
+using ks_cuda::pdl_enabled;
+using ks_cuda::pdl_launch_dependents;
+using ks_cuda::pdl_wait;
 using ks_cuda::finish;
 using ks_cuda::from_f;
 using ks_cuda::merge_w;
@@ -259,8 +271,9 @@ template <typename T, int MAXG, int NT>
 __global__ void __launch_bounds__(NT)
 logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv, int64_t cap,
               int D, const int32_t *__restrict__ i1, int r, const int32_t *seq_lens,
-              float *__restrict__ s_hat, float *__restrict__ part) {
+              float *__restrict__ s_hat, float *__restrict__ part, int *__restrict__ counters) {
   __shared__ int s_c[AS_MAXR];
+  __shared__ uint32_t s_key[AS_MAXR], s_flag[AS_MAXR];
   __shared__ float s_q[MAXG][AS_MAXR];
   __shared__ float s_red[NT / 32][MAXG];
   __shared__ float s_bm[MAXG];
@@ -272,12 +285,42 @@ logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv,
   const int hk = h0 / G;
   const int len = clamp_len(seq_lens, b, cap);
   const int64_t t0 = (int64_t)blk * AS_TOK;
+  // the fused op: this row's attention split counter starts at 0 (the
+  // attention kernel runs after this one, so the write is visible there)
+  if (counters && blk == 0 && threadIdx.x == 0) counters[(size_t)b * Hs1 + row] = 0;
   if (t0 >= len) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  pdl_launch_dependents();  // the fused op's selection may be scheduled now
 
-  for (int j = threadIdx.x; j < r; j += blockDim.x) {
-    const int c = i1[((size_t)b * Hs1 + row) * r + j];
-    s_c[j] = (c >= 0 && c < D) ? c : 0;
+  if (i1) {
+    for (int j = threadIdx.x; j < r; j += blockDim.x) {
+      const int c = i1[((size_t)b * Hs1 + row) * r + j];
+      s_c[j] = (c >= 0 && c < D) ? c : 0;
+    }
+  } else {
+    // the fused op: the row's top-r channels, as top_channels_kernel computes them
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      float sum = 0.f;
+      for (int g = 0; g < nh; ++g) sum += fabsf(ldf(q + ((size_t)b * H + h0 + g) * D + d));
+      s_key[d] = order_key(sum);
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      const uint32_t kd = s_key[d];
+      int rank = 0;
+      for (int j = 0; j < D; ++j) {
+        const uint32_t kj = s_key[j];
+        rank += (kj > kd || (kj == kd && j < d)) ? 1 : 0;
+      }
+      s_flag[d] = rank < r ? 1u : 0u;
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      if (!s_flag[d]) continue;
+      int pos = 0;
+      for (int j = 0; j < d; ++j) pos += (int)s_flag[j];
+      s_c[pos] = d;
+    }
   }
   __syncthreads();
   // warp w: tau of query heads g = w, w + 4, ..., then their q values on i1, divided by tau
@@ -580,8 +623,14 @@ __device__ __forceinline__ void cluster_threshold(const uint32_t (&kk)[KPT], uin
     cluster.sync();
     const int t = threadIdx.x;
     int v = 0;
-    if (t < 256)
-      for (int r = 0; r < CL; ++r) v += cluster.map_shared_rank(h, r)[255 - t];
+    if (t < 256) {
+      // the cluster is always CS_CLUSTER blocks: every remote load in flight at once
+      int hv[CS_CLUSTER];
+#pragma unroll
+      for (int r = 0; r < CS_CLUSTER; ++r) hv[r] = r < CL ? cluster.map_shared_rank(h, r)[255 - t] : 0;
+#pragma unroll
+      for (int r = 0; r < CS_CLUSTER; ++r) v += hv[r];
+    }
     int total;
     const int excl = block_exclusive_scan(v, scan_smem, &total);
     if (t < 256 && excl < need && excl + v >= need) {
@@ -604,7 +653,7 @@ template <int KPT>
 __device__ __forceinline__ void cluster_compact(const uint32_t (&kk)[KPT], uint32_t cand,
                                                 uint32_t prefix, int need, int base,
                                                 int32_t *__restrict__ out, int *scan_smem,
-                                                int *s_cnt, int *s_before) {
+                                                int *s_cnt, int *s_before, uint32_t *taken = nullptr) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   const int crank = (int)cluster.block_rank();
@@ -637,17 +686,23 @@ __device__ __forceinline__ void cluster_compact(const uint32_t (&kk)[KPT], uint3
   const int eq_taken_before = eq_before < need ? eq_before : need;
   int pos = gt_before + eq_taken_before + excl_gt + (excl_eq < take_eq_block ? excl_eq : take_eq_block);
   int e = eq_before + excl_eq;
+  uint32_t tk = 0;
 #pragma unroll
   for (int j = 0; j < KPT; ++j) {
     if ((cand >> j) & 1u) {
       if (kk[j] > prefix) {
         out[pos++] = base + j;
+        tk |= 1u << j;
       } else if (kk[j] == prefix) {
-        if (e < need) out[pos++] = base + j;
+        if (e < need) {
+          out[pos++] = base + j;
+          tk |= 1u << j;
+        }
         ++e;
       }
     }
   }
+  if (taken) *taken = tk;
   // no block may exit while another still reads its shared memory
   cluster.sync();
 }
@@ -705,6 +760,141 @@ select_cluster_kernel(const float *__restrict__ keys, int64_t cap, const int32_t
 #endif
 }
 
+// The fused op's selection (sm_90): the normalize pass and the alpha sums of
+// the reallocation folded into the cluster select. z holds the logits of
+// logits_kernel ([B, H, cap], t < len written), part its per-block (max, sum
+// exp) partials ([B, H, nblk, 2]). The key of a position is the sum over the
+// row's query heads, in head order from 0, of p_g = exp(z_g - M_g) / L_g:
+// the same float operations as normalize_kernel, so the same selection as
+// normalize + select_cluster_kernel. With alpha != NULL, alpha[b, h] = the
+// sum of p_h over the selected positions (the window included), reduced over
+// the block and then the cluster in a fixed order; the attention reads it in
+// place of s_hat.
+
+template <int KPT>
+__global__ void __launch_bounds__(CS_THREADS)
+select_fused_kernel(const float *__restrict__ z, const float *__restrict__ part, int nblk, int H,
+                    int Hkv, int64_t cap, const int32_t *seq_lens, int n_sel, int local_window,
+                    int32_t *__restrict__ i2, float *__restrict__ alpha) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int SF_MAXG = 8;  // query heads per row (G <= 8)
+  namespace cg = cooperative_groups;
+  __shared__ int hist[2][256];
+  __shared__ int scan_smem[64];
+  __shared__ int s_cnt[2];
+  __shared__ int s_before[2];
+  __shared__ uint32_t s_prefix;
+  __shared__ int s_need;
+  __shared__ float s_M[SF_MAXG], s_L[SF_MAXG];
+  __shared__ float s_red[CS_THREADS / 32][SF_MAXG];
+  __shared__ float s_al[SF_MAXG];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int crank = (int)cluster.block_rank();
+  const int CL = (int)cluster.num_blocks();
+  const int row = blockIdx.y, Hs = gridDim.y, b = blockIdx.z;
+  const int G = H / Hkv;
+  const int nh = (Hs == H) ? 1 : G;
+  const int h0 = (Hs == H) ? row : row * G;
+  const size_t rid = (size_t)b * Hs + row;
+  int32_t *out = i2 + rid * n_sel;
+  const int len = clamp_len(seq_lens, b, cap);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  pdl_wait();  // logits and partials come from the previous kernel
+  pdl_launch_dependents();
+  // the softmax statistics of every head of the row (normalize_kernel's code)
+  const int nvalid = (int)((len + AS_TOK - 1) / AS_TOK);
+  for (int g = warp; g < nh; g += CS_THREADS / 32) {
+    const float *p = part + ((size_t)b * H + h0 + g) * nblk * 2;
+    float M = -CUDART_INF_F;
+    for (int j = lane; j < nvalid; j += 32) M = fmaxf(M, p[2 * j]);
+    M = warp_max(M);
+    float L = 0.f;
+    for (int j = lane; j < nvalid; j += 32)
+      L += p[2 * j + 1] * (M == -CUDART_INF_F ? 1.f : expf(p[2 * j] - M));
+    L = warp_sum(L);
+    if (lane == 0) { s_M[g] = M; s_L[g] = L; }
+  }
+  __syncthreads();
+  const float *zr = z + ((size_t)b * H + h0) * cap;
+  // p of head g at t (t < len)
+  auto prob = [&](int g, int t) -> float {
+    return s_M[g] == -CUDART_INF_F ? CUDART_NAN_F : expf(__ldg(zr + (size_t)g * cap + t) - s_M[g]) / s_L[g];
+  };
+  float a[SF_MAXG];
+#pragma unroll
+  for (int g = 0; g < SF_MAXG; ++g) a[g] = 0.f;
+  auto add_alpha = [&](int t) {
+#pragma unroll
+    for (int g = 0; g < SF_MAXG; ++g)
+      if (g < nh) a[g] += prob(g, t);
+  };
+  // the conditions below are uniform over the cluster (one row)
+  if (n_sel >= len) {
+    for (int i = crank * blockDim.x + threadIdx.x; i < n_sel; i += CL * blockDim.x) out[i] = i < len ? i : -1;
+    if (alpha)
+      for (int t = crank * blockDim.x + threadIdx.x; t < len; t += CL * blockDim.x) add_alpha(t);
+  } else {
+    const int w = local_window < n_sel ? local_window : n_sel;
+    const int m = len - w;
+    const int K = n_sel - w;
+    if (crank == 0)
+      for (int i = threadIdx.x; i < w; i += blockDim.x) out[K + i] = m + i;
+    if (alpha)
+      for (int t = m + crank * blockDim.x + threadIdx.x; t < len; t += CL * blockDim.x) add_alpha(t);
+    if (K > 0) {
+      const int per = (m + CL - 1) / CL;
+      const int cs = crank * per;
+      const int ce = cs + per < m ? cs + per : m;
+      const int base = cs + (int)threadIdx.x * KPT;
+      int nval = ce - base;
+      nval = nval < 0 ? 0 : (nval > KPT ? KPT : nval);
+      const uint32_t cand = nval >= 32 ? 0xffffffffu : ((1u << nval) - 1u);
+      uint32_t kk[KPT];
+#pragma unroll
+      for (int j = 0; j < KPT; ++j) {
+        float key = 0.f;
+        if (j < nval)
+          for (int g = 0; g < nh; ++g) key += prob(g, base + j);
+        kk[j] = j < nval ? order_key(key) : 0u;
+      }
+      uint32_t prefix;
+      int need;
+      cluster_threshold<KPT>(kk, cand, K, hist, scan_smem, &s_prefix, &s_need, prefix, need);
+      uint32_t tk = 0;
+      cluster_compact<KPT>(kk, cand, prefix, need, base, out, scan_smem, s_cnt, s_before, &tk);
+      if (alpha) {
+#pragma unroll
+        for (int j = 0; j < KPT; ++j)
+          if ((tk >> j) & 1u) add_alpha(base + j);
+      }
+    }
+  }
+  if (!alpha) return;  // uniform
+  // alpha: warp, block, then cluster sums in a fixed order
+#pragma unroll
+  for (int g = 0; g < SF_MAXG; ++g) {
+    if (g >= nh) break;
+    const float x = warp_sum(a[g]);
+    if (lane == 0) s_red[warp][g] = x;
+  }
+  __syncthreads();
+  if (threadIdx.x < nh) {
+    float x = 0.f;
+    for (int w = 0; w < CS_THREADS / 32; ++w) x += s_red[w][threadIdx.x];
+    s_al[threadIdx.x] = x;
+  }
+  cluster.sync();
+  if (crank == 0 && threadIdx.x < nh) {
+    float x = 0.f;
+    for (int c = 0; c < CL; ++c) x += cluster.map_shared_rank(s_al, c)[threadIdx.x];
+    alpha[(size_t)b * H + h0 + threadIdx.x] = x;
+  }
+  cluster.sync();  // no block exits while rank 0 reads its s_al
+#else
+  __trap();
+#endif
+}
+
 // ----------------------------------------------------------- attention -----
 constexpr int AT_WARPS = 4;
 // smallest entries per warp chunk (tokens per warp step at the smallest unroll,
@@ -722,7 +912,8 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
                    int H, int Hkv, int64_t cap, const int32_t *__restrict__ i2, int n_sel,
                    const float *__restrict__ s_hat, const float *__restrict__ v_mean,
                    const int32_t *seq_lens, float scale_log2, int reallocate, int per_split,
-                   float *__restrict__ part, int *counters, T *__restrict__ out) {
+                   float *__restrict__ part, int *counters, const float *__restrict__ alpha_in,
+                   T *__restrict__ out) {
   constexpr int LPT = Lanes<D>::N;   // lanes per token
   constexpr int NCH = Lanes<D>::CH;  // lanes c < NCH hold channels; the others zeros
   constexpr int TPS = 32 / LPT;      // tokens per warp step (1 at D = 256)
@@ -762,6 +953,9 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
   }
   const size_t kv_base = ((size_t)b * Hkv + hk) * cap;
   const int32_t *idx = i2 + ((size_t)b * Hs + row) * n_sel;
+  pdl_wait();  // the fused op: i2 and alpha come from the selection kernel
+  // alpha_in (the fused op): each head's alpha, summed by the selection
+  const bool sum_alpha = reallocate && alpha_in == nullptr;
   const int e_begin = split * per_split;
   const int e_end = min(n_sel, e_begin + per_split);
   for (int e0 = e_begin + warp * CH; e0 < e_end; e0 += AT_WARPS * CH) {
@@ -781,7 +975,7 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
         V8<T>::zero(vr[u]);
       }
     }
-    if (reallocate && c == 0) {
+    if (sum_alpha && c == 0) {
 #pragma unroll
       for (int g = 0; g < MAXG; ++g) {
         if (g >= qh) break;
@@ -886,6 +1080,7 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
         L += s_l[w][g];  // -inf / NaN marks only (ks_cuda.cuh)
       }
     }
+    if (alpha_in) AL = alpha_in[(size_t)b * H + h0 + g];
     if (nsplit == 1) {
       float y = finish(A, M, L);  // NaN stays NaN through the mean-V mix below
       if (reallocate) y = AL * y + (1.f - AL) * v_mean[((size_t)b * Hkv + hk) * D + d];
@@ -919,7 +1114,7 @@ sparse_attn_kernel(const T *__restrict__ q, const T *__restrict__ k, const T *__
     float AL = 0.f;
     for (int sp = lane; sp < nsplit; sp += 32) AL += __ldcg(rp + ((size_t)sp * qh + g) * REC + D + 2);
     AL = warp_sum(AL);
-    if (lane == 0) s_AL[g] = AL;
+    if (lane == 0) s_AL[g] = alpha_in ? alpha_in[(size_t)b * H + h0 + g] : AL;
   }
   __syncthreads();
 #pragma unroll
@@ -975,14 +1170,16 @@ int launch_top_channels(const void *q, int64_t B, int64_t H, int64_t D, int64_t 
 template <typename T>
 int launch_scores(const void *q, const void *kt, int64_t B, int64_t H, int64_t Hkv, int64_t cap,
                   int64_t D, const int32_t *i1, int64_t Hs1, int64_t r, const int32_t *seq_lens,
-                  float *s_hat, float *part, float *rowscore, cudaStream_t st) {
+                  float *s_hat, float *part, float *rowscore, cudaStream_t st,
+                  int *counters = nullptr, bool normalize = true) {
   if (r > AS_MAXR) return (int)cudaErrorInvalidValue;
   const int nh = (Hs1 == H) ? 1 : (int)(H / Hkv);
   dim3 grid((unsigned)as_nblk(cap), (unsigned)Hs1, (unsigned)B);
 #define KS_SQ(MG)                                                                              \
   logits_kernel<T, MG, as_logit_threads<MG>()><<<grid, as_logit_threads<MG>(), 0, st>>>((const T *)q, (const T *)kt, (int)H,       \
                                                     (int)Hkv, cap, (int)D, i1, (int)r,         \
-                                                    seq_lens, s_hat, part);                    \
+                                                    seq_lens, s_hat, part, counters);          \
+  if (normalize)                                                                               \
   normalize_kernel<MG><<<grid, AS_THREADS, 0, st>>>((int)H, (int)Hkv, cap, seq_lens, part,     \
                                                     s_hat, rowscore)
   switch (maxg_bucket(nh)) {
@@ -1022,7 +1219,8 @@ template <typename T, int D>
 int launch_attn_t(const void *q, const void *k, const void *v, int64_t B, int64_t H, int64_t Hkv,
                   int64_t cap, const int32_t *i2, int64_t Hs, int64_t n_sel, const float *s_hat,
                   const float *v_mean, const int32_t *seq_lens, float scale,
-                  int reallocate, float *part, int *counters, void *out, cudaStream_t st) {
+                  int reallocate, float *part, int *counters, const float *alpha, void *out,
+                  cudaStream_t st, bool pdl) {
   const int qh = (Hs == H) ? 1 : (int)(H / Hkv);
   const float sl = scale * 1.4426950408889634f;
 #define KS_AT(MG)                                                                              \
@@ -1031,9 +1229,10 @@ int launch_attn_t(const void *q, const void *k, const void *v, int64_t B, int64_
     const int per = entries_per_split(B, Hs, n_sel, chunk);                                    \
     const int64_t ns = n_sel > 0 ? (n_sel + per - 1) / per : 1;                                \
     dim3 grid((unsigned)ns, (unsigned)Hs, (unsigned)B);                                        \
-    sparse_attn_kernel<T, D, MG><<<grid, AT_WARPS * 32, 0, st>>>(                              \
-        (const T *)q, (const T *)k, (const T *)v, (int)H, (int)Hkv, cap, i2, (int)n_sel,       \
-        s_hat, v_mean, seq_lens, sl, reallocate, per, part, counters, (T *)out);               \
+    launch_kernel(pdl, sparse_attn_kernel<T, D, MG>, grid, dim3(AT_WARPS * 32), st,            \
+                  (const T *)q, (const T *)k, (const T *)v, (int)H, (int)Hkv, cap, i2,         \
+                  (int)n_sel, s_hat, v_mean, seq_lens, sl, reallocate, per, part, counters,    \
+                  alpha, (T *)out);                                                            \
   }
   switch (maxg_bucket(qh)) {
     case 1: KS_AT(1); break;
@@ -1050,11 +1249,12 @@ template <typename T>
 int launch_attn(int64_t D, const void *q, const void *k, const void *v, int64_t B, int64_t H,
                 int64_t Hkv, int64_t cap, const int32_t *i2, int64_t Hs, int64_t n_sel,
                 const float *s_hat, const float *v_mean, const int32_t *seq_lens, float scale, int reallocate, float *part, int *counters,
-                void *out, cudaStream_t st) {
+                const float *alpha, void *out, cudaStream_t st, bool pdl) {
 #define KS_AT_D(DD)                                                                            \
   case DD:                                                                                     \
     return launch_attn_t<T, DD>(q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat, v_mean,         \
-                                seq_lens, scale, reallocate, part, counters, out, st);
+                                seq_lens, scale, reallocate, part, counters, alpha, out, st,   \
+                                pdl);
   switch (D) {
     KS_AT_D(64) KS_AT_D(80) KS_AT_D(96) KS_AT_D(128) KS_AT_D(256)
     default: return (int)cudaErrorInvalidValue;
@@ -1079,6 +1279,51 @@ cudaError_t launch_select_cluster(const float *keys, int64_t B, int64_t Hs, int6
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   return cudaLaunchKernelEx(&cfg, select_cluster_kernel<KPT>, keys, cap, seq_lens, n_sel, lw, i2);
+}
+
+template <int KPT>
+cudaError_t launch_select_fused_t(const float *z, const float *part, int nblk, int64_t B, int64_t H,
+                                  int64_t Hkv, int64_t Hs, int64_t cap, const int32_t *seq_lens,
+                                  int n_sel, int lw, int32_t *i2, float *alpha, cudaStream_t st,
+                                  bool pdl) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)CS_CLUSTER, (unsigned)Hs, (unsigned)B);
+  cfg.blockDim = dim3(CS_THREADS);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CS_CLUSTER;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 2 : 1;
+  return cudaLaunchKernelEx(&cfg, select_fused_kernel<KPT>, z, part, nblk, (int)H, (int)Hkv, cap,
+                            seq_lens, n_sel, lw, i2, alpha);
+}
+
+// candidates per thread of the cluster selections (CS_MAX_KPT + 1: too many)
+int64_t cs_kpt(int64_t cap) {
+  const int64_t per_thread = (cap + (int64_t)CS_CLUSTER * CS_THREADS - 1) / ((int64_t)CS_CLUSTER * CS_THREADS);
+  int64_t k = 1;
+  while (k < per_thread) k *= 2;
+  return k;
+}
+
+int launch_select_fused(const float *z, const float *part, int nblk, int64_t B, int64_t H,
+                        int64_t Hkv, int64_t Hs, int64_t cap, const int32_t *seq_lens, int n_sel,
+                        int lw, int32_t *i2, float *alpha, cudaStream_t st, bool pdl) {
+#define KS_SF(KK)                                                                                 \
+  case KK:                                                                                        \
+    return (int)launch_select_fused_t<KK>(z, part, nblk, B, H, Hkv, Hs, cap, seq_lens, n_sel, lw, \
+                                          i2, alpha, st, pdl);
+  switch (cs_kpt(cap)) {
+    KS_SF(1) KS_SF(2) KS_SF(4) KS_SF(8) KS_SF(16) KS_SF(32)
+    default: return (int)cudaErrorInvalidValue;
+  }
+#undef KS_SF
 }
 
 // 1 when the current device runs thread-block clusters (sm_90 and newer)
@@ -1142,7 +1387,8 @@ int run_attn(ks_dtype dt, const void *q, const void *k, const void *v, int64_t B
   cudaError_t e = cudaMemsetAsync(counters, 0, (size_t)B * Hs * sizeof(int), st);
   if (e != cudaSuccess) return (int)e;
   return KS_DISPATCH(dt, launch_attn, D, q, k, v, B, H, Hkv, cap, i2, Hs, n_sel, s_hat,
-                     v_mean, seq_lens, scale, reallocate, part, counters, out, st);
+                     v_mean, seq_lens, scale, reallocate, part, counters, (const float *)nullptr,
+                     out, st, false);
 }
 }  // namespace
 
@@ -1226,7 +1472,7 @@ int ks_sparq_sparse_attention_cuda(const void *q, const void *k, const void *v, 
                   scale, reallocate, workspace, out, (cudaStream_t)stream);
 }
 
-// layout: [attention ws][i1][s_hat][score partials][rowscore (group, G > 1)][i2]
+// layout: [attention ws][i1][s_hat][score partials][rowscore (group, G > 1)][i2][alpha]
 size_t ks_sparq_attention_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int64_t cap, int64_t D,
                                          int64_t r, int64_t k_top, int group_mode) {
   const int64_t Hs = group_mode ? Hkv : H;
@@ -1235,7 +1481,7 @@ size_t ks_sparq_attention_cuda_workspace(int64_t B, int64_t H, int64_t Hkv, int6
          align256((size_t)B * H * cap * sizeof(float)) +
          ks_sparq_approx_scores_cuda_workspace(B, H, cap) +
          (rows ? align256((size_t)B * Hs * cap * sizeof(float)) : 0) +
-         align256((size_t)B * Hs * k_top * sizeof(int32_t));
+         align256((size_t)B * Hs * k_top * sizeof(int32_t)) + align256((size_t)B * H * sizeof(float));
 }
 
 int ks_sparq_attention_cuda(const void *q, const void *k, const void *v, const void *kt,
@@ -1263,8 +1509,29 @@ int ks_sparq_attention_cuda(const void *q, const void *k, const void *v, const v
   }
   int32_t *i2 = (int32_t *)ws;
 
+  float *alpha = (float *)(ws + align256((size_t)B * Hs * k_top * sizeof(int32_t)));
+
   const int lw = local_window > k_top ? (int)k_top : (int)local_window;
   int rc;
+  if (clusters_supported() && cs_kpt(cap) <= CS_MAX_KPT) {
+    // sm_90: three kernels. The logits kernel also picks the channels and
+    // zeroes the split counters; the selection also normalises and sums alpha;
+    // the last two launch with PDL.
+    const bool pdl = pdl_enabled();
+    int *counters = (int *)attn_ws;
+    float *apart = (float *)((char *)attn_ws + align256((size_t)B * Hs * sizeof(int)));
+    rc = KS_DISPATCH(dt, launch_scores, q, kt, B, H, Hkv, cap, D, (const int32_t *)nullptr, Hs, r,
+                     seq_lens, s_hat, part, (float *)nullptr, st, counters, false);
+    if (rc) return rc;
+    rc = launch_select_fused(s_hat, part, (int)as_nblk(cap), B, H, Hkv, Hs, cap, seq_lens,
+                             (int)k_top, lw, i2, reallocate ? alpha : nullptr, st, pdl);
+    if (rc) return rc;
+    rc = KS_DISPATCH(dt, launch_attn, D, q, k, v, B, H, Hkv, cap, i2, Hs, k_top, s_hat, v_mean,
+                     seq_lens, scale, reallocate, apart, counters, (const float *)alpha, out, st,
+                     pdl);
+    if (rc) return rc;
+    return (int)cudaGetLastError();
+  }
   rc = KS_DISPATCH(dt, launch_top_channels, q, B, H, D, r, gs, i1, st);
   if (rc) return rc;
   rc = KS_DISPATCH(dt, launch_scores, q, kt, B, H, Hkv, cap, D, i1, Hs, r, seq_lens, s_hat, part,
