@@ -1,6 +1,9 @@
 """End-to-end ``model.generate()`` decode: patched against unpatched, as a user runs it.
 
-Random-weight bf16 models with Llama shapes (nothing is downloaded), B
+Random-weight bf16 models (nothing is downloaded) of the shapes in
+``SHAPES``: Llama 2 7B, Llama 3 8B, Qwen3 8B (q/k norms) and Gemma 3 12B (text:
+five sliding-window layers of 1024 tokens per full-attention layer, head_dim
+256; kvsparse runs the full layers, transformers the sliding ones). B
 sequences of S random prompt tokens, greedy decoding of ``--new`` tokens:
 
 * ``static``: a static cache passed to ``generate()`` (dense: transformers'
@@ -15,8 +18,8 @@ Per row: decode ms per token (median of the per-step times inside one
 steps left out), the speed-up against dense in the same mode and run, the
 prefill time, peak GPU memory (``max_memory_allocated`` over the timed
 ``generate()``), the KV bytes the cache holds, and the byte floor: (weights +
-the KV bytes one decode step must read) / measured copy bandwidth, with the
-row's share of it (floor / measured).
+the KV bytes one decode step must read, :func:`step_read_bytes`) / measured
+copy bandwidth, with the row's share of it (floor / measured).
 
 Usage (GPU)::
 
@@ -41,14 +44,28 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import fmt, read_jsonl  # noqa: E402
 
+#: per shape: the transformers config class, the causal LM class and the config's
+#: fields (every shape: hidden, intermediate, layers, heads, KV heads, head_dim, vocab)
 SHAPES = {
-    # hidden, intermediate, layers, heads, kv heads, vocab
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                      rope_theta=500000.0),
+    "llama2-7b": ("LlamaConfig", "LlamaForCausalLM", dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, head_dim=128, vocab_size=32000)),
+    "llama3-8b": ("LlamaConfig", "LlamaForCausalLM", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0)),
+    # Qwen3's own q/k norms (Qwen3Attention); no sliding window
+    "qwen3-8b": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1e6, use_sliding_window=False,
+        tie_word_embeddings=False)),
+    # text only; five sliding-window layers then one full (layer_types, made by model_config)
+    "gemma3-12b": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, vocab_size=262208, sliding_window=1024, query_pre_attn_scalar=256,
+        rope_theta=1e6, rope_local_base_freq=1e4)),
 }
+#: Gemma 3's layer pattern: this many sliding-window layers, then one full-attention layer
+GEMMA3_SLIDING_PER_FULL = 5
 
 METHODS = {
     "dense": None,
@@ -69,16 +86,42 @@ METHODS = {
 }
 
 
-def build_model(shape, layers=None):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def model_config(shape, layers=None):
+    """The transformers config of ``shape`` (``layers``: fewer decoder
+    layers, a quick look; for Gemma 3 a multiple of 6, so that the 5:1
+    pattern of sliding-window and full layers stays). No CUDA needed.
 
-    kw = dict(SHAPES[shape])
+    The rope fields go by their 4.57 names (``rope_theta``,
+    ``rope_local_base_freq``): transformers 4.57 takes them as they are, 5.x
+    reads them into ``rope_parameters`` (per layer type for Gemma 3).
+    Gemma 3's pattern is an explicit ``layer_types`` (both take it); the
+    context length allowed is ``1 << 18`` tokens."""
+    import transformers
+
+    cfg_name, _, fields = SHAPES[shape]
+    kw = dict(fields)
     if layers:
-        kw["num_hidden_layers"] = layers
-    cfg = LlamaConfig(max_position_embeddings=1 << 18, head_dim=128, **kw)
+        kw["num_hidden_layers"] = int(layers)
+    L = kw["num_hidden_layers"]
+    if cfg_name == "Gemma3TextConfig":
+        period = GEMMA3_SLIDING_PER_FULL + 1
+        if L % period:
+            raise ValueError(f"{shape}: --layers must be a multiple of {period} (the 5:1 pattern of "
+                             f"sliding-window and full layers), got {L}")
+        kw["layer_types"] = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(L)]
+    return getattr(transformers, cfg_name)(max_position_embeddings=1 << 18, **kw)
+
+
+def build_model(shape, layers=None, config=None, device="cuda", dtype=torch.bfloat16):
+    """A random-weight model of ``shape`` (``config``: instead of
+    :func:`model_config`'s, e.g. smaller dims for a CPU check)."""
+    import transformers
+
+    cfg = config if config is not None else model_config(shape, layers)
+    model_cls = getattr(transformers, SHAPES[shape][1])
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16)
+    with torch.device(device):
+        model = model_cls._from_config(cfg, dtype=dtype)
     model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -132,33 +175,72 @@ def kv_bytes(cache):
     return total
 
 
-def step_read_bytes(method, kw, cfg, B, S):
-    """KV bytes one decode step must read (all layers), by the method's definition."""
-    L, Hkv, D = cfg.num_hidden_layers, cfg.num_key_value_heads, 128
-    row = 2 * Hkv * D * 2  # K + V of one token, bf16
+def layer_split(method, cfg):
+    """``(sliding, dense, sparse)``: the decoder layers of ``cfg`` by what a
+    decode step of ``method`` (a ``METHODS`` value) reads in them.
+
+    * sliding: the sliding-window layers of a hybrid model (Gemma 3,
+      :func:`kvsparse.geometry.sliding_layers`): kvsparse leaves them to
+      transformers' own cache layer and windowed attention, for every method
+      (and dense);
+    * dense: the full layers that the method runs densely: kvsparse's rule
+      (``kvsparse.hf``'s attention and ``report()``) is ``layer_idx <
+      dense_layers``, the layer index in the whole model, not the rank among
+      the full layers. At Gemma 3's 5:1 pattern with Quest's default
+      ``dense_layers=2`` no full layer is dense (layers 0 and 1 are sliding,
+      the first full one is 5);
+    * sparse: the other full layers (the method's bytes).
+
+    ``dense_layers`` is the method config's (its default when not given:
+    Quest and Quest over QAQ 2, SparQ and QAQ 0). Dense (``method`` None):
+    every full layer is dense."""
+    from kvsparse.geometry import sliding_layers
+
+    sliding = set(sliding_layers(cfg))
+    full = [i for i in range(cfg.num_hidden_layers) if i not in sliding]
     if method is None:
-        return L * B * S * row
+        return sorted(sliding), full, []
+    from kvsparse import make_config
+
+    dense_layers = make_config(method[0], **method[1]).dense_layers
+    dense = [i for i in full if i < dense_layers]
+    return sorted(sliding), dense, [i for i in full if i >= dense_layers]
+
+
+def step_read_bytes(method, kw, cfg, B, S):
+    """KV bytes one decode step must read (all layers), by the method's definition.
+
+    Sliding-window layers (Gemma 3) read ``min(S, sliding_window)`` tokens
+    dense (bf16), whatever the method; the method's dense layers
+    (:func:`layer_split`) read ``S`` tokens dense; its other layers the
+    method's bytes. Dense: every full layer reads ``S`` tokens."""
+    Hkv = cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    row = 2 * Hkv * D * 2  # K + V of one token, bf16
+    sliding, dense, sparse = layer_split(method, cfg)
+    local = len(sliding) * B * min(S, cfg.sliding_window or S) * row if sliding else 0
+    if method is None:
+        return local + len(dense) * B * S * row
+    n_dense, n_sparse = len(dense), len(sparse)
     name, args = method
     if name == "quest":
         P = args.get("page_size", 16)
-        dense_layers = args.get("dense_layers", 2)
         budget = min(args.get("token_budget", 1024), S)
         meta = 2 * Hkv * D * 2 * (S // P)  # kmin + kmax
         per_sparse = meta + budget * row
-        return B * (dense_layers * S * row + (L - dense_layers) * per_sparse)
+        return local + B * (n_dense * S * row + n_sparse * per_sparse)
     if name == "quest_qaq":  # the selected tokens' codes at the uniform width (8: an upper bound) + metadata
         P = args.get("page_size", 16)
-        dense_layers = args.get("dense_layers", 2)
         budget = min(args.get("token_budget", 1024), S)
         bits = args.get("uniform_bits") or 8
         n_out = 4 if args.get("shared", True) is False else 22  # alpha 0.02: E = 128 / 1024
         tok = 2 * Hkv * (D * bits // 8 + 9 + n_out * 4)  # K + V codes and metadata, every KV head's read
         meta = 2 * Hkv * D * 2 * (S // P)
-        return B * (dense_layers * S * tok + (L - dense_layers) * (meta + budget * tok))
+        return local + B * (n_dense * S * tok + n_sparse * (meta + budget * tok))
     if name == "sparq":
         c = args.get("compression", 1 / 8)
-        return int(L * B * S * row * c)
-    return L * B * S * row  # qaq: reported from the cache instead
+        return local + B * n_dense * S * row + int(n_sparse * B * S * row * c)
+    return local + (n_dense + n_sparse) * B * S * row  # qaq: reported from the cache instead
 
 
 def main():
@@ -252,7 +334,7 @@ def write_table(jsonl):
     lines = [
         f"# End-to-end `generate()` decode ({r0['date']})", "",
         f"Device: {r0['device']}, torch {r0['torch']}, transformers {r0['transformers']}; "
-        f"copy bandwidth {r0['bw_tbs']:.2f} TB/s. Random-weight bf16 models with Llama shapes, "
+        f"copy bandwidth {r0['bw_tbs']:.2f} TB/s. Random-weight bf16 models (Llama, Qwen3, Gemma 3 shapes), "
         "greedy decoding; `python benchmarks/bench_e2e.py` (see its docstring).", "",
         "decode = median ms per generated token inside one `generate()`; speed-up = dense / method, same "
         "mode, same run; floor = (weights + KV bytes the step must read) / bandwidth; share = floor / decode.",
