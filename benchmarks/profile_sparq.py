@@ -3,7 +3,10 @@
 Times top_channels, approx_scores, top_positions, sparse_attention and the
 fused op separately (CUDA-graph replays over rotating cache copies, CUDA-event
 medians), beside each stage's fewest bytes over the copy bandwidth.
-Usage: python benchmarks/profile_sparq.py [--ncu]   (--ncu: a few fused calls only, for ncu)
+Usage: python benchmarks/profile_sparq.py [--ncu] [--quick] [--fused-only]
+  --ncu: a few fused calls only, for ncu; --quick: the two 32k B=1 cases;
+  --fused-only: the fused op alone (for A/B runs under KVSPARSE_NO_PDL=1,
+  KVSPARSE_SPARQ_STEPS=1 or KVSPARSE_SPARQ_TC=1)
 """
 import argparse
 import os
@@ -20,6 +23,8 @@ from kvsparse import sparq  # noqa: E402
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--fused-only", action="store_true")
     args = ap.parse_args()
     H, D, dt = 32, 128, torch.float16
     if args.ncu:
@@ -37,6 +42,8 @@ def main():
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     cases = [(1, 32, 32768, 16, 2048), (1, 8, 32768, 16, 2048), (1, 32, 131072, 16, 8192),
              (1, 32, 4096, 16, 256), (16, 8, 32768, 16, 2048)]
+    if args.quick:
+        cases = cases[:2]
     for B, Hkv, S, r, k_top in cases:
         G = H // Hkv
         nbuf = n_copies(B, S, Hkv, D, r, k_top)
@@ -65,6 +72,8 @@ def main():
                   "top_positions": B * H * S * 4, "sparse_attn": kv_bytes, "fused": kt_bytes + kv_bytes}
         line = f"B={B:2d} Hkv={Hkv:2d} S={S:6d} r={r} k={k_top} copies={nbuf}:"
         for name, mk in fns.items():
+            if args.fused_only and name != "fused":
+                continue
             t = time_graph([mk(bufs[i % nbuf]) for i in range(R)])
             line += f"  {name} {t * 1e3:6.1f} us ({nbytes[name] / bw * 1e6:5.1f} roof)"
         print(line, flush=True)

@@ -51,6 +51,7 @@
 #include <cuda_bf16.h>
 #include <math_constants.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "ks_cuda.cuh"
 #include "sparq.h"
@@ -1326,6 +1327,14 @@ int launch_select_fused(const float *z, const float *part, int nblk, int64_t B, 
 #undef KS_SF
 }
 
+// A/B timing switches read once from the environment (KVSPARSE_SPARQ_STEPS=1:
+// the fused op runs the step kernels; KVSPARSE_SPARQ_TC=1: the fused path
+// ranks the channels in their own kernel)
+bool env_flag(const char *name) {
+  const char *e = getenv(name);
+  return e && e[0] && e[0] != '0';
+}
+
 // 1 when the current device runs thread-block clusters (sm_90 and newer)
 int clusters_supported() {
   int dev = 0, major = 0;
@@ -1513,15 +1522,20 @@ int ks_sparq_attention_cuda(const void *q, const void *k, const void *v, const v
 
   const int lw = local_window > k_top ? (int)k_top : (int)local_window;
   int rc;
-  if (clusters_supported() && cs_kpt(cap) <= CS_MAX_KPT) {
+  if (clusters_supported() && cs_kpt(cap) <= CS_MAX_KPT && !env_flag("KVSPARSE_SPARQ_STEPS")) {
     // sm_90: three kernels. The logits kernel also picks the channels and
     // zeroes the split counters; the selection also normalises and sums alpha;
     // the last two launch with PDL.
     const bool pdl = pdl_enabled();
     int *counters = (int *)attn_ws;
     float *apart = (float *)((char *)attn_ws + align256((size_t)B * Hs * sizeof(int)));
-    rc = KS_DISPATCH(dt, launch_scores, q, kt, B, H, Hkv, cap, D, (const int32_t *)nullptr, Hs, r,
-                     seq_lens, s_hat, part, (float *)nullptr, st, counters, false);
+    const bool tc = env_flag("KVSPARSE_SPARQ_TC");  // A/B: the channels in their own kernel
+    if (tc) {
+      rc = KS_DISPATCH(dt, launch_top_channels, q, B, H, D, r, gs, i1, st);
+      if (rc) return rc;
+    }
+    rc = KS_DISPATCH(dt, launch_scores, q, kt, B, H, Hkv, cap, D, tc ? (const int32_t *)i1 : nullptr,
+                     Hs, r, seq_lens, s_hat, part, (float *)nullptr, st, counters, false);
     if (rc) return rc;
     rc = launch_select_fused(s_hat, part, (int)as_nblk(cap), B, H, Hkv, Hs, cap, seq_lens,
                              (int)k_top, lw, i2, reallocate ? alpha : nullptr, st, pdl);
