@@ -654,7 +654,7 @@ template <int KPT>
 __device__ __forceinline__ void cluster_compact(const uint32_t (&kk)[KPT], uint32_t cand,
                                                 uint32_t prefix, int need, int base,
                                                 int32_t *__restrict__ out, int *scan_smem,
-                                                int *s_cnt, int *s_before, uint32_t *taken = nullptr) {
+                                                int *s_cnt, int *s_before, int *range = nullptr) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   const int crank = (int)cluster.block_rank();
@@ -687,23 +687,22 @@ __device__ __forceinline__ void cluster_compact(const uint32_t (&kk)[KPT], uint3
   const int eq_taken_before = eq_before < need ? eq_before : need;
   int pos = gt_before + eq_taken_before + excl_gt + (excl_eq < take_eq_block ? excl_eq : take_eq_block);
   int e = eq_before + excl_eq;
-  uint32_t tk = 0;
+  // range (a block's shared memory): this block's entries, out[range[0] .. + range[1])
+  if (range && threadIdx.x == 0) {
+    range[0] = gt_before + eq_taken_before;
+    range[1] = tot_gt + take_eq_block;
+  }
 #pragma unroll
   for (int j = 0; j < KPT; ++j) {
     if ((cand >> j) & 1u) {
       if (kk[j] > prefix) {
         out[pos++] = base + j;
-        tk |= 1u << j;
       } else if (kk[j] == prefix) {
-        if (e < need) {
-          out[pos++] = base + j;
-          tk |= 1u << j;
-        }
+        if (e < need) out[pos++] = base + j;
         ++e;
       }
     }
   }
-  if (taken) *taken = tk;
   // no block may exit while another still reads its shared memory
   cluster.sync();
 }
@@ -772,8 +771,12 @@ select_cluster_kernel(const float *__restrict__ keys, int64_t cap, const int32_t
 // the block and then the cluster in a fixed order; the attention reads it in
 // place of s_hat.
 
+// Up to 8 keys a thread (rows up to 32k): registers for 3 blocks per
+// multiprocessor. At 63 registers (2 per SM) the 32 clusters of H_kv = 32
+// did not all fit at once on the H100 and ran in two waves (ncu: 51 us, SMs
+// active 54% of the time).
 template <int KPT>
-__global__ void __launch_bounds__(CS_THREADS)
+__global__ void __launch_bounds__(CS_THREADS, KPT <= 8 ? 3 : 1)
 select_fused_kernel(const float *__restrict__ z, const float *__restrict__ part, int nblk, int H,
                     int Hkv, int64_t cap, const int32_t *seq_lens, int n_sel, int local_window,
                     int32_t *__restrict__ i2, float *__restrict__ alpha) {
@@ -789,6 +792,7 @@ select_fused_kernel(const float *__restrict__ z, const float *__restrict__ part,
   __shared__ float s_M[SF_MAXG], s_L[SF_MAXG];
   __shared__ float s_red[CS_THREADS / 32][SF_MAXG];
   __shared__ float s_al[SF_MAXG];
+  __shared__ int s_range[2];
   cg::cluster_group cluster = cg::this_cluster();
   const int crank = (int)cluster.block_rank();
   const int CL = (int)cluster.num_blocks();
@@ -840,8 +844,6 @@ select_fused_kernel(const float *__restrict__ z, const float *__restrict__ part,
     const int K = n_sel - w;
     if (crank == 0)
       for (int i = threadIdx.x; i < w; i += blockDim.x) out[K + i] = m + i;
-    if (alpha)
-      for (int t = m + crank * blockDim.x + threadIdx.x; t < len; t += CL * blockDim.x) add_alpha(t);
     if (K > 0) {
       const int per = (m + CL - 1) / CL;
       const int cs = crank * per;
@@ -861,14 +863,20 @@ select_fused_kernel(const float *__restrict__ z, const float *__restrict__ part,
       uint32_t prefix;
       int need;
       cluster_threshold<KPT>(kk, cand, K, hist, scan_smem, &s_prefix, &s_need, prefix, need);
-      uint32_t tk = 0;
-      cluster_compact<KPT>(kk, cand, prefix, need, base, out, scan_smem, s_cnt, s_before, &tk);
+      cluster_compact<KPT>(kk, cand, prefix, need, base, out, scan_smem, s_cnt, s_before, s_range);
       if (alpha) {
-#pragma unroll
-        for (int j = 0; j < KPT; ++j)
-          if ((tk >> j) & 1u) add_alpha(base + j);
+        // alpha over the entries this block wrote (visible to the block after
+        // the compaction's barriers), read back: kk is dead here, which keeps
+        // the kernel's registers (and so the resident clusters) as the plain
+        // selection's
+        __syncthreads();
+        const int r0 = s_range[0], rn = s_range[1];
+        for (int i = threadIdx.x; i < rn; i += blockDim.x) add_alpha(out[r0 + i]);
       }
     }
+    // the window's share of alpha (after the selection: a[] is not live there)
+    if (alpha)
+      for (int t = m + crank * blockDim.x + threadIdx.x; t < len; t += CL * blockDim.x) add_alpha(t);
   }
   if (!alpha) return;  // uniform
   // alpha: warp, block, then cluster sums in a fixed order
