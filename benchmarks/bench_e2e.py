@@ -267,6 +267,7 @@ def main():
     cfg = model.config
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
+    path = os.path.join(args.out, f"e2e_{dev}.jsonl")
     for S in [int(x) for x in args.lens.split(",")]:
         B, new = args.batch, args.new
         g = torch.Generator(device="cuda").manual_seed(S)
@@ -318,10 +319,8 @@ def main():
             )
             rows.append(row)
             print(json.dumps(row), flush=True)
-    path = os.path.join(args.out, f"e2e_{dev}.jsonl")
-    with open(path, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+            with open(path, "a") as f:  # each row as it comes (a call cut short keeps its rows)
+                f.write(json.dumps(row) + "\n")
     write_table(path)
 
 
