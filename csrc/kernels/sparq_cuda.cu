@@ -1271,30 +1271,11 @@ int launch_attn(int64_t D, const void *q, const void *k, const void *v, int64_t 
 #undef KS_AT_D
 }
 
-template <int KPT>
-cudaError_t launch_select_cluster(const float *keys, int64_t B, int64_t Hs, int64_t cap,
-                                  const int32_t *seq_lens, int n_sel, int lw, int32_t *i2,
-                                  cudaStream_t st) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)CS_CLUSTER, (unsigned)Hs, (unsigned)B);
-  cfg.blockDim = dim3(CS_THREADS);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = CS_CLUSTER;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, select_cluster_kernel<KPT>, keys, cap, seq_lens, n_sel, lw, i2);
-}
-
-template <int KPT>
-cudaError_t launch_select_fused_t(const float *z, const float *part, int nblk, int64_t B, int64_t H,
-                                  int64_t Hkv, int64_t Hs, int64_t cap, const int32_t *seq_lens,
-                                  int n_sel, int lw, int32_t *i2, float *alpha, cudaStream_t st,
-                                  bool pdl) {
+// grid (CS_CLUSTER, Hs, B) in clusters of CS_CLUSTER blocks (one per row),
+// with the PDL attribute when pdl
+template <typename... KArgs, typename... Args>
+cudaError_t launch_cluster(bool pdl, void (*kernel)(KArgs...), int64_t B, int64_t Hs,
+                           cudaStream_t st, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)CS_CLUSTER, (unsigned)Hs, (unsigned)B);
   cfg.blockDim = dim3(CS_THREADS);
@@ -1309,8 +1290,7 @@ cudaError_t launch_select_fused_t(const float *z, const float *part, int nblk, i
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 2 : 1;
-  return cudaLaunchKernelEx(&cfg, select_fused_kernel<KPT>, z, part, nblk, (int)H, (int)Hkv, cap,
-                            seq_lens, n_sel, lw, i2, alpha);
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
 }
 
 // candidates per thread of the cluster selections (CS_MAX_KPT + 1: too many)
@@ -1326,8 +1306,8 @@ int launch_select_fused(const float *z, const float *part, int nblk, int64_t B, 
                         int lw, int32_t *i2, float *alpha, cudaStream_t st, bool pdl) {
 #define KS_SF(KK)                                                                                 \
   case KK:                                                                                        \
-    return (int)launch_select_fused_t<KK>(z, part, nblk, B, H, Hkv, Hs, cap, seq_lens, n_sel, lw, \
-                                          i2, alpha, st, pdl);
+    return (int)launch_cluster(pdl, select_fused_kernel<KK>, B, Hs, st, z, part, nblk, (int)H,     \
+                               (int)Hkv, cap, seq_lens, n_sel, lw, i2, alpha);
   switch (cs_kpt(cap)) {
     KS_SF(1) KS_SF(2) KS_SF(4) KS_SF(8) KS_SF(16) KS_SF(32)
     default: return (int)cudaErrorInvalidValue;
@@ -1355,16 +1335,16 @@ int clusters_supported() {
 // the single-block kernel otherwise
 int launch_select(const float *keys, int64_t B, int64_t Hs, int64_t cap, const int32_t *seq_lens,
                   int n_sel, int lw, int32_t *i2, cudaStream_t st) {
-  const int64_t per_thread = (cap + (int64_t)CS_CLUSTER * CS_THREADS - 1) / ((int64_t)CS_CLUSTER * CS_THREADS);
-  if (per_thread <= CS_MAX_KPT && clusters_supported()) {
-    cudaError_t e;
-    if (per_thread <= 1) e = launch_select_cluster<1>(keys, B, Hs, cap, seq_lens, n_sel, lw, i2, st);
-    else if (per_thread <= 2) e = launch_select_cluster<2>(keys, B, Hs, cap, seq_lens, n_sel, lw, i2, st);
-    else if (per_thread <= 4) e = launch_select_cluster<4>(keys, B, Hs, cap, seq_lens, n_sel, lw, i2, st);
-    else if (per_thread <= 8) e = launch_select_cluster<8>(keys, B, Hs, cap, seq_lens, n_sel, lw, i2, st);
-    else if (per_thread <= 16) e = launch_select_cluster<16>(keys, B, Hs, cap, seq_lens, n_sel, lw, i2, st);
-    else e = launch_select_cluster<32>(keys, B, Hs, cap, seq_lens, n_sel, lw, i2, st);
-    return (int)e;
+  if (cs_kpt(cap) <= CS_MAX_KPT && clusters_supported()) {
+#define KS_SC(KK)                                                                                 \
+  case KK:                                                                                        \
+    return (int)launch_cluster(false, select_cluster_kernel<KK>, B, Hs, st, keys, cap, seq_lens,   \
+                               n_sel, lw, i2);
+    switch (cs_kpt(cap)) {
+      KS_SC(1) KS_SC(2) KS_SC(4) KS_SC(8) KS_SC(16) KS_SC(32)
+      default: return (int)cudaErrorInvalidValue;
+    }
+#undef KS_SC
   }
   select_kernel<<<dim3((unsigned)Hs, (unsigned)B), SEL_THREADS, 0, st>>>(keys, cap, seq_lens, n_sel, lw, i2);
   return (int)cudaGetLastError();
