@@ -224,16 +224,17 @@ __global__ void append_kernel(const T *__restrict__ k_new, const T *__restrict__
 }
 
 // ----------------------------------------------------- top channels --------
+// The r channels with the largest sum over the nh query heads h0 .. h0+nh-1
+// of |q[b, h, d]| (float32, head order; ties to the lower channel), written
+// ascending to out[0 .. r). key and flag: D words of shared memory each.
+// Contains __syncthreads: call uniformly over the block.
 template <typename T>
-__global__ void top_channels_kernel(const T *__restrict__ q, int H, int D, int r, int gs,
-                                    int32_t *__restrict__ i1) {
-  extern __shared__ uint32_t tc_smem[];
-  uint32_t *key = tc_smem;                                // [D] order keys
-  uint32_t *flag = tc_smem + D;                           // [D]
-  const int row = blockIdx.x, Hs = gridDim.x, b = blockIdx.y;
+__device__ __forceinline__ void rank_channels(const T *__restrict__ q, int b, int H, int h0, int nh,
+                                              int D, int r, uint32_t *key, uint32_t *flag,
+                                              int32_t *out) {
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float s = 0.f;
-    for (int g = 0; g < gs; ++g) s += fabsf(ldf(q + ((size_t)b * H + (size_t)row * gs + g) * D + d));
+    for (int g = 0; g < nh; ++g) s += fabsf(ldf(q + ((size_t)b * H + h0 + g) * D + d));
     key[d] = order_key(s);
   }
   __syncthreads();
@@ -247,13 +248,20 @@ __global__ void top_channels_kernel(const T *__restrict__ q, int H, int D, int r
     flag[d] = rank < r ? 1 : 0;
   }
   __syncthreads();
-  int32_t *out = i1 + ((size_t)b * Hs + row) * r;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     if (!flag[d]) continue;
     int pos = 0;
     for (int j = 0; j < d; ++j) pos += (int)flag[j];
     out[pos] = d;
   }
+}
+
+template <typename T>
+__global__ void top_channels_kernel(const T *__restrict__ q, int H, int D, int r, int gs,
+                                    int32_t *__restrict__ i1) {
+  extern __shared__ uint32_t tc_smem[];  // [D] order keys, then [D] flags
+  const int row = blockIdx.x, Hs = gridDim.x, b = blockIdx.y;
+  rank_channels(q, b, H, row * gs, gs, D, r, tc_smem, tc_smem + D, i1 + ((size_t)b * Hs + row) * r);
 }
 
 // ------------------------------------------------------------- scores ------
@@ -300,28 +308,7 @@ logits_kernel(const T *__restrict__ q, const T *__restrict__ kt, int H, int Hkv,
     }
   } else {
     // the fused op: the row's top-r channels, as top_channels_kernel computes them
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-      float sum = 0.f;
-      for (int g = 0; g < nh; ++g) sum += fabsf(ldf(q + ((size_t)b * H + h0 + g) * D + d));
-      s_key[d] = order_key(sum);
-    }
-    __syncthreads();
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-      const uint32_t kd = s_key[d];
-      int rank = 0;
-      for (int j = 0; j < D; ++j) {
-        const uint32_t kj = s_key[j];
-        rank += (kj > kd || (kj == kd && j < d)) ? 1 : 0;
-      }
-      s_flag[d] = rank < r ? 1u : 0u;
-    }
-    __syncthreads();
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-      if (!s_flag[d]) continue;
-      int pos = 0;
-      for (int j = 0; j < d; ++j) pos += (int)s_flag[j];
-      s_c[pos] = d;
-    }
+    rank_channels(q, b, H, h0, nh, D, r, s_key, s_flag, s_c);
   }
   __syncthreads();
   // warp w: tau of query heads g = w, w + 4, ..., then their q values on i1, divided by tau
