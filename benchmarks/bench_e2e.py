@@ -281,6 +281,8 @@ def main():
                 kvsparse.patch(model, method=method[0], **method[1], **extra)
             cache = None
             err = None
+            t_row = time.perf_counter()
+            warm_s = None
             try:
                 if args.mode == "static":
                     if method is None:
@@ -294,6 +296,7 @@ def main():
                     cache.reset()
                 else:
                     run_generate(model, ids[:, :16], 4)
+                warm_s = time.perf_counter() - t_row  # the warm-up (compile) generate()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 prefill_s, ms, _ = run_generate(model, ids, new, cache)
@@ -316,6 +319,7 @@ def main():
                 prefill_s=prefill_s, peak_gib=peak / 2**30 if peak else None,
                 kv_gib=held / 2**30 if held else None, floor_ms=floor_ms,
                 floor_share=(floor_ms / ms) if ms else None, bw_tbs=bw / 1e12, error=err,
+                warmup_s=warm_s, row_s=time.perf_counter() - t_row,
             )
             rows.append(row)
             print(json.dumps(row), flush=True)
