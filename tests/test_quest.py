@@ -572,6 +572,8 @@ def test_combine_scores_matches_reference(how):
         torch.testing.assert_close(got[0], sd[0].amax(1).float())
     elif how == "softmax":
         torch.testing.assert_close(got[0], torch.softmax(0.7 * sd[0], -1).sum(1).float())
+    elif how == "softmax_max":
+        torch.testing.assert_close(got[0], torch.softmax(0.7 * sd[0], -1).amax(1).float())
     else:  # the top pages of the combined score are a round-robin union: the best per-head ranks
         for b, n_pages in ((0, P), (1, 17)):
             for hk in range(Hkv):

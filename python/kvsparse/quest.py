@@ -43,6 +43,9 @@ __all__ = [
     "sparse_attention",
     "attention",
     "combine_scores",
+    "group_mass",
+    "force_pages",
+    "top_p_pages",
     "GROUP_MODES",
 ]
 
@@ -50,7 +53,7 @@ _MODES = ("group", "head")
 
 #: How the page scores of the ``G`` query heads sharing a KV head are combined
 #: into one page set per KV head (see :func:`combine_scores`).
-GROUP_MODES = ("group", "max", "softmax", "union")
+GROUP_MODES = ("group", "max", "softmax", "softmax_max", "union")
 
 
 def _group_flag(mode):
@@ -228,6 +231,9 @@ def combine_scores(scores, num_kv_heads, how="softmax", scale=1.0):
       over the pages, ``softmax_p(scale * bound)`` (the attention mass the
       bound allows), and the distributions are summed: every head has the
       same say, whatever the scale of its logits.
+    * ``"softmax_max"``: the same per-head distributions, combined by their
+      maximum (a page that one head gives much of its mass wins over pages
+      that every head gives a little).
     * ``"union"``: each head ranks the pages; pages are taken round-robin by
       rank (every head's best page, then every head's second, ...), i.e. the
       union of per-head top lists with the budget shared equally; ties
@@ -269,6 +275,8 @@ def combine_scores(scores, num_kv_heads, how="softmax", scale=1.0):
     prob.div_(prob.sum(-1, keepdim=True))
     if how == "softmax":
         out = prob.sum(2)
+    elif how == "softmax_max":
+        out = prob.amax(2)
     else:  # union: round-robin by per-head rank
         order = s.argsort(dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order)
@@ -278,6 +286,115 @@ def combine_scores(scores, num_kv_heads, how="softmax", scale=1.0):
     out.masked_fill_(nan.any(2), float("nan"))
     return out.masked_fill_(empty, float("-inf"))
 
+
+
+def group_mass(scores, num_kv_heads, scale=1.0):
+    """Each KV head's estimated attention mass per page: the mean over its
+    ``G`` query heads of ``softmax_p(scale * bound)``.
+
+    Args:
+        scores: float32 ``[B, H, max_pages]`` from :func:`page_scores` with
+            ``mode="head"`` (empty pages ``-inf``).
+        num_kv_heads: ``Hkv`` (must divide ``H``).
+        scale: the logit scale.
+
+    Returns:
+        float32 ``[B, Hkv, max_pages]``; each row sums to 1 over its non-empty
+        pages (0 on empty pages). A NaN bound gives NaN mass in its row.
+    """
+    if not torch.is_tensor(scores) or scores.dim() != 3:
+        raise ValueError(f"kvsparse: scores must be a [B, H, max_pages] tensor, got "
+                         f"{tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
+    Hkv = _ops.int_arg(num_kv_heads, "num_kv_heads")
+    B, H, P = scores.shape
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"kvsparse: num_kv_heads ({Hkv}) must divide the number of score rows H = {H}")
+    prob = scores.float() * float(scale)
+    prob = torch.softmax(prob, dim=-1)
+    return prob.view(B, Hkv, H // Hkv, P).mean(2)
+
+
+def _forced(n_pages, seq_lens, page_size, sink_pages, recent_pages, device):
+    """bool ``[B, n_pages]``: the sink pages (``0 .. sink-1``) and the last
+    ``recent`` non-empty pages of each sequence."""
+    p = torch.arange(n_pages, device=device)
+    used = (seq_lens.to(device=device, dtype=torch.int64) + page_size - 1) // page_size  # [B]
+    used = used.unsqueeze(1)
+    keep = (p < sink_pages) & (p < used)
+    if recent_pages > 0:
+        keep |= (p >= used - recent_pages) & (p < used)
+    return keep
+
+
+def force_pages(scores, seq_lens, page_size=16, sink_pages=0, recent_pages=1):
+    """Scores with the always-kept pages set to ``+inf``, so that
+    :func:`select_pages` takes them first (inside the budget).
+
+    The always-kept pages of sequence ``b`` are the first ``sink_pages``
+    (attention sinks) and the last ``recent_pages`` non-empty ones (the recent
+    window; :func:`select_pages` keeps the last page in any case). Empty
+    pages stay as they are.
+
+    Args:
+        scores: float32 ``[B, Hs, max_pages]``.
+        seq_lens: ``[B]`` int32.
+        page_size: tokens per page ``P``.
+        sink_pages, recent_pages: ints >= 0.
+
+    Returns:
+        a new float32 ``[B, Hs, max_pages]`` tensor.
+    """
+    sink = _ops.int_arg(sink_pages, "sink_pages")
+    recent = _ops.int_arg(recent_pages, "recent_pages")
+    P = _ops.int_arg(page_size, "page_size")
+    if sink < 0 or recent < 0:
+        raise ValueError(f"kvsparse: sink_pages ({sink}) and recent_pages ({recent}) must be >= 0")
+    if P < 1:
+        raise ValueError(f"kvsparse: page_size must be >= 1, got {P}")
+    keep = _forced(scores.shape[-1], seq_lens, P, sink, recent, scores.device)
+    return scores.masked_fill(keep.unsqueeze(1), float("inf"))
+
+
+def top_p_pages(page_idx, mass, seq_lens, page_size=16, top_p=0.9, sink_pages=0, recent_pages=1):
+    """An adaptive budget: of the selected pages, keep the fewest whose
+    estimated attention mass reaches ``top_p``; the rest of the row becomes
+    ``-1`` (skipped by :func:`sparse_attention`). The always-kept pages (see
+    :func:`force_pages`) stay and count first; then pages in decreasing mass.
+    The row keeps its length (the token budget is the cap), so nothing
+    depends on the data's shape and no host sync is needed.
+
+    Args:
+        page_idx: int32 ``[B, Hs, n_sel]`` from :func:`select_pages`.
+        mass: float32 ``[B, Hs, max_pages]``, e.g. :func:`group_mass` (each row
+            sums to 1).
+        seq_lens: ``[B]`` int32.
+        page_size: tokens per page ``P``.
+        top_p: the mass to reach, in ``(0, 1]``.
+        sink_pages, recent_pages: as in :func:`force_pages`.
+
+    Returns:
+        int32 ``[B, Hs, n_sel]``, the kept pages in their original order.
+    """
+    p = _ops.float_arg(top_p, "top_p")
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"kvsparse: top_p must be in (0, 1], got {p}")
+    valid = page_idx >= 0
+    safe = page_idx.clamp(min=0).long()
+    m = torch.gather(mass, -1, safe).masked_fill(~valid, 0.0)
+    keep = _forced(mass.shape[-1], seq_lens, _ops.int_arg(page_size, "page_size"),
+                   _ops.int_arg(sink_pages, "sink_pages"), _ops.int_arg(recent_pages, "recent_pages"),
+                   mass.device)  # [B, max_pages]
+    forced = torch.gather(keep.unsqueeze(1).expand(-1, page_idx.shape[1], -1), -1, safe) & valid
+    # order: forced pages first, then by mass; keep while the mass before an entry is < p
+    key = torch.where(forced, torch.full_like(m, 2.0), m).masked_fill(~valid, -1.0)
+    order = key.argsort(dim=-1, descending=True, stable=True)
+    m_sorted = torch.gather(m, -1, order)
+    before = m_sorted.cumsum(-1) - m_sorted
+    keep_sorted = before < p
+    keep_sorted[..., 0] = True  # the best page always (a NaN mass keeps a page too)
+    kept = torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    kept |= forced
+    return torch.where(kept & valid, page_idx, torch.full_like(page_idx, -1))
 
 
 # ---- fake kernels --------------------------------------------------------------

@@ -11,7 +11,7 @@ from .. import quest as ops
 from ..parts import Part
 from .base import Method, MethodConfig, check_int, register
 
-__all__ = ["QuestConfig", "QuestPages", "Quest"]
+__all__ = ["QuestConfig", "QuestPages", "Quest", "select", "fused_rule"]
 
 
 @dataclass(repr=True, eq=True)
@@ -34,7 +34,20 @@ class QuestConfig(MethodConfig):
             query head (up to G times the pages read). Measured
             (``benchmarks/results/quest_gqa_modes_cpu.md``): ``"softmax"`` had
             the lowest perplexity on SmolLM2 and Gemma 3 at small budgets and
-            costs the same on the H200.
+            costs the same on the H200. ``"softmax_max"``: the same per-head
+            distributions combined by their maximum.
+        sink_pages: the first ``sink_pages`` pages (attention sinks) are
+            always attended, inside the budget (0: none).
+        recent_pages: the last ``recent_pages`` pages (the recent window)
+            are always attended, inside the budget; the last page always is
+            (``recent_pages`` >= 1).
+        top_p: ``None`` (default): every step attends ``token_budget``
+            tokens. A float in ``(0, 1]``: an adaptive budget; of the pages
+            selected within the budget, a step keeps the fewest whose
+            estimated attention mass (:func:`kvsparse.quest.group_mass`, the
+            softmax of the page bounds) reaches ``top_p``, the always-kept
+            pages first (:func:`kvsparse.quest.top_p_pages`). The budget is
+            the cap, so shapes never change and no host sync is needed.
         max_cache_len: see :class:`~kvsparse.methods.base.MethodConfig`.
         chunk_size: growth granularity of the dynamic buffers, in tokens
             (a multiple of ``page_size``).
@@ -54,6 +67,9 @@ class QuestConfig(MethodConfig):
     dense_layers: int = 2
     mode: str = "softmax"
     dense_below: Optional[int] = None
+    sink_pages: int = 0
+    recent_pages: int = 1
+    top_p: Optional[float] = None
 
     def validate(self):
         super().validate()
@@ -65,9 +81,19 @@ class QuestConfig(MethodConfig):
             raise ValueError(
                 f"kvsparse: token_budget ({self.token_budget}) must be >= page_size ({self.page_size})"
             )
-        modes = ("group", "head", "max", "softmax", "union")
+        modes = ("head",) + ops.GROUP_MODES
         if not isinstance(self.mode, str) or self.mode not in modes:
             raise ValueError(f"kvsparse: mode must be one of {modes}, got {self.mode!r}")
+        check_int("sink_pages", self.sink_pages, 0)
+        check_int("recent_pages", self.recent_pages, 1)
+        if self.sink_pages + self.recent_pages > self.token_budget // self.page_size:
+            raise ValueError(
+                f"kvsparse: sink_pages + recent_pages ({self.sink_pages} + {self.recent_pages}) must fit in the "
+                f"budget's {self.token_budget // self.page_size} pages (token_budget // page_size)")
+        if self.top_p is not None:
+            if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) \
+                    or not 0.0 < float(self.top_p) <= 1.0:
+                raise ValueError(f"kvsparse: top_p must be None or a float in (0, 1], got {self.top_p!r}")
         if self.chunk_size % self.page_size != 0:
             raise ValueError(
                 f"kvsparse: chunk_size ({self.chunk_size}) must be a multiple of page_size ({self.page_size})"
@@ -114,6 +140,49 @@ class QuestPages(Part):
         ops.update_metadata(layer.keys, self.kmin, self.kmax, start, new_lens, self.page_size)
 
 
+def fused_rule(config):
+    """Whether a step's selection is the fused kernel's own (``mode`` "group"
+    or "head", the last page the only always-kept one, a fixed budget)."""
+    return (config.mode in ("group", "head") and config.sink_pages == 0 and config.recent_pages == 1
+            and config.top_p is None)
+
+
+def select(q, kmin, kmax, seq_lens, page_size, budget, config, num_kv_heads, scaling):
+    """The pages a decode step attends to under ``config``'s selection rule.
+
+    The page bounds score every page (per query head, or summed per KV head
+    for ``mode="group"``); the GQA mode combines the heads' scores
+    (:func:`kvsparse.quest.combine_scores`); the sink and recent pages are
+    forced in (:func:`kvsparse.quest.force_pages`); the best pages within
+    ``budget`` are taken (:func:`kvsparse.quest.select_pages`); with
+    ``top_p`` the adaptive budget trims them (:func:`kvsparse.quest.top_p_pages`).
+
+    Returns:
+        int32 ``[B, Hs, n_sel]`` (``Hs`` = H for ``mode="head"``, else Hkv),
+        ``-1`` padded.
+    """
+    mode = config.mode
+    per_head = mode != "group" or config.top_p is not None
+    scores = ops.page_scores(q, kmin, kmax, seq_lens, page_size, "head" if per_head else "group")
+    head_scores = scores
+    if mode == "group" and per_head:
+        scores = head_scores.view(scores.shape[0], num_kv_heads, -1, scores.shape[-1]).sum(2)
+    elif mode != "head":
+        if mode != "group":
+            scores = ops.combine_scores(head_scores, num_kv_heads, mode, scaling)
+    if config.sink_pages or config.recent_pages > 1:
+        scores = ops.force_pages(scores, seq_lens, page_size, config.sink_pages, config.recent_pages)
+    idx = ops.select_pages(scores, seq_lens, page_size, budget)
+    if config.top_p is not None:
+        if mode == "head":
+            mass = torch.softmax(head_scores.float() * float(scaling), dim=-1)
+        else:
+            mass = ops.group_mass(head_scores, num_kv_heads, scaling)
+        idx = ops.top_p_pages(idx, mass, seq_lens, page_size, config.top_p, config.sink_pages,
+                              config.recent_pages)
+    return idx
+
+
 class QuestCacheMethods:
     """What a :class:`~kvsparse.cache.QuestCache` adds to a kvsparse cache."""
 
@@ -153,11 +222,8 @@ class Quest(Method):
     def decode(self, q, layer, config, dense, scaling):
         pages, P = layer.side, layer.page_size
         budget = pages.num_pages * P if dense else config.token_budget  # every page: dense
-        if config.mode in ops.GROUP_MODES and config.mode != "group" and not dense:
-            # per-head bounds, combined per KV head (quest.combine_scores), one shared read
-            scores = ops.page_scores(q, pages.kmin, pages.kmax, layer.seq_lens, P, "head")
-            scores = ops.combine_scores(scores, layer.num_heads, config.mode, scaling)
-            idx = ops.select_pages(scores, layer.seq_lens, P, budget)
+        if not dense and not fused_rule(config):
+            idx = select(q, pages.kmin, pages.kmax, layer.seq_lens, P, budget, config, layer.num_heads, scaling)
             return ops.sparse_attention(q, layer.keys, layer.values, idx, layer.seq_lens, P, scaling)
         return ops.attention(
             q, layer.keys, layer.values, pages.kmin, pages.kmax, layer.seq_lens,

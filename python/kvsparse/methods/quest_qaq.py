@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from .. import qaq
-from .. import quest as qops
 from ..parts import slot_rows
 from .base import Method, register
 from .qaq import QAQ, QAQCacheMethods, QAQConfig, QuantKV
 from .quest import Quest, QuestCacheMethods, QuestConfig, QuestPages
+from .quest import select as quest_select
 
 __all__ = ["QuestQAQConfig", "QuestBounds", "PageWindow", "PagedQuantKV", "QuestQAQ"]
 
@@ -274,17 +274,12 @@ class QuestQAQ(Method):
         return QuestBounds(config.page_size)
 
     def select(self, q, layer, config, scaling):
-        """The pages of this step: int32 ``[B, Hkv, n_sel]`` (Quest's scores of
-        the bounds, combined per KV head, then its selection)."""
+        """The pages of this step: int32 ``[B, Hkv, n_sel]`` (Quest's selection
+        rule, :func:`kvsparse.methods.quest.select`, over the bounds)."""
         side, P = layer.side, layer.page_size
         budget = _n_sel(config, layer.capacity) * P
         qs = q.to(side.kmin.dtype).contiguous()
-        if config.mode == "group":
-            scores = qops.page_scores(qs, side.kmin, side.kmax, layer.seq_lens, P, "group")
-        else:
-            scores = qops.page_scores(qs, side.kmin, side.kmax, layer.seq_lens, P, "head")
-            scores = qops.combine_scores(scores, layer.num_heads, config.mode, scaling)
-        return qops.select_pages(scores, layer.seq_lens, P, budget)
+        return quest_select(qs, side.kmin, side.kmax, layer.seq_lens, P, budget, config, layer.num_heads, scaling)
 
     def decode(self, q, layer, config, dense, scaling):
         if dense:  # a dense layer: every token, the packed QAQ attention
