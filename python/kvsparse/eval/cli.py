@@ -15,6 +15,7 @@ from .runs import make_runs, method_applied
 from .tasks.passkey import run_passkey
 from .tasks.ppl import run_ppl
 from .tasks.ruler import TASKS as RULER_TASKS
+from .tasks.recall import recall_plot, recall_tables, run_recall
 from .tasks.ruler import run_ruler
 
 
@@ -115,12 +116,43 @@ def _validate(ap, args):
             ap.error(f"run {run.label}: {e}")
 
 
+def _recall(args, model, tok, model_name, runs, lengths, depths, out, argv):
+    """``--task recall``: recall.json, recall.md and recall.png in ``out``."""
+    t0 = time.perf_counter()
+    records = run_recall(model, tok, runs, lengths, depths, args.trials, seed=args.seed, fmt=args.prompt_format,
+                         max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    cmd = "python -m kvsparse.eval " + " ".join(sys.argv[1:] if argv is None else argv)
+    summary, per_layer = recall_tables(records)
+    md = "\n".join([
+        f"# Quest selection recall: {model_name}", "",
+        f"`{cmd}`", "",
+        f"Passkey prompts of {', '.join(map(str, lengths))} tokens, depths {', '.join(f'{d:g}' for d in depths)}, "
+        f"{args.trials} trial(s) each, decoded densely (question + {args.max_new_tokens} answer tokens). "
+        "recall = dense attention mass of a query head on the pages its rule selects (mean over heads, "
+        "decode steps and the sparse layers); oracle = the mass of the row's best pages, as many as "
+        "selected. Needle columns: decode steps at which a layer gave the needle's pages at least "
+        "5% of its mass, and the share of those at which every needle page was selected. "
+        f"{time.perf_counter() - t0:.0f} s on {args.device}.", "",
+        summary, "", "recall / oracle per layer:", "", per_layer, ""])
+    with open(os.path.join(out, "recall.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(out, "recall.json"), "w") as f:
+        json.dump({"model": model_name, "commands": [cmd], "args": vars(args), "versions": _versions(),
+                   "records": records}, f, indent=1)
+    plot = recall_plot(os.path.join(out, "recall.png"), records, model_name)
+    print(md)
+    _log(f"wrote {out}/recall.md, {out}/recall.json" + (f", {plot}" if plot else ""))
+    return 0
+
+
 def build_parser():
     ap = _Parser(
         prog="python -m kvsparse.eval",
         description="Passkey retrieval and decode-mode perplexity of a sparse KV-cache method vs dense.")
-    ap.add_argument("--task", choices=["passkey", "ppl", "ruler", "all"], default="all",
-                    help="all = passkey + ppl; ruler = the RULER-style suite (kvsparse.ruler)")
+    ap.add_argument("--task", choices=["passkey", "ppl", "ruler", "recall", "all"], default="all",
+                    help="all = passkey + ppl; ruler = the RULER-style suite (kvsparse.ruler); recall = "
+                         "the share of dense attention mass on the pages each Quest run selects, against "
+                         "the oracle (kvsparse.eval.tasks.recall)")
     ap.add_argument("--ruler-tasks", default=",".join(RULER_TASKS),
                     help="RULER tasks, comma-separated (default: all seven)")
     ap.add_argument("--samples", type=int, default=2, help="RULER samples per (task, length) (default 2)")
@@ -244,6 +276,9 @@ def main(argv=None):
             continue
         with method_applied(model, run) as cfg:
             configs[run.label] = cfg
+
+    if args.task == "recall":
+        return _recall(args, model, tok, model_name, runs, lengths, depths, out, argv)
 
     pk_records, ppl_records, ruler_records = [], [], []
     if do_ruler:
