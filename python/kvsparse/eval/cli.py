@@ -131,7 +131,8 @@ def _recall(args, model, tok, model_name, runs, lengths, depths, out, argv):
         "recall = dense attention mass of a query head on the pages its rule selects (mean over heads, "
         "decode steps and the sparse layers); oracle = the mass of the row's best pages, as many as "
         "selected. Needle columns: decode steps at which a layer gave the needle's pages at least "
-        "5% of its mass, and the share of those at which every needle page was selected. "
+        "5% of its mass; the share of those at which every needle page was selected; the share of the "
+        "needle's mass on kept pages, for the rule and for the oracle. "
         f"{time.perf_counter() - t0:.0f} s on {args.device}.", "",
         summary, "", "recall / oracle per layer:", "", per_layer, ""])
     with open(os.path.join(out, "recall.md"), "w") as f:

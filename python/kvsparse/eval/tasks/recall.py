@@ -108,7 +108,7 @@ class _Recorder:
             oracle = (mass * best).sum(-1)
             st = self.stats.setdefault((run.label, layer_idx), dict(
                 steps=0, recall=0.0, oracle=0.0, needle_steps=0, needle_hit=0, needle_mass=0.0,
-                pages=0.0))
+                needle_kept=0.0, needle_oracle=0.0, pages=0.0))
             st["steps"] += B * H
             st["recall"] += float(recall.sum())
             st["oracle"] += float(oracle.sum())
@@ -121,6 +121,11 @@ class _Recorder:
                     st["needle_steps"] += 1
                     st["needle_mass"] += float(nm.mean())
                     st["needle_hit"] += int(bool(sel_h[..., pa:pb + 1].all()))
+                    # the share of the needle's mass on kept pages (rule, oracle)
+                    kept = (mass[..., pa:pb + 1] * sel_h[..., pa:pb + 1]).sum(-1)
+                    okept = (mass[..., pa:pb + 1] * best[..., pa:pb + 1]).sum(-1)
+                    st["needle_kept"] += float(kept.sum() / nm.sum())
+                    st["needle_oracle"] += float(okept.sum() / nm.sum())
 
 
 def run_recall(model, tok, runs, lengths, depths, trials, seed=0, fmt="plain", max_new_tokens=4,
@@ -208,6 +213,8 @@ def run_recall(model, tok, runs, lengths, depths, trials, seed=0, fmt="plain", m
             "pages": st["pages"] / n, "needle_steps": st["needle_steps"],
             "needle_hit": st["needle_hit"] / st["needle_steps"] if st["needle_steps"] else float("nan"),
             "needle_mass": st["needle_mass"] / st["needle_steps"] if st["needle_steps"] else float("nan"),
+            "needle_kept": st["needle_kept"] / st["needle_steps"] if st["needle_steps"] else float("nan"),
+            "needle_oracle": st["needle_oracle"] / st["needle_steps"] if st["needle_steps"] else float("nan"),
         })
     return records
 
@@ -221,7 +228,7 @@ def recall_tables(records):
     ``dense_layers``) and the needle hit rate; then recall per layer."""
     runs = list(dict.fromkeys(r["run"] for r in records))
     lines = ["| rule | pages | recall | oracle | recall / oracle | worst layer (ratio) | needle steps | "
-             "needle pages all kept |", "|---|---:|---:|---:|---:|---|---:|---:|"]
+             "needle pages all kept | needle mass kept | oracle's |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for lab in runs:
         rs = [r for r in records if r["run"] == lab and not r["dense_layer"]]
         if not rs:
@@ -230,10 +237,13 @@ def recall_tables(records):
         ora = sum(r["oracle"] for r in rs) / len(rs)
         worst = min(rs, key=lambda r: r["ratio"])
         ns = sum(r["needle_steps"] for r in rs)
-        hit = sum(r["needle_hit"] * r["needle_steps"] for r in rs if r["needle_steps"]) / ns if ns else float("nan")
+        def needle(col):
+            return sum(r[col] * r["needle_steps"] for r in rs if r["needle_steps"]) / ns if ns else float("nan")
+        hit, kept, okept = needle("needle_hit"), needle("needle_kept"), needle("needle_oracle")
         pages = sum(r["pages"] for r in rs) / len(rs)
         lines.append(f"| {lab} | {pages:.1f} | {rec:.3f} | {ora:.3f} | {rec / ora:.3f} | "
-                     f"{worst['layer']} ({worst['ratio']:.2f}) | {ns} | {_fmt(hit, '.2f')} |")
+                     f"{worst['layer']} ({worst['ratio']:.2f}) | {ns} | {_fmt(hit, '.2f')} | {_fmt(kept, '.2f')} | "
+                     f"{_fmt(okept, '.2f')} |")
     summary = "\n".join(lines)
     layers = sorted({r["layer"] for r in records})
     head = "| rule | " + " | ".join(str(i) for i in layers) + " |"
