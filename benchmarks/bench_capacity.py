@@ -28,10 +28,19 @@ always), and the byte floor: (weights + the bytes one decode step must read, est
 method's config: see :func:`step_read_bytes`) / measured copy bandwidth, with the row's share
 (floor / measured).
 
+Long single sequences (``--batch 1 --fill chunked|synthetic``, e.g. ``--len 1048576``): the one
+sequence is prefilled in chunks of ``--prefill-chunk`` tokens straight into its cache. ``chunked``
+is a real prefill; ``synthetic`` stores the model's own keys and values of the random prompt
+(realistic codes, widths and page bounds) but skips each chunk's attention over the past, for
+lengths whose real prefill would outlast a run (a 1M-token prefill is about 2.6e17 attention FLOPs);
+the table's note column says which. The row also gives the prefill's own peak memory
+(``prefill_peak_gib``), and a dense row that cannot allocate says what its cache alone needs.
+
 Usage (GPU; estimated 4-6 minutes on an H200: 8 prefills of 128k tokens at ~12 s each, two compiles)::
 
     python benchmarks/bench_capacity.py --out benchmarks/results       # quest_qaq, 8 x 128k, 32 new
     python benchmarks/bench_capacity.py --method qaq --kwargs '{"uniform_bits": 4}' --out benchmarks/results
+    python benchmarks/bench_capacity.py --batch 1 --len 1048576 --fill synthetic --new 16 --out benchmarks/results
     python benchmarks/bench_capacity.py --smoke --method quest --kwargs '{"token_budget": 64}'   # CPU, tiny
 
 Each call appends its rows to ``<out>/capacity_<device>.jsonl`` (each row as soon as it is
@@ -41,6 +50,7 @@ float32, B=2, S=200, 4 new tokens, eager (no compile); it checks the whole path 
 (``--out`` defaults to a temporary directory then).
 """
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -215,9 +225,68 @@ def peak_bytes(device):
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+@contextlib.contextmanager
+def attention_skipped():
+    """A synthetic fill: every kvsparse prefill chunk after the first stores its
+    keys and values (the method's commit and side data: codes, widths, page
+    bounds, all from the model's own projections of the prompt) but computes no
+    attention over the past: the continuation attention returns zeros and reads
+    no dequantized past. The first chunk attends to itself as usual."""
+    from kvsparse import hf
+
+    orig = hf._continuation_attention
+    methods = {}
+
+    def zeros(module, query, layer, start, valid, seen, scaling, kv, **kwargs):
+        B, H, L, D = query.shape
+        return query.new_zeros(B, L, H, D), None
+
+    from kvsparse import methods as registry
+
+    for name in registry.names():
+        m = registry.get(name)
+        methods[name] = m.__dict__.get("continuation_kv")
+        m.continuation_kv = lambda layer, length: None  # no dequantized past
+    hf._continuation_attention = zeros
+    try:
+        yield
+    finally:
+        hf._continuation_attention = orig
+        for name, fn in methods.items():
+            m = registry.get(name)
+            if fn is None:
+                del m.continuation_kv
+            else:
+                m.continuation_kv = fn
+
+
+def fill_chunked(model, ids, cache, chunk, device, synthetic):
+    """Prefill ``ids[:, :-1]`` (batch 1) into ``cache`` in chunks of ``chunk`` tokens
+    (``synthetic``: under :func:`attention_skipped`); returns the seconds per chunk."""
+    from kvsparse import _compat
+
+    S = ids.shape[1]
+    times = []
+    ctx = attention_skipped() if synthetic else contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        for a in range(0, S - 1, chunk):
+            b = min(a + chunk, S - 1)
+            sync(device)
+            t0 = time.perf_counter()
+            pos = torch.arange(a, b, device=device).unsqueeze(0)
+            out = model(ids[:, a:b], position_ids=pos, use_cache=True, logits_to_keep=1,
+                        **_compat.model_cache_kwargs(model, cache))
+            del out
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            print(f"  {'fill' if synthetic else 'prefill'} {b}/{S - 1}: {times[-1]:.2f} s", flush=True)
+    return times
+
+
 def run_method(model, ids, args, device, compile_ok):
     """The kvsparse part: sequence-by-sequence prefill into one reused batch-1 cache, loaded
-    into the batch cache; then the timed ``generate()``."""
+    into the batch cache (``--fill batch``), or a chunked prefill of the one sequence straight
+    into its cache (``--fill chunked`` / ``synthetic``); then the timed ``generate()``."""
     import kvsparse
     from kvsparse import _compat
 
@@ -225,25 +294,30 @@ def run_method(model, ids, args, device, compile_ok):
     N = S + new
     reset_peak(device)
     batch = kvsparse.make_cache(model, batch_size=B, max_cache_len=N)
-    single = kvsparse.make_cache(model, batch_size=1, max_cache_len=N)
     prefill, load = [], 0.0
-    for b in range(B):
-        if b:
-            single.reset()
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model(ids[b:b + 1, : S - 1], use_cache=True, logits_to_keep=1,
-                        **_compat.model_cache_kwargs(model, single))
-        del out
-        sync(device)
-        t1 = time.perf_counter()
-        batch.load_sequence(b, single)
-        sync(device)
-        prefill.append(t1 - t0)
-        load += time.perf_counter() - t1
-        print(f"  prefill {b + 1}/{B}: {prefill[-1]:.2f} s", flush=True)
-    del single
+    if args.fill != "batch":
+        prefill = fill_chunked(model, ids, batch, args.prefill_chunk, device, args.fill == "synthetic")
+        load = None
+    else:
+        single = kvsparse.make_cache(model, batch_size=1, max_cache_len=N)
+        for b in range(B):
+            if b:
+                single.reset()
+            sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = model(ids[b:b + 1, : S - 1], use_cache=True, logits_to_keep=1,
+                            **_compat.model_cache_kwargs(model, single))
+            del out
+            sync(device)
+            t1 = time.perf_counter()
+            batch.load_sequence(b, single)
+            sync(device)
+            prefill.append(t1 - t0)
+            load += time.perf_counter() - t1
+            print(f"  prefill {b + 1}/{B}: {prefill[-1]:.2f} s", flush=True)
+        del single
+    prefill_peak = peak_bytes(device)
     free(device)
     ms, gen_s = timed_generate(model, ids, batch, new, args.skip, compile_ok)
     peak = peak_bytes(device)
@@ -257,8 +331,16 @@ def run_method(model, ids, args, device, compile_ok):
     del batch
     free(device)
     return dict(B=B, prefill_s=sum(prefill), prefill_each_s=prefill, load_s=load, decode_ms=ms, generate_s=gen_s,
-                peak=peak, kv=rep_total if rep_total is not None else held, held=held,
+                peak=peak, prefill_peak=prefill_peak, kv=rep_total if rep_total is not None else held, held=held,
                 kv_basis="memory_report" if rep_total is not None else "state_tensors", report_total=rep_total)
+
+
+def dense_bytes_needed(model_cfg, B, N, itemsize):
+    """Bytes of a dense bf16 KV cache of ``B`` sequences of ``N`` tokens (every layer)."""
+    from kvsparse.cache import cache_geometry
+
+    L, Hkv, D = cache_geometry(model_cfg)
+    return L * B * N * 2 * Hkv * D * itemsize
 
 
 def fill_dense_cache(model, B, S, N, device, dtype):
@@ -331,6 +413,13 @@ def main(argv=None):
     ap.add_argument("--skip", type=int, default=None, help="decode steps left out of the median (default 5; --smoke 1)")
     ap.add_argument("--dense-batch", type=int, default=None, help="largest dense batch to try (default --batch)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense comparison")
+    ap.add_argument("--fill", choices=("batch", "chunked", "synthetic"), default="batch",
+                    help="how the method's cache is filled: batch (default: each sequence prefilled whole, "
+                         "then load_sequence); chunked (one sequence, --batch 1: a real prefill in chunks of "
+                         "--prefill-chunk tokens); synthetic (the same chunks, storing the model's own keys and "
+                         "values but skipping the prefill's attention over the past: for lengths whose real "
+                         "prefill takes longer than a run may; decode speed does not depend on the content)")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill chunk (default 8192; --smoke 64)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, float32, eager: a check of the path")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results; --smoke: a temp dir)")
     args = ap.parse_args(argv)
@@ -340,6 +429,12 @@ def main(argv=None):
             setattr(args, k, v)
     if args.len < 2 or args.batch < 1 or args.new < 2:
         ap.error("--len must be >= 2, --batch >= 1, --new >= 2")
+    if args.prefill_chunk is None:
+        args.prefill_chunk = 64 if args.smoke else 8192
+    if args.prefill_chunk < 1:
+        ap.error("--prefill-chunk must be >= 1")
+    if args.fill != "batch" and args.batch != 1:
+        ap.error(f"--fill {args.fill} prefills one sequence: pass --batch 1")
     kwargs = json.loads(args.kwargs) if args.kwargs else (DEFAULT_KWARGS if args.method == DEFAULT_METHOD else {})
     if args.out is None:
         args.out = (tempfile.mkdtemp(prefix="bench_capacity_") if args.smoke
@@ -389,6 +484,7 @@ def main(argv=None):
                 prefill_s=res["prefill_s"], prefill_each_s=res["prefill_each_s"], load_s=res["load_s"],
                 decode_ms=res["decode_ms"], tok_s=res["B"] * 1000 / res["decode_ms"], generate_s=res["generate_s"],
                 peak_gib=res["peak"] / 2**30 if res["peak"] is not None else None,
+                prefill_peak_gib=res["prefill_peak"] / 2**30 if res.get("prefill_peak") is not None else None,
                 kv_gib=res["kv"] / 2**30, kv_basis=res["kv_basis"], held_gib=res["held"] / 2**30,
                 step_read_gib=nbytes / 2**30 if nbytes is not None else None, floor_basis=basis,
                 floor_ms=floor_ms, floor_share=floor_ms / res["decode_ms"] if floor_ms else None)
@@ -408,7 +504,11 @@ def main(argv=None):
         print(f"  {args.method}: {str(e).splitlines()[0]}", flush=True)
     free(device)
     kvsparse.unpatch(model)
-    emit(label, res, (args.method, kwargs), method_cfg, "prefilled sequence by sequence (load_sequence)", err)
+    notes = {"batch": "prefilled sequence by sequence (load_sequence)",
+             "chunked": f"chunked prefill ({args.prefill_chunk} tokens a chunk)",
+             "synthetic": f"synthetic fill: the model's K/V of random tokens in {args.prefill_chunk}-token chunks, "
+                          "the prefill's attention over the past skipped"}
+    emit(label, res, (args.method, kwargs), method_cfg, notes[args.fill], err)
     if not args.no_dense:
         if device.type == "cuda":
             # drop the compiled step and its CUDA graphs, so that nothing of the method's run stays
@@ -419,8 +519,10 @@ def main(argv=None):
                   f"(weights {wbytes / 2**30:.1f})", flush=True)
         print(f"dense: the largest batch <= {args.dense_batch or B} that fits", flush=True)
         res = run_dense(model, ids, args, device, dtype, compile_ok)
+        need = dense_bytes_needed(cfg, 1, S + args.new, itemsize)
         emit("dense", res, None, None, "random-filled cache, no prefill: largest batch that fits",
-             None if res else "OOM at B=1")
+             None if res else f"OOM at B=1 (its KV cache alone needs {need / 2**30:.1f} GiB, "
+                              f"the weights {wbytes / 2**30:.1f} GiB)")
     print(f"wrote {path} and {path[:-len('.jsonl')]}.md")
 
 

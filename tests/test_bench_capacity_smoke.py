@@ -42,3 +42,25 @@ def test_generate_continues_a_filled_dense_cache_with_one_token():
         hook.remove()
     assert seen == [1] * new
     assert int(cache.get_seq_length()) == S - 1 + new
+
+
+@pytest.mark.parametrize("fill", ["chunked", "synthetic"])
+def test_long_single_sequence_fills(tmp_path, fill):
+    """--fill chunked / synthetic: one sequence prefilled in chunks straight into its cache; the
+    synthetic fill leaves the patch's attention as it found it."""
+    from kvsparse import hf, methods
+
+    orig = hf._continuation_attention
+    bench_capacity.main(["--smoke", "--batch", "1", "--fill", fill, "--prefill-chunk", "48", "--no-dense",
+                         "--method", "quest_qaq", "--kwargs", json.dumps({"token_budget": 64, "uniform_bits": 4}),
+                         "--out", str(tmp_path)])
+    (row,) = [json.loads(line) for line in open(tmp_path / "capacity_cpu.jsonl")]
+    assert row["error"] is None and row["B"] == 1 and len(row["prefill_each_s"]) == -(-199 // 48)
+    assert ("synthetic fill" in row["note"]) == (fill == "synthetic")
+    assert hf._continuation_attention is orig
+    assert all("continuation_kv" not in methods.get(n).__dict__ for n in methods.names())
+
+
+def test_fill_needs_one_sequence():
+    with pytest.raises(SystemExit):
+        bench_capacity.main(["--smoke", "--batch", "2", "--fill", "chunked"])
