@@ -213,7 +213,9 @@ class QuantKV(Part):
     * Prefill (:meth:`commit`): the new tokens (compacted as in the other
       methods) are quantized at the largest width; :meth:`prefill_importance`
       then feeds the last ``window`` query rows' attention weights to the
-      window and re-quantizes.
+      window and re-quantizes. A prefill continuing the cache (a later chunk)
+      attends to the dequantized past and to its own tokens exactly
+      (:meth:`dequantized`).
     * Decode: :meth:`append_one` quantizes the new token at the largest width
       at slot ``seq_lens[b]``; :meth:`decode_attention` runs
       :func:`kvsparse.qaq.attention` on the packed codes (no host
@@ -254,6 +256,10 @@ class QuantKV(Part):
         self._steps = 0
         self._dsteps = None  # the static layer's step counter (a device tensor)
         self._requants = 0
+        #: the last commit's exact (compacted) tokens, ``(start, k, v, counts)``,
+        #: until its attention read them (:meth:`dequantized`) or
+        #: :meth:`prefill_importance` ran: a prefill chunk attends to itself exactly
+        self._fresh = None
         #: number of compactions, for tests and diagnostics
         self.num_compactions = 0
 
@@ -415,14 +421,24 @@ class QuantKV(Part):
         ok = torch.arange(L, device=layer.device).view(1, L) < counts.view(B, 1)
         widths = torch.where(ok, self.width, 0).to(torch.uint8).view(B, 1, L).expand(B, self.groups, L)
         self._quantize(layer, k, v, start, widths.contiguous(), counts)
+        self._fresh = (start, k, v, counts)
 
     def dequantized(self, layer, length=None):
         """``(keys, values)`` ``[B, Hkv, length, D]`` in the model's dtype,
-        dequantized (zeros past ``seq_lens``); for a prefill continuing the cache."""
+        dequantized (zeros past ``seq_lens``); for a prefill continuing the
+        cache: the tokens of the commit just made are its exact keys and values
+        (in the cache dtype), not their codes, so that a chunk attends to the
+        quantized earlier chunks and to itself exactly. One layer's past at a
+        time (the caller's attention drops it)."""
         T = layer.capacity if length is None else min(int(length), layer.capacity)
-        k = qaq.dequantize(self.ks, layer.seq_lens)[:, :, :T]
-        v = qaq.dequantize(self.vs, layer.seq_lens)[:, :, :T]
-        return k.to(layer.model_dtype), v.to(layer.model_dtype)
+        fresh, self._fresh = self._fresh, None
+        out = []
+        for i, st in enumerate((self.ks, self.vs)):
+            x = qaq.dequantize(st, layer.seq_lens)[:, :, :T]
+            if fresh is not None:
+                x = _put_tokens(x, fresh[0], fresh[1 + i], fresh[3])
+            out.append(x.to(layer.model_dtype))
+        return tuple(out)
 
     # ------------------------------------------------------------ importance
     @torch.no_grad()
@@ -431,6 +447,7 @@ class QuantKV(Part):
         ``window`` query rows (over the stored tokens, causal, padding
         excluded) go to the window, ``|q|^2`` of the last row to the key bound,
         and the widths are re-evaluated (then the dynamic cache is compacted)."""
+        self._fresh = None  # the prefill's attention is done: drop its exact tokens
         if not self.adaptive:
             return
         B, H, L, D = query.shape
@@ -554,6 +571,7 @@ class QuantKV(Part):
         self._bound = {"ks": 0, "vs": 0}
         self._steps = 0
         self._requants = 0
+        self._fresh = None
 
     def map_batch(self, fn, in_place):
         def apply(t):
@@ -563,6 +581,7 @@ class QuantKV(Part):
                 return t
             return new.contiguous()
 
+        self._fresh = None
         self.used_k, self.used_v, self.q_sq = apply(self.used_k), apply(self.used_v), apply(self.q_sq)
         if self.ks is not None:
             for name in ("ks", "vs"):
@@ -600,6 +619,20 @@ class QuantKV(Part):
         if self.window is not None:
             self.window.load_sequence(b, other.window)
         self._requants = max(self._requants, other._requants)
+
+
+def _put_tokens(x, start, new, counts):
+    """``x`` ``[B, H, T, D]`` with the first ``counts[b]`` of ``new``
+    ``[B, H, L, D]`` at slots ``start[b] ..`` (those that fit below ``T``); a new tensor."""
+    B, H, T, D = x.shape
+    L = new.shape[2]
+    i = torch.arange(L, device=x.device).view(1, L)
+    slot = start.to(torch.int64).view(B, 1) + i
+    ok = (i < counts.to(torch.int64).view(B, 1)) & (slot < T)
+    slot = torch.where(ok, slot, T)  # the others go to a spare slot, dropped below
+    out = torch.cat([x, x.new_zeros(B, H, 1, D)], dim=2)
+    out.scatter_(2, slot.view(B, 1, L, 1).expand(B, H, L, D), new.to(x.dtype))
+    return out[:, :, :T]
 
 
 _REPORT_KEYS = ("codes", "scale_zero", "widths", "offsets", "outliers", "total", "fp16", "arena")
