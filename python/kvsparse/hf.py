@@ -306,6 +306,7 @@ def _make_attention_function(impl):
         else:
             kv = method.continuation_kv(layer, seen + L)
             out = _continuation_attention(module, query, layer, start, valid, seen, scaling, kv, **kwargs)
+            del kv  # one layer's (dequantized) past: gone before the side data's update runs
         with torch.no_grad():  # the cache's side data takes no gradient; ``out`` above keeps its own
             method.after_prefill(layer, query.detach(), start, valid, seen, scaling)
         return out
