@@ -241,6 +241,173 @@ def test_cli_quick_end_to_end(tmp_path):
     assert (merged / "results.md").read_text().split("## Passkey")[1] == md.split("## Passkey")[1]
 
 
+# ----------------------------------------------------------------------------- intervals, resume, shards
+
+
+@pytest.mark.parametrize("k,n,lo,hi", [
+    (0, 10, 0.0, 0.27753), (5, 10, 0.23659, 0.76341), (10, 10, 0.72247, 1.0), (8, 10, 0.49016, 0.94331),
+    (1, 1, 0.20654, 1.0), (50, 100, 0.40383, 0.59617),
+])
+def test_wilson_interval_known_values(k, n, lo, hi):
+    from kvsparse.eval.reporting import wilson_interval
+
+    a, b = wilson_interval(k, n)
+    assert (a, b) == (pytest.approx(lo, abs=1e-5), pytest.approx(hi, abs=1e-5))
+    c, d = wilson_interval(n - k, n)  # symmetric
+    assert (c, d) == (pytest.approx(1 - b, abs=1e-12), pytest.approx(1 - a, abs=1e-12))
+
+
+def test_mean_and_ppl_intervals():
+    from kvsparse.eval import reporting as rp
+
+    assert all(math.isnan(x) for x in rp.wilson_interval(0, 0))
+    with pytest.raises(ValueError):
+        rp.wilson_interval(3, 2)
+    assert rp.t975(1) == 12.706 and rp.t975(9) == 2.262 and rp.t975(30) == 2.042
+    assert rp.t975(31) == pytest.approx(2.0395, abs=2e-4) and rp.t975(120) == pytest.approx(1.9799, abs=2e-4)
+    m, (lo, hi) = rp.mean_interval([0, 100] * 5, 0, 100)  # sd 52.70, se 16.67, t9 2.262
+    assert m == 50 and (lo, hi) == (pytest.approx(12.30, abs=0.01), pytest.approx(87.70, abs=0.01))
+    assert rp.mean_interval([100] * 4 + [0], 0, 100)[1][1] == 100  # clipped
+    assert rp.mean_interval([40])[1] is None
+    ppl, (plo, phi) = rp.ppl_interval([1.0, 3.0] * 50)
+    h = 1.959963984540054 * math.sqrt(100 / 99) / 10
+    assert ppl == pytest.approx(math.exp(2)) and (plo, phi) == (pytest.approx(math.exp(2 - h)),
+                                                                pytest.approx(math.exp(2 + h)))
+
+
+def test_shard_items_and_parse():
+    from kvsparse.eval.runs import parse_shard, shard_items
+
+    assert parse_shard("2/3") == (2, 3)
+    for bad in ("0/2", "3/2", "1/0", "a", "1/2/3", "-1/2"):
+        with pytest.raises(ValueError):
+            parse_shard(bad)
+    items = list(range(7))
+    parts = [shard_items(items, (k, 3)) for k in (1, 2, 3)]
+    assert parts == [[0, 3, 6], [1, 4], [2, 5]] and shard_items(items) == items
+
+
+def test_run_ppl_resumes_only_missing_lengths(tiny):
+    """A second run_ppl with the first's per-length records computes only the missing
+    length, and gives the same numbers as one fresh run."""
+    model, tok = tiny
+    text = "".join(chr(32 + (i * 7919) % 90) for i in range(300))
+    runs = [ev.MethodRun("dense")]
+    first = []
+    ev.run_ppl(model, tok, runs, text, [60], prefix=20, progress=False, on_record=first.append)
+    assert [r["length"] for r in first] == [60] and len(first[0]["token_nll"]) == 40
+    from kvsparse.eval.runs import record_key
+
+    new = []
+    prev = {record_key("ppl", json.loads(json.dumps(r))): r for r in first}
+    both = ev.run_ppl(model, tok, runs, text, [60, 90], prefix=20, progress=False, previous=prev,
+                      on_record=new.append)
+    assert [r["length"] for r in new] == [90]
+    fresh = ev.run_ppl(model, tok, runs, text, [60, 90], prefix=20, progress=False)
+    for L in ("60", "90"):
+        assert both[0]["ppl"][L] == pytest.approx(fresh[0]["ppl"][L], rel=1e-9)
+    assert set(both[0]["token_nll"]) == {"20-60", "20-90"}
+    assert both[0]["decode_steps"] == 39 + 69  # the two passes
+
+
+def _no_load(monkeypatch):
+    from kvsparse.eval import cli
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_model", no_load)
+    return cli
+
+
+def test_cli_existing_records_need_resume(tmp_path, monkeypatch, capsys):
+    cli = _no_load(monkeypatch)
+    (tmp_path / "records.jsonl").write_text("")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--model", "tiny", "--task", "passkey", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert "records.jsonl exists; pass --resume or another --out" in err
+
+
+_PK = ["--model", "tiny", "--task", "passkey", "--lengths", "200", "--trials", "1", "--budgets", "64",
+       "--max-new-tokens", "3", "--no-progress"]
+
+
+def test_cli_resume_skips_finished_records(tmp_path, monkeypatch):
+    """An interrupted grid (here: a first run with fewer depths, and a record line cut
+    off mid-write) is completed by --resume without recomputing what is done."""
+    from kvsparse.eval.tasks import passkey as pk_mod
+
+    out = tmp_path / "out"
+    assert ev.main(_PK + ["--depths", "0,1", "--out", str(out)]) == 0
+    first = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    assert len(first) == 4 and all(x["kind"] == "passkey" for x in first)
+    with open(out / "records.jsonl", "a") as f:
+        f.write('{"kind": "passkey", "settings": {"mod')  # killed while writing a line
+
+    calls, totals = [], []
+    real_answer, real_bar = pk_mod.greedy_answer, pk_mod._tqdm
+    monkeypatch.setattr(pk_mod, "greedy_answer", lambda *a, **k: calls.append(1) or real_answer(*a, **k))
+    monkeypatch.setattr(pk_mod, "_tqdm", lambda **k: totals.append(k["total"]) or real_bar(**k))
+    assert ev.main(_PK + ["--depths", "0,0.5,1", "--out", str(out), "--resume"]) == 0
+    assert len(calls) == 2 and totals == [2]  # depth 0.5 for dense and quest-64 only; the bar counts those
+    lines = (out / "records.jsonl").read_text().splitlines()
+    assert len(lines) == 4 + 1 + 2
+    res = json.loads((out / "results.json").read_text())
+    recs = res["passkey"]["records"]
+    assert [(r["depth"], r["run"]) for r in recs] == [(d, lab) for d in (0.0, 0.5, 1.0)
+                                                      for lab in ("dense", "quest-64")]
+    old = {(x["record"]["run"], x["record"]["depth"]): x["record"] for x in first}
+    for r in recs:
+        if r["depth"] != 0.5:
+            assert r == old[(r["run"], r["depth"])]  # reused as it was (timings included)
+    assert res["records_file"] == {"path": "records.jsonl", "new": 2, "reused": 4}
+    # the intervals: per (run, length) and overall, in the JSON and the table
+    summ = [x for x in res["passkey"]["summary"] if x["run"] == "dense"]
+    assert [x["length"] for x in summ] == [200, "all"] and summ[0]["prompts"] == 3
+    from kvsparse.eval.reporting import wilson_interval
+
+    assert summ[0]["ci95"] == list(wilson_interval(summ[0]["correct"], 3))
+    assert "% [" in (out / "results.md").read_text()
+    # resuming again with other settings reuses nothing
+    calls.clear()
+    assert ev.main(_PK + ["--depths", "0", "--seed", "1", "--out", str(out), "--resume"]) == 0
+    assert len(calls) == 2
+
+
+def test_cli_shards_merged_equal_one_run(tmp_path):
+    """--shard 1/2 and 2/2 (passkey and perplexity) merged: the records of one unsharded run."""
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"Line {i} of a made-up text about kings and queens." for i in range(40)))
+    args = _PK[:3] + ["all", "--lengths", "160", "--depths", "0,1", "--ppl-lengths", "48,64", "--text",
+                      str(text), "--prefix", "32", "--trials", "1", "--budgets", "64", "--max-new-tokens", "3",
+                      "--no-progress"]
+    assert ev.main(args + ["--out", str(tmp_path / "one")]) == 0
+    for k in (1, 2):
+        assert ev.main(args + ["--shard", f"{k}/2", "--out", str(tmp_path / f"s{k}")]) == 0
+    s1 = json.loads((tmp_path / "s1" / "results.json").read_text())
+    assert s1["shard"] == "1/2" and {r["depth"] for r in s1["passkey"]["records"]} == {0.0}  # prompt 1 of 2
+    assert set(s1["ppl"]["records"][0]["ppl"]) == {"48"}
+    assert ev.main(["--merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m")]) == 0
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+
+    def pk(res):
+        return [(r["run"], r["length"], r["depth"], r["trial"], r["key"], r["answer"], r["correct"])
+                for r in res["passkey"]["records"]]
+
+    assert pk(merged) == pk(one)
+    assert [x["ci95"] for x in merged["passkey"]["summary"]] == [x["ci95"] for x in one["passkey"]["summary"]]
+    for a, b in zip(one["ppl"]["records"], merged["ppl"]["records"]):
+        assert a["run"] == b["run"] and set(a["ppl"]) == set(b["ppl"]) == {"48", "64"}
+        for L in ("48", "64"):
+            assert b["ppl"][L] == pytest.approx(a["ppl"][L], rel=1e-9)
+            assert b["ppl_ci95"][L] == pytest.approx(a["ppl_ci95"][L], rel=1e-6)
+    lines = (tmp_path / "m" / "records.jsonl").read_text().splitlines()
+    assert len(lines) == len((tmp_path / "one" / "records.jsonl").read_text().splitlines()) == 4 + 4
+
+
 @pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason="../shared/data/tinyshakespeare.txt not present")
 def test_run_ppl_on_real_text(tiny):
     model, tok = tiny
@@ -280,6 +447,8 @@ def test_smollm2_prompt_and_decode_ppl(smol):
     ["--text", "no-such-file.txt"], ["--method-kwargs", "{"], ["--method-kwargs", "[1]"],
     ["--method-kwargs", '{"page_size": 0}'], ["--trials", "0"], ["--ruler-tasks", "nope"],
     ["--ppl-lengths", "32"], ["--merge", "no-such-dir", "--out", "x"],
+    ["--shard", "3/2"], ["--shard", "0/2"], ["--shard", "1"], ["--shard", "a/b"], ["--shard", "1/0"],
+    ["--task", "recall", "--shard", "1/2"],
 ])
 def test_cli_rejects_a_bad_argument_in_one_line_before_loading(bad, monkeypatch, capsys, tmp_path):
     from kvsparse.eval import cli

@@ -72,8 +72,9 @@ def test_tiny_end_to_end(tmp_path):
     from kvsparse import eval as ev
 
     out = tmp_path / "r"
-    rc = ev.main(["--model", "tiny", "--task", "ruler", "--ruler-tasks", "niah_single,vt", "--method", "quest",
-                  "--budgets", "64", "--lengths", "300", "--samples", "1", "--no-progress", "--out", str(out)])
+    args = ["--model", "tiny", "--task", "ruler", "--ruler-tasks", "niah_single,vt", "--method", "quest",
+            "--budgets", "64", "--lengths", "300", "--samples", "1", "--no-progress"]
+    rc = ev.main(args + ["--out", str(out)])
     assert rc == 0
     md = (out / "results.md").read_text()
     assert "RULER-style suite" in md and "Question decoded under the method" in md
@@ -85,3 +86,37 @@ def test_tiny_end_to_end(tmp_path):
         assert set(r) >= {"dataset", "model", "method", "compression_ratio", "task", "context_length", "score"}
         assert 0 <= r["score"] <= 100 and 0 <= r["compression_ratio"] < 1
     assert os.path.exists(out / "results.json")
+    res = json.loads((out / "results.json").read_text())
+    summ = res["ruler"]["summary"]
+    assert {(x["run"], x["question"], x["length"]) for x in summ} == {
+        (r, p, L) for r in ("dense", "quest-64") for p in ("prompt", "decoded") for L in (300, "all")}
+    assert all(x["samples"] == 2 and len(x["ci95"]) == 2 and x["ci95"][0] <= x["score"] <= x["ci95"][1]
+               for x in summ)  # two samples (one per task) per (run, placement, length)
+    assert all(r["score_ci95"] is None for r in rows)  # one sample per row: no interval
+    assert "95% Student-t interval" in md and len((out / "records.jsonl").read_text().splitlines()) == 8
+
+
+
+def test_shards_merged_equal_one_run(tmp_path):
+    """--shard 1/2 and 2/2 (every other sample) merged: the records and scores of one unsharded run."""
+    from kvsparse import eval as ev
+
+    args = ["--model", "tiny", "--task", "ruler", "--ruler-tasks", "niah_single", "--method", "quest",
+            "--budgets", "64", "--lengths", "200", "--samples", "2", "--question", "prompt", "--no-progress"]
+    for name, extra in (("one", []), ("s1", ["--shard", "1/2"]), ("s2", ["--shard", "2/2"])):
+        assert ev.main(args + extra + ["--out", str(tmp_path / name)]) == 0
+    s1 = json.loads((tmp_path / "s1" / "results.json").read_text())
+    assert {r["sample"] for r in s1["ruler"]["records"]} == {0}
+    assert ev.main(["--merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m")]) == 0
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+
+    def key(r):
+        return (r["run"], r["task"], r["length"], r["sample"], r["question"], r["output"], r["score"])
+
+    assert [key(r) for r in merged["ruler"]["records"]] == [key(r) for r in one["ruler"]["records"]]
+    assert len(one["ruler"]["records"]) == 4
+    assert merged["ruler"]["summary"] == one["ruler"]["summary"]
+    assert json.loads((tmp_path / "m" / "ruler.json").read_text()) == json.loads(
+        (tmp_path / "one" / "ruler.json").read_text())
+    assert len((tmp_path / "m" / "records.jsonl").read_text().splitlines()) == 4

@@ -2,6 +2,7 @@
 model, runs the tasks and writes the report."""
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ import torch
 
 from .models import load_model
 from .reporting import _cpu_description, _versions, merge_results, write_report
-from .runs import make_runs, method_applied
+from .runs import RecordLog, make_runs, method_applied, parse_shard
 from .tasks.passkey import run_passkey
 from .tasks.ppl import run_ppl
 from .tasks.ruler import TASKS as RULER_TASKS
@@ -106,6 +107,19 @@ def _validate(ap, args):
         ap.error("--method-kwargs must be a JSON object or a list of objects")
     if args.text is not None and not os.path.isfile(args.text):
         ap.error(f"--text {args.text!r}: no such file")
+    if args.shard is not None:
+        try:
+            parse_shard(args.shard)
+        except ValueError as e:
+            ap.error(f"--shard {e}")
+    if args.task == "recall" and (args.shard is not None or args.resume):
+        ap.error("--shard and --resume are not supported with --task recall")
+    if args.resume and not args.out:
+        ap.error("--resume needs --out (the folder of the run to continue)")
+    if args.task != "recall" and args.out and not args.resume:
+        rec = os.path.join(args.out, "records.jsonl")
+        if os.path.exists(rec):
+            ap.error(f"--out: {rec} exists; pass --resume or another --out")
     # every run's config, as patch() will build it
     runs = make_runs(names, _ints(args.budgets), extra, include_dense=False,
                      compressions=_floats(args.compressions), sigmas=_floats(args.sigmas))
@@ -114,6 +128,19 @@ def _validate(ap, args):
             make_config(run.method, **run.kwargs)
         except (TypeError, ValueError) as e:
             ap.error(f"run {run.label}: {e}")
+
+
+def _record_settings(args, text):
+    """What shapes each task's records besides the run and the place in the grid: a
+    record of ``records.jsonl`` is reused by ``--resume`` only when these agree."""
+    base = {"model": args.model, "dtype": args.dtype}
+    return {
+        "passkey": {**base, "seed": args.seed, "prompt_format": args.prompt_format, "variation": args.variation,
+                    "max_new_tokens": args.max_new_tokens},
+        "ruler": {**base, "seed": args.seed, "prompt_format": args.prompt_format},
+        "ppl": {**base, "text_sha1": hashlib.sha1(text.encode("utf-8")).hexdigest() if text is not None else None,
+                "prefix": args.prefix, "window": args.ppl_window},
+    }
 
 
 def _recall(args, model, tok, model_name, runs, lengths, depths, out, argv):
@@ -199,9 +226,21 @@ def build_parser():
                     help="a small smoke run: lengths 512,1024, depths 0,0.5,1, one trial, budgets 64,256 "
                          "(options given beside it win)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --out: every finished record is appended to OUT/records.jsonl at "
+                         "once; with --resume the records already there (same run label and kwargs, same place "
+                         "in the grid, same seed / prompt format / model / text settings) are reused instead of "
+                         "recomputed, and the report is built from all of them. Without it, an existing "
+                         "OUT/records.jsonl is an error")
+    ap.add_argument("--shard", default=None, metavar="K/N",
+                    help="do only every N-th prompt of the grid, from the K-th (1-based): (length, depth, trial) "
+                         "for passkey, (task, length, sample) for ruler, lengths for ppl. Run N processes, each "
+                         "with its own --out (and --threads CORES/N), then --merge their folders")
     ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
-                    help="combine the results.json of earlier runs (e.g. passkey and ppl run in parallel) "
-                         "into --out, without evaluating anything")
+                    help="combine the results.json of earlier runs (e.g. passkey and ppl run in parallel, or "
+                         "the --shard folders of one grid) into --out, without evaluating anything: records "
+                         "pooled (each once), tables and 95%% intervals recomputed, the folders' records.jsonl "
+                         "concatenated into OUT/records.jsonl")
     return ap
 
 
@@ -214,6 +253,10 @@ def main(argv=None):
         for out_dir in args.merge:
             if not os.path.isfile(os.path.join(out_dir, "results.json")):
                 parser.error(f"--merge {out_dir!r}: no results.json there")
+        rec = os.path.join(args.out, "records.jsonl")
+        same = any(os.path.abspath(d) == os.path.abspath(args.out) for d in args.merge)
+        if os.path.exists(rec) and not same:
+            parser.error(f"--out: {rec} exists; pass another --out")
         md, _ = merge_results(args.merge, args.out)
         print(md)
         return 0
@@ -281,22 +324,45 @@ def main(argv=None):
     if args.task == "recall":
         return _recall(args, model, tok, model_name, runs, lengths, depths, out, argv)
 
+    text = None
+    if do_ppl:
+        with open(text_path, encoding="utf-8") as f:
+            text = f.read()
+    shard = parse_shard(args.shard) if args.shard else (1, 1)
+    log = RecordLog(os.path.join(out, "records.jsonl"), _record_settings(args, text))
+    previous = log.load() if args.resume else {kind: {} for kind in ("passkey", "ruler", "ppl")}
+    if args.resume:
+        _log(f"--resume: {sum(len(v) for v in previous.values())} record(s) in {log.path}"
+             + (f"; {log.ignored} of other settings not reused" if log.ignored else "")
+             + (f"; {log.bad_lines} unreadable line(s) skipped" if log.bad_lines else ""))
+    counted = {"new": 0}
+
+    def writer(kind):
+        write = log.writer(kind)
+
+        def on_record(rec):
+            write(rec)
+            counted["new"] += 1
+        return on_record
+
     pk_records, ppl_records, ruler_records = [], [], []
     if do_ruler:
         places = ("prompt", "decoded") if args.question == "both" else (args.question,)
         ruler_records = run_ruler(model, tok, runs, ruler_tasks, lengths, args.samples, seed=args.seed,
                                   fmt=args.prompt_format, placements=places,
-                                  share_prefill=not args.no_share_prefill, progress=not args.no_progress)
+                                  share_prefill=not args.no_share_prefill, progress=not args.no_progress,
+                                  shard=shard, previous=previous["ruler"], on_record=writer("ruler"))
     if do_pk:
         pk_records = run_passkey(model, tok, runs, lengths, depths, args.trials, seed=args.seed,
                                  fmt=args.prompt_format, max_new_tokens=args.max_new_tokens,
                                  share_prefill=not args.no_share_prefill, progress=not args.no_progress,
-                                 variation=args.variation)
+                                 variation=args.variation, shard=shard, previous=previous["passkey"],
+                                 on_record=writer("passkey"))
     if do_ppl:
-        with open(text_path, encoding="utf-8") as f:
-            text = f.read()
         ppl_records = run_ppl(model, tok, runs, text, ppl_lengths, prefix=args.prefix, window=args.ppl_window,
-                              progress=not args.no_progress, share_prefill=not args.no_share_prefill)
+                              progress=not args.no_progress, share_prefill=not args.no_share_prefill,
+                              shard=shard, previous=previous["ppl"], on_record=writer("ppl"))
+    n_kept = len(pk_records) + len(ruler_records) + sum(len(r["ppl"]) for r in ppl_records)
 
     now = datetime.datetime.now().astimezone()
     cmd = "python -m kvsparse.eval " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -312,6 +378,8 @@ def main(argv=None):
                 "records": ppl_records} if do_ppl else None,
         "ruler": {"tasks": ruler_tasks, "lengths": lengths, "samples": args.samples,
                   "prompt_format": args.prompt_format, "records": ruler_records} if do_ruler else None,
+        "shard": args.shard if shard != (1, 1) else None,
+        "records_file": {"path": "records.jsonl", "new": counted["new"], "reused": n_kept - counted["new"]},
     }
     md, plot = write_report(result, out)
     print(md)

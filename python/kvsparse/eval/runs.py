@@ -4,11 +4,15 @@ A run is a method name plus the kwargs handed to ``kvsparse.patch(model,
 method=name, **kwargs)`` (:class:`MethodRun`; ``("dense", {})`` is the unpatched
 model). :func:`make_runs` sweeps each method, :func:`method_applied` patches the
 model for one run, and :class:`SharedPrefill` prefills a prompt once and hands
-every run its own copy of the cache.
+every run its own copy of the cache. :class:`RecordLog` appends every finished
+record to ``records.jsonl`` (and loads it back to resume); :func:`shard_items`
+splits a task's prompts between processes.
 """
 import contextlib
 import copy
 import dataclasses
+import json
+import os
 import time
 
 from .. import methods as _methods
@@ -280,3 +284,140 @@ class SharedPrefill:
                 self._caches[fam] = (d_logits, c, d_secs + time.perf_counter() - t0)
         logits, c, secs = self._caches[fam]
         return logits, copy.deepcopy(c), secs
+
+
+# ------------------------------------------------------------------ records, resuming and shards
+# Every finished record is appended to ``<out>/records.jsonl`` at once, one JSON
+# object a line: ``{"kind": "passkey" | "ruler" | "ppl", "settings": {...},
+# "record": {...}}``. A record is identified by its key (:func:`record_key`: the
+# run's label and kwargs, and where in the task's grid it is) and by the
+# settings that shaped its prompt (seed, prompt format, model, ...): a resumed
+# evaluation reuses a record only when both agree.
+
+#: the fields of a record, after the run's label and kwargs, that say where it is in its task's grid
+KEY_FIELDS = {"passkey": ("length", "depth", "trial"),
+              "ruler": ("task", "length", "sample", "question"),
+              "ppl": ("length",)}
+
+
+def _kwargs_key(kwargs):
+    return json.dumps(kwargs, sort_keys=True, default=str)
+
+
+def run_key(run):
+    """The part of a record's key that names the run: its label and kwargs (canonical JSON)."""
+    return (run.label, _kwargs_key(run.kwargs))
+
+
+def _norm(field, value):
+    return float(value) if field == "depth" else value
+
+
+def grid_key(kind, run, *where):
+    """The key of the record of ``run`` at ``where`` (the values of ``KEY_FIELDS[kind]``)."""
+    return (kind,) + run_key(run) + tuple(_norm(f, v) for f, v in zip(KEY_FIELDS[kind], where))
+
+
+def record_key(kind, rec):
+    """The key of a finished record (equal to :func:`grid_key` of the run and place that made it)."""
+    return (kind, rec["run"], _kwargs_key(rec["kwargs"])) + tuple(_norm(f, rec[f]) for f in KEY_FIELDS[kind])
+
+
+def parse_shard(text):
+    """``"K/N"`` (1 <= K <= N) as ``(K, N)``; ValueError otherwise."""
+    parts = str(text).split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"{text!r} is not K/N (two positive integers, e.g. 1/4)")
+    k, n = int(parts[0]), int(parts[1])
+    if n < 1 or not 1 <= k <= n:
+        raise ValueError(f"{text!r}: K must be in 1..N and N >= 1")
+    return k, n
+
+
+def shard_items(items, shard=(1, 1)):
+    """Every N-th item of ``items`` starting at the K-th (``shard = (K, N)``, K 1-based)."""
+    k, n = shard
+    return [x for i, x in enumerate(items) if i % n == k - 1]
+
+
+class RecordLog:
+    """``records.jsonl``: append a task's finished records as they come, load them back to resume.
+
+    ``settings`` maps each kind (``passkey``, ``ruler``, ``ppl``) to the dict of
+    settings its records are tagged with (and must match to be reused).
+    """
+
+    def __init__(self, path, settings):
+        self.path, self.settings = path, settings
+        self.ignored = 0  # lines of another setting, not reused
+        self.bad_lines = 0  # unreadable lines (e.g. cut off by an interruption)
+
+    def load(self):
+        """``{kind: {key: record}}`` of the records whose settings match (the first of duplicates wins)."""
+        out = {kind: {} for kind in KEY_FIELDS}
+        self.ignored = self.bad_lines = 0
+        if not os.path.exists(self.path):
+            return out
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                    kind, rec = item["kind"], item["record"]
+                    key = record_key(kind, rec)
+                except (ValueError, KeyError, TypeError):
+                    self.bad_lines += 1
+                    continue
+                if _jsonable(item.get("settings")) != _jsonable(self.settings.get(kind)):
+                    self.ignored += 1
+                    continue
+                out[kind].setdefault(key, rec)
+        return out
+
+    def writer(self, kind):
+        """A function that appends one finished ``kind`` record to the file (flushed at once)."""
+        settings = self.settings.get(kind)
+
+        def write(rec):
+            line = json.dumps({"kind": kind, "settings": settings, "record": rec}, default=str)
+            with open(self.path, "a+b") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell():  # a line cut off by an interruption: start on a fresh line
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
+                f.write((line + "\n").encode("utf-8"))
+                f.flush()
+        return write
+
+
+def _jsonable(x):
+    """``x`` as it reads back from JSON (tuples become lists), for comparing settings."""
+    return json.loads(json.dumps(x, sort_keys=True, default=str))
+
+
+def merge_record_files(paths, out_path):
+    """Concatenate the ``records.jsonl`` of several folders into ``out_path``, each
+    (kind, settings, key) once; returns the number of lines written (0: none found)."""
+    lines, seen = [], set()
+    for p in paths:
+        if not os.path.isfile(p):
+            continue
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    item = json.loads(line)
+                    ident = (item["kind"], json.dumps(item.get("settings"), sort_keys=True),
+                             record_key(item["kind"], item["record"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if ident not in seen:
+                    seen.add(ident)
+                    lines.append(line if line.endswith("\n") else line + "\n")
+    if lines:
+        tmp = out_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, out_path)
+    return len(lines)

@@ -5,7 +5,7 @@ import random
 import re
 
 from ..decoding import _decode, _encode, _eos_id, _tqdm, chat_split, greedy_answer
-from ..runs import SharedPrefill, cache_memory, method_applied
+from ..runs import SharedPrefill, cache_memory, grid_key, method_applied, shard_items
 
 # Filler: the classic five passkey sentences, each with a few variants.
 _FILLER_SLOTS = (
@@ -170,7 +170,8 @@ def score_passkey(answer, key):
 
 
 def run_passkey(model, tok, runs, lengths, depths, trials, seed=0, fmt="plain",
-                max_new_tokens=8, share_prefill=True, progress=True, variation=0.0):
+                max_new_tokens=8, share_prefill=True, progress=True, variation=0.0,
+                shard=(1, 1), previous=None, on_record=None):
     """Passkey retrieval for every run, length, depth and trial.
 
     With ``share_prefill`` the context is prefilled once per prompt by the dense
@@ -180,37 +181,55 @@ def run_passkey(model, tok, runs, lengths, depths, trials, seed=0, fmt="plain",
     the context itself, under its method. The question and the answer are then
     decoded under the run's method.
 
-    Returns a list of records (dicts), one per (run, length, depth, trial).
+    ``shard=(K, N)``: only every N-th prompt of the (length, depth, trial) grid,
+    from the K-th (1-based). ``previous``: ``{key: record}`` of records already
+    done (:func:`kvsparse.eval.runs.record_key`), reused instead of recomputed;
+    a prompt whose runs are all done is not even built. ``on_record(record)``
+    is called on every newly finished record (e.g. to append it to
+    ``records.jsonl``). The progress bar counts only the records left to do.
+
+    Returns a list of records (dicts), one per (run, length, depth, trial) of the
+    shard, in grid order (reused ones included).
     """
+    previous = previous or {}
     records = []
     eos = _eos_id(tok)
-    bar = _tqdm(total=len(lengths) * len(depths) * trials * len(runs), desc="passkey",
-                disable=not progress)
-    for L in lengths:
-        for depth in depths:
-            for t in range(trials):
-                rng = random.Random(f"passkey-{seed}-{L}-{depth}-{t}")
-                p = make_passkey_prompt(tok, L, depth, rng, fmt=fmt, variation=variation)
-                shared = SharedPrefill(model, p.context_ids, enabled=share_prefill)
-                for run in runs:
-                    with method_applied(model, run):
-                        logits, cache, prefill_s = shared.get(run)
-                        new, steps, secs = greedy_answer(model, cache, p.question_ids, max_new_tokens,
-                                                         eos, logits=logits)
-                    mem = cache_memory(cache)
-                    del cache
-                    answer = _decode(tok, new)
-                    records.append({
-                        "run": run.label, "method": run.method, "kwargs": dict(run.kwargs),
-                        "length": L, "prompt_tokens": p.length, "depth": depth, "trial": t,
-                        "needle_depth": round(p.needle_depth, 4), "key": p.key, "answer": answer,
-                        "correct": score_passkey(answer, p.key), "decode_steps": steps,
-                        "decode_s": secs, "prefill_s": prefill_s,
-                        "decode_tok_s": steps / secs if secs > 0 else float("nan"),
-                        **({"compression": mem["compression"], "memory": mem} if mem else {}),
-                    })
-                    bar.update(1)
-                    bar.set_postfix_str(f"L={L} d={depth:g} {run.label}: {answer.strip()[:12]!r}")
-                del shared
+    prompts = shard_items([(L, d, t) for L in lengths for d in depths for t in range(trials)], shard)
+    todo = sum(grid_key("passkey", run, L, d, t) not in previous for L, d, t in prompts for run in runs)
+    bar = _tqdm(total=todo, desc="passkey", disable=not progress)
+    for L, depth, t in prompts:
+        keys = [grid_key("passkey", run, L, depth, t) for run in runs]
+        if all(k in previous for k in keys):
+            records.extend(previous[k] for k in keys)
+            continue
+        rng = random.Random(f"passkey-{seed}-{L}-{depth}-{t}")
+        p = make_passkey_prompt(tok, L, depth, rng, fmt=fmt, variation=variation)
+        shared = SharedPrefill(model, p.context_ids, enabled=share_prefill)
+        for run, key in zip(runs, keys):
+            if key in previous:
+                records.append(previous[key])
+                continue
+            with method_applied(model, run):
+                logits, cache, prefill_s = shared.get(run)
+                new, steps, secs = greedy_answer(model, cache, p.question_ids, max_new_tokens,
+                                                 eos, logits=logits)
+            mem = cache_memory(cache)
+            del cache
+            answer = _decode(tok, new)
+            rec = {
+                "run": run.label, "method": run.method, "kwargs": dict(run.kwargs),
+                "length": L, "prompt_tokens": p.length, "depth": depth, "trial": t,
+                "needle_depth": round(p.needle_depth, 4), "key": p.key, "answer": answer,
+                "correct": score_passkey(answer, p.key), "decode_steps": steps,
+                "decode_s": secs, "prefill_s": prefill_s,
+                "decode_tok_s": steps / secs if secs > 0 else float("nan"),
+                **({"compression": mem["compression"], "memory": mem} if mem else {}),
+            }
+            records.append(rec)
+            if on_record is not None:
+                on_record(rec)
+            bar.update(1)
+            bar.set_postfix_str(f"L={L} d={depth:g} {run.label}: {answer.strip()[:12]!r}")
+        del shared
     bar.close()
     return records

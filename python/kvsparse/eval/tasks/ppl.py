@@ -6,7 +6,7 @@ import time
 import torch
 
 from ..decoding import _encode, _step, _tqdm, prefill
-from ..runs import SharedPrefill, cache_memory, method_applied
+from ..runs import SharedPrefill, cache_memory, grid_key, method_applied, shard_items
 
 
 @torch.inference_mode()
@@ -60,55 +60,97 @@ def full_forward_nll(model, ids, prefix, length):
     return (-lp.gather(1, tgt[:, None])[:, 0]).tolist()
 
 
-def run_ppl(model, tok, runs, text, lengths, prefix=64, window=None, progress=True, share_prefill=True):
+def run_ppl(model, tok, runs, text, lengths, prefix=64, window=None, progress=True, share_prefill=True,
+            shard=(1, 1), previous=None, on_record=None):
     """Decode-mode perplexity of ``text`` for every run.
 
     ``window=None`` (default): one pass per run: ``prefix`` tokens prefilled, then
     every token to ``max(lengths)`` decoded; ``ppl[L]`` scores tokens
     ``prefix .. L-1``. ``window=W``: one pass per length: ``L - W`` tokens prefilled
     (densely, shared by the runs), then the last ``W`` tokens decoded and scored.
+
+    ``shard=(K, N)``: only every N-th length (from the K-th, 1-based; without a
+    window the pass goes to the longest length of the shard). ``previous``:
+    ``{key: per-length record}`` already done (:func:`kvsparse.eval.runs.record_key`),
+    reused; a pass runs only as far as the longest length still missing.
+    ``on_record(record)`` gets every new per-length record (one per run and
+    length: ``ppl``, ``scored``, the ``token_nll`` of the scored tokens, and the
+    ``pass`` it came from with that pass's timings).
+
+    Returns one record per run (:func:`combine_ppl` of its per-length records).
     """
     ids = _encode(tok, text)
     lengths = sorted(set(int(x) for x in lengths))
     Lmax = lengths[-1]
     if len(ids) < Lmax:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than the longest length {Lmax}")
+    if window is not None and not 0 < window < lengths[0]:
+        raise ValueError(f"window ({window}) must be in (0, shortest length {lengths[0]})")
+    previous = previous or {}
+    mine = shard_items(lengths, shard)
+    need = {i: [L for L in mine if grid_key("ppl", run, L) not in previous] for i, run in enumerate(runs)}
+    # passes: (tokens prefilled, {run index: the lengths the pass scores for that run})
     if window is None:
-        passes = [(prefix, lengths)]
+        passes = [(prefix, {i: Ls for i, Ls in need.items() if Ls})]
     else:
-        if not 0 < window < lengths[0]:
-            raise ValueError(f"window ({window}) must be in (0, shortest length {lengths[0]})")
-        passes = [(L - window, [L]) for L in lengths]
-    recs = {r.label: {"run": r.label, "method": r.method, "kwargs": dict(r.kwargs), "ppl": {},
-                      "scored": {}, "decode_steps": 0, "decode_s": 0.0, "prefill_s": 0.0, "token_nll": {}}
-            for r in runs}
-    bar = _tqdm(total=len(runs) * sum(max(Ls) - pfx - 1 for pfx, Ls in passes), desc="ppl", unit="tok",
-                disable=not progress)
-    for pfx, Ls in passes:
+        passes = [(L - window, {i: [L] for i, Ls in need.items() if L in Ls}) for L in mine]
+    passes = [(pfx, todo) for pfx, todo in passes if todo]
+    bar = _tqdm(total=sum(max(Ls) - pfx - 1 for pfx, todo in passes for Ls in todo.values()), desc="ppl",
+                unit="tok", disable=not progress)
+    new = {}
+    for pfx, todo in passes:
         shared = SharedPrefill(model, ids[:pfx], enabled=share_prefill)
-        for run in runs:
-            bar.set_postfix_str(f"{run.label} to {max(Ls)}")
+        for i, Ls in todo.items():
+            run = runs[i]
+            end = max(Ls)
+            bar.set_postfix_str(f"{run.label} to {end}")
             with method_applied(model, run):
                 logits, cache, prefill_s = shared.get(run)
                 ppl, nll, steps, secs = decode_nll(model, ids, pfx, Ls, progress=bar, prefilled=(logits, cache))
             mem = cache_memory(cache)  # at the end of the pass (the cache is updated in place)
             del cache
-            r = recs[run.label]
-            if mem:
-                r.setdefault("compression", {})[str(max(Ls))] = mem["compression"]
-                r.setdefault("memory", {})[str(max(Ls))] = mem
-            for L, v in ppl.items():
-                r["ppl"][str(L)] = v
-                r["scored"][str(L)] = [pfx, L]
-            r["token_nll"][f"{pfx}-{max(Ls)}"] = [round(x, 5) for x in nll]
-            r["decode_steps"] += steps
-            r["decode_s"] += secs
-            r["prefill_s"] += prefill_s
+            for L in Ls:
+                rec = {"run": run.label, "method": run.method, "kwargs": dict(run.kwargs), "length": L,
+                       "ppl": ppl[L], "scored": [pfx, L], "pass": [pfx, end],
+                       "token_nll": [round(x, 5) for x in nll[:L - pfx]],
+                       "decode_steps": steps, "decode_s": secs, "prefill_s": prefill_s,
+                       **({"compression": mem["compression"], "memory": mem} if mem and L == end else {})}
+                new[grid_key("ppl", run, L)] = rec
+                if on_record is not None:
+                    on_record(rec)
         del shared
     bar.close()
-    out = []
+    per_length = []
     for run in runs:
-        r = recs[run.label]
-        r["decode_tok_s"] = r["decode_steps"] / r["decode_s"] if r["decode_s"] > 0 else float("nan")
-        out.append(r)
-    return out
+        for L in mine:
+            k = grid_key("ppl", run, L)
+            per_length.append(new[k] if k in new else previous[k])
+    return combine_ppl(per_length)
+
+
+def combine_ppl(records):
+    """Per-length perplexity records (:func:`run_ppl`'s ``on_record``) as one record
+    per run: ``ppl`` / ``scored`` / ``compression`` / ``memory`` keyed by length (as
+    a string), ``token_nll`` keyed by pass (``"prefill-end"``), the timings summed
+    over the distinct passes, and ``decode_tok_s``."""
+    out, seen = {}, set()
+    for r in records:
+        y = out.setdefault(r["run"], {"run": r["run"], "method": r["method"], "kwargs": dict(r["kwargs"]),
+                                      "ppl": {}, "scored": {}, "decode_steps": 0, "decode_s": 0.0,
+                                      "prefill_s": 0.0, "token_nll": {}})
+        L = str(r["length"])
+        y["ppl"][L] = r["ppl"]
+        y["scored"][L] = list(r["scored"])
+        pas = f"{r['pass'][0]}-{r['pass'][1]}"
+        if len(r["token_nll"]) > len(y["token_nll"].get(pas, ())):
+            y["token_nll"][pas] = r["token_nll"]
+        if (r["run"], pas) not in seen:
+            seen.add((r["run"], pas))
+            for k in ("decode_steps", "decode_s", "prefill_s"):
+                y[k] += r[k]
+        if "compression" in r:
+            y.setdefault("compression", {})[str(r["pass"][1])] = r["compression"]
+            y.setdefault("memory", {})[str(r["pass"][1])] = r["memory"]
+    for y in out.values():
+        y["decode_tok_s"] = y["decode_steps"] / y["decode_s"] if y["decode_s"] > 0 else float("nan")
+    return list(out.values())

@@ -38,7 +38,7 @@ import dataclasses
 import random
 
 from ..decoding import _decode, _encode, _eos_id, _tqdm, chat_split, greedy_answer
-from ..runs import SharedPrefill, cache_memory, compression_ratio, method_applied
+from ..runs import SharedPrefill, cache_memory, compression_ratio, grid_key, method_applied, shard_items
 
 __all__ = ["TASKS", "RulerSample", "make_sample", "score", "run_ruler"]
 
@@ -259,42 +259,64 @@ def score(output, answers):
 
 
 def run_ruler(model, tok, runs, tasks, lengths, samples, seed=0, fmt="plain", placements=("prompt", "decoded"),
-              share_prefill=True, progress=True):
+              share_prefill=True, progress=True, shard=(1, 1), previous=None, on_record=None):
     """Every run on every (task, length, sample, question placement).
 
-    Returns a list of records (dicts) with the generated answer and its score.
+    ``shard=(K, N)``: only every N-th sample of the (task, length, sample) grid,
+    from the K-th (1-based; both placements of a sample stay together).
+    ``previous``: ``{key: record}`` of records already done
+    (:func:`kvsparse.eval.runs.record_key`), reused instead of recomputed.
+    ``on_record(record)`` is called on every newly finished record. The progress
+    bar counts only the records left to do.
+
+    Returns a list of records (dicts) with the generated answer and its score, in
+    grid order (reused ones included).
     """
     for p in placements:
         if p not in ("prompt", "decoded"):
             raise ValueError(f"unknown question placement {p!r} (prompt or decoded)")
+    previous = previous or {}
     records = []
     eos = _eos_id(tok)
-    bar = _tqdm(total=len(tasks) * len(lengths) * samples * len(placements) * len(runs), desc="ruler",
-                disable=not progress)
-    for task in tasks:
-        for L in lengths:
-            for i in range(samples):
-                s = make_sample(tok, task, L, random.Random(f"ruler-{seed}-{task}-{L}-{i}"), fmt=fmt)
-                for place in placements:
-                    pre = s.context_ids + (s.question_ids if place == "prompt" else [])
-                    q = [] if place == "prompt" else s.question_ids
-                    shared = SharedPrefill(model, pre, enabled=share_prefill)
-                    for run in runs:
-                        with method_applied(model, run):
-                            logits, cache, _ = shared.get(run)
-                            new, steps, secs = greedy_answer(model, cache, q, s.max_new_tokens, eos, logits=logits)
-                        mem = cache_memory(cache)
-                        del cache
-                        out = _decode(tok, new)
-                        records.append({
-                            "task": task, "length": L, "prompt_tokens": s.prompt_tokens, "sample": i,
-                            "question": place, "run": run.label, "method": run.method,
-                            "kwargs": dict(run.kwargs), "answers": s.answers, "output": out,
-                            "score": score(out, s.answers), "decode_steps": steps, "decode_s": secs,
-                            "compression_ratio": compression_ratio(run, L, mem),
-                        })
-                        bar.update(1)
-                        bar.set_postfix_str(f"{task} L={L} {place} {run.label}")
-                    del shared
+    items = shard_items([(task, L, i) for task in tasks for L in lengths for i in range(samples)], shard)
+    todo = sum(grid_key("ruler", run, task, L, i, place) not in previous
+               for task, L, i in items for place in placements for run in runs)
+    bar = _tqdm(total=todo, desc="ruler", disable=not progress)
+    for task, L, i in items:
+        keys = {place: [grid_key("ruler", run, task, L, i, place) for run in runs] for place in placements}
+        if all(k in previous for ks in keys.values() for k in ks):
+            records.extend(previous[k] for place in placements for k in keys[place])
+            continue
+        s = make_sample(tok, task, L, random.Random(f"ruler-{seed}-{task}-{L}-{i}"), fmt=fmt)
+        for place in placements:
+            if all(k in previous for k in keys[place]):
+                records.extend(previous[k] for k in keys[place])
+                continue
+            pre = s.context_ids + (s.question_ids if place == "prompt" else [])
+            q = [] if place == "prompt" else s.question_ids
+            shared = SharedPrefill(model, pre, enabled=share_prefill)
+            for run, key in zip(runs, keys[place]):
+                if key in previous:
+                    records.append(previous[key])
+                    continue
+                with method_applied(model, run):
+                    logits, cache, _ = shared.get(run)
+                    new, steps, secs = greedy_answer(model, cache, q, s.max_new_tokens, eos, logits=logits)
+                mem = cache_memory(cache)
+                del cache
+                out = _decode(tok, new)
+                rec = {
+                    "task": task, "length": L, "prompt_tokens": s.prompt_tokens, "sample": i,
+                    "question": place, "run": run.label, "method": run.method,
+                    "kwargs": dict(run.kwargs), "answers": s.answers, "output": out,
+                    "score": score(out, s.answers), "decode_steps": steps, "decode_s": secs,
+                    "compression_ratio": compression_ratio(run, L, mem),
+                }
+                records.append(rec)
+                if on_record is not None:
+                    on_record(rec)
+                bar.update(1)
+                bar.set_postfix_str(f"{task} L={L} {place} {run.label}")
+            del shared
     bar.close()
     return records
