@@ -92,7 +92,14 @@ def test_top_p_pages_matches_reference(device, p, sink, recent):
 
 def test_rule_config_is_validated():
     with pytest.raises(ValueError, match="sink_pages"):
-        kvsparse.QuestConfig(token_budget=32, page_size=16, sink_pages=2).validate()
+        kvsparse.QuestConfig(sink_pages=-1).validate()
+    # a budget of fewer pages than sink + recent: the last page, then the sinks, then the recent window
+    c = kvsparse.QuestConfig(token_budget=32, page_size=16, sink_pages=2, recent_pages=4)
+    c.validate()
+    assert quest_method.forced_counts(c, 2) == (1, 1)
+    assert quest_method.forced_counts(c, 4) == (2, 2)
+    assert quest_method.forced_counts(c, 16) == (2, 4)
+    assert quest_method.forced_counts(kvsparse.QuestConfig(sink_pages=0), 1) == (0, 1)
     with pytest.raises(ValueError, match="recent_pages"):
         kvsparse.QuestConfig(recent_pages=0).validate()
     with pytest.raises(ValueError, match="top_p"):
@@ -103,8 +110,10 @@ def test_rule_config_is_validated():
         quest.top_p_pages(torch.zeros(1, 1, 2, dtype=torch.int32), torch.ones(1, 1, 2),
                           torch.tensor([16], dtype=torch.int32), 8, 0.0)
     kvsparse.QuestConfig(token_budget=64, page_size=16, sink_pages=1, recent_pages=3, top_p=0.9).validate()
-    assert quest_method.fused_rule(kvsparse.QuestConfig(mode="group"))
-    assert not quest_method.fused_rule(kvsparse.QuestConfig(mode="group", sink_pages=1))
+    assert quest_method.fused_rule(kvsparse.QuestConfig(mode="group", sink_pages=0, recent_pages=1))
+    assert not quest_method.fused_rule(kvsparse.QuestConfig(mode="group"))  # the default keeps a sink page
+    c = kvsparse.QuestConfig()
+    assert (c.mode, c.sink_pages, c.recent_pages, c.top_p) == ("softmax", 1, 1, None)
 
 
 # --------------------------------------------- a patched model against a reference
@@ -152,8 +161,16 @@ def _reference_attention(budget, mode, sink, recent, top_p):
                 heads = range(hk * G, (hk + 1) * G)
                 rows = [[h] for h in heads] if mode == "head" else [list(heads)]
                 for hs in rows:
-                    score = bound[b, hs[0]] if mode == "head" else prob[b, hs].sum(0)
-                    forced = _forced_ref(n_pages, S, sink, recent) | {n_pages - 1}
+                    if mode == "head":
+                        score = bound[b, hs[0]]
+                    elif mode == "group":  # the summed bounds
+                        score = bound[b, hs].sum(0)
+                    else:  # "softmax": the summed per-head distributions
+                        score = prob[b, hs].sum(0)
+                    # a budget smaller than sink + recent: the last page, the sinks, then the window
+                    sk = min(sink, n_sel - 1)
+                    rc = max(1, min(recent, n_sel - sk))
+                    forced = _forced_ref(n_pages, S, sk, rc) | {n_pages - 1}
                     if n_pages <= n_sel:
                         sel = list(range(n_pages))
                     else:
@@ -163,7 +180,7 @@ def _reference_attention(budget, mode, sink, recent, top_p):
                     if top_p is not None:
                         mass = prob[b, hs].mean(0)
                         idx = sorted(sel)
-                        sel = [e for e in _top_p_ref(idx, mass, S, top_p, sink, recent) if e >= 0]
+                        sel = [e for e in _top_p_ref(idx, mass, S, top_p, sk, rc) if e >= 0]
                     keep = torch.zeros(S, dtype=torch.bool)
                     for p in sel:
                         keep[p * P:(p + 1) * P] = True
@@ -189,7 +206,7 @@ def _stepwise(model, ids, cont, cache):
 
 @pytest.mark.parametrize("mode,sink,recent,top_p", [
     ("head", 0, 1, None), ("softmax", 0, 1, None), ("softmax", 1, 2, None), ("head", 1, 1, None),
-    ("softmax", 1, 2, 0.6),
+    ("softmax", 1, 2, 0.6), ("head", 1, 2, 0.6), ("group", 1, 4, None),
 ])
 def test_patched_selection_matches_repeat_kv_reference(mode, sink, recent, top_p):
     """A small budget over 12 pages: the patched model's logits equal the
@@ -245,7 +262,8 @@ def test_a_wrong_head_mapping_would_be_caught():
     finally:
         modeling_llama.repeat_kv = orig
         hf._set_attn_implementation(model, "sdpa")
-    with hf.patched(model, token_budget=budget, page_size=P, dense_layers=0, dense_below=0, mode="head"):
+    with hf.patched(model, token_budget=budget, page_size=P, dense_layers=0, dense_below=0, mode="head",
+                    sink_pages=0, recent_pages=1):
         got = _stepwise(model, ids, cont, kvsparse.make_cache(model))
     torch.testing.assert_close(got, right, atol=2e-5, rtol=1e-4)
     assert (got - wrong).abs().max() > 1e-3

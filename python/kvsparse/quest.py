@@ -316,17 +316,20 @@ def group_mass(scores, num_kv_heads, scale=1.0):
 
 def _forced(n_pages, seq_lens, page_size, sink_pages, recent_pages, device):
     """bool ``[B, n_pages]``: the sink pages (``0 .. sink-1``) and the last
-    ``recent`` non-empty pages of each sequence."""
-    p = torch.arange(n_pages, device=device)
-    used = (seq_lens.to(device=device, dtype=torch.int64) + page_size - 1) // page_size  # [B]
+    ``recent`` non-empty pages of each sequence (a few bytes per page)."""
+    p = torch.arange(n_pages, device=device, dtype=torch.int32)
+    used = (seq_lens.to(device=device, dtype=torch.int32) + (page_size - 1)).div_(page_size, rounding_mode="floor")
     used = used.unsqueeze(1)
-    keep = (p < sink_pages) & (p < used)
-    if recent_pages > 0:
-        keep |= (p >= used - recent_pages) & (p < used)
+    # page p is kept when p < min(sink, used) or used - recent <= p < used
+    lo = (used - recent_pages).clamp_(min=0) if recent_pages > 0 else used
+    keep = p >= lo
+    keep &= p < used
+    if sink_pages > 0:
+        keep |= p < torch.clamp(used, max=sink_pages)
     return keep
 
 
-def force_pages(scores, seq_lens, page_size=16, sink_pages=0, recent_pages=1):
+def force_pages(scores, seq_lens, page_size=16, sink_pages=0, recent_pages=1, inplace=False):
     """Scores with the always-kept pages set to ``+inf``, so that
     :func:`select_pages` takes them first (inside the budget).
 
@@ -340,9 +343,11 @@ def force_pages(scores, seq_lens, page_size=16, sink_pages=0, recent_pages=1):
         seq_lens: ``[B]`` int32.
         page_size: tokens per page ``P``.
         sink_pages, recent_pages: ints >= 0.
+        inplace: write into ``scores`` (a decode step's own scores: no copy).
 
     Returns:
-        a new float32 ``[B, Hs, max_pages]`` tensor.
+        float32 ``[B, Hs, max_pages]``: a new tensor, or ``scores`` itself
+        when ``inplace``.
     """
     sink = _ops.int_arg(sink_pages, "sink_pages")
     recent = _ops.int_arg(recent_pages, "recent_pages")
@@ -351,8 +356,10 @@ def force_pages(scores, seq_lens, page_size=16, sink_pages=0, recent_pages=1):
         raise ValueError(f"kvsparse: sink_pages ({sink}) and recent_pages ({recent}) must be >= 0")
     if P < 1:
         raise ValueError(f"kvsparse: page_size must be >= 1, got {P}")
-    keep = _forced(scores.shape[-1], seq_lens, P, sink, recent, scores.device)
-    return scores.masked_fill(keep.unsqueeze(1), float("inf"))
+    keep = _forced(scores.shape[-1], seq_lens, P, sink, recent, scores.device).unsqueeze(1)
+    if inplace:
+        return scores.masked_fill_(keep, float("inf"))
+    return scores.masked_fill(keep, float("inf"))
 
 
 def top_p_pages(page_idx, mass, seq_lens, page_size=16, top_p=0.9, sink_pages=0, recent_pages=1):

@@ -37,10 +37,16 @@ class QuestConfig(MethodConfig):
             costs the same on the H200. ``"softmax_max"``: the same per-head
             distributions combined by their maximum.
         sink_pages: the first ``sink_pages`` pages (attention sinks) are
-            always attended, inside the budget (0: none).
+            always attended, inside the budget (default 1; 0: none).
         recent_pages: the last ``recent_pages`` pages (the recent window)
-            are always attended, inside the budget; the last page always is
-            (``recent_pages`` >= 1).
+            are always attended, inside the budget (default 1: the last page,
+            which always is; ``recent_pages`` >= 1). When the budget has fewer
+            pages than ``sink_pages + recent_pages``, the last page, then the
+            sink pages, then the rest of the recent window (oldest first) take
+            them. The defaults come from the ablation in
+            ``benchmarks/results/quest_rules_cpu.md`` (4k tokens, budget 256:
+            the sink page does most of the gain on SmolLM2; more recent pages
+            add little and take budget from small budgets).
         top_p: ``None`` (default): every step attends ``token_budget``
             tokens. A float in ``(0, 1]``: an adaptive budget; of the pages
             selected within the budget, a step keeps the fewest whose
@@ -67,7 +73,7 @@ class QuestConfig(MethodConfig):
     dense_layers: int = 2
     mode: str = "softmax"
     dense_below: Optional[int] = None
-    sink_pages: int = 0
+    sink_pages: int = 1
     recent_pages: int = 1
     top_p: Optional[float] = None
 
@@ -86,10 +92,6 @@ class QuestConfig(MethodConfig):
             raise ValueError(f"kvsparse: mode must be one of {modes}, got {self.mode!r}")
         check_int("sink_pages", self.sink_pages, 0)
         check_int("recent_pages", self.recent_pages, 1)
-        if self.sink_pages + self.recent_pages > self.token_budget // self.page_size:
-            raise ValueError(
-                f"kvsparse: sink_pages + recent_pages ({self.sink_pages} + {self.recent_pages}) must fit in the "
-                f"budget's {self.token_budget // self.page_size} pages (token_budget // page_size)")
         if self.top_p is not None:
             if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) \
                     or not 0.0 < float(self.top_p) <= 1.0:
@@ -143,8 +145,17 @@ class QuestPages(Part):
 def fused_rule(config):
     """Whether a step's selection is the fused kernel's own (``mode`` "group"
     or "head", the last page the only always-kept one, a fixed budget)."""
-    return (config.mode in ("group", "head") and config.sink_pages == 0 and config.recent_pages == 1
+    return (config.mode in ("group", "head") and config.sink_pages == 0 and config.recent_pages <= 1
             and config.top_p is None)
+
+
+def forced_counts(config, n_sel):
+    """``(sink, recent)``: the always-kept pages that fit ``n_sel`` selected
+    pages. The last page always is; then the sink pages; then the rest of the
+    recent window."""
+    sink = max(0, min(config.sink_pages, n_sel - 1))
+    recent = max(1, min(config.recent_pages, n_sel - sink))
+    return sink, recent
 
 
 def select(q, kmin, kmax, seq_lens, page_size, budget, config, num_kv_heads, scaling):
@@ -170,16 +181,18 @@ def select(q, kmin, kmax, seq_lens, page_size, budget, config, num_kv_heads, sca
     elif mode != "head":
         if mode != "group":
             scores = ops.combine_scores(head_scores, num_kv_heads, mode, scaling)
-    if config.sink_pages or config.recent_pages > 1:
-        scores = ops.force_pages(scores, seq_lens, page_size, config.sink_pages, config.recent_pages)
+    sink, recent = forced_counts(config, budget // page_size)
+    if sink or recent > 1:
+        # in place on the step's own scores, unless the adaptive budget still needs them unforced
+        scores = ops.force_pages(scores, seq_lens, page_size, sink, recent,
+                                 inplace=scores is not head_scores or config.top_p is None)
     idx = ops.select_pages(scores, seq_lens, page_size, budget)
     if config.top_p is not None:
         if mode == "head":
             mass = torch.softmax(head_scores.float() * float(scaling), dim=-1)
         else:
             mass = ops.group_mass(head_scores, num_kv_heads, scaling)
-        idx = ops.top_p_pages(idx, mass, seq_lens, page_size, config.top_p, config.sink_pages,
-                              config.recent_pages)
+        idx = ops.top_p_pages(idx, mass, seq_lens, page_size, config.top_p, sink, recent)
     return idx
 
 
