@@ -69,9 +69,12 @@ GEMMA3_SLIDING_PER_FULL = 5
 
 METHODS = {
     "dense": None,
-    "quest": ("quest", dict(token_budget=2048, page_size=16)),  # the default mode ("softmax")
-    # the GQA selection modes (quest.combine_scores)
-    "quest-group": ("quest", dict(token_budget=2048, page_size=16, mode="group")),
+    "quest": ("quest", dict(token_budget=2048, page_size=16)),  # the default rule ("softmax", a sink page)
+    # the GQA selection modes (quest.combine_scores); "quest-group": the fused kernel
+    # (no sink page), the baseline of the default rule's cost
+    "quest-group": ("quest", dict(token_budget=2048, page_size=16, mode="group", sink_pages=0)),
+    "quest-nosink": ("quest", dict(token_budget=2048, page_size=16, sink_pages=0)),
+    "quest-head-sink": ("quest", dict(token_budget=2048, page_size=16, mode="head", recent_pages=4)),
     "quest-max": ("quest", dict(token_budget=2048, page_size=16, mode="max")),
     "quest-softmax": ("quest", dict(token_budget=2048, page_size=16, mode="softmax")),
     "quest-union": ("quest", dict(token_budget=2048, page_size=16, mode="union")),
