@@ -215,6 +215,19 @@ def attention(q, k, v, kmin, kmax, seq_lens, page_size=16, token_budget=2048, mo
     )
 
 
+def _head_scores_shape(scores, num_kv_heads):
+    """``(B, H, max_pages, Hkv)`` of per-query-head scores ``[B, H, max_pages]``,
+    checked (``Hkv`` must divide ``H``)."""
+    if not torch.is_tensor(scores) or scores.dim() != 3:
+        raise ValueError(f"kvsparse: scores must be a [B, H, max_pages] tensor, got "
+                         f"{tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
+    Hkv = _ops.int_arg(num_kv_heads, "num_kv_heads")
+    B, H, P = scores.shape
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"kvsparse: num_kv_heads ({Hkv}) must divide the number of score rows H = {H}")
+    return B, H, P, Hkv
+
+
 def combine_scores(scores, num_kv_heads, how="softmax", scale=1.0):
     """One page score per KV head from per-query-head scores (GQA selection).
 
@@ -250,13 +263,7 @@ def combine_scores(scores, num_kv_heads, how="softmax", scale=1.0):
         float32 ``[B, Hkv, max_pages]`` for :func:`select_pages` (higher is
         better; empty pages stay ``-inf``).
     """
-    if not torch.is_tensor(scores) or scores.dim() != 3:
-        raise ValueError(f"kvsparse: scores must be a [B, H, max_pages] tensor, got "
-                         f"{tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
-    Hkv = _ops.int_arg(num_kv_heads, "num_kv_heads")
-    B, H, P = scores.shape
-    if Hkv < 1 or H % Hkv:
-        raise ValueError(f"kvsparse: num_kv_heads ({Hkv}) must divide the number of score rows H = {H}")
+    B, H, P, Hkv = _head_scores_shape(scores, num_kv_heads)
     if how not in GROUP_MODES:
         raise ValueError(f"kvsparse: how must be one of {GROUP_MODES}, got {how!r}")
     s = scores.float().view(B, Hkv, H // Hkv, P)
@@ -302,13 +309,7 @@ def group_mass(scores, num_kv_heads, scale=1.0):
         float32 ``[B, Hkv, max_pages]``; each row sums to 1 over its non-empty
         pages (0 on empty pages). A NaN bound gives NaN mass in its row.
     """
-    if not torch.is_tensor(scores) or scores.dim() != 3:
-        raise ValueError(f"kvsparse: scores must be a [B, H, max_pages] tensor, got "
-                         f"{tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__}")
-    Hkv = _ops.int_arg(num_kv_heads, "num_kv_heads")
-    B, H, P = scores.shape
-    if Hkv < 1 or H % Hkv:
-        raise ValueError(f"kvsparse: num_kv_heads ({Hkv}) must divide the number of score rows H = {H}")
+    B, H, P, Hkv = _head_scores_shape(scores, num_kv_heads)
     prob = scores.float() * float(scale)
     prob = torch.softmax(prob, dim=-1)
     return prob.view(B, Hkv, H // Hkv, P).mean(2)
