@@ -53,18 +53,25 @@ def wilson_interval(k, n, z=Z95):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _mean_sd(xs):
+    """``(n, mean, sample standard deviation)`` of ``xs``; the mean is NaN
+    for no values, the deviation None for fewer than two."""
+    xs = [float(x) for x in xs]
+    n = len(xs)
+    if n == 0:
+        return 0, float("nan"), None
+    m = sum(xs) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else None
+    return n, m, sd
+
+
 def mean_interval(xs, low=None, high=None):
     """``(mean, (lo, hi))``: the Student-t 95% interval of the mean of ``xs``
     (``n - 1`` degrees of freedom), clipped to ``[low, high]`` when given; the
     interval is None for fewer than two values."""
-    xs = [float(x) for x in xs]
-    n = len(xs)
-    if n == 0:
-        return float("nan"), None
-    m = sum(xs) / n
+    n, m, sd = _mean_sd(xs)
     if n < 2:
         return m, None
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
     h = t975(n - 1) * sd / math.sqrt(n)
     lo, hi = m - h, m + h
     if low is not None:
@@ -78,14 +85,11 @@ def ppl_interval(nll):
     """``(ppl, (lo, hi))`` from per-token NLLs: ``exp`` of the mean NLL and of a
     normal 95% interval of that mean (per token: it ignores the correlation
     between neighbouring tokens, so it is narrower than the truth)."""
-    nll = [float(x) for x in nll]
-    n = len(nll)
+    n, m, sd = _mean_sd(nll)
     if n == 0:
         return float("nan"), None
-    m = sum(nll) / n
     if n < 2:
         return math.exp(m), None
-    sd = math.sqrt(sum((x - m) ** 2 for x in nll) / (n - 1))
     h = Z95 * sd / math.sqrt(n)
     return math.exp(m), (math.exp(m - h), math.exp(m + h))
 
