@@ -14,6 +14,7 @@
 #include "ks_cpu_util.h"
 #include "ks_cpu_dtype.h"
 #include "qaq.h"
+#include "qaq_group_cpu.h"
 
 #define QQ_PAR_MIN ((int64_t)1 << 16)
 
@@ -151,7 +152,7 @@ static void qq_smallest(const float *x, int64_t E, const uint8_t *skip, int high
 /* Picks the outliers of x[0..E) into idx[0..2*n_side) (see qaq.h; -1 past the
  * number of elements); out[e] = 1 marks them (out: E bytes, cleared here);
  * heap: n_side scratch keys. */
-static void qq_pick_outliers(const float *x, int64_t E, int64_t n_side, int16_t *idx, uint8_t *out,
+void ks_qaqg_pick_outliers(const float *x, int64_t E, int64_t n_side, int16_t *idx, uint8_t *out,
                              uint64_t *heap)
 {
     int high;
@@ -184,7 +185,7 @@ static void qq_mark_outliers(const int16_t *idx, int64_t n_out, int64_t E, uint8
  * at width 0) exceeds KS_QAQ_SZ_MAX in magnitude: fp16 sz could not hold the
  * group at every width (re-quantization included), and the group is written
  * with NaN scale and zero. Returns 0 otherwise. */
-static int qq_pack_group(const float *x, int64_t E, int w, const uint8_t *out, uint8_t *codes,
+int ks_qaqg_pack(const float *x, int64_t E, int w, const uint8_t *out, uint8_t *codes,
                           uint16_t *sz)
 {
     uint32_t kmn = UINT32_MAX, kmx = 0;
@@ -244,7 +245,7 @@ static int qq_pack_group(const float *x, int64_t E, int w, const uint8_t *out, u
 }
 
 /* Dequantizes elements [e0, e0+n) of a group into dst (outliers applied). */
-static void qq_unpack(const uint8_t *codes, int w, const uint16_t *sz, const int16_t *oidx,
+void ks_qaqg_unpack(const uint8_t *codes, int w, const uint16_t *sz, const int16_t *oidx,
                       const void *oval, ks_dtype dt, int64_t n_out, int64_t E, int64_t e0,
                       int64_t n, float *dst)
 {
@@ -306,7 +307,7 @@ int ks_qaq_quantize_cpu(const void *x, ks_dtype dt, int64_t B, int64_t Hkv, int6
             for (h = 0; h < hpg; h++)
                 ks_load_row(ks_cptr(x, dt, ((b * Hkv + g * hpg + h) * n + i) * D), dt, D,
                             buf + h * D);
-            qq_pick_outliers(buf, E, n_out / 2, st.oidx + gi * n_out, out, heap);
+            ks_qaqg_pick_outliers(buf, E, n_out / 2, st.oidx + gi * n_out, out, heap);
             for (j = 0; j < n_out; j++) { /* the element's own bits (exact, NaN payloads too) */
                 const int64_t e = st.oidx[gi * n_out + j];
                 void *dst = ks_ptr(st.oval, dt, gi * n_out + j);
@@ -316,7 +317,7 @@ int ks_qaq_quantize_cpu(const void *x, ks_dtype dt, int64_t B, int64_t Hkv, int6
                     memset(dst, 0, esz);
             }
             w = qq_eff_w(new_w[it], new_off[it], E, st.A);
-            if (qq_pack_group(buf, E, w, out, w ? st.arena + b * st.A + new_off[it] : NULL,
+            if (ks_qaqg_pack(buf, E, w, out, w ? st.arena + b * st.A + new_off[it] : NULL,
                               st.sz + 2 * gi)) {
 #pragma omp atomic write
                 range = 1;
@@ -357,7 +358,7 @@ int ks_qaq_dequantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, 
                 continue;
             }
             w = qq_eff_w(st.widths[gi], st.offsets[gi], E, st.A);
-            qq_unpack(w ? st.arena + b * st.A + st.offsets[gi] : NULL, w, st.sz + 2 * gi,
+            ks_qaqg_unpack(w ? st.arena + b * st.A + st.offsets[gi] : NULL, w, st.sz + 2 * gi,
                       st.oidx + gi * n_out, ks_cptr(st.oval, dt, gi * n_out), dt, n_out, E,
                       (hk % hpg) * D, D, buf);
             ks_store_row(buf, dt, D, dst);
@@ -396,12 +397,12 @@ int ks_qaq_requantize_cpu(ks_qaq_store st, ks_dtype dt, int64_t B, int64_t Hkv, 
             w_old = qq_eff_w(ow, st.offsets[gi], E, st.A);
             w_new = qq_eff_w(nw, st.offsets[gi], E, st.A);
             codes = st.arena + b * st.A + st.offsets[gi];
-            qq_unpack(w_old ? codes : NULL, w_old, st.sz + 2 * gi, st.oidx + gi * n_out,
+            ks_qaqg_unpack(w_old ? codes : NULL, w_old, st.sz + 2 * gi, st.oidx + gi * n_out,
                       ks_cptr(st.oval, dt, gi * n_out), dt, n_out, E, 0, E, buf);
             qq_mark_outliers(st.oidx + gi * n_out, n_out, E, out);
             /* cannot fail: the group passed quantize's range check, and a
              * dequantized group lies within its stored range */
-            (void)qq_pack_group(buf, E, w_new, out, w_new ? codes : NULL, st.sz + 2 * gi);
+            (void)ks_qaqg_pack(buf, E, w_new, out, w_new ? codes : NULL, st.sz + 2 * gi);
             st.widths[gi] = (uint8_t)nw;
         }
         free(buf);
@@ -418,7 +419,7 @@ static inline void qq_row(const ks_qaq_store *s, ks_dtype dt, int64_t b, int64_t
 {
     const int64_t E = hpg * D, gi = (b * s->Hg + hk / hpg) * cap + t;
     const int w = qq_eff_w(s->widths[gi], s->offsets[gi], E, s->A);
-    qq_unpack(w ? s->arena + b * s->A + s->offsets[gi] : NULL, w, s->sz + 2 * gi,
+    ks_qaqg_unpack(w ? s->arena + b * s->A + s->offsets[gi] : NULL, w, s->sz + 2 * gi,
               s->oidx + gi * s->n_out, ks_cptr(s->oval, dt, gi * s->n_out), dt, s->n_out, E,
               (hk % hpg) * D, D, dst);
 }

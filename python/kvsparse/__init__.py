@@ -16,6 +16,7 @@ from . import _ops  # noqa: F401  (loads kvsparse._C)
 from . import quest  # noqa: F401
 from . import sparq  # noqa: F401
 from . import qaq  # noqa: F401
+from . import qaqp  # noqa: F401
 
 __version__ = "0.1.0"
 
