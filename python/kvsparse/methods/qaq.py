@@ -65,6 +65,15 @@ class QAQConfig(MethodConfig):
             SmolLM2 the tiles raise the mean widths from 5.88 / 2.44 bits
             (keys / values) to 7.24 / 4.28
             (``benchmarks/results/qaq_widths_smollm2_tiles16_cpu.md``).
+        layout: ``"offsets"`` (default): per-token code offsets and widths,
+            re-quantized in place during decoding (the storage below,
+            :class:`QuantKV`); ``"pages"``: width-binned 64-token pages of one
+            (key width, value width) class each (:mod:`kvsparse.qaqp`,
+            :class:`~kvsparse.methods.qaq_pages.BinnedQuantKV`): widths settled
+            once when a token is stored (a prompt token at its bounds' widths
+            after its prefill chunk, a decode token at the largest width; no
+            re-quantization), per-head groups (``shared`` ignored), and a
+            decode kernel with no per-token offset or width.
         cache_dtype: ``None``: the model's dtype, but float16 for a float32
             model (outliers and scales are 16-bit on every device); or
             ``"float16"``, ``"bfloat16"``, ``"float32"``.
@@ -118,6 +127,7 @@ class QAQConfig(MethodConfig):
     uniform_bits: Optional[int] = None
     tile_widths: int = 1
     cache_dtype: Optional[str] = None
+    layout: str = "offsets"
 
     def validate(self):
         super().validate()
@@ -160,6 +170,8 @@ class QAQConfig(MethodConfig):
         if self.uniform_bits is not None:
             if isinstance(self.uniform_bits, bool) or self.uniform_bits not in (1, 2, 4, 8):
                 raise ValueError(f"kvsparse: uniform_bits must be None or one of 1, 2, 4, 8, got {self.uniform_bits!r}")
+        if self.layout not in ("offsets", "pages"):
+            raise ValueError(f"kvsparse: layout must be 'offsets' or 'pages', got {self.layout!r}")
         if self.cache_dtype is not None and self.cache_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(
                 f"kvsparse: cache_dtype must be None, 'float16', 'bfloat16' or 'float32', got {self.cache_dtype!r}")
@@ -685,6 +697,9 @@ class QAQ(Method):
         return dict(allowed=(8,), requant_every=0, alpha=0.0)
 
     def storage(self, config, layer_idx, static):
+        if config.layout == "pages":
+            from .qaq_pages import BinnedQuantKV
+            return BinnedQuantKV(config, layer_idx, static)
         return QuantKV(config, layer_idx, packed=not static)
 
     def decode(self, q, layer, config, dense, scaling):

@@ -1,0 +1,281 @@
+"""QAQ's storage on width-binned pages (``QAQConfig(layout="pages")``): :class:`BinnedQuantKV`.
+
+The ops are :mod:`kvsparse.qaqp` (format: ``csrc/kernels/qaqp.h``). Each
+(sequence, KV head) keeps its tokens in 64-slot pages of one (key width, value
+width) class; the decode attention reads every page with one width dispatch
+per page (no per-token offsets or widths).
+
+Widths are settled once, when a token is stored:
+
+* a prefill chunk's tokens are held exactly until the chunk's attention has
+  run (:meth:`BinnedQuantKV.dequantized` gives a later chunk the dequantized
+  past plus its own exact tokens), then quantized straight at their final
+  widths: keys from the chunk's largest ``|q|^2`` over its last ``window``
+  query rows, values from the largest attention weight those rows give each
+  token (QAQ's bounds, :func:`kvsparse.qaq.key_bits` / :func:`kvsparse.qaq.value_bits`);
+  the newest ``n_recent`` tokens and the ``dense_layers`` keep the largest
+  width;
+* a decode token is stored at the largest width (``uniform_bits`` when set).
+
+So, unlike the offsets layout, nothing is re-quantized during decoding
+(``requant_every`` and ``compact_every`` have no effect): a decode token stays
+at the largest width, and a prompt token at the widths its prefill gave it.
+Moving tokens to lower classes later (a re-quantization that leaves holes in
+pages, and a compaction) is not built yet.
+
+Memory: a static layer's arena is sized for every slot at the largest width
+(fixed addresses; its report counts the bytes in use); a dynamic layer's
+arena grows with what the pages use.
+"""
+import math
+
+import torch
+
+from .. import qaq, qaqp
+from ..parts import Part
+
+__all__ = ["BinnedQuantKV"]
+
+
+class BinnedQuantKV(Part):
+    """QAQ's storage on width-binned pages (see the module docstring)."""
+
+    keys = values = None
+
+    def __init__(self, config, layer_idx, static):
+        super().__init__()
+        self.config = config
+        self.layer_idx = int(layer_idx)
+        self.static = bool(static)
+        self.st = None
+        #: the last commit's exact tokens ``(start, k, v, counts)``, stored at
+        #: their final widths by :meth:`prefill_importance` (or at the largest
+        #: width by :meth:`_flush` if something reads the storage first)
+        self._fresh = None
+        self._room = 0  # dynamic layers: arena bytes known to be free (host bound)
+
+    def store_dtype(self, model_dtype):
+        return self.config.store_dtype(model_dtype)
+
+    # ------------------------------------------------------------ geometry
+    @property
+    def adaptive(self):
+        return self.config.adaptive and self.layer_idx >= self.config.dense_layers
+
+    @property
+    def width(self):
+        return self.config.max_width
+
+    def _n_out(self, alpha):
+        return qaqp.outlier_count(alpha, self.head_dim)
+
+    def _page_max(self, layer):
+        return qaqp.page_bytes(self.head_dim, 8, 8, self.st.n_out_k, self.st.n_out_v, layer.dtype)
+
+    def init(self, layer):
+        self.num_heads, self.head_dim = layer.num_heads, layer.head_dim
+
+    def allocate(self, layer, capacity):
+        B, Hkv, D = layer.batch_size, self.num_heads, self.head_dim
+        n_k, n_v = self._n_out(self.config.alpha), self._n_out(self.config.value_alpha)
+        maxp = -(-capacity // qaqp.PAGE) + qaqp.NCLASS
+        pb = qaqp.page_bytes(D, 8, 8, n_k, n_v, layer.dtype)
+        if self.static or self.st is None:
+            # static: every slot at the largest width; dynamic: start with that for `capacity`
+            A = B * Hkv * maxp * pb
+        else:
+            A = self.st.arena.numel()
+        new = qaqp.alloc(B, Hkv, D, capacity, dtype=layer.dtype, device=layer.device, n_out_k=n_k, n_out_v=n_v,
+                         arena_bytes=A, max_pages=maxp)
+        if self.st is not None:
+            old = self.st
+            new.arena[: old.arena.numel()].copy_(old.arena)
+            for name in ("top", "open", "n_pages", "flags"):
+                getattr(new, name).copy_(getattr(old, name))
+            new.pages[:, :, : old.pages.shape[2]].copy_(old.pages)
+        self.st = new
+        self._room = 0
+
+    def tensors(self):
+        return list(self.st.state()) if self.st is not None else []
+
+    def _ensure_room(self, layer, nbytes):
+        """Dynamic layers: at least ``nbytes`` free in the arena (grows it; a host sync when the bound runs out)."""
+        if self.static or nbytes <= self._room:
+            self._room -= nbytes
+            return
+        used = int(self.st.top.item()) * 16
+        free = self.st.arena.numel() - used
+        if free < nbytes:
+            A = max(2 * self.st.arena.numel(), used + 2 * nbytes)
+            arena = torch.zeros(qaqp._up16(A), dtype=torch.uint8, device=layer.device)
+            arena[: self.st.arena.numel()].copy_(self.st.arena)
+            self.st = self.st._replace(arena=arena)
+            free = arena.numel() - used
+        self._room = free - nbytes
+
+    def _append(self, layer, k, v, wk, wv, start, counts):
+        B, H, L, D = k.shape
+        # at most one new page per token, and per class ceil(n / 64) + 1 pages
+        pages = min(L, math.ceil(L / qaqp.PAGE) + qaqp.NCLASS)
+        self._ensure_room(layer, B * H * pages * self._page_max(layer))
+        qaqp.append(self.st, k.contiguous(), v.contiguous(), wk, wv, start.to(torch.int32),
+                    counts.to(torch.int32))
+
+    # ---------------------------------------------------------------- writes
+    def append_one(self, layer, key_states, value_states, pos, new_lens):
+        self._flush(layer)
+        k = key_states.detach().to(layer.dtype)
+        v = value_states.detach().to(layer.dtype)
+        # one token per sequence; a full static cache stores no more (the dense one overwrites its last slot)
+        one = (layer.seq_lens < layer.capacity).to(torch.int32)
+        self._append(layer, k, v, self.width, self.width, pos, one)
+        return key_states, value_states
+
+    def commit(self, layer, start, new_lens, k, v, counts, seen):
+        self._flush(layer)
+        self._fresh = (start.clone(), k, v, counts.clone())
+
+    def _flush(self, layer):
+        """Store a pending commit at the largest width (nothing gave it widths)."""
+        if self._fresh is None:
+            return
+        start, k, v, counts = self._fresh
+        self._fresh = None
+        self._append(layer, k, v, self.width, self.width, start, counts)
+
+    def dequantized(self, layer, length=None):
+        """``(keys, values)`` ``[B, Hkv, length, D]`` in position order (zeros
+        past ``seq_lens``), the pending commit's tokens exact: for a prefill
+        chunk that continues the cache."""
+        T = layer.capacity if length is None else min(int(length), layer.capacity)
+        B, Hkv, D = layer.batch_size, self.num_heads, self.head_dim
+        k, v, pos = qaqp.dequantize(self.st)
+        out = []
+        for x in (k, v):
+            dst = x.new_zeros(B, Hkv, T + 1, D)
+            slot = torch.where((pos >= 0) & (pos < T), pos, T).long()
+            dst.scatter_(2, slot[..., None].expand(B, Hkv, slot.shape[2], D), x)
+            out.append(dst[:, :, :T])
+        del k, v
+        if self._fresh is not None:
+            start, fk, fv, counts = self._fresh
+            from .qaq import _put_tokens
+            out = [_put_tokens(out[0], start, fk, counts), _put_tokens(out[1], start, fv, counts)]
+        return tuple(x.to(layer.model_dtype) for x in out)
+
+    # ------------------------------------------------------------ importance
+    @torch.no_grad()
+    def prefill_importance(self, layer, query, start, valid, seen, scaling):
+        """After a prefill chunk's attention: its tokens' widths from the last
+        ``window`` query rows, then they are stored."""
+        if self._fresh is None:
+            return
+        fstart, k, v, counts = self._fresh
+        self._fresh = None
+        B, Hkv, L, D = k.shape
+        if not self.adaptive:
+            self._append(layer, k, v, self.width, self.width, fstart, counts)
+            return
+        cfg = self.config
+        H = query.shape[1]
+        G = H // Hkv
+        n = min(cfg.window, query.shape[2])
+        qn = query[:, :, -n:].float() * scaling  # [B, H, n, D]
+        # logits of the last n rows over the chunk's own tokens (exact) and over the stored past
+        qg = qn.reshape(B, Hkv, G * n, D)
+        s_new = torch.matmul(qg, k.float().transpose(-1, -2)).view(B, Hkv, G, n, L)
+        Lq = query.shape[2]
+        if valid is None:
+            upto = torch.arange(1, Lq + 1, device=layer.device, dtype=torch.int32).expand(B, Lq)
+        else:
+            upto = valid.to(device=layer.device, dtype=torch.int32).cumsum(dim=1, dtype=torch.int32)
+        vis = torch.arange(L, device=layer.device).view(1, 1, L) < upto[:, Lq - n:].view(B, n, 1)
+        vis = vis & (torch.arange(L, device=layer.device).view(1, 1, L) < counts.view(B, 1, 1))
+        s_new = s_new.masked_fill(~vis.view(B, 1, 1, n, L), float("-inf"))
+        lse = torch.logsumexp(s_new, dim=-1)
+        if seen > 0:
+            pk, _, ppos = qaqp.dequantize(self.st)
+            s_old = torch.matmul(qg, pk.float().transpose(-1, -2)).view(B, Hkv, G, n, -1)
+            s_old = s_old.masked_fill((ppos < 0).view(B, Hkv, 1, 1, -1), float("-inf"))
+            lse = torch.logaddexp(lse, torch.logsumexp(s_old, dim=-1))
+            del pk, ppos, s_old
+        p = torch.exp(s_new - lse[..., None]).nan_to_num(0.0).amax(dim=(2, 3))  # [B, Hkv, L]
+        q_sq = qaq.query_sq(query[:, :, -1].float(), Hkv, scaling)  # [B, Hkv]
+        # ranges of the inliers, as the quantizer takes them (the n_side lowest and highest left out)
+        rk = _inlier_range(k, self.st.n_out_k // 2)
+        rv = _inlier_range(v, self.st.n_out_v // 2)
+        # the bounds at each token's position (T = the new length), via the ops over a [B, Hkv, T] row
+        new_lens = (fstart + counts).to(torch.int32)
+        T = int(new_lens.max())
+        pos = fstart.view(B, 1, 1).long() + torch.arange(L, device=layer.device).view(1, 1, L)
+        ok = torch.arange(L, device=layer.device).view(1, 1, L) < counts.view(B, 1, 1)
+        pos = torch.where(ok, pos, T).expand(B, Hkv, L)
+
+        def spread(x):
+            row = torch.zeros(B, Hkv, T + 1, dtype=torch.float32, device=layer.device)
+            row.scatter_(2, pos, x.float())
+            return row[:, :, :T].contiguous()
+
+        kb = qaq.key_bits(spread(rk), q_sq.contiguous(), new_lens, cfg.key_sigma, cfg.allowed, cfg.n_recent)
+        vb = qaq.value_bits(spread(rv), spread(p), new_lens, cfg.value_sigma, cfg.allowed, cfg.n_recent)
+        gpos = pos.clamp(max=T - 1)
+        wk = kb.gather(2, gpos).contiguous()
+        wv = vb.gather(2, gpos).contiguous()
+        self._append(layer, k, v, wk, wv, fstart, counts)
+
+    def decode_attention(self, layer, q, scaling):
+        self._flush(layer)
+        return qaqp.attention(q.to(layer.dtype).contiguous(), self.st, scale=scaling).to(q.dtype)
+
+    # --------------------------------------------------------------- memory
+    def memory_report(self, layer):
+        """Bytes in use (pages handed out + the allocation state) against an fp16 cache."""
+        from .qaq import _empty_report, _finish_report
+        if self.st is None:
+            return _empty_report()
+        self._flush(layer)
+        st = self.st
+        tokens = int(qaqp.live_tokens(st).sum())
+        used = int(st.top.item()) * 16
+        meta = sum(t.numel() * t.element_size() for t in st.state()[1:])
+        codes = 0
+        n = st.n_pages.cpu()
+        pages = st.pages.cpu()
+        ar = st.arena
+        addr = torch.cat([pages[b, h, : int(n[b, h])] for b in range(pages.shape[0]) for h in range(pages.shape[1])])
+        if addr.numel():
+            hdr = ar.view(-1, 16)[addr.to(ar.device).long()][:, 8:10].cpu()
+            for wk_, wv_ in hdr.tolist():
+                codes += qaqp.PAGE * (qaqp._stride(self.head_dim, wk_) + qaqp._stride(self.head_dim, wv_))
+        rep = {"codes": codes, "scale_zero": 8 * tokens, "widths": 0, "offsets": 0,
+               "outliers": tokens * (st.n_out_k + st.n_out_v) * (2 + torch.empty((), dtype=st.dtype).element_size()),
+               "total": used + meta, "fp16": tokens * self.head_dim * 2 * 2, "arena": st.arena.numel(),
+               "allocated": st.arena.numel() + meta, "window": 0}
+        return _finish_report(rep)
+
+    # ------------------------------------------------------ Cache API bits
+    def compact(self, layer):
+        """Nothing to compact: no re-quantization leaves holes (yet)."""
+
+    def reset(self, layer):
+        self._fresh = None
+        if self.st is not None:
+            qaqp.reset(self.st)
+        self._room = 0
+
+    def map_batch(self, fn, in_place):
+        raise NotImplementedError(
+            "kvsparse: QAQConfig(layout='pages') keeps every sequence's pages in one arena and cannot reorder or "
+            "select batch rows (beam search, batch selection); use layout='offsets'")
+
+    def load_sequence(self, layer, b, other, other_layer):
+        raise NotImplementedError(
+            "kvsparse: QAQConfig(layout='pages') cannot copy a sequence between caches yet; use layout='offsets'")
+
+
+def _inlier_range(x, n_side):
+    """max - min of each token's values [B, H, L, D] without the n_side lowest and highest (float32)."""
+    s = torch.sort(x.float(), dim=-1).values
+    D = x.shape[-1]
+    return s[..., D - 1 - n_side] - s[..., n_side]
