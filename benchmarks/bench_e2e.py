@@ -82,6 +82,9 @@ METHODS = {
     "qaq": ("qaq", dict()),
     # per-KV-head groups: 2 outlier slots per head instead of 22 shared ones at Llama-3-8B (E = 1024)
     "qaq-head": ("qaq", dict(shared=False)),
+    # QAQ on width-binned pages (kvsparse.qaqp): the default widths, and uniform 4 bits
+    "qaq-pages": ("qaq", dict(layout="pages")),
+    "qaq-pages-4bit": ("qaq", dict(layout="pages", uniform_bits=4)),
     # Quest over QAQ: QAQ's default widths, uniform 4 bits (shared groups), uniform 4 bits per-head groups
     "quest_qaq": ("quest_qaq", dict(token_budget=2048, page_size=16)),
     "quest_qaq-4bit": ("quest_qaq", dict(token_budget=2048, page_size=16, uniform_bits=4)),
@@ -312,8 +315,11 @@ def main():
                 prefill_s, ms, _ = run_generate(model, ids, new, cache, args.prefill_chunk)
                 peak = torch.cuda.max_memory_allocated()
                 held = kv_bytes(cache) if cache is not None else None
+                used = None
+                if method is not None and method[1].get("layout") == "pages":
+                    used = cache.memory_report()["total"]  # the pages in use (a static arena is sized for 8 bits)
             except torch.OutOfMemoryError as e:  # report, go on with the next row
-                err, ms, prefill_s, peak, held = "OOM", None, None, None, None
+                err, ms, prefill_s, peak, held, used = "OOM", None, None, None, None, None
                 print(f"{mname} S={S}: {str(e).splitlines()[0]}", flush=True)
             del cache
             torch.cuda.empty_cache()
@@ -321,7 +327,7 @@ def main():
                 dense_ms = ms
             read = step_read_bytes(method, {}, cfg, B, S)
             if method is not None and method[0] == "qaq" and held:
-                read = held  # QAQ attends every token: a step reads what the cache holds
+                read = used or held  # QAQ attends every token: a step reads what the cache holds (in use)
             floor_ms = (wbytes + read) / bw * 1e3
             row = dict(
                 date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(),

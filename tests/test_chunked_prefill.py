@@ -223,3 +223,23 @@ def test_chunk_holds_one_layer_of_dequantized_past(method, kind, monkeypatch):
             assert max(alive_at_call) <= 2, alive_at_call
             assert all(r() is None for r in made)
             assert all(layer.storage._fresh is None for layer in cache.layers)
+
+
+def test_unpadded_chunks_take_the_lower_right_causal_path(monkeypatch):
+    """Chunks that continue every sequence at one length (no padding) attend
+    through one SDPA call with a lower-right causal bias: no [chunk, past]
+    mask and no K/V expanded across the group (transients that grow with the
+    context), with the logits of the unchunked prefill."""
+    import torch.nn.attention.bias as bias
+
+    calls = []
+    orig = bias.causal_lower_right
+    monkeypatch.setattr(bias, "causal_lower_right", lambda *a: calls.append(a) or orig(*a))
+    model = tiny_model(layers=2)
+    ids = prompt(48, batch=1)
+    with kvsparse.patched(model, **{"method": "quest", **EXACT["quest"]}):
+        fast = _chunked(model, ids, _cache(model, "dynamic"), 16)
+    assert calls and all(a[0] == 16 for a in calls)
+    with kvsparse.patched(model, **{"method": "quest", **EXACT["quest"]}):
+        whole = _forward(model, ids, _cache(model, "dynamic"), 0)
+    torch.testing.assert_close(fast, whole, atol=1e-5, rtol=1e-5)

@@ -170,20 +170,34 @@ def _valid_from_mask(mask, seen, length, batch):
 def _continuation_attention(module, query, layer, start, valid, seen, scaling, kv, **kwargs):
     """A multi-token call on a non-empty cache (a later turn, a prefill
     chunk): attend to the stored tokens (compacted) and the new ones,
-    causally, with transformers' SDPA attention and an explicit bool mask.
+    causally. When every sequence continues at the same length with no
+    padding (B = 1, a chunked prefill), one SDPA call with a lower-right
+    causal bias and grouped heads: no ``[L, T]`` mask, no expanded K/V
+    (flash attention on the GPU). Otherwise transformers' SDPA attention with
+    an explicit bool mask.
     ``kv``: the stored ``(keys, values)``, from the method's
     :meth:`~kvsparse.methods.base.Method.continuation_kv`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    B, _, L, _ = query.shape
+    B, H, L, _ = query.shape
     T = min(seen + L, layer.capacity)
+    keys, values = kv
+    if T == seen + L and not is_compiling() and bool((start == seen).all()) and (valid is None or bool(valid.all())):
+        # every sequence continues at the same length with no padding (e.g. B = 1, chunked
+        # prefill): causal aligned at the lower right, no [L, T] mask and no expanded K/V
+        # (transients that would grow with the context; on the GPU flash attention)
+        from torch.nn.attention.bias import causal_lower_right
+
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, keys.to(query.dtype), values.to(query.dtype), attn_mask=causal_lower_right(L, T), scale=scaling,
+            enable_gqa=keys.shape[1] != H)
+        return out.transpose(1, 2).contiguous(), None
     if valid is None:
         upto = torch.arange(1, L + 1, device=query.device, dtype=torch.int32).expand(B, L)
     else:
         upto = valid.to(torch.int32).cumsum(dim=1, dtype=torch.int32)
     limit = (start.view(B, 1) + upto).clamp(min=1)  # [B, L]; >= 1 so no row is empty
     mask = torch.arange(T, device=query.device).view(1, 1, T) < limit.view(B, L, 1)
-    keys, values = kv
     return sdpa_attention_forward(module, query, keys, values, mask.unsqueeze(1), scaling=scaling, dropout=0.0, **kwargs)
 
 
