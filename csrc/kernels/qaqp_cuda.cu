@@ -98,9 +98,15 @@ template <> __device__ __forceinline__ uint16_t inf_bits<__nv_bfloat16>(bool neg
   return neg ? 0xff80u : 0x7f80u;
 }
 
-// NaN-propagating running min / max (quest_cpu.c's ks_nmin): a is the bound so far
-__device__ __forceinline__ float nmin(float a, float b) { return (b < a || b != b) ? b : a; }
-__device__ __forceinline__ float nmax(float a, float b) { return (b > a || b != b) ? b : a; }
+// Running page bound a with a dequantized key x already rounded to the cache
+// dtype, as qaqp_cpu.c folds them: NaN in either gives the float NaN 0x7fc00000
+// (C's NAN), ties keep the bound
+__device__ __forceinline__ float bmin(float a, float x) {
+  return (x != x || a != a) ? __uint_as_float(0x7fc00000u) : (x < a ? x : a);
+}
+__device__ __forceinline__ float bmax(float a, float x) {
+  return (x != x || a != a) ? __uint_as_float(0x7fc00000u) : (x > a ? x : a);
+}
 
 // Reads the page header at address a (see qaqp.h "Addresses"); layout and
 // widths when it names a page.
@@ -352,9 +358,9 @@ __device__ __forceinline__ void bound_slots(uint8_t *pg, const ks_qaqp_geom &g, 
   for (int e = t; e < D; e += nt) {
     float mn = QR<T>::f(bmn[e]), mx = QR<T>::f(bmx[e]);
     for (int s = s0; s < s1; ++s) {
-      const float x = deq_elem<T>(pg, L.ksz, L.kc, L.koi, L.kov, L.sk, wk, nk, D, s, e);
-      mn = nmin(mn, x);
-      mx = nmax(mx, x);
+      const float x = QR<T>::f(store_bits<T>(deq_elem<T>(pg, L.ksz, L.kc, L.koi, L.kov, L.sk, wk, nk, D, s, e)));
+      mn = bmin(mn, x);
+      mx = bmax(mx, x);
     }
     bmn[e] = store_bits<T>(mn);
     bmx[e] = store_bits<T>(mx);
@@ -387,9 +393,12 @@ __global__ void __launch_bounds__(64) k_append_seq(AppArgs a) {
     open_state(a, bh, tid, s_open[tid], s_used[tid]);
     s_chg[tid] = 0;
   }
+  __shared__ int s_np0;
   if (tid == 0) {
     const int64_t np = a.n_pages[bh];
-    s_np = (int)(np < 0 ? 0 : (np > a.maxp ? a.maxp : np));
+    // a negative count or one past maxp: the list takes no page (as the CPU)
+    s_np = (int)(np < 0 || np > a.maxp ? a.maxp : np);
+    s_np0 = s_np;
     s_flags = 0;
   }
   __syncthreads();
@@ -447,7 +456,7 @@ __global__ void __launch_bounds__(64) k_append_seq(AppArgs a) {
   }
   if (tid < QP_NC && s_chg[tid]) a.open[bh * QP_NC + tid] = s_open[tid];
   if (tid == 0) {
-    a.n_pages[bh] = s_np;
+    if (s_np != s_np0) a.n_pages[bh] = s_np;
     if (s_flags) atomicOr(a.flags, s_flags);
   }
 }
@@ -491,6 +500,7 @@ __global__ void __launch_bounds__(QP_PLAN_NT) k_append_plan(AppArgs a) {
   const PlanWs w = plan_ws(a, bh);
   __shared__ int s_cnt[QP_PLAN_NW][QP_NC], s_base[QP_PLAN_NW][QP_NC];
   __shared__ int s_u[QP_NC], s_open[QP_NC], s_n[QP_NC], s_off[QP_NC], s_K[QP_NC], s_sz16[QP_NC];
+  __shared__ int s_lpos[QP_NC], s_lmin[QP_NC], s_lmax[QP_NC];  // region offsets per class
   __shared__ int s_evb[QP_PLAN_NW];
   __shared__ int s_nev, s_ntab, s_np0, s_np, s_ok, s_flags;
   __shared__ int64_t s_base_addr;
@@ -501,10 +511,13 @@ __global__ void __launch_bounds__(QP_PLAN_NT) k_append_plan(AppArgs a) {
     s_K[tid] = 0;
     const ks_qaqp_layout L = ks_qaqp_layout_of(a.g, qp_width(tid / 5), qp_width(tid % 5));
     s_sz16[tid] = (int)(L.bytes / 16);
+    s_lpos[tid] = (int)L.pos;
+    s_lmin[tid] = (int)L.kmin;
+    s_lmax[tid] = (int)L.kmax;
   }
   if (tid == 0) {
     const int64_t np = a.n_pages[bh];
-    s_np0 = (int)(np < 0 ? 0 : (np > a.maxp ? a.maxp : np));
+    s_np0 = (int)(np < 0 || np > a.maxp ? a.maxp : np);  // (as k_append_seq)
     s_flags = 0;
   }
   __syncthreads();
@@ -651,22 +664,21 @@ __global__ void __launch_bounds__(QP_PLAN_NT) k_append_plan(AppArgs a) {
       const int ck = w.ev[e], c = ck & 31, k = ck >> 5;
       const int32_t addr = w.tab[s_off[c] + k];
       if (addr < 0) continue;
-      const int wk = qp_width(c / 5), wv = qp_width(c % 5);
-      const ks_qaqp_layout L = ks_qaqp_layout_of(a.g, wk, wv);
       uint8_t *pg = a.arena + (int64_t)addr * 16;
       if (r == 0) {
+        const int wk = qp_width(c / 5), wv = qp_width(c % 5);
         const int rem = s_u[c] + s_n[c] - QP - QP * k;
         const int used = rem < QP ? rem : QP;
         *reinterpret_cast<uint4 *>(pg) =
             make_uint4(0u, 0u, (uint32_t)wk | ((uint32_t)wv << 8) | ((uint32_t)used << 16), 0u);
       }
       if (r < QP) {
-        reinterpret_cast<int32_t *>(pg + L.pos)[r] = -1;
+        reinterpret_cast<int32_t *>(pg + s_lpos[c])[r] = -1;
       } else {
         const int64_t q = r - QP;
         const bool hi = q >= a.g.D;
         const int64_t d = hi ? q - a.g.D : q;
-        reinterpret_cast<R *>(pg + (hi ? L.kmax : L.kmin))[d] = inf_bits<T>(hi);
+        reinterpret_cast<R *>(pg + (hi ? s_lmax[c] : s_lmin[c]))[d] = inf_bits<T>(hi);
       }
     }
   }
@@ -690,7 +702,7 @@ __global__ void __launch_bounds__(QP_PLAN_NT) k_append_plan(AppArgs a) {
   }
   if (tid == 0) {
     w.misc[0] = s_ntab;
-    a.n_pages[bh] = s_np;
+    if (s_np != np0) a.n_pages[bh] = s_np;
     if (s_flags) atomicOr(a.flags, s_flags);
   }
 }
@@ -1092,7 +1104,7 @@ __global__ void __launch_bounds__(QA_NT, QaDim<D>::MINB) k_att(const AttP p) {
   const int np = (int)(p.L - p0 < p.pps ? p.L - p0 : p.pps);
   uint8_t *ring = smem;
   float *s_lg = reinterpret_cast<float *>(smem + p.off_lg);  // [QA_PPS][4][16][G2] logits
-  float *s_vo = reinterpret_cast<float *>(smem + p.off_vo);  // [G][DP] V outlier sums
+  float *s_vo = reinterpret_cast<float *>(smem + p.off_vo);  // [4][G][DP] V outlier sums per warp
   float *s_qT = reinterpret_cast<float *>(smem + p.off_qT);  // [DP][8] q scale log2(e) (K phase)
   float *s_pt = s_qT;                                         // [4][16][8] p (V phase)
   uint2 *s_qf = reinterpret_cast<uint2 *>(smem + p.off_qf);  // [NQ][NS][32] q fragments
@@ -1130,7 +1142,8 @@ __global__ void __launch_bounds__(QA_NT, QaDim<D>::MINB) k_att(const AttP p) {
     }
     s_pg[tid] = pi;
   }
-  for (int i = tid; i < G * DP; i += QA_NT) s_vo[i] = 0.f;
+  for (int i = tid; i < 4 * G * DP; i += QA_NT) s_vo[i] = 0.f;
+  float *vo = s_vo + warp * G * DP;
   if (tid < 4 * QA_GMAX) (&s_mx[0][0])[tid] = -CUDART_INF_F;
   if (tid < 4) s_mvs[tid] = 0.f;
   __syncthreads();
@@ -1359,24 +1372,37 @@ __global__ void __launch_bounds__(QA_NT, QaDim<D>::MINB) k_att(const AttP p) {
             default: qa_vmma<8, D, NP>(vc, 16 * warp, gid, tig, pb, o); break;
           }
         }
-        if (nv > 0) {  // V outliers: p (x_e - vz) into s_vo[g][e]
+        if (nv > 0) {  // V outliers: p (x_e - vz) into the warp's sums vo[g][e]
           float *pt = s_pt + warp * 16 * 8;
           *reinterpret_cast<float2 *>(pt + gid * 8 + 2 * tig) = make_float2(pr[0], pr[1]);
           *reinterpret_cast<float2 *>(pt + (gid + 8) * 8 + 2 * tig) = make_float2(pr[2], pr[3]);
           __syncwarp();
           const int16_t *oi = reinterpret_cast<const int16_t *>(ent + 256 + 64 * pi.sv);
           const R *ov = reinterpret_cast<const R *>(ent + 256 + 64 * pi.sv + 128 * nv);
-          for (int it = lane; it < 16 * nv; it += 32) {
-            const int rr = it / nv, sl = 16 * warp + rr;
-            if (!((m16 >> rr) & 1u)) continue;
-            const int e = oi[sl * nv + it - rr * nv];
-            if ((unsigned)e >= (unsigned)D) continue;
-            float s_, z_;
-            sz_of(szw[sl], s_, z_, pi.wv == 0);
-            const float dx = QR<T>::f(ov[sl * nv + it - rr * nv]) - z_;
-            for (int g = 0; g < G; ++g) atomicAdd(s_vo + g * DP + e, pt[rr * 8 + g] * dx);
+          for (int it0 = 0; it0 < 16 * nv; it0 += 32) {  // a lane per (slot, outlier)
+            const int it = it0 + lane, rr = it / nv, sl = 16 * warp + rr;
+            int e = -1;
+            float dx = 0.f;
+            if (it < 16 * nv && ((m16 >> rr) & 1u)) {
+              e = oi[sl * nv + it - rr * nv];
+              if ((unsigned)e < (unsigned)D) {
+                float s_, z_;
+                sz_of(szw[sl], s_, z_, pi.wv == 0);
+                dx = QR<T>::f(ov[sl * nv + it - rr * nv]) - z_;
+              } else {
+                e = -1;
+              }
+            }
+            // lanes of one element add in lane order, one round each (deterministic)
+            const unsigned same = __match_any_sync(QP_FULL, e >= 0 ? e : -1 - lane);
+            const int rank = __popc(same & ((1u << lane) - 1u));
+            const int rounds = (int)__reduce_max_sync(QP_FULL, (unsigned)(e >= 0 ? rank : 0));
+            for (int r = 0; r <= rounds; ++r) {
+              if (e >= 0 && rank == r)
+                for (int g = 0; g < G; ++g) vo[g * DP + e] = fmaf(pt[rr * 8 + g], dx, vo[g * DP + e]);
+              __syncwarp();
+            }
           }
-          __syncwarp();  // pt is rewritten by the next page
         }
       }
     }
@@ -1412,9 +1438,9 @@ __global__ void __launch_bounds__(QA_NT, QaDim<D>::MINB) k_att(const AttP p) {
   float *rec = p.part + (row * p.nsplit + sp) * (int64_t)G * p.RS;
   for (int ix = tid; ix < G * D; ix += QA_NT) {
     const int g = ix / D, e = ix - g * D;
-    float acc = s_vo[g * DP + e];
+    float acc = 0.f;
 #pragma unroll
-    for (int w = 0; w < 4; ++w) acc += red[(w * QA_GMAX + g) * DP + e] + s_z[w][g];
+    for (int w = 0; w < 4; ++w) acc += red[(w * QA_GMAX + g) * DP + e] + s_z[w][g] + s_vo[(w * G + g) * DP + e];
     rec[g * p.RS + e] = acc;
   }
   if (tid < G) {
@@ -1609,7 +1635,7 @@ QaSmem qa_smem(const ks_qaqp_geom &g, int G, int NQ) {
   s.off_lg = o;
   o += QA_PPS * 4 * 16 * G2 * 4;
   s.off_vo = o;
-  o += (G * DP * 4 + 15) & ~15;
+  o += 4 * G * DP * 4;
   s.off_qT = o;
   o += DP * 8 * 4 > 4 * 16 * 8 * 4 ? DP * 8 * 4 : 4 * 16 * 8 * 4;
   s.off_qf = o;
