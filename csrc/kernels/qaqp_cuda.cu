@@ -531,6 +531,7 @@ __global__ void __launch_bounds__(QP_PLAN_NT) k_append_plan(AppArgs a) {
     const int c = cls(j + lane);
     const unsigned m = __match_any_sync(QP_FULL, c);
     if (c >= 0 && lane == __ffs(m) - 1) s_cnt[warp][c] += __popc(m);
+    __syncwarp();  // (the next leader of a class may be another lane)
   }
   __syncthreads();
   if (tid < QP_NC) {
@@ -822,8 +823,9 @@ __global__ void __launch_bounds__(256) k_dequant(const uint8_t *arena, int64_t A
 //             V codes as fp16 integers, B = P' = p * value scale * sigma in fp16
 //             pieces, sigma a power of two per split that puts the largest
 //             value scale in [2^13, 2^14)), sum p * zero per head, and V
-//             outliers p (x_e - zero) added to a shared [G][D] sum (float
-//             atomics: two tokens of a tile may share an element).
+//             outliers p (x_e - zero) added to the warp's [G][D] sums (a lane
+//             per (slot, outlier); lanes that share an element add in lane
+//             order, one round each: deterministic).
 //
 // Per split one record per head (acc[D], M, L) goes to the workspace; a merge
 // kernel (launched with programmatic dependent launch) combines the splits in
