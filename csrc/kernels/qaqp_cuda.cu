@@ -987,6 +987,7 @@ __device__ __forceinline__ void qa_kmma(const uint8_t *kc, int slot0, int slot1,
   const int c0 = tig * CK;
   const uint8_t *base = kc + 4 * (c0 / N);
   uint32_t r0[NW], r1[NW];
+  float sc2[4] = {0.f, 0.f, 0.f, 0.f};
   load_words<NW, VEC>(base + slot0 * SB, r0);
   load_words<NW, VEC>(base + slot1 * SB, r1);
   if constexpr (D == 80 && W == 1) {
@@ -1010,9 +1011,11 @@ __device__ __forceinline__ void qa_kmma(const uint8_t *kc, int slot0, int slot1,
 #pragma unroll
     for (int pc = 0; pc < NQ; ++pc) {
       const uint2 bq = qf[(pc * NS + s) * 32 + lane];
-      mma_f16(sc, a0, a1, a2, a3, bq.x, bq.y);
+      mma_f16((s & 1) ? sc2 : sc, a0, a1, a2, a3, bq.x, bq.y);  // two independent chains
     }
   }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) sc[i] += sc2[i];
 }
 
 // O^T += V^T P' at width W over the tile of slots sb .. sb + 15 (vc: the
@@ -1472,9 +1475,11 @@ __global__ void __launch_bounds__(128) k_att_merge(const float *part, int nsplit
   __shared__ float4 s_acc[128];
   if (tid < 32) {
     float M = -CUDART_INF_F;
+#pragma unroll 4
     for (int s = lane; s < nsplit; s += 32) M = fmaxf(M, rp[s * st + D]);
     M = ks_cuda::warp_max(M);
     float L = 0.f;
+#pragma unroll 4
     for (int s = lane; s < nsplit; s += 32) L += rp[s * st + D + 1] * merge_w(rp[s * st + D], M);
     L = ks_cuda::warp_sum(L);
     if (lane == 0) {
@@ -1487,6 +1492,7 @@ __global__ void __launch_bounds__(128) k_att_merge(const float *part, int nsplit
   const int nq = D / 4, ng = 128 / nq, grp = tid / nq, q4 = tid - grp * nq;
   float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
   if (grp < ng) {
+#pragma unroll 8
     for (int s = grp; s < nsplit; s += ng) {
       const float w = merge_w(rp[s * st + D], M);
       const float4 v = *reinterpret_cast<const float4 *>(rp + s * st + 4 * q4);
@@ -1605,6 +1611,10 @@ QaPlan qa_plan(int64_t B, int64_t Hkv, int64_t L, int64_t D) {
   const int64_t per_sm = qa_dp(D) <= 128 ? 4 : 2;
   const int64_t target = per_sm * qp_sm_count(), total = B * Hkv * L;
   int64_t pps = (total + target - 1) / target;
+  if (const char *e = getenv("KVSPARSE_QAQP_PPS")) {  // experiment switch (benchmarks): pages per split
+    const int v = atoi(e);
+    if (v >= 1 && v <= QA_PPS) pps = v;
+  }
   pps = pps < 1 ? 1 : (pps > QA_PPS ? QA_PPS : pps);
   pl.pps = pps;
   pl.nsplit = L > 0 ? (L + pps - 1) / pps : 0;
@@ -1676,6 +1686,15 @@ int qa_run(const void *q, int64_t B, int64_t H, int64_t Hkv, const uint8_t *aren
     const QaSmem sm = qa_smem(g, G, QaPrec<T>::NQ);
     if (sm.total > 227 * 1024) return (int)cudaErrorInvalidValue;
     static int attr_set = 0;  // per instantiation: the largest dynamic size allowed so far
+    static bool carve = false;
+    if (!carve) {
+      // all of the unified L1 / shared memory as shared memory: the default
+      // carveout is a hint the driver may size for fewer resident blocks
+      (void)cudaFuncSetAttribute(k_att<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                 (int)cudaSharedmemCarveoutMaxShared);
+      (void)cudaGetLastError();
+      carve = true;
+    }
     if (sm.total > 48 * 1024 && sm.total > attr_set) {
       e = cudaFuncSetAttribute(k_att<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm.total);
       if (e != cudaSuccess) return (int)e;
@@ -1696,6 +1715,11 @@ int qa_run(const void *q, int64_t B, int64_t H, int64_t Hkv, const uint8_t *aren
     p.G2 = (G + 1) & ~1;
     p.nk = (int)g.n_out_k;
     p.nv = (int)g.n_out_v;
+    if (const char *e = getenv("KVSPARSE_QAQP_SKIP")) {  // timing attribution only (wrong results)
+      const int v = atoi(e);
+      if (v & 1) p.nk = 0;
+      if (v & 2) p.nv = 0;
+    }
     p.pps = (int)pl.pps;
     p.nsplit = (int)pl.nsplit;
     p.RS = (int)D + 4;
