@@ -328,11 +328,10 @@ __device__ __forceinline__ void init_page(uint8_t *pg, const ks_qaqp_geom &g, co
 // the mask bit. Called by both warps (each returns after its group).
 template <typename T>
 __device__ __forceinline__ void quant_token(const AppArgs &a, int64_t bh, int64_t i, uint8_t *pg,
-                                            const ks_qaqp_layout &L, int wk, int wv, int s, bool keys) {
+                                            const ks_qaqp_layout &L, int wk, int wv, int s, bool keys,
+                                            const typename QR<T>::R *x) {
   using R = typename QR<T>::R;
   const int D = (int)a.g.D;
-  const int64_t row = (bh * a.n + i) * a.g.D;
-  const R *x = reinterpret_cast<const R *>(keys ? a.k : a.v) + row;
   const int w = keys ? wk : wv;
   const int nout = (int)(keys ? a.g.n_out_k : a.g.n_out_v);
   const int64_t stride = keys ? L.sk : L.sv;
@@ -382,11 +381,16 @@ __device__ __forceinline__ void open_state(const AppArgs &a, int64_t bh, int c, 
   }
 }
 
-// One block (2 warps) per (b, hk): tokens in order, as qaqp.h says.
+// One block (2 warps) per (b, hk): tokens in order, as qaqp.h says. Each
+// token's K (warp 0) and V (warp 1) rows and widths are fetched while the
+// previous step (the open pages' validation, for the first) is in flight.
 template <typename T>
 __global__ void __launch_bounds__(64) k_append_seq(AppArgs a) {
+  using R = typename QR<T>::R;
   const int64_t bh = blockIdx.x, b = bh / a.Hkv;
-  const int tid = threadIdx.x, warp = tid >> 5;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  extern __shared__ __align__(16) uint8_t s_dyn[];
+  R *xrow = reinterpret_cast<R *>(s_dyn) + warp * a.g.D;  // this warp's row (K: warp 0, V: warp 1)
   __shared__ int s_open[QP_NC], s_used[QP_NC], s_chg[QP_NC];
   __shared__ int s_np, s_flags, s_addr, s_slot, s_new, s_wk, s_wv;
   if (tid < QP_NC) {
@@ -401,11 +405,16 @@ __global__ void __launch_bounds__(64) k_append_seq(AppArgs a) {
     s_np0 = s_np;
     s_flags = 0;
   }
-  __syncthreads();
   const int64_t cnt = clamp_cnt(a.count, b, a.n), lim16 = (a.A / 16 < 0x7fffffffLL ? a.A / 16 : 0x7fffffffLL);
   for (int64_t i = 0; i < cnt; ++i) {
+    {
+      const R *x = reinterpret_cast<const R *>(warp ? a.v : a.k) + (bh * a.n + i) * a.g.D;
+      for (int64_t e = lane; e < a.g.D; e += 32) xrow[e] = x[e];
+    }
+    const int wk_i = tid == 0 ? a.wk[bh * a.n + i] : 0, wv_i = tid == 0 ? a.wv[bh * a.n + i] : 0;
+    __syncthreads();  // the rows; (first token) the open pages' state; (later) the previous token done
     if (tid == 0) {
-      const int wk = a.wk[bh * a.n + i], wv = a.wv[bh * a.n + i], c = ks_qaqp_class(wk, wv);
+      const int wk = wk_i, wv = wv_i, c = ks_qaqp_class(wk, wv);
       int addr = -1, nw = 0;
       if (c >= 0) {
         if (s_open[c] < 0 || s_used[c] >= QP) {
@@ -445,7 +454,7 @@ __global__ void __launch_bounds__(64) k_append_seq(AppArgs a) {
         init_page<T>(pg, a.g, L, wk, wv, 1, tid, 64);
         __syncthreads();  // the header and positions before the token's own writes
       }
-      quant_token<T>(a, bh, i, pg, L, wk, wv, s, warp == 0);
+      quant_token<T>(a, bh, i, pg, L, wk, wv, s, warp == 0, xrow);
       if (a.g.nb) {
         __threadfence_block();
         __syncthreads();  // the token's codes before its bounds
@@ -727,7 +736,9 @@ __global__ void __launch_bounds__(128) k_append_quant(AppArgs a) {
     if (addr < 0) continue;  // dropped (arena or page list full)
     const int wk = qp_width(c / 5), wv = qp_width(c % 5);
     const ks_qaqp_layout L = ks_qaqp_layout_of(a.g, wk, wv);
-    quant_token<T>(a, bh, i, a.arena + (int64_t)addr * 16, L, wk, wv, s, (warp & 1) == 0);
+    const bool keys = (warp & 1) == 0;
+    const typename QR<T>::R *x = reinterpret_cast<const typename QR<T>::R *>(keys ? a.k : a.v) + it * a.g.D;
+    quant_token<T>(a, bh, i, a.arena + (int64_t)addr * 16, L, wk, wv, s, keys, x);
   }
 }
 
@@ -1762,11 +1773,14 @@ int qa_dispatch(const void *q, int64_t B, int64_t H, int64_t Hkv, const uint8_t 
 int64_t qp_maxe(int64_t n) { return n / QP + QP_NC + 1; }
 int64_t qp_ws_bh(int64_t n) { return (8 * n + 4 * (4 * QP_NC + 8 + 2 * qp_maxe(n)) + 15) & ~(int64_t)15; }
 
+// the one-kernel path: a few tokens per call, rows that fit shared memory
+inline bool qp_seq(int64_t n, const ks_qaqp_geom &g) { return n <= QP_SEQ_MAX && g.D <= 4096; }
+
 template <typename T>
 int qp_append(AppArgs &a, cudaStream_t st) {
   const int64_t nbh = a.B * a.Hkv;
-  if (a.n <= QP_SEQ_MAX) {
-    k_append_seq<T><<<(unsigned)nbh, 64, 0, st>>>(a);
+  if (qp_seq(a.n, a.g)) {
+    k_append_seq<T><<<(unsigned)nbh, 64, (size_t)(2 * a.g.D * sizeof(typename QR<T>::R)), st>>>(a);
     return (int)cudaGetLastError();
   }
   a.ws_bh = qp_ws_bh(a.n);
@@ -1788,8 +1802,7 @@ int qp_append(AppArgs &a, cudaStream_t st) {
 extern "C" {
 
 size_t ks_qaqp_append_cuda_workspace(int64_t B, int64_t Hkv, int64_t n, ks_qaqp_geom g) {
-  (void)g;
-  if (B <= 0 || Hkv <= 0 || n <= QP_SEQ_MAX) return 0;
+  if (B <= 0 || Hkv <= 0 || qp_seq(n, g)) return 0;
   return (size_t)(B * Hkv * qp_ws_bh(n));
 }
 
@@ -1799,7 +1812,7 @@ int ks_qaqp_append_cuda(const void *k, const void *v, ks_dtype dt, int64_t B, in
                         int32_t *pages, int64_t maxp, int32_t *n_pages, int32_t *flags, void *workspace,
                         void *stream) {
   if (B <= 0 || Hkv <= 0 || n <= 0) return 0;
-  if (!qp_geom_ok(g, dt) || ((uintptr_t)arena & 15) != 0 || (n > QP_SEQ_MAX && !workspace))
+  if (!qp_geom_ok(g, dt) || ((uintptr_t)arena & 15) != 0 || (!qp_seq(n, g) && !workspace))
     return (int)cudaErrorInvalidValue;
   AppArgs a;
   a.k = k;
