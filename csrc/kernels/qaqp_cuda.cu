@@ -1222,11 +1222,9 @@ __global__ void __launch_bounds__(QA_NT, QaDim<D>::MINB) k_att(const AttP p) {
       const int n0 = kj ? 32 : 16, s0 = kj ? 272 : 528;
       const int n1 = 4 * (kj ? pi.sk : pi.sv), s1 = kj ? pi.kc : pi.vc;
       const int s2 = kj ? pi.koi : pi.voi, n2 = ((kj ? pi.voi : pi.kmin) - s2) >> 4;
-      const int tot = n0 + n1 + n2;
-      for (int c = tid; c < tot; c += QA_NT) {
-        const int off = c < n0 ? s0 + 16 * c : c < n0 + n1 ? s1 + 16 * (c - n0) : s2 + 16 * (c - n0 - n1);
-        cp_async16(dst + 16 * c, src + off);
-      }
+      if (tid < n0) cp_async16(dst + 16 * tid, src + s0 + 16 * tid);  // (n0 <= 32)
+      for (int c = tid; c < n1; c += QA_NT) cp_async16(dst + 16 * (n0 + c), src + s1 + 16 * c);
+      for (int c = tid; c < n2; c += QA_NT) cp_async16(dst + 16 * (n0 + n1 + c), src + s2 + 16 * c);
     }
     cp_async_commit();
   };
@@ -1278,6 +1276,33 @@ __global__ void __launch_bounds__(QA_NT, QaDim<D>::MINB) k_att(const AttP p) {
         if (nk > 0) {  // K outliers: q_e (x_e - kz), code 0
           const int16_t *oi = reinterpret_cast<const int16_t *>(ent + 512 + 64 * pi.sk);
           const R *ov = reinterpret_cast<const R *>(ent + 512 + 64 * pi.sk + 128 * nk);
+          if (nk == 2) {  // the usual case: both slots of a row in one load each
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const int sl = r ? slot1 : slot0;
+              const uint32_t iw = reinterpret_cast<const uint32_t *>(oi)[sl];
+              float xv[2];
+              if constexpr (sizeof(R) == 2) {
+                const uint32_t vw = reinterpret_cast<const uint32_t *>(ov)[sl];
+                xv[0] = QR<T>::f((R)(vw & 0xffffu));
+                xv[1] = QR<T>::f((R)(vw >> 16));
+              } else {
+                const float2 v2 = reinterpret_cast<const float2 *>(ov)[sl];
+                xv[0] = v2.x;
+                xv[1] = v2.y;
+              }
+#pragma unroll
+              for (int jj = 0; jj < 2; ++jj) {
+                const int e = (int)(int16_t)(jj ? iw >> 16 : iw & 0xffffu);
+                if ((unsigned)e < (unsigned)D) {
+                  const float dx = xv[jj] - kz[r];
+                  const float2 qq = *reinterpret_cast<const float2 *>(s_qT + e * 8 + 2 * tig);
+                  lg[2 * r] = fmaf(qq.x, dx, lg[2 * r]);
+                  lg[2 * r + 1] = fmaf(qq.y, dx, lg[2 * r + 1]);
+                }
+              }
+            }
+          } else {
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int sl = r ? slot1 : slot0;
@@ -1290,6 +1315,7 @@ __global__ void __launch_bounds__(QA_NT, QaDim<D>::MINB) k_att(const AttP p) {
                 lg[2 * r + 1] = fmaf(qq.y, dx, lg[2 * r + 1]);
               }
             }
+          }
           }
         }
         if (!lv0) lg[0] = lg[1] = -CUDART_INF_F;
@@ -1396,7 +1422,7 @@ __global__ void __launch_bounds__(QA_NT, QaDim<D>::MINB) k_att(const AttP p) {
           const int16_t *oi = reinterpret_cast<const int16_t *>(ent + 256 + 64 * pi.sv);
           const R *ov = reinterpret_cast<const R *>(ent + 256 + 64 * pi.sv + 128 * nv);
           for (int it0 = 0; it0 < 16 * nv; it0 += 32) {  // a lane per (slot, outlier)
-            const int it = it0 + lane, rr = it / nv, sl = 16 * warp + rr;
+            const int it = it0 + lane, rr = nv == 2 ? lane >> 1 : it / nv, sl = 16 * warp + rr;
             int e = -1;
             float dx = 0.f;
             if (it < 16 * nv && ((m16 >> rr) & 1u)) {
@@ -1414,8 +1440,14 @@ __global__ void __launch_bounds__(QA_NT, QaDim<D>::MINB) k_att(const AttP p) {
             const int rank = __popc(same & ((1u << lane) - 1u));
             const int rounds = (int)__reduce_max_sync(QP_FULL, (unsigned)(e >= 0 ? rank : 0));
             for (int r = 0; r <= rounds; ++r) {
-              if (e >= 0 && rank == r)
-                for (int g = 0; g < G; ++g) vo[g * DP + e] = fmaf(pt[rr * 8 + g], dx, vo[g * DP + e]);
+              if (e >= 0 && rank == r) {
+                float pg8[QA_GMAX];
+#pragma unroll
+                for (int g = 0; g < QA_GMAX; ++g) pg8[g] = pt[rr * 8 + g];
+#pragma unroll
+                for (int g = 0; g < QA_GMAX; ++g)
+                  if (g < G) vo[g * DP + e] = fmaf(pg8[g], dx, vo[g * DP + e]);
+              }
               __syncwarp();
             }
           }
@@ -1474,7 +1506,7 @@ __global__ void __launch_bounds__(QA_NT, QaDim<D>::MINB) k_att(const AttP p) {
 // One block per (b, h): the splits' records merged (weights merge_w, fixed
 // order: deterministic); lam (p_max only) gets M + log2 L.
 template <typename T>
-__global__ void __launch_bounds__(128) k_att_merge(const float *part, int nsplit, int H, int Hkv, int D, int RS,
+__global__ void __launch_bounds__(256) k_att_merge(const float *part, int nsplit, int H, int Hkv, int D, int RS,
                                                    float *lam, T *out) {
   ks_cuda::pdl_wait();
   ks_cuda::pdl_launch_dependents();
@@ -1483,7 +1515,7 @@ __global__ void __launch_bounds__(128) k_att_merge(const float *part, int nsplit
   const int64_t st = (int64_t)G * RS;
   const float *rp = part + ((int64_t)(b * Hkv + hk) * nsplit * G + g) * RS;
   __shared__ float s_M, s_L;
-  __shared__ float4 s_acc[128];
+  __shared__ float4 s_acc[256];
   if (tid < 32) {
     float M = -CUDART_INF_F;
 #pragma unroll 4
@@ -1500,7 +1532,7 @@ __global__ void __launch_bounds__(128) k_att_merge(const float *part, int nsplit
   }
   __syncthreads();
   const float M = s_M, L = s_L;
-  const int nq = D / 4, ng = 128 / nq, grp = tid / nq, q4 = tid - grp * nq;
+  const int nq = D / 4, ng = 256 / nq, grp = tid / nq, q4 = tid - grp * nq;
   float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
   if (grp < ng) {
 #pragma unroll 8
@@ -1744,7 +1776,7 @@ int qa_run(const void *q, int64_t B, int64_t H, int64_t Hkv, const uint8_t *aren
                   (size_t)sm.total, st, p);
     if (e != cudaSuccess) return (int)e;
   }
-  e = qp_launch(k_att_merge<T>, dim3((unsigned)(B * H)), dim3(128), 0, st, (const float *)part, (int)pl.nsplit,
+  e = qp_launch(k_att_merge<T>, dim3((unsigned)(B * H)), dim3(256), 0, st, (const float *)part, (int)pl.nsplit,
                 (int)H, (int)Hkv, (int)D, (int)D + 4, lam, reinterpret_cast<T *>(out));
   if (e != cudaSuccess) return (int)e;
   if (p_max && L > 0) {
