@@ -10,6 +10,7 @@ import torch
 from .. import qaq
 from ..parts import Part, copy_row
 from .base import Method, MethodConfig, check_int, register
+from .qaq_pages import BinnedQuantKV, _REPORT_KEYS, _empty_report, _finish_report, _put_tokens
 
 __all__ = ["QAQConfig", "QuantKV", "QAQ"]
 
@@ -633,33 +634,6 @@ class QuantKV(Part):
         self._requants = max(self._requants, other._requants)
 
 
-def _put_tokens(x, start, new, counts):
-    """``x`` ``[B, H, T, D]`` with the first ``counts[b]`` of ``new``
-    ``[B, H, L, D]`` at slots ``start[b] ..`` (those that fit below ``T``); a new tensor."""
-    B, H, T, D = x.shape
-    L = new.shape[2]
-    i = torch.arange(L, device=x.device).view(1, L)
-    slot = start.to(torch.int64).view(B, 1) + i
-    ok = (i < counts.to(torch.int64).view(B, 1)) & (slot < T)
-    slot = torch.where(ok, slot, T)  # the others go to a spare slot, dropped below
-    out = torch.cat([x, x.new_zeros(B, H, 1, D)], dim=2)
-    out.scatter_(2, slot.view(B, 1, L, 1).expand(B, H, L, D), new.to(x.dtype))
-    return out[:, :, :T]
-
-
-_REPORT_KEYS = ("codes", "scale_zero", "widths", "offsets", "outliers", "total", "fp16", "arena")
-
-
-def _empty_report():
-    return _finish_report({**{k: 0 for k in _REPORT_KEYS}, "allocated": 0, "window": 0})
-
-
-def _finish_report(rep):
-    rep["ratio"] = rep["total"] / rep["fp16"] if rep["fp16"] else 0.0
-    rep["compression"] = rep["fp16"] / rep["total"] if rep["total"] else 0.0
-    return rep
-
-
 class QAQCacheMethods:
     """What a :class:`~kvsparse.cache.QAQCache` adds to a kvsparse cache."""
 
@@ -698,7 +672,6 @@ class QAQ(Method):
 
     def storage(self, config, layer_idx, static):
         if config.layout == "pages":
-            from .qaq_pages import BinnedQuantKV
             return BinnedQuantKV(config, layer_idx, static)
         return QuantKV(config, layer_idx, packed=not static)
 

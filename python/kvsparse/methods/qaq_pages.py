@@ -160,7 +160,6 @@ class BinnedQuantKV(Part):
         del k, v
         if self._fresh is not None:
             start, fk, fv, counts = self._fresh
-            from .qaq import _put_tokens
             out = [_put_tokens(out[0], start, fk, counts), _put_tokens(out[1], start, fv, counts)]
         return tuple(x.to(layer.model_dtype) for x in out)
 
@@ -231,7 +230,6 @@ class BinnedQuantKV(Part):
     # --------------------------------------------------------------- memory
     def memory_report(self, layer):
         """Bytes in use (pages handed out + the allocation state) against an fp16 cache."""
-        from .qaq import _empty_report, _finish_report
         if self.st is None:
             return _empty_report()
         self._flush(layer)
@@ -279,3 +277,31 @@ def _inlier_range(x, n_side):
     s = torch.sort(x.float(), dim=-1).values
     D = x.shape[-1]
     return s[..., D - 1 - n_side] - s[..., n_side]
+
+
+# shared with the offsets layout (methods/qaq.py)
+def _put_tokens(x, start, new, counts):
+    """``x`` ``[B, H, T, D]`` with the first ``counts[b]`` of ``new``
+    ``[B, H, L, D]`` at slots ``start[b] ..`` (those that fit below ``T``); a new tensor."""
+    B, H, T, D = x.shape
+    L = new.shape[2]
+    i = torch.arange(L, device=x.device).view(1, L)
+    slot = start.to(torch.int64).view(B, 1) + i
+    ok = (i < counts.to(torch.int64).view(B, 1)) & (slot < T)
+    slot = torch.where(ok, slot, T)  # the others go to a spare slot, dropped below
+    out = torch.cat([x, x.new_zeros(B, H, 1, D)], dim=2)
+    out.scatter_(2, slot.view(B, 1, L, 1).expand(B, H, L, D), new.to(x.dtype))
+    return out[:, :, :T]
+
+
+_REPORT_KEYS = ("codes", "scale_zero", "widths", "offsets", "outliers", "total", "fp16", "arena")
+
+
+def _empty_report():
+    return _finish_report({**{k: 0 for k in _REPORT_KEYS}, "allocated": 0, "window": 0})
+
+
+def _finish_report(rep):
+    rep["ratio"] = rep["total"] / rep["fp16"] if rep["fp16"] else 0.0
+    rep["compression"] = rep["fp16"] / rep["total"] if rep["total"] else 0.0
+    return rep
