@@ -1623,18 +1623,7 @@ int qp_sm_count() {
 template <typename... KArgs, typename... Args>
 cudaError_t qp_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
                       Args... args) {
-  const bool pdl = ks_cuda::pdl_enabled();
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+  return ks_cuda::launch_kernel_smem(ks_cuda::pdl_enabled(), kernel, grid, block, smem, st, args...);
 }
 
 int qp_dsize(ks_dtype dt) { return dt == KS_F32 ? 4 : 2; }
