@@ -113,11 +113,12 @@ def test_eight_bits_logits_close_to_dense():
     torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
 
 
-def test_decode_step_is_the_qaq_op():
-    """One patched decode step equals kvsparse.qaq.attention on the cache's stores."""
-    model = tiny_model(layers=1)
+def decode_step_and_query(model, **patch_kwargs):
+    """A 50-token prefill and one decode step of a patched one-layer model:
+    ``(the attention module's output, the step's post-RoPE query [1, H, 1, D],
+    the cache layer, the attention module)``."""
     ids = prompt(50)
-    with hf.patched(model, method="qaq", **EIGHT):
+    with hf.patched(model, method="qaq", **patch_kwargs):
         cache = hf.make_cache(model)
         model(ids, **hf.cache_kwargs(model, cache))
         attn = model.model.layers[0].self_attn
@@ -136,8 +137,14 @@ def test_decode_step_is_the_qaq_op():
     q = attn.q_proj(hs).view(1, 1, -1, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(hs).view(1, 1, -1, attn.head_dim).transpose(1, 2)
     q, _ = apply_rotary_pos_emb(q, k, cos, sin)
+    return seen["out"], q, layer, attn
+
+
+def test_decode_step_is_the_qaq_op():
+    """One patched decode step equals kvsparse.qaq.attention on the cache's stores."""
+    out, q, layer, attn = decode_step_and_query(tiny_model(layers=1), **EIGHT)
     y = qaq.attention(q[:, :, 0].half().contiguous(), layer.ks, layer.vs, layer.seq_lens, attn.scaling).float()
-    torch.testing.assert_close(seen["out"], attn.o_proj(y.reshape(1, 1, -1)))
+    torch.testing.assert_close(out, attn.o_proj(y.reshape(1, 1, -1)))
 
 
 # ------------------------------------------------------------ memory honesty

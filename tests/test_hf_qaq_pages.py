@@ -14,6 +14,7 @@ from kvsparse import hf, qaqp  # noqa: E402
 from kvsparse.methods.qaq_pages import BinnedQuantKV  # noqa: E402
 
 from test_chunked_prefill import _chunked, _forward, _reference  # noqa: E402
+from test_hf_qaq import decode_step_and_query  # noqa: E402
 from test_hf_patch import eager_and_compiled, greedy, left_pad, prompt, tiny_model  # noqa: E402
 
 EIGHT = dict(allowed=(8,), requant_every=0, alpha=0.0, layout="pages")
@@ -58,29 +59,9 @@ def test_eight_bits_greedy_equals_unpatched():
 
 def test_decode_step_is_the_paged_op():
     """One patched decode step equals kvsparse.qaqp.attention on the layer's store."""
-    model = tiny_model(layers=1)
-    ids = prompt(50)
-    with hf.patched(model, method="qaq", **ADAPT):
-        cache = hf.make_cache(model)
-        model(ids, **hf.cache_kwargs(model, cache))
-        attn = model.model.layers[0].self_attn
-        seen, h_in = {}, {}
-        hook = attn.register_forward_hook(lambda m, a, kw, out: seen.update(out=out[0]), with_kwargs=True)
-        pre = attn.register_forward_pre_hook(lambda m, a, kw: h_in.update(kw=kw), with_kwargs=True)
-        model(prompt(1, seed=3), **hf.cache_kwargs(model, cache), position_ids=torch.tensor([[50]]))
-        hook.remove()
-        pre.remove()
-    layer = cache.layers[0]
-    assert layer.seq_lens.tolist() == [51]
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    hs = h_in["kw"]["hidden_states"]
-    cos, sin = h_in["kw"]["position_embeddings"]
-    q = attn.q_proj(hs).view(1, 1, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(hs).view(1, 1, -1, attn.head_dim).transpose(1, 2)
-    q, _ = apply_rotary_pos_emb(q, k, cos, sin)
+    out, q, layer, attn = decode_step_and_query(tiny_model(layers=1), **ADAPT)
     y = qaqp.attention(q[:, :, 0].half().contiguous(), layer.storage.st, scale=attn.scaling).float()
-    torch.testing.assert_close(seen["out"], attn.o_proj(y.reshape(1, 1, -1)))
+    torch.testing.assert_close(out, attn.o_proj(y.reshape(1, 1, -1)))
 
 
 def test_prompt_widths_settle_and_decode_tokens_get_the_largest():
