@@ -243,3 +243,34 @@ def test_unpadded_chunks_take_the_lower_right_causal_path(monkeypatch):
     with kvsparse.patched(model, **{"method": "quest", **EXACT["quest"]}):
         whole = _forward(model, ids, _cache(model, "dynamic"), 0)
     torch.testing.assert_close(fast, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(set(EXACT) | set(QUANTIZED)))
+def test_unpadded_static_chunks_get_no_cache_sized_mask(method, monkeypatch):
+    """A static cache would size transformers' causal mask [chunk, max_cache_len]
+    (bools that grow with the context: 8 GiB for an 8k-token chunk of a 1M-token
+    cache). Without padding no kvsparse layer reads it, so the patched SDPA mask
+    is None for every chunk, and the logits are those of the unchunked prefill;
+    with padding the mask is still built."""
+    from kvsparse import hf
+
+    masks = []
+    orig = hf._valid_from_mask
+    monkeypatch.setattr(hf, "_valid_from_mask", lambda mask, *a: masks.append(mask) or orig(mask, *a))
+    kw = {**EXACT, **QUANTIZED}[method]
+    model = tiny_model(layers=2)
+    ids = prompt(48, batch=1)
+    with kvsparse.patched(model, **{"method": method, **kw}):
+        fast = _chunked(model, ids, _cache(model, "static"), 16)
+        assert len(masks) >= 2 * 3 and all(m is None for m in masks), [getattr(m, "shape", m) for m in masks]
+        masks.clear()
+        padded = torch.ones(2, 16, dtype=torch.long)
+        padded[0, :3] = 0
+        with torch.no_grad():
+            model(prompt(16, batch=2), attention_mask=padded, use_cache=True,
+                  **kvsparse.cache_kwargs(model, kvsparse.make_cache(model, max_cache_len=STATIC_LEN)))
+        assert masks and all(torch.is_tensor(m) for m in masks)
+    if method in EXACT:
+        with kvsparse.patched(model, **{"method": method, **kw}):
+            whole = _forward(model, ids, _cache(model, "static"), 0)
+        torch.testing.assert_close(fast, whole, atol=1e-5, rtol=1e-5)

@@ -341,23 +341,49 @@ def _register(impl):
     if name not in _REGISTERED:
         AttentionInterface.register(name, _make_attention_function(impl))
         mask_impl = impl if impl in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
-        AttentionMaskInterface.register(name, _decode_free_mask(ALL_MASK_ATTENTION_FUNCTIONS[mask_impl]))
+        AttentionMaskInterface.register(
+            name, _decode_free_mask(ALL_MASK_ATTENTION_FUNCTIONS[mask_impl], prefill_free=impl == "sdpa"))
         _REGISTERED[name] = impl
     return name
 
 
-def _decode_free_mask(mask_fn):
-    """``mask_fn`` except for one-token causal masks, which are ``None``: a
-    kvsparse decode step reads ``seq_lens``, never the mask, and building a
-    ``[B, 1, 1, max_cache_len]`` mask each step is work that grows with the
-    cache. Sliding-window and other masks are built as before."""
+def _unpadded(attention_mask):
+    """Whether a 2-D padding mask (or its absence) keeps every token (a host
+    read: prefill only, never under compile)."""
+    if attention_mask is None:
+        return True
+    if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2 or is_compiling():
+        return False
+    return bool(attention_mask.all())
+
+
+def _decode_free_mask(mask_fn, prefill_free=False):
+    """``mask_fn`` except for causal masks that no kvsparse layer reads, which
+    are ``None``:
+
+    * one-token (decode) masks: a kvsparse decode step reads ``seq_lens``,
+      never the mask, and building a ``[B, 1, 1, max_cache_len]`` mask each
+      step is work that grows with the cache;
+    * with ``prefill_free`` (the SDPA attention), multi-token masks without
+      padding: a static cache sizes them ``[L, max_cache_len]`` (8 GiB of bools
+      for an 8k-token chunk of a 1M-token cache), yet a kvsparse layer's first
+      prefill attends to its own ``L`` keys (SDPA's ``is_causal``) and a
+      continuation builds its own lower-right causal attention
+      (:func:`_continuation_attention`).
+
+    Only where no layer of transformers' own reads a full causal mask (the
+    config flag set by :func:`patch`); sliding-window and other masks are built
+    as before."""
     from transformers.masking_utils import causal_mask_function
 
     def mask(*args, **kwargs):
         q = kwargs.get("q_length", kwargs.get("cache_position", args[1] if len(args) > 1 else None))
-        if (q is not None and _compat.query_length(q) == 1 and kwargs.get("mask_function") is causal_mask_function
+        if (q is not None and kwargs.get("mask_function") is causal_mask_function
                 and getattr(kwargs.get("config"), _MASK_FREE_ATTR, True)):
-            return None
+            if _compat.query_length(q) == 1:
+                return None
+            if prefill_free and _unpadded(kwargs.get("attention_mask")):
+                return None
         return mask_fn(*args, **kwargs)
 
     mask.__name__ = f"kvsparse_{getattr(mask_fn, '__name__', 'mask')}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import qaq
-from ..parts import slot_rows
+from ..parts import is_compiling, slot_rows
 from .base import Method, register
 from .qaq import QAQ, QAQCacheMethods, QAQConfig, QuantKV
 from .quest import Quest, QuestCacheMethods, QuestConfig, QuestPages
@@ -104,9 +104,16 @@ class QuestBounds(QuestPages):
         i = torch.arange(L, device=layer.device).view(1, L)
         ok = (i < counts.to(torch.int64).view(B, 1)).view(B, 1, L, 1)
         pg = torch.div(start64 + i, P, rounding_mode="floor").clamp(max=pages - 1)
-        idx = pg.view(B, 1, L, 1).expand(B, H, L, D)
-        self.kmin.scatter_reduce_(2, idx, torch.where(ok, k, big), "amin")
-        self.kmax.scatter_reduce_(2, idx, torch.where(ok, k, -big), "amax")
+        # only the pages this commit touches: scatter_reduce_ may copy its whole
+        # target (it does on the CPU), a transient that would grow with the cache
+        lo, hi = 0, pages
+        if not is_compiling():
+            lo = int(start.min()) // P
+            hi = min(pages, lo + (int(new_lens.max()) - lo * P + P - 1) // P)
+        idx = (pg - lo).clamp(0, max(hi - lo - 1, 0)).view(B, 1, L, 1).expand(B, H, L, D)
+        if hi > lo:
+            self.kmin[:, :, lo:hi].scatter_reduce_(2, idx, torch.where(ok, k, big), "amin")
+            self.kmax[:, :, lo:hi].scatter_reduce_(2, idx, torch.where(ok, k, -big), "amax")
 
 
 class PageWindow:
