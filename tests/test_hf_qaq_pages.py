@@ -19,6 +19,8 @@ from test_hf_patch import eager_and_compiled, greedy, left_pad, prompt, tiny_mod
 
 EIGHT = dict(allowed=(8,), requant_every=0, alpha=0.0, layout="pages")
 ADAPT = dict(sigma=0.05, window=3, n_recent=2, layout="pages")
+#: the per-channel key scale (QAQConfig.key_channel_scale)
+CHANNEL = dict(ADAPT, key_channel_scale="absmax")
 
 
 def _by_position(layer):
@@ -81,12 +83,13 @@ def test_prompt_widths_settle_and_decode_tokens_get_the_largest():
     assert rep["fp16"] == 2 * 65 * layer.num_heads * layer.head_dim * 2 * 2  # layers x tokens x Hkv x D x K, V x 2 B
 
 
-def test_static_cache_equals_dynamic_and_compiled_equals_eager():
+@pytest.mark.parametrize("kcs", [None, "sqrt"])
+def test_static_cache_equals_dynamic_and_compiled_equals_eager(kcs):
     torch._dynamo.reset()
     model = tiny_model(layers=2)
     seqs = [prompt(n, seed=60 + n)[0] for n in (30, 19)]
     ids, mask = left_pad(seqs)
-    with hf.patched(model, method="qaq", **ADAPT):
+    with hf.patched(model, method="qaq", **ADAPT, key_channel_scale=kcs):
         c1 = hf.make_cache(model, batch_size=2, max_cache_len=48)
         static = greedy(model, ids, n=10, attention_mask=mask, **hf.cache_kwargs(model, c1))
         dyn = greedy(model, ids, n=10, attention_mask=mask, return_dict_in_generate=True)
@@ -94,6 +97,8 @@ def test_static_cache_equals_dynamic_and_compiled_equals_eager():
     assert torch.equal(static, dyn.sequences)
     for ls, ld in zip(c1.layers, dyn.past_key_values.layers):
         assert torch.equal(ls.seq_lens, ld.seq_lens)
+        if kcs is not None:
+            assert torch.equal(ls.storage.kscale, ld.storage.kscale) and (ls.storage.kscale > 0).all()
         for a, b in zip(_by_position(ls), _by_position(ld)):
             assert torch.equal(a, b)
     assert c_eager.is_compileable
@@ -110,17 +115,25 @@ def _dequantized_past(cache, store):
     if not layers[0].is_initialized or layers[0].tokens_seen() == 0:
         store.append(None)
         return
-    store.append([tuple(x.to(layer.model_dtype) for x in _by_position(layer)[:2]) for layer in layers])
+    store.append([tuple(x.to(layer.model_dtype) for x in _keys_values(layer)) for layer in layers])
 
 
+def _keys_values(layer):
+    """The layer's keys and values in position order, the keys times the channel scale (if any)."""
+    k, v, _ = _by_position(layer)
+    s = layer.storage.kscale
+    return (k if s is None else k * s[:, :, None]), v
+
+
+@pytest.mark.parametrize("kcs", [None, "absmax"])
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 @pytest.mark.parametrize("chunk", [16, 13])
-def test_chunk_attends_dequantized_past_and_itself_exactly(kind, chunk):
+def test_chunk_attends_dequantized_past_and_itself_exactly(kind, chunk, kcs):
     model = tiny_model(layers=2)
     dense = copy.deepcopy(model)
     ids = prompt(64, batch=2)
     pasts = []
-    with kvsparse.patched(model, method="qaq", cache_dtype="float32", **ADAPT):
+    with kvsparse.patched(model, method="qaq", cache_dtype="float32", **ADAPT, key_channel_scale=kcs):
         cache = kvsparse.make_cache(model, max_cache_len=96 if kind == "static" else None)
         got = _chunked(model, ids, cache, chunk, before=lambda c: _dequantized_past(c, pasts))
     ref = _reference(dense, ids, chunk, pasts)
@@ -139,3 +152,60 @@ def test_beam_search_raises_clearly():
 def test_layout_is_validated():
     with pytest.raises(ValueError, match="layout"):
         kvsparse.make_config("qaq", layout="binned")
+
+
+# ------------------------------------------------------- key channel scale
+def test_key_channel_scale_is_validated():
+    with pytest.raises(ValueError, match="key_channel_scale needs layout='pages'"):
+        kvsparse.make_config("qaq", key_channel_scale="absmax")
+    with pytest.raises(ValueError, match="key_channel_scale must be"):
+        kvsparse.make_config("qaq", layout="pages", key_channel_scale="rms")
+    assert kvsparse.make_config("qaq", layout="pages", key_channel_scale="sqrt").key_channel_scale == "sqrt"
+
+
+@pytest.mark.parametrize("kcs", ["absmax", "sqrt"])
+def test_key_channel_scale_decode_equals_float64_reference(kcs):
+    """The scale is the prompt keys' normalized channel absmax (or its root);
+    one decode step equals float64 attention of the query over the stored keys
+    times the scale (q . k = (q * s) . (k / s)), and the bound's query is q * s."""
+    model = tiny_model(layers=1)
+    dense = copy.deepcopy(model)
+    out, q, layer, attn = decode_step_and_query(model, **dict(CHANNEL, key_channel_scale=kcs))
+    st = layer.storage
+    # the scale, from the 50 prompt keys
+    c = DynamicCache(config=dense.config)
+    with torch.no_grad():
+        dense(prompt(50), **kvsparse.cache_kwargs(dense, c), use_cache=True)
+    a = c.layers[0].keys[0].half().float().abs().amax(dim=1)  # [Hkv, D]
+    a = a.sqrt() if kcs == "sqrt" else a
+    torch.testing.assert_close(st.kscale[0].float(), a / a.square().mean(-1, keepdim=True).sqrt(), atol=2e-3, rtol=2e-3)
+    # the decode step: float64, the real keys = stored keys x s (the new token's too)
+    k, v = (x.double() for x in _keys_values(layer))  # [1, Hkv, 51, D]
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    p = torch.softmax(torch.einsum("bhd,bhtd->bht", q[:, :, 0].double(), k) * attn.scaling, dim=-1)
+    y = torch.einsum("bht,bhtd->bhd", p, v).float()
+    torch.testing.assert_close(out, attn.o_proj(y.reshape(1, 1, -1)), atol=3e-3, rtol=3e-3)
+    # some prompt keys were lowered below 8 bits (the bound saw q * s and k / s)
+    _, _, w = _by_position(layer)
+    assert (w[..., 0] < 8).any()
+
+
+def test_key_channel_scale_eight_bits_greedy_and_its_bytes():
+    model = tiny_model(layers=2)
+    ids = prompt(41)
+    ref = greedy(model, ids, n=12)
+    reps = []
+    for kcs in (None, "absmax"):
+        with hf.patched(model, method="qaq", **EIGHT, key_channel_scale=kcs):
+            out = greedy(model, ids, n=12, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref)
+        reps.append(out.past_key_values.memory_report())
+    cache = out.past_key_values
+    layer = cache.layers[0]
+    # D fp16 scale values per (sequence, layer, KV head), nothing else changes
+    extra = len(cache.layers) * layer.num_heads * layer.head_dim * 2
+    assert reps[1]["total"] - reps[0]["total"] == extra
+    assert reps[1]["scale_zero"] - reps[0]["scale_zero"] == extra
+    cache.reset()
+    assert all((lay.storage.kscale == 0).all() for lay in cache.layers)

@@ -75,6 +75,14 @@ class QAQConfig(MethodConfig):
             after its prefill chunk, a decode token at the largest width; no
             re-quantization), per-head groups (``shared`` ignored), and a
             decode kernel with no per-token offset or width.
+        key_channel_scale: ``None`` (default), or ``"absmax"`` / ``"sqrt"``
+            (``layout="pages"`` only): a per-(sequence, KV head, channel)
+            key scale ``s`` taken from the first stored chunk's keys (the
+            channel's largest ``|k|``, or its square root), normalized to
+            RMS 1 over the channels; keys are stored as ``k / s``
+            (quantized per token as without it) and the query is multiplied
+            by ``s`` (QAQ's key bound sees that query and those keys).
+            Costs ``D`` scale values per (sequence, layer, KV head).
         cache_dtype: ``None``: the model's dtype, but float16 for a float32
             model (outliers and scales are 16-bit on every device); or
             ``"float16"``, ``"bfloat16"``, ``"float32"``.
@@ -129,6 +137,7 @@ class QAQConfig(MethodConfig):
     tile_widths: int = 1
     cache_dtype: Optional[str] = None
     layout: str = "offsets"
+    key_channel_scale: Optional[str] = None
 
     def validate(self):
         super().validate()
@@ -173,6 +182,12 @@ class QAQConfig(MethodConfig):
                 raise ValueError(f"kvsparse: uniform_bits must be None or one of 1, 2, 4, 8, got {self.uniform_bits!r}")
         if self.layout not in ("offsets", "pages"):
             raise ValueError(f"kvsparse: layout must be 'offsets' or 'pages', got {self.layout!r}")
+        if self.key_channel_scale not in (None, "absmax", "sqrt"):
+            raise ValueError(
+                f"kvsparse: key_channel_scale must be None, 'absmax' or 'sqrt', got {self.key_channel_scale!r}")
+        if self.key_channel_scale is not None and self.layout != "pages":
+            raise ValueError("kvsparse: key_channel_scale needs layout='pages' (the offsets layout has no channel "
+                             f"scale), got layout={self.layout!r}")
         if self.cache_dtype is not None and self.cache_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(
                 f"kvsparse: cache_dtype must be None, 'float16', 'bfloat16' or 'float32', got {self.cache_dtype!r}")

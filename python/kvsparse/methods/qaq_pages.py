@@ -53,6 +53,8 @@ class BinnedQuantKV(Part):
         #: width by :meth:`_flush` if something reads the storage first)
         self._fresh = None
         self._room = 0  # dynamic layers: arena bytes known to be free (host bound)
+        #: ``key_channel_scale``: the keys' channel scale ``s`` [B, Hkv, D] (zeros: not set yet)
+        self.kscale = None
 
     def store_dtype(self, model_dtype):
         return self.config.store_dtype(model_dtype)
@@ -95,9 +97,40 @@ class BinnedQuantKV(Part):
             new.pages[:, :, : old.pages.shape[2]].copy_(old.pages)
         self.st = new
         self._room = 0
+        if self.config.key_channel_scale is not None and self.kscale is None:
+            self.kscale = torch.zeros(B, Hkv, D, dtype=layer.dtype, device=layer.device)
 
     def tensors(self):
-        return list(self.st.state()) if self.st is not None else []
+        out = list(self.st.state()) if self.st is not None else []
+        return out + ([self.kscale] if self.kscale is not None else [])
+
+    # ------------------------------------------------- key channel scale
+    def _stored_keys(self, k, counts):
+        """``k`` [B, Hkv, L, D] as stored: ``k / s``; ``s`` is set from these
+        keys (the valid ones, ``counts[b]``) for sequences that have none yet
+        (no host sync)."""
+        if self.kscale is None:
+            return k
+        B, H, L, D = k.shape
+        ok = torch.arange(L, device=k.device).view(1, 1, L, 1) < counts.view(B, 1, 1, 1)
+        a = torch.where(ok, k.float().abs(), 0.0).amax(dim=2)  # [B, Hkv, D]
+        a = torch.maximum(a, 1e-3 * a.amax(dim=-1, keepdim=True))  # no channel scaled up more than 1000x
+        if self.config.key_channel_scale == "sqrt":
+            a = a.sqrt()
+        c = a / a.square().mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-30)
+        new = (self.kscale[..., :1] == 0) & (a[..., :1] > 0)
+        self.kscale.copy_(torch.where(new, c.to(self.kscale.dtype), self.kscale))
+        s = torch.where(self.kscale == 0, 1.0, self.kscale.float())
+        return (k.float() / s[:, :, None]).to(k.dtype)
+
+    def _scaled_query(self, q, heads_dim=1):
+        """``q`` [B, H, ..., D] times ``s`` (each KV head's scale on its G query heads), float32."""
+        q = q.float()
+        if self.kscale is None:
+            return q
+        s = torch.where(self.kscale == 0, 1.0, self.kscale.float())
+        s = s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
+        return q * s.view(*s.shape[:2], *([1] * (q.dim() - 3)), s.shape[-1])
 
     def _ensure_room(self, layer, nbytes):
         """Dynamic layers: at least ``nbytes`` free in the arena (grows it; a host sync when the bound runs out)."""
@@ -114,7 +147,10 @@ class BinnedQuantKV(Part):
             free = arena.numel() - used
         self._room = free - nbytes
 
-    def _append(self, layer, k, v, wk, wv, start, counts):
+    def _append(self, layer, k, v, wk, wv, start, counts, scaled=False):
+        """Store ``k``, ``v`` (``scaled``: ``k`` is already :meth:`_stored_keys`)."""
+        if not scaled:
+            k = self._stored_keys(k, counts)
         B, H, L, D = k.shape
         # at most one new page per token, and per class ceil(n / 64) + 1 pages
         pages = min(L, math.ceil(L / qaqp.PAGE) + qaqp.NCLASS)
@@ -151,6 +187,8 @@ class BinnedQuantKV(Part):
         T = layer.capacity if length is None else min(int(length), layer.capacity)
         B, Hkv, D = layer.batch_size, self.num_heads, self.head_dim
         k, v, pos = qaqp.dequantize(self.st)
+        if self.kscale is not None:
+            k = k * self.kscale.to(k.dtype)[:, :, None]
         out = []
         for x in (k, v):
             dst = x.new_zeros(B, Hkv, T + 1, D)
@@ -180,7 +218,9 @@ class BinnedQuantKV(Part):
         H = query.shape[1]
         G = H // Hkv
         n = min(cfg.window, query.shape[2])
-        qn = query[:, :, -n:].float() * scaling  # [B, H, n, D]
+        # with a key channel scale everything below sees the stored problem: k / s and q * s
+        k = self._stored_keys(k, counts)
+        qn = self._scaled_query(query[:, :, -n:]) * scaling  # [B, H, n, D]
         # logits of the last n rows over the chunk's own tokens (exact) and over the stored past
         qg = qn.reshape(B, Hkv, G * n, D)
         s_new = torch.matmul(qg, k.float().transpose(-1, -2)).view(B, Hkv, G, n, L)
@@ -200,7 +240,7 @@ class BinnedQuantKV(Part):
             lse = torch.logaddexp(lse, torch.logsumexp(s_old, dim=-1))
             del pk, ppos, s_old
         p = torch.exp(s_new - lse[..., None]).nan_to_num(0.0).amax(dim=(2, 3))  # [B, Hkv, L]
-        q_sq = qaq.query_sq(query[:, :, -1].float(), Hkv, scaling)  # [B, Hkv]
+        q_sq = qaq.query_sq(self._scaled_query(query[:, :, -1]), Hkv, scaling)  # [B, Hkv]
         # ranges of the inliers, as the quantizer takes them (the n_side lowest and highest left out)
         rk = _inlier_range(k, self.st.n_out_k // 2)
         rv = _inlier_range(v, self.st.n_out_v // 2)
@@ -221,11 +261,12 @@ class BinnedQuantKV(Part):
         gpos = pos.clamp(max=T - 1)
         wk = kb.gather(2, gpos).contiguous()
         wv = vb.gather(2, gpos).contiguous()
-        self._append(layer, k, v, wk, wv, fstart, counts)
+        self._append(layer, k, v, wk, wv, fstart, counts, scaled=True)
 
     def decode_attention(self, layer, q, scaling):
         self._flush(layer)
-        return qaqp.attention(q.to(layer.dtype).contiguous(), self.st, scale=scaling).to(q.dtype)
+        qs = self._scaled_query(q) if self.kscale is not None else q
+        return qaqp.attention(qs.to(layer.dtype).contiguous(), self.st, scale=scaling).to(q.dtype)
 
     # --------------------------------------------------------------- memory
     def memory_report(self, layer):
@@ -246,7 +287,10 @@ class BinnedQuantKV(Part):
             hdr = ar.view(-1, 16)[addr.to(ar.device).long()][:, 8:10].cpu()
             for wk_, wv_ in hdr.tolist():
                 codes += qaqp.PAGE * (qaqp._stride(self.head_dim, wk_) + qaqp._stride(self.head_dim, wv_))
-        rep = {"codes": codes, "scale_zero": 8 * tokens, "widths": 0, "offsets": 0,
+        # key_channel_scale: D scale values per (sequence, KV head)
+        ch = self.kscale.numel() * self.kscale.element_size() if self.kscale is not None and tokens else 0
+        meta += ch
+        rep = {"codes": codes, "scale_zero": 8 * tokens + ch, "widths": 0, "offsets": 0,
                "outliers": tokens * (st.n_out_k + st.n_out_v) * (2 + torch.empty((), dtype=st.dtype).element_size()),
                "total": used + meta, "fp16": tokens * self.head_dim * 2 * 2, "arena": st.arena.numel(),
                "allocated": st.arena.numel() + meta, "window": 0}
@@ -260,6 +304,8 @@ class BinnedQuantKV(Part):
         self._fresh = None
         if self.st is not None:
             qaqp.reset(self.st)
+        if self.kscale is not None:
+            self.kscale.zero_()
         self._room = 0
 
     def map_batch(self, fn, in_place):
