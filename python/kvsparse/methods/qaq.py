@@ -82,7 +82,11 @@ class QAQConfig(MethodConfig):
             RMS 1 over the channels; keys are stored as ``k / s``
             (quantized per token as without it) and the query is multiplied
             by ``s`` (QAQ's key bound sees that query and those keys).
-            Costs ``D`` scale values per (sequence, layer, KV head).
+            Costs ``D`` scale values per (sequence, layer, KV head). Use it in
+            place of the key outliers (``"sqrt"``, ``alpha=0``,
+            ``alpha_v=0.02``): SmolLM2 at 2k, sigma 0.01, 38.79 (+0.7%) at
+            2.64x against 39.55 at 2.46x by default; beside the outliers it
+            did not help (``benchmarks/NOTES_qaq_format.md``).
         cache_dtype: ``None``: the model's dtype, but float16 for a float32
             model (outliers and scales are 16-bit on every device); or
             ``"float16"``, ``"bfloat16"``, ``"float32"``.
