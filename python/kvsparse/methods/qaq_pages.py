@@ -72,7 +72,7 @@ class BinnedQuantKV(Part):
         return qaqp.outlier_count(alpha, self.head_dim)
 
     def _page_max(self, layer):
-        return qaqp.page_bytes(self.head_dim, 8, 8, self.st.n_out_k, self.st.n_out_v, layer.dtype)
+        return qaqp.page_bytes(self.head_dim, self.width, self.width, self.st.n_out_k, self.st.n_out_v, layer.dtype)
 
     def init(self, layer):
         self.num_heads, self.head_dim = layer.num_heads, layer.head_dim
@@ -81,7 +81,7 @@ class BinnedQuantKV(Part):
         B, Hkv, D = layer.batch_size, self.num_heads, self.head_dim
         n_k, n_v = self._n_out(self.config.alpha), self._n_out(self.config.value_alpha)
         maxp = -(-capacity // qaqp.PAGE) + qaqp.NCLASS
-        pb = qaqp.page_bytes(D, 8, 8, n_k, n_v, layer.dtype)
+        pb = qaqp.page_bytes(D, self.width, self.width, n_k, n_v, layer.dtype)
         if self.static or self.st is None:
             # static: every slot at the largest width; dynamic: start with that for `capacity`
             A = B * Hkv * maxp * pb
