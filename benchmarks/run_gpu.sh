@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU tests, memcheck, benchmarks.
-# Usage: bash benchmarks/run_gpu.sh [build] [test] [memcheck] [bench] [profile] [ncu] [bench-quick] [e2e]
+# Usage: bash benchmarks/run_gpu.sh [build] [test] [memcheck] [bench] [profile] [ncu] [bench-quick] [e2e] [capacity]
 # BENCH="quest sparq" picks the benchmark scripts (bench_<name>.py); MEMCHECK_TESTS the memcheck files.
 # Logs go to $OUT (or ./out when OUT is unset).
 set -uo pipefail
@@ -82,6 +82,13 @@ PYEOF
       IFS=: read -r shape mode lens methods batch <<<"$spec"
       timeout ${E2E_TIMEOUT:-560} python3 benchmarks/bench_e2e.py --shape "$shape" --mode "$mode" --lens "$lens" \
         --methods "$methods" --batch "${batch:-1}" ${E2E_ARGS:-} --out "$OUT" 2>&1 | tee -a "$OUT/e2e.log" | grep -E '^\{|OOM|Error|error' | tail -20
+    done ;;
+  capacity)
+    # bench_capacity.py runs, ';'-separated argument lists (shell-quoted, e.g. --kwargs '{"uniform_bits": 4}')
+    IFS=';' read -ra runs <<<"${CAPACITY:---batch 1 --len 1048576 --fill synthetic --new 16}"
+    for a in "${runs[@]}"; do
+      eval timeout ${CAP_TIMEOUT:-400} python3 benchmarks/bench_capacity.py $a --out "$OUT" 2>&1 | tee -a "$OUT/capacity.log" \
+        | grep -E '^\{|OOM|Error|error' | tail -5
     done ;;
   bench-quick)
     for b in ${BENCH:-quest sparq}; do
