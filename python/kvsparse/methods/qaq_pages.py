@@ -97,7 +97,7 @@ class BinnedQuantKV(Part):
             new.pages[:, :, : old.pages.shape[2]].copy_(old.pages)
         self.st = new
         self._room = 0
-        if self.config.key_channel_scale is not None and self.kscale is None:
+        if self.config.key_channel_scale is not None and (self.kscale is None or self.kscale.shape != (B, Hkv, D)):
             self.kscale = torch.zeros(B, Hkv, D, dtype=layer.dtype, device=layer.device)
 
     def tensors(self):
