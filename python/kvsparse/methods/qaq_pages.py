@@ -120,16 +120,18 @@ class BinnedQuantKV(Part):
         c = a / a.square().mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-30)
         new = (self.kscale[..., :1] == 0) & (a[..., :1] > 0)
         self.kscale.copy_(torch.where(new, c.to(self.kscale.dtype), self.kscale))
-        s = torch.where(self.kscale == 0, 1.0, self.kscale.float())
-        return (k.float() / s[:, :, None]).to(k.dtype)
+        return (k.float() / self._channel_scale()[:, :, None]).to(k.dtype)
+
+    def _channel_scale(self):
+        """``s`` [B, Hkv, D] in float32, 1 for sequences whose scale is not set yet."""
+        return torch.where(self.kscale == 0, 1.0, self.kscale.float())
 
     def _scaled_query(self, q, heads_dim=1):
         """``q`` [B, H, ..., D] times ``s`` (each KV head's scale on its G query heads), float32."""
         q = q.float()
         if self.kscale is None:
             return q
-        s = torch.where(self.kscale == 0, 1.0, self.kscale.float())
-        s = s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
+        s = self._channel_scale().repeat_interleave(q.shape[1] // self.kscale.shape[1], dim=1)
         return q * s.view(*s.shape[:2], *([1] * (q.dim() - 3)), s.shape[-1])
 
     def _ensure_room(self, layer, nbytes):
@@ -188,7 +190,7 @@ class BinnedQuantKV(Part):
         B, Hkv, D = layer.batch_size, self.num_heads, self.head_dim
         k, v, pos = qaqp.dequantize(self.st)
         if self.kscale is not None:
-            k = k * self.kscale.to(k.dtype)[:, :, None]
+            k = k * self._channel_scale().to(k.dtype)[:, :, None]
         out = []
         for x in (k, v):
             dst = x.new_zeros(B, Hkv, T + 1, D)

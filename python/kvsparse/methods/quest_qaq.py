@@ -109,7 +109,7 @@ class QuestBounds(QuestPages):
         lo, hi = 0, pages
         if not is_compiling():
             lo = int(start.min()) // P
-            hi = min(pages, lo + (int(new_lens.max()) - lo * P + P - 1) // P)
+            hi = min(pages, -(-int(new_lens.max()) // P))
         idx = (pg - lo).clamp(0, max(hi - lo - 1, 0)).view(B, 1, L, 1).expand(B, H, L, D)
         if hi > lo:
             self.kmin[:, :, lo:hi].scatter_reduce_(2, idx, torch.where(ok, k, big), "amin")
