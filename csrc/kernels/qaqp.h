@@ -172,7 +172,9 @@ static inline KS_QAQ_HD int ks_qaqp_page_at(const uint8_t *arena, int64_t A, ks_
 /* ---- 1. append ----------------------------------------------------------------------
  * k, v [B, Hkv, n, D] (dtype dt), wk, wv uint8 [B, Hkv, n]. For b < B, hk < Hkv and
  * i < count[b] (clamped to [0, n]), in order of i: the token at position
- * pos0[b] + i goes to the open page of its class c = class(wk, wv) for (b, hk):
+ * pos0[b] + i (pos, int32 [B, Hkv, n], may be NULL: if given, the token's
+ * position is pos[b, hk, i] and pos0 is not read) goes to the open page of its
+ * class c = class(wk, wv) for (b, hk):
  * if there is none or it is full (n_used = 64), a new page is taken at address
  * top (top += bytes / 16; header written: mask 0, widths, n_used 0, positions
  * -1, and with nb the bounds +inf / -inf) and appended to pages[b, hk]. The
@@ -188,9 +190,9 @@ static inline KS_QAQ_HD int ks_qaqp_page_at(const uint8_t *arena, int64_t A, ks_
  * group's range does not fit fp16, as qaq.h: written with a NaN scale). */
 int ks_qaqp_append_cpu(const void *k, const void *v, ks_dtype dt, int64_t B, int64_t Hkv,
                        int64_t n, ks_qaqp_geom g, const uint8_t *wk, const uint8_t *wv,
-                       const int32_t *pos0, const int32_t *count, uint8_t *arena, int64_t A,
-                       int64_t *top, int32_t *open, int32_t *pages, int64_t maxp,
-                       int32_t *n_pages, int32_t *flags);
+                       const int32_t *pos0, const int32_t *pos, const int32_t *count,
+                       uint8_t *arena, int64_t A, int64_t *top, int32_t *open, int32_t *pages,
+                       int64_t maxp, int32_t *n_pages, int32_t *flags);
 
 /* ---- 2. dequantize -------------------------------------------------------------------
  * kout, vout [B, Hkv, L * 64, D] (dtype dt), pos_out int32 [B, Hkv, L * 64]: for each
@@ -217,17 +219,74 @@ int ks_qaqp_attention_cpu(const void *q, ks_dtype dt, int64_t B, int64_t H, int6
                           const int32_t *plist, int64_t L, float scale, float *p_max,
                           void *out);
 
+/* ---- 4. re-quantization, first half: take out the tokens that move ---------------------
+ * QAQ lowers a stored token's widths when its importance falls. On these pages a
+ * token that changes class moves: it is taken out of its page (a hole) and appended
+ * again at its new widths. This call takes the tokens out; ks_qaqp_append with
+ * pos = pos_out, wk = wk_out, wv = wv_out, count = n puts them back (the two calls
+ * are one re-quantization: a token taken out and not appended is lost).
+ *
+ * new_wk, new_wv uint8 [B, Hkv, L, 64]: target widths of slot i of listed page
+ * plist[b, hk, j]. Slot i of listed page j moves iff plist[b, hk, j] names a page,
+ * slot i is live, (new_wk, new_wv) is a class (both widths in {0, 1, 2, 4, 8}) other
+ * than the page's (wk, wv), and new_wk <= wk, new_wv <= wv (re-quantization only
+ * lowers; anything else, e.g. 255, leaves the slot alone). Which slots move is
+ * decided from the live masks at entry. For each (b, hk), the first n moving slots
+ * in order of (j, i) are taken: row r of kout / vout [B, Hkv, n, D] (dtype dt) gets
+ * the r-th one's dequantized keys / values (bit for bit what dequantize gives),
+ * wk_out / wv_out uint8 [B, Hkv, n] its new widths, pos_out int32 [B, Hkv, n] its
+ * position, and its mask bit is cleared (the page's bounds stay a superset). Rows
+ * r >= moved[b, hk] get widths 255 (append skips them), position -1 and zeros.
+ * moved int32 [B, Hkv]: how many were taken (<= n). A moving slot beyond the first
+ * n stays where it is. plist should list a page at most once (a page listed twice
+ * may give its tokens twice; memory stays in bounds either way). */
+int ks_qaqp_requant_take_cpu(uint8_t *arena, int64_t A, ks_qaqp_geom g, ks_dtype dt, int64_t B,
+                             int64_t Hkv, const int32_t *plist, int64_t L, const uint8_t *new_wk,
+                             const uint8_t *new_wv, int64_t n, void *kout, void *vout,
+                             uint8_t *wk_out, uint8_t *wv_out, int32_t *pos_out, int32_t *moved);
+
+/* ---- 5. compaction -----------------------------------------------------------------------
+ * Rewrites a layer's pages without holes, out of place: from the store (src, A_src,
+ * pages_src [B, Hkv, maxp_src], n_pages_src [B, Hkv]) into (dst, A_dst, top, open,
+ * pages [B, Hkv, maxp], n_pages, flags). For (b, hk) in order, class c = 0 .. 24 in
+ * order: the live slots of the pages of class c among pages_src[b, hk, j], j <
+ * n_pages_src[b, hk] (clamped to [0, maxp_src]; entries that name no page are
+ * skipped; a page listed twice gives its tokens twice), in order of (j, slot), go
+ * to consecutive new pages of class c, 64 to a page: slot s of a new page gets the
+ * s-th token's positions, scale / zero, codes and outliers byte for byte; the
+ * header's mask has bits 0 .. m - 1 set and n_used = m (its m tokens); the other
+ * slots' positions are -1; with nb the bounds are the min / max of the page's
+ * dequantized keys (as append computes them: tighter than the source's).
+ * Addresses: the new pages are consecutive from address 0 in this order (so they
+ * are the same on every device); top = the end. pages[b, hk] = its new pages in
+ * order, -1 after n_pages[b, hk]; open[b, hk, c] = its last new page of class c,
+ * or -1. A new page that does not fit dst (A_dst) is not written (flags |= ARENA;
+ * its tokens and those after it are dropped); one beyond maxp likewise (flags |=
+ * PAGES). Compaction never needs more pages or bytes than the source used, so
+ * A_dst >= 16 * (src top) and maxp >= maxp_src always suffice. src and dst must
+ * not overlap. Returns 0 or KS_ERR_NOMEM. */
+int ks_qaqp_compact_cpu(const uint8_t *src, int64_t A_src, ks_qaqp_geom g, ks_dtype dt, int64_t B,
+                        int64_t Hkv, const int32_t *pages_src, int64_t maxp_src,
+                        const int32_t *n_pages_src, uint8_t *dst, int64_t A_dst, int64_t *top,
+                        int32_t *open, int32_t *pages, int64_t maxp, int32_t *n_pages,
+                        int32_t *flags);
+
 /* ---- CUDA twins (qaqp_cuda.cu) ------------------------------------------------------
  * Same semantics; codes, scales, outliers and bounds bit-identical to the CPU's;
  * attention agrees to float32 rounding. Device pointers; return 0 or a
  * cudaError_t code; no host synchronisation; graph-capturable (the workspace is
  * sized from shapes). Attention: D in {64, 80, 96, 128, 256}, G <= 8. The CUDA
- * append cannot report KS_ERR_RANGE: such a group keeps the NaN scale alone. */
+ * append cannot report KS_ERR_RANGE: such a group keeps the NaN scale alone.
+ * requant_take: the same rows, widths, positions, moved counts and cleared mask
+ * bits as the CPU's. compact: the same dst bytes, top, open, pages, n_pages and
+ * flags as the CPU's (its addresses do not depend on the device); its workspace is
+ * sized from (B, Hkv, maxp_src). */
 int ks_qaqp_append_cuda(const void *k, const void *v, ks_dtype dt, int64_t B, int64_t Hkv,
                         int64_t n, ks_qaqp_geom g, const uint8_t *wk, const uint8_t *wv,
-                        const int32_t *pos0, const int32_t *count, uint8_t *arena, int64_t A,
-                        int64_t *top, int32_t *open, int32_t *pages, int64_t maxp,
-                        int32_t *n_pages, int32_t *flags, void *workspace, void *stream);
+                        const int32_t *pos0, const int32_t *pos, const int32_t *count,
+                        uint8_t *arena, int64_t A, int64_t *top, int32_t *open, int32_t *pages,
+                        int64_t maxp, int32_t *n_pages, int32_t *flags, void *workspace,
+                        void *stream);
 size_t ks_qaqp_append_cuda_workspace(int64_t B, int64_t Hkv, int64_t n, ks_qaqp_geom g);
 int ks_qaqp_dequantize_cuda(const uint8_t *arena, int64_t A, ks_qaqp_geom g, ks_dtype dt,
                             int64_t B, int64_t Hkv, const int32_t *plist, int64_t L,
@@ -238,6 +297,18 @@ int ks_qaqp_attention_cuda(const void *q, ks_dtype dt, int64_t B, int64_t H, int
                            const uint8_t *arena, int64_t A, ks_qaqp_geom g,
                            const int32_t *plist, int64_t L, float scale, float *p_max,
                            void *workspace, void *out, void *stream);
+
+int ks_qaqp_requant_take_cuda(uint8_t *arena, int64_t A, ks_qaqp_geom g, ks_dtype dt, int64_t B,
+                              int64_t Hkv, const int32_t *plist, int64_t L, const uint8_t *new_wk,
+                              const uint8_t *new_wv, int64_t n, void *kout, void *vout,
+                              uint8_t *wk_out, uint8_t *wv_out, int32_t *pos_out, int32_t *moved,
+                              void *stream);
+size_t ks_qaqp_compact_cuda_workspace(int64_t B, int64_t Hkv, int64_t maxp_src);
+int ks_qaqp_compact_cuda(const uint8_t *src, int64_t A_src, ks_qaqp_geom g, ks_dtype dt, int64_t B,
+                         int64_t Hkv, const int32_t *pages_src, int64_t maxp_src,
+                         const int32_t *n_pages_src, uint8_t *dst, int64_t A_dst, int64_t *top,
+                         int32_t *open, int32_t *pages, int64_t maxp, int32_t *n_pages,
+                         int32_t *flags, void *workspace, void *stream);
 
 #ifdef __cplusplus
 }

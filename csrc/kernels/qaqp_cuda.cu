@@ -39,89 +39,20 @@
 
 #include "ks_cuda.cuh"
 #include "qaqp.h"
+#include "qaqp_cuda_common.cuh"
 
 namespace {
+
+using namespace ks_qaqp_cu;
 
 using ks_cuda::finish;
 using ks_cuda::from_f;
 using ks_cuda::merge_w;
 using ks_cuda::to_f;
 
-constexpr int QP = KS_QAQP_P;  // slots per page
-constexpr int QP_NC = KS_QAQP_NCLASS;
-constexpr unsigned QP_FULL = 0xffffffffu;
 constexpr int QP_SEQ_MAX = 4;     // append: tokens per call handled by the one-kernel path
 constexpr int QP_PLAN_NT = 512;   // append plan: threads per (b, hk) block
 constexpr int QP_PLAN_NW = QP_PLAN_NT / 32;
-
-__device__ __forceinline__ float h2f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
-__device__ __forceinline__ uint16_t f2h(float f) { return __half_as_ushort(__float2half_rn(f)); }
-
-// width of a width index 0..4
-__host__ __device__ __forceinline__ int qp_width(int i) { return i == 0 ? 0 : 1 << (i - 1); }
-
-// raw element bits of a cache dtype and their float32 value (exact)
-template <typename T> struct QR;
-template <> struct QR<float> {
-  using R = uint32_t;
-  static __device__ __forceinline__ float f(R r) { return __uint_as_float(r); }
-};
-template <> struct QR<__half> {
-  using R = uint16_t;
-  static __device__ __forceinline__ float f(R r) { return h2f(r); }
-};
-template <> struct QR<__nv_bfloat16> {
-  using R = uint16_t;
-  static __device__ __forceinline__ float f(R r) { return __uint_as_float((uint32_t)r << 16); }
-};
-
-// float32 -> dtype bits as the CPU's ks_store_row rounds them (nearest even;
-// NaN keeps its payload the CPU's way), for bounds and dequantized rows
-template <typename T> __device__ __forceinline__ typename QR<T>::R store_bits(float f);
-template <> __device__ __forceinline__ uint32_t store_bits<float>(float f) { return __float_as_uint(f); }
-template <> __device__ __forceinline__ uint16_t store_bits<__half>(float f) {
-  const uint32_t x = __float_as_uint(f), ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return (uint16_t)(((x >> 16) & 0x8000u) | 0x7e00u | ((ax >> 13) & 0x3ffu));
-  return f2h(f);
-}
-template <> __device__ __forceinline__ uint16_t store_bits<__nv_bfloat16>(float f) {
-  uint32_t x = __float_as_uint(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x0040u);
-  x += 0x7fffu + ((x >> 16) & 1u);
-  return (uint16_t)(x >> 16);
-}
-// +inf / -inf of a dtype
-template <typename T> __device__ __forceinline__ typename QR<T>::R inf_bits(bool neg);
-template <> __device__ __forceinline__ uint32_t inf_bits<float>(bool neg) { return neg ? 0xff800000u : 0x7f800000u; }
-template <> __device__ __forceinline__ uint16_t inf_bits<__half>(bool neg) { return neg ? 0xfc00u : 0x7c00u; }
-template <> __device__ __forceinline__ uint16_t inf_bits<__nv_bfloat16>(bool neg) {
-  return neg ? 0xff80u : 0x7f80u;
-}
-
-// Running page bound a with a dequantized key x already rounded to the cache
-// dtype, as qaqp_cpu.c folds them: NaN in either gives the float NaN 0x7fc00000
-// (C's NAN), ties keep the bound
-__device__ __forceinline__ float bmin(float a, float x) {
-  return (x != x || a != a) ? __uint_as_float(0x7fc00000u) : (x < a ? x : a);
-}
-__device__ __forceinline__ float bmax(float a, float x) {
-  return (x != x || a != a) ? __uint_as_float(0x7fc00000u) : (x > a ? x : a);
-}
-
-// Reads the page header at address a (see qaqp.h "Addresses"); layout and
-// widths when it names a page.
-__device__ __forceinline__ bool page_at(const uint8_t *arena, int64_t A, const ks_qaqp_geom &g, int64_t a,
-                                        int &wk, int &wv, ks_qaqp_layout &L) {
-  if (a < 0 || a > 0x7fffffffLL || a * 16 + 16 > A) return false;
-  const uint4 h = *reinterpret_cast<const uint4 *>(arena + a * 16);
-  const int k = (int)(h.z & 0xffu), v = (int)((h.z >> 8) & 0xffu);
-  if (ks_qaqp_class(k, v) < 0) return false;
-  L = ks_qaqp_layout_of(g, k, v);
-  if (a * 16 + L.bytes > A) return false;
-  wk = k;
-  wv = v;
-  return true;
-}
 
 // Takes sz16 units of 16 bytes at *top (one compare-and-swap loop): the first
 // address, or -1 when the arena (lim16 units, at most 2^31) cannot hold them
@@ -257,27 +188,6 @@ __device__ __forceinline__ void warp_quant(RawF raw, int E, int w, int n_side, u
   }
 }
 
-// dequantized key element e of slot s of a page (float32, qaq.h: fl(z + fl(s c)),
-// the midpoint at width 0, outliers exact)
-template <typename T>
-__device__ __forceinline__ float deq_elem(const uint8_t *pg, int64_t sz_off, int64_t c_off, int64_t oi_off,
-                                          int64_t ov_off, int64_t stride, int w, int n_out, int D, int s, int e) {
-  const uint32_t szw = *reinterpret_cast<const uint32_t *>(pg + sz_off + 4 * s);
-  const float sc = h2f((uint16_t)(szw & 0xffffu)), z = h2f((uint16_t)(szw >> 16));
-  float x;
-  if (w == 0) {
-    x = __fadd_rn(z, __fmul_rn(sc, 0.5f));
-  } else {
-    const int64_t bit = ks_qaq_code_bit(e, w, D);
-    const unsigned c = (pg[c_off + s * stride + (bit >> 3)] >> (bit & 7)) & ((1u << w) - 1u);
-    x = __fadd_rn(z, __fmul_rn(sc, (float)c));
-  }
-  const int16_t *oi = reinterpret_cast<const int16_t *>(pg + oi_off) + s * n_out;
-  const typename QR<T>::R *ov = reinterpret_cast<const typename QR<T>::R *>(pg + ov_off) + s * n_out;
-  for (int j = 0; j < n_out; ++j)
-    if (oi[j] == e) x = QR<T>::f(ov[j]);
-  return x;
-}
 
 // ------------------------------------------------------------------ append ----
 
@@ -286,7 +196,7 @@ struct AppArgs {
   int64_t B, Hkv, n;
   ks_qaqp_geom g;
   const uint8_t *wk, *wv;
-  const int32_t *pos0, *count;
+  const int32_t *pos0, *pos, *count;  // pos: per-token positions [B, Hkv, n] or NULL (pos0[b] + i)
   uint8_t *arena;
   int64_t A;
   int64_t *top;
@@ -341,30 +251,12 @@ __device__ __forceinline__ void quant_token(const AppArgs &a, int64_t bh, int64_
   R *ov = reinterpret_cast<R *>(pg + (keys ? L.kov : L.vov)) + (int64_t)s * nout;
   warp_quant<T>([&](int e) { return x[e]; }, D, w, nout / 2, codes, (int)(stride / 4), sz, oi, ov);
   if (keys && (threadIdx.x & 31) == 0) {
-    reinterpret_cast<int32_t *>(pg + L.pos)[s] = a.pos0[bh / a.Hkv] + (int32_t)i;
+    reinterpret_cast<int32_t *>(pg + L.pos)[s] =
+        a.pos ? a.pos[bh * a.n + i] : (int32_t)((int64_t)a.pos0[bh / a.Hkv] + i);
     atomicOr(reinterpret_cast<unsigned long long *>(pg), 1ull << s);
   }
 }
 
-// min / max of the dequantized keys of slots [s0, s1) into the page bounds, in
-// slot order (the CPU's token order): threads t of nt over the elements
-template <typename T>
-__device__ __forceinline__ void bound_slots(uint8_t *pg, const ks_qaqp_geom &g, const ks_qaqp_layout &L, int wk,
-                                            int s0, int s1, int t, int nt) {
-  using R = typename QR<T>::R;
-  R *bmn = reinterpret_cast<R *>(pg + L.kmin), *bmx = reinterpret_cast<R *>(pg + L.kmax);
-  const int D = (int)g.D, nk = (int)g.n_out_k;
-  for (int e = t; e < D; e += nt) {
-    float mn = QR<T>::f(bmn[e]), mx = QR<T>::f(bmx[e]);
-    for (int s = s0; s < s1; ++s) {
-      const float x = QR<T>::f(store_bits<T>(deq_elem<T>(pg, L.ksz, L.kc, L.koi, L.kov, L.sk, wk, nk, D, s, e)));
-      mn = bmin(mn, x);
-      mx = bmax(mx, x);
-    }
-    bmn[e] = store_bits<T>(mn);
-    bmx[e] = store_bits<T>(mx);
-  }
-}
 
 // validated open page of class c of (b, hk): its address and n_used (64 when
 // it is not a page of that class: tokens then take a new page)
@@ -1626,13 +1518,6 @@ cudaError_t qp_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sm
   return ks_cuda::launch_kernel_smem(ks_cuda::pdl_enabled(), kernel, grid, block, smem, st, args...);
 }
 
-int qp_dsize(ks_dtype dt) { return dt == KS_F32 ? 4 : 2; }
-
-bool qp_geom_ok(const ks_qaqp_geom &g, ks_dtype dt) {
-  return g.D >= 1 && g.D <= KS_QAQ_MAX_GROUP && g.ds == qp_dsize(dt) && g.n_out_k >= 0 && g.n_out_v >= 0 &&
-         g.n_out_k % 2 == 0 && g.n_out_v % 2 == 0 && g.n_out_k <= g.D && g.n_out_v <= g.D &&
-         (g.nb == 0 || g.nb == 1);
-}
 
 // ---- attention sizing (shapes only: the workspace function and the launch agree)
 struct QaPlan {
@@ -1829,9 +1714,9 @@ size_t ks_qaqp_append_cuda_workspace(int64_t B, int64_t Hkv, int64_t n, ks_qaqp_
 
 int ks_qaqp_append_cuda(const void *k, const void *v, ks_dtype dt, int64_t B, int64_t Hkv, int64_t n,
                         ks_qaqp_geom g, const uint8_t *wk, const uint8_t *wv, const int32_t *pos0,
-                        const int32_t *count, uint8_t *arena, int64_t A, int64_t *top, int32_t *open,
-                        int32_t *pages, int64_t maxp, int32_t *n_pages, int32_t *flags, void *workspace,
-                        void *stream) {
+                        const int32_t *pos, const int32_t *count, uint8_t *arena, int64_t A, int64_t *top,
+                        int32_t *open, int32_t *pages, int64_t maxp, int32_t *n_pages, int32_t *flags,
+                        void *workspace, void *stream) {
   if (B <= 0 || Hkv <= 0 || n <= 0) return 0;
   if (!qp_geom_ok(g, dt) || ((uintptr_t)arena & 15) != 0 || (!qp_seq(n, g) && !workspace))
     return (int)cudaErrorInvalidValue;
@@ -1845,6 +1730,7 @@ int ks_qaqp_append_cuda(const void *k, const void *v, ks_dtype dt, int64_t B, in
   a.wk = wk;
   a.wv = wv;
   a.pos0 = pos0;
+  a.pos = pos;
   a.count = count;
   a.arena = arena;
   a.A = A < 0 ? 0 : A & ~(int64_t)15;

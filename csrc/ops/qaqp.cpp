@@ -9,6 +9,7 @@
 // tensors are checked on CPU only.
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -73,7 +74,8 @@ void check_plist(const Tensor &plist, int64_t B, int64_t Hkv, const Tensor &ref,
 void append_impl(const Tensor &k, const Tensor &v, const Tensor &wk, const Tensor &wv,
                  const Tensor &pos0, const Tensor &count, const Tensor &arena, const Tensor &top,
                  const Tensor &open, const Tensor &pages, const Tensor &n_pages,
-                 const Tensor &flags, int64_t n_out_k, int64_t n_out_v, bool bounds, bool cuda) {
+                 const Tensor &flags, int64_t n_out_k, int64_t n_out_v, bool bounds,
+                 const std::optional<Tensor> &pos_opt, bool cuda) {
   const char *op = "qaqp_append";
   const ks_dtype dt = to_ks_dtype(k, "k");
   check_dim(k, 4, "k", "[B, Hkv, n, D]");
@@ -98,6 +100,8 @@ void append_impl(const Tensor &k, const Tensor &v, const Tensor &wk, const Tenso
   }
   check_i32(pos0, "pos0", {B}, "[B]", k, "k");
   check_i32(count, "count", {B}, "[B]", k, "k");
+  const Tensor pos = pos_opt.has_value() ? *pos_opt : Tensor();
+  if (pos.defined()) check_i32(pos, "pos", {B, Hkv, n}, "[B, Hkv, n]", k, "k");
   check_arena(arena, k, "k");
   TORCH_CHECK_TYPE(top.scalar_type() == at::kLong, "kvsparse: top must be int64, got ",
                    top.scalar_type());
@@ -111,7 +115,7 @@ void append_impl(const Tensor &k, const Tensor &v, const Tensor &wk, const Tenso
   check_no_overlap({{&arena, "arena"}, {&top, "top"}, {&open, "open"}, {&pages, "pages"},
                     {&n_pages, "n_pages"}, {&flags, "flags"}},
                    {{&k, "k"}, {&v, "v"}, {&wk, "wk"}, {&wv, "wv"}, {&pos0, "pos0"},
-                    {&count, "count"}});
+                    {&count, "count"}, {&pos, "pos"}});
   const int64_t maxp = pages.size(2);
   if (!cuda) {
     const uint8_t *pk = wk.data_ptr<uint8_t>(), *pv = wv.data_ptr<uint8_t>();
@@ -119,12 +123,14 @@ void append_impl(const Tensor &k, const Tensor &v, const Tensor &wk, const Tenso
     for (int64_t b = 0; b < B; b++) {
       TORCH_CHECK_VALUE(cn[b] >= 0 && cn[b] <= n, "kvsparse: count[", b, "] must be in [0, n = ", n,
                         "], got ", cn[b]);
-      TORCH_CHECK_VALUE(p0[b] >= 0 && int64_t(p0[b]) + cn[b] <= INT32_MAX, "kvsparse: pos0[", b,
-                        "] must be >= 0 with pos0 + count <= 2^31 - 1, got ", p0[b]);
+      TORCH_CHECK_VALUE(pos.defined() || (p0[b] >= 0 && int64_t(p0[b]) + cn[b] <= INT32_MAX),
+                        "kvsparse: pos0[", b, "] must be >= 0 with pos0 + count <= 2^31 - 1, got ", p0[b]);
       for (int64_t h = 0; h < Hkv; h++)
         for (int64_t i = 0; i < cn[b]; i++) {
           const int64_t t = (b * Hkv + h) * n + i;
-          TORCH_CHECK_VALUE(ks_qaqp_class(pk[t], pv[t]) >= 0, "kvsparse: wk / wv must be in {0, 1, 2, 4, 8}, got (",
+          // 255 in both: a padding row (skipped), as requantize stages them
+          TORCH_CHECK_VALUE(ks_qaqp_class(pk[t], pv[t]) >= 0 || (pk[t] == 255 && pv[t] == 255),
+                            "kvsparse: wk / wv must be in {0, 1, 2, 4, 8} (or both 255: skip), got (",
                             int(pk[t]), ", ", int(pv[t]), ") at [", b, ", ", h, ", ", i, "]");
         }
     }
@@ -139,7 +145,8 @@ void append_impl(const Tensor &k, const Tensor &v, const Tensor &wk, const Tenso
   if (!cuda) {
     const int rc = ks_qaqp_append_cpu(
         k.data_ptr(), v.data_ptr(), dt, B, Hkv, n, g, wk.data_ptr<uint8_t>(), wv.data_ptr<uint8_t>(),
-        pos0.data_ptr<int32_t>(), count.data_ptr<int32_t>(), arena.data_ptr<uint8_t>(), arena.numel(),
+        pos0.data_ptr<int32_t>(), pos.defined() ? pos.data_ptr<int32_t>() : nullptr,
+        count.data_ptr<int32_t>(), arena.data_ptr<uint8_t>(), arena.numel(),
         top.data_ptr<int64_t>(), open.data_ptr<int32_t>(), pages.data_ptr<int32_t>(), maxp,
         n_pages.data_ptr<int32_t>(), flags.data_ptr<int32_t>());
     TORCH_CHECK_VALUE(rc != KS_ERR_RANGE, "kvsparse: k or v holds a token whose finite values span a range "
@@ -151,6 +158,7 @@ void append_impl(const Tensor &k, const Tensor &v, const Tensor &wk, const Tenso
     Tensor ws = byte_workspace(ks_qaqp_append_cuda_workspace(B, Hkv, n, g), k);
     check_cuda_rc(ks_qaqp_append_cuda(k.data_ptr(), v.data_ptr(), dt, B, Hkv, n, g, wk.data_ptr<uint8_t>(),
                                       wv.data_ptr<uint8_t>(), pos0.data_ptr<int32_t>(),
+                                      pos.defined() ? pos.data_ptr<int32_t>() : nullptr,
                                       count.data_ptr<int32_t>(), arena.data_ptr<uint8_t>(), arena.numel(),
                                       top.data_ptr<int64_t>(), open.data_ptr<int32_t>(),
                                       pages.data_ptr<int32_t>(), maxp, n_pages.data_ptr<int32_t>(),
@@ -245,16 +253,123 @@ std::tuple<Tensor, Tensor> attention_impl(const Tensor &q, const Tensor &arena, 
 }
 
 // ---------------------------------------------------------------------------
+// re-quantization (take out the tokens that move) and compaction
+
+using Six = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Six requant_take_impl(const Tensor &arena, const Tensor &plist, const Tensor &new_wk,
+                      const Tensor &new_wv, int64_t n, int64_t D, at::ScalarType dtype,
+                      int64_t n_out_k, int64_t n_out_v, bool bounds, bool cuda) {
+  const char *op = "qaqp_requant_take";
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "kvsparse: dtype must be float32, float16 or bfloat16, got ", dtype);
+  check_head_dim(D, cuda);
+  const ks_qaqp_geom g = make_geom(D, n_out_k, n_out_v, bounds, dtype);
+  check_arena(arena, arena, "arena");
+  check_int32(plist, "plist");
+  check_dim(plist, 3, "plist", "[B, Hkv, L]");
+  check_contig(plist, "plist");
+  check_device(plist, "plist", arena, "arena");
+  const int64_t B = plist.size(0), Hkv = plist.size(1), L = plist.size(2);
+  TORCH_CHECK_VALUE(n >= 0 && n <= L * KS_QAQP_P, "kvsparse: n must be in [0, 64 * L = ", L * KS_QAQP_P,
+                    "] (at most every listed slot moves), got ", n);
+  for (auto [t, name] : {std::pair<const Tensor *, const char *>{&new_wk, "new_wk"}, {&new_wv, "new_wv"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kByte, "kvsparse: ", name, " must be uint8, got ",
+                     t->scalar_type());
+    check_dim(*t, 4, name, "[B, Hkv, L, 64]");
+    check_contig(*t, name);
+    check_device(*t, name, arena, "arena");
+    TORCH_CHECK_VALUE(t->size(0) == B && t->size(1) == Hkv && t->size(2) == L && t->size(3) == KS_QAQP_P,
+                      "kvsparse: ", name, " must have shape [B, Hkv, L, 64] = [", B, ", ", Hkv, ", ", L,
+                      ", 64], got ", t->sizes());
+  }
+  check_no_overlap({{&arena, "arena"}}, {{&plist, "plist"}, {&new_wk, "new_wk"}, {&new_wv, "new_wv"}});
+  const auto opt = arena.options();
+  Tensor kout = at::empty({B, Hkv, n, D}, opt.dtype(dtype)), vout = at::empty_like(kout);
+  Tensor wko = at::empty({B, Hkv, n}, opt.dtype(at::kByte)), wvo = at::empty_like(wko);
+  Tensor pos = at::empty({B, Hkv, n}, opt.dtype(at::kInt));
+  Tensor moved = at::zeros({B, Hkv}, opt.dtype(at::kInt));
+  if (B * Hkv == 0) return {kout, vout, wko, wvo, pos, moved};
+  const ks_dtype dt = dtype == at::kFloat ? KS_F32 : dtype == at::kHalf ? KS_F16 : KS_BF16;
+  if (!cuda) {
+    check_cpu_rc(ks_qaqp_requant_take_cpu(arena.data_ptr<uint8_t>(), arena.numel(), g, dt, B, Hkv,
+                                          plist.data_ptr<int32_t>(), L, new_wk.data_ptr<uint8_t>(),
+                                          new_wv.data_ptr<uint8_t>(), n, kout.data_ptr(), vout.data_ptr(),
+                                          wko.data_ptr<uint8_t>(), wvo.data_ptr<uint8_t>(),
+                                          pos.data_ptr<int32_t>(), moved.data_ptr<int32_t>()),
+                 op);
+  } else {
+#ifdef KVSPARSE_WITH_CUDA
+    check_cuda_rc(ks_qaqp_requant_take_cuda(arena.data_ptr<uint8_t>(), arena.numel(), g, dt, B, Hkv,
+                                            plist.data_ptr<int32_t>(), L, new_wk.data_ptr<uint8_t>(),
+                                            new_wv.data_ptr<uint8_t>(), n, kout.data_ptr(), vout.data_ptr(),
+                                            wko.data_ptr<uint8_t>(), wvo.data_ptr<uint8_t>(),
+                                            pos.data_ptr<int32_t>(), moved.data_ptr<int32_t>(), cur_stream()),
+                  op);
+#endif
+  }
+  return {kout, vout, wko, wvo, pos, moved};
+}
+
+void compact_impl(const Tensor &src, const Tensor &pages_src, const Tensor &n_pages_src, const Tensor &dst,
+                  const Tensor &top, const Tensor &open, const Tensor &pages, const Tensor &n_pages,
+                  const Tensor &flags, int64_t D, at::ScalarType dtype, int64_t n_out_k, int64_t n_out_v,
+                  bool bounds, bool cuda) {
+  const char *op = "qaqp_compact";
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "kvsparse: dtype must be float32, float16 or bfloat16, got ", dtype);
+  check_head_dim(D, cuda);
+  const ks_qaqp_geom g = make_geom(D, n_out_k, n_out_v, bounds, dtype);
+  check_arena(src, src, "src");
+  check_arena(dst, src, "src");
+  check_i32(pages_src, "pages_src", {-1, -1, -1}, "[B, Hkv, maxp_src]", src, "src");
+  const int64_t B = pages_src.size(0), Hkv = pages_src.size(1), maxp_src = pages_src.size(2);
+  check_i32(n_pages_src, "n_pages_src", {B, Hkv}, "[B, Hkv]", src, "src");
+  TORCH_CHECK_TYPE(top.scalar_type() == at::kLong, "kvsparse: top must be int64, got ", top.scalar_type());
+  check_dim(top, 1, "top", "[1]");
+  check_size(top, 0, 1, "top", "1");
+  check_device(top, "top", src, "src");
+  check_i32(open, "open", {B, Hkv, KS_QAQP_NCLASS}, "[B, Hkv, 25]", src, "src");
+  check_i32(pages, "pages", {B, Hkv, -1}, "[B, Hkv, maxp]", src, "src");
+  check_i32(n_pages, "n_pages", {B, Hkv}, "[B, Hkv]", src, "src");
+  check_i32(flags, "flags", {1}, "[1]", src, "src");
+  check_no_overlap({{&dst, "dst"}, {&top, "top"}, {&open, "open"}, {&pages, "pages"}, {&n_pages, "n_pages"},
+                    {&flags, "flags"}},
+                   {{&src, "src"}, {&pages_src, "pages_src"}, {&n_pages_src, "n_pages_src"}});
+  const ks_dtype dt = dtype == at::kFloat ? KS_F32 : dtype == at::kHalf ? KS_F16 : KS_BF16;
+  const int64_t maxp = pages.size(2);
+  if (!cuda) {
+    check_cpu_rc(ks_qaqp_compact_cpu(src.data_ptr<uint8_t>(), src.numel(), g, dt, B, Hkv,
+                                     pages_src.data_ptr<int32_t>(), maxp_src, n_pages_src.data_ptr<int32_t>(),
+                                     dst.data_ptr<uint8_t>(), dst.numel(), top.data_ptr<int64_t>(),
+                                     open.data_ptr<int32_t>(), pages.data_ptr<int32_t>(), maxp,
+                                     n_pages.data_ptr<int32_t>(), flags.data_ptr<int32_t>()),
+                 op);
+  } else {
+#ifdef KVSPARSE_WITH_CUDA
+    Tensor ws = byte_workspace(ks_qaqp_compact_cuda_workspace(B, Hkv, maxp_src), src);
+    check_cuda_rc(ks_qaqp_compact_cuda(src.data_ptr<uint8_t>(), src.numel(), g, dt, B, Hkv,
+                                       pages_src.data_ptr<int32_t>(), maxp_src, n_pages_src.data_ptr<int32_t>(),
+                                       dst.data_ptr<uint8_t>(), dst.numel(), top.data_ptr<int64_t>(),
+                                       open.data_ptr<int32_t>(), pages.data_ptr<int32_t>(), maxp,
+                                       n_pages.data_ptr<int32_t>(), flags.data_ptr<int32_t>(), ws.data_ptr(),
+                                       cur_stream()),
+                  op);
+#endif
+  }
+}
+
+// ---------------------------------------------------------------------------
 // entry points (one per op; see checks.h)
 
 template <bool CUDA>
 void qaqp_append(const Tensor &k, const Tensor &v, const Tensor &wk, const Tensor &wv,
                  const Tensor &pos0, const Tensor &count, const Tensor &arena, const Tensor &top,
                  const Tensor &open, const Tensor &pages, const Tensor &n_pages, const Tensor &flags,
-                 int64_t n_out_k, int64_t n_out_v, bool bounds) {
+                 int64_t n_out_k, int64_t n_out_v, bool bounds, const std::optional<Tensor> &pos) {
   const OnDevice<CUDA> on(k);
   append_impl(k, v, wk, wv, pos0, count, arena, top, open, pages, n_pages, flags, n_out_k, n_out_v,
-              bounds, CUDA);
+              bounds, pos, CUDA);
 }
 
 template <bool CUDA>
@@ -274,11 +389,31 @@ std::tuple<Tensor, Tensor> qaqp_attention(const Tensor &q, const Tensor &arena, 
                         CUDA);
 }
 
+template <bool CUDA>
+Six qaqp_requant_take(const Tensor &arena, const Tensor &plist, const Tensor &new_wk, const Tensor &new_wv,
+                      int64_t n, int64_t head_dim, at::ScalarType dtype, int64_t n_out_k, int64_t n_out_v,
+                      bool bounds) {
+  const OnDevice<CUDA> on(arena);
+  return requant_take_impl(arena, plist, new_wk, new_wv, n, head_dim, dtype, n_out_k, n_out_v, bounds, CUDA);
+}
+
+template <bool CUDA>
+void qaqp_compact(const Tensor &src, const Tensor &pages_src, const Tensor &n_pages_src, const Tensor &dst,
+                  const Tensor &top, const Tensor &open, const Tensor &pages, const Tensor &n_pages,
+                  const Tensor &flags, int64_t head_dim, at::ScalarType dtype, int64_t n_out_k,
+                  int64_t n_out_v, bool bounds) {
+  const OnDevice<CUDA> on(src);
+  compact_impl(src, pages_src, n_pages_src, dst, top, open, pages, n_pages, flags, head_dim, dtype, n_out_k,
+               n_out_v, bounds, CUDA);
+}
+
 template <bool CUDA, class Lib = torch::Library>
 void impls(Lib &m) {
   m.impl("qaqp_append", &qaqp_append<CUDA>);
   m.impl("qaqp_dequantize", &qaqp_dequantize<CUDA>);
   m.impl("qaqp_attention", &qaqp_attention<CUDA>);
+  m.impl("qaqp_requant_take", &qaqp_requant_take<CUDA>);
+  m.impl("qaqp_compact", &qaqp_compact<CUDA>);
 }
 
 }  // namespace
@@ -291,13 +426,21 @@ TORCH_LIBRARY_FRAGMENT(kvsparse, m) {
   m.def(
       "qaqp_append(Tensor k, Tensor v, Tensor wk, Tensor wv, Tensor pos0, Tensor count, "
       "Tensor(a!) arena, Tensor(b!) top, Tensor(c!) open, Tensor(d!) pages, Tensor(e!) n_pages, "
-      "Tensor(f!) flags, int n_out_k, int n_out_v, bool bounds) -> ()");
+      "Tensor(f!) flags, int n_out_k, int n_out_v, bool bounds, Tensor? pos=None) -> ()");
   m.def(
       "qaqp_dequantize(Tensor arena, Tensor plist, int head_dim, ScalarType dtype, int n_out_k, "
       "int n_out_v, bool bounds) -> (Tensor, Tensor, Tensor)");
   m.def(
       "qaqp_attention(Tensor q, Tensor arena, Tensor plist, int num_kv_heads, int n_out_k, "
       "int n_out_v, bool bounds, float scale, bool return_p_max) -> (Tensor, Tensor)");
+  m.def(
+      "qaqp_requant_take(Tensor(a!) arena, Tensor plist, Tensor new_wk, Tensor new_wv, int n, int head_dim, "
+      "ScalarType dtype, int n_out_k, int n_out_v, bool bounds) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
+  m.def(
+      "qaqp_compact(Tensor src, Tensor pages_src, Tensor n_pages_src, Tensor(a!) dst, Tensor(b!) top, "
+      "Tensor(c!) open, Tensor(d!) pages, Tensor(e!) n_pages, Tensor(f!) flags, int head_dim, "
+      "ScalarType dtype, int n_out_k, int n_out_v, bool bounds) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvsparse, CPU, m) { kvsparse::impls<false>(m); }

@@ -43,7 +43,7 @@ FLAG_ARENA, FLAG_PAGES = 1, 2
 _MAX_ARENA = 1 << 35
 
 __all__ = ["PAGE", "WIDTHS", "PagedStore", "page_bytes", "token_bytes", "alloc", "append",
-           "dequantize", "attention", "check", "live_tokens", "memory_report"]
+           "dequantize", "attention", "requantize", "compact", "check", "live_tokens", "memory_report"]
 
 
 def _up16(x):
@@ -165,12 +165,14 @@ def _widths(w, like, name):
     return w.contiguous()
 
 
-def append(store, k, v, wk, wv, pos0, count=None):
+def append(store, k, v, wk, wv, pos0, count=None, pos=None):
     """Quantizes ``k``, ``v`` [B, Hkv, n, D] into ``store`` in place.
 
     ``wk``, ``wv``: widths (ints or uint8 [B, Hkv, n]); ``pos0`` int32 [B]:
     the position of token 0 of each sequence; ``count`` int32 [B] (default
-    ``n``): how many of the n tokens of each sequence to take (ragged).
+    ``n``): how many of the n tokens of each sequence to take (ragged);
+    ``pos`` int32 [B, Hkv, n] (optional): each token's own position instead
+    of ``pos0 + i``. A token whose widths are not a class (e.g. 255) is skipped.
     """
     if not torch.is_tensor(k) or not torch.is_tensor(v):
         raise TypeError("kvsparse: k and v must be tensors")
@@ -181,7 +183,7 @@ def append(store, k, v, wk, wv, pos0, count=None):
     if count is None:
         count = torch.full((k.shape[0],), k.shape[2], dtype=torch.int32, device=k.device)
     _ops.ops.qaqp_append(k.contiguous(), v.contiguous(), _widths(wk, k, "wk"), _widths(wv, k, "wv"), pos0, count,
-                         *store.state(), *store.geom())
+                         *store.state(), *store.geom(), pos)
 
 
 def _plist(store, plist):
@@ -214,6 +216,68 @@ def attention(q, store, plist=None, scale=None, return_p_max=False):
     out, pm = _ops.ops.qaqp_attention(q.contiguous(), store.arena, _plist(store, plist), store.num_kv_heads,
                                       *store.geom(), s, bool(return_p_max))
     return (out, pm) if return_p_max else out
+
+
+def requantize(store, new_wk, new_wv, plist=None, max_moves=None):
+    """QAQ's re-quantization on pages: lowers stored tokens' widths, in place.
+
+    ``new_wk``, ``new_wv`` uint8 [B, Hkv, L, 64]: target widths of slot ``i``
+    of listed page ``j`` (``plist`` [B, Hkv, L], default every page, each page
+    listed once). A live token whose target is another class with widths no
+    larger than its own moves: it is dequantized, taken out of its page (a
+    hole, reclaimed by :func:`compact`) and appended again at the new widths
+    with its position. Any other target (255, a wider width, the same class)
+    leaves the token alone. At most ``max_moves`` tokens move per (sequence,
+    KV head) (default ``64 * L``: all; the staging buffers are ``max_moves``
+    rows of keys and values, so a smaller bound saves that transient), the
+    first in list order. Graph-capturable (no host sync); a full arena or
+    page list sets ``store.flags`` as :func:`append` does (the moving tokens
+    are then lost: :func:`check` raises). Returns ``moved`` int32 [B, Hkv].
+    """
+    pl = _plist(store, plist)
+    n = pl.shape[2] * PAGE if max_moves is None else _ops.int_arg(max_moves, "max_moves")
+    k, v, wk, wv, pos, moved = _ops.ops.qaqp_requant_take(store.arena, pl, new_wk, new_wv, n, store.head_dim,
+                                                          store.dtype, *store.geom())
+    B = pl.shape[0]
+    zeros = torch.zeros(B, dtype=torch.int32, device=pl.device)
+    count = torch.full((B,), n, dtype=torch.int32, device=pl.device)
+    _ops.ops.qaqp_append(k, v, wk, wv, zeros, count, *store.state(), *store.geom(), pos)
+    return moved
+
+
+def compact(store, arena_bytes=None, in_place=False):
+    """The store rewritten without holes (what :func:`requantize` left behind).
+
+    Every (sequence, KV head)'s live tokens are packed, class by class in page
+    order, into full pages (the last of each class partly filled; it becomes
+    the class's open page), with Quest bounds recomputed over the tokens that
+    are left. The new pages sit at consecutive addresses from 0, so ``top`` is
+    the bytes in use. Returns a new :class:`PagedStore` whose arena holds
+    ``arena_bytes`` (default: the bytes the source uses, read from ``top``: a
+    host sync), or with ``in_place`` writes the result back into ``store``'s
+    own buffers and returns ``store`` (the transient is a second copy of the
+    bytes in use). Runs outside captured graphs (it reads ``top``).
+    """
+    used = int(store.top.item()) * 16
+    A = max(16, _up16(used if arena_bytes is None or in_place else _ops.int_arg(arena_bytes, "arena_bytes")))
+    dev = store.arena.device
+    B, Hkv, maxp = store.pages.shape
+    out = PagedStore(arena=torch.zeros(A, dtype=torch.uint8, device=dev),
+                     top=torch.zeros(1, dtype=torch.int64, device=dev),
+                     open=torch.full((B, Hkv, NCLASS), -1, dtype=torch.int32, device=dev),
+                     pages=torch.full((B, Hkv, maxp), -1, dtype=torch.int32, device=dev),
+                     n_pages=torch.zeros(B, Hkv, dtype=torch.int32, device=dev),
+                     flags=store.flags.clone(),
+                     head_dim=store.head_dim, n_out_k=store.n_out_k, n_out_v=store.n_out_v, bounds=store.bounds,
+                     dtype=store.dtype)
+    _ops.ops.qaqp_compact(store.arena, store.pages, store.n_pages, out.arena, out.top, out.open, out.pages,
+                          out.n_pages, out.flags, store.head_dim, store.dtype, *store.geom())
+    if not in_place:
+        return out
+    store.arena[:A].copy_(out.arena)
+    for name in ("top", "open", "pages", "n_pages", "flags"):
+        getattr(store, name).copy_(getattr(out, name))
+    return store
 
 
 def check(store):
@@ -267,7 +331,8 @@ def _i32_fake(t, name, shape, layout, ref, ref_name):
 
 
 @torch.library.register_fake("kvsparse::qaqp_append")
-def _qaqp_append_fake(k, v, wk, wv, pos0, count, arena, top, open, pages, n_pages, flags, n_out_k, n_out_v, bounds):
+def _qaqp_append_fake(k, v, wk, wv, pos0, count, arena, top, open, pages, n_pages, flags, n_out_k, n_out_v, bounds,
+                      pos=None):
     _ops.check_float(k, "k")
     _ops.check_dim(k, 4, "k", "[B, Hkv, n, D]")
     _ops.check_same_dtype(v, "v", k, "k")
@@ -282,6 +347,8 @@ def _qaqp_append_fake(k, v, wk, wv, pos0, count, arena, top, open, pages, n_page
                            lambda: f"kvsparse: {name} must have shape [B, Hkv, n] = {(B, Hkv, n)}, got {tuple(t.shape)}")
     _i32_fake(pos0, "pos0", (B,), "[B]", k, "k")
     _i32_fake(count, "count", (B,), "[B]", k, "k")
+    if pos is not None:
+        _i32_fake(pos, "pos", (B, Hkv, n), "[B, Hkv, n]", k, "k")
     _arena_fake(arena, k, "k")
     _ops.check_dtype(top, torch.int64, "top")
     _i32_fake(open, "open", (B, Hkv, NCLASS), "[B, Hkv, 25]", k, "k")
@@ -317,3 +384,44 @@ def _qaqp_attention_fake(q, arena, plist, num_kv_heads, n_out_k, n_out_v, bounds
     L = plist.shape[2]
     pm = q.new_empty((B, num_kv_heads, L, PAGE) if return_p_max else (0,), dtype=torch.float32)
     return q.new_empty(q.shape), pm
+
+
+@torch.library.register_fake("kvsparse::qaqp_requant_take")
+def _qaqp_requant_take_fake(arena, plist, new_wk, new_wv, n, head_dim, dtype, n_out_k, n_out_v, bounds):
+    torch._check_type(dtype in (torch.float32, torch.float16, torch.bfloat16),
+                      lambda: f"kvsparse: dtype must be float32, float16 or bfloat16, got {dtype}")
+    _ops.check_head_dim(head_dim, arena.device)
+    _geom_fake(head_dim, n_out_k, n_out_v)
+    _arena_fake(arena, arena, "arena")
+    _i32_fake(plist, "plist", (None, None, None), "[B, Hkv, L]", arena, "arena")
+    B, Hkv, L = plist.shape
+    torch._check_value(0 <= n <= L * PAGE, lambda: f"kvsparse: n must be in [0, 64 * L = {L * PAGE}], got {n}")
+    for t, name in ((new_wk, "new_wk"), (new_wv, "new_wv")):
+        _ops.check_dtype(t, torch.uint8, name)
+        _ops.check_device(t, name, arena, "arena")
+        torch._check_value(tuple(t.shape) == (B, Hkv, L, PAGE),
+                           lambda: f"kvsparse: {name} must have shape [B, Hkv, L, 64] = {(B, Hkv, L, PAGE)}, "
+                                   f"got {tuple(t.shape)}")
+    k = arena.new_empty((B, Hkv, n, head_dim), dtype=dtype)
+    w = arena.new_empty((B, Hkv, n), dtype=torch.uint8)
+    return (k, torch.empty_like(k), w, torch.empty_like(w), arena.new_empty((B, Hkv, n), dtype=torch.int32),
+            arena.new_empty((B, Hkv), dtype=torch.int32))
+
+
+@torch.library.register_fake("kvsparse::qaqp_compact")
+def _qaqp_compact_fake(src, pages_src, n_pages_src, dst, top, open, pages, n_pages, flags, head_dim, dtype, n_out_k,
+                       n_out_v, bounds):
+    torch._check_type(dtype in (torch.float32, torch.float16, torch.bfloat16),
+                      lambda: f"kvsparse: dtype must be float32, float16 or bfloat16, got {dtype}")
+    _ops.check_head_dim(head_dim, src.device)
+    _geom_fake(head_dim, n_out_k, n_out_v)
+    _arena_fake(src, src, "src")
+    _arena_fake(dst, src, "src")
+    _i32_fake(pages_src, "pages_src", (None, None, None), "[B, Hkv, maxp_src]", src, "src")
+    B, Hkv, _ = pages_src.shape
+    _i32_fake(n_pages_src, "n_pages_src", (B, Hkv), "[B, Hkv]", src, "src")
+    _ops.check_dtype(top, torch.int64, "top")
+    _i32_fake(open, "open", (B, Hkv, NCLASS), "[B, Hkv, 25]", src, "src")
+    _i32_fake(pages, "pages", (B, Hkv, None), "[B, Hkv, maxp]", src, "src")
+    _i32_fake(n_pages, "n_pages", (B, Hkv), "[B, Hkv]", src, "src")
+    _i32_fake(flags, "flags", (1,), "[1]", src, "src")
