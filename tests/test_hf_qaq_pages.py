@@ -209,3 +209,67 @@ def test_key_channel_scale_eight_bits_greedy_and_its_bytes():
     assert reps[1]["scale_zero"] - reps[0]["scale_zero"] == extra
     cache.reset()
     assert all((lay.storage.kscale == 0).all() for lay in cache.layers)
+
+
+# ------------------------------------------------------- page_requant
+REQ = dict(ADAPT, page_requant=True, requant_every=2, compact_every=2)
+
+
+def test_page_requant_is_validated():
+    with pytest.raises(ValueError, match="page_requant needs layout='pages'"):
+        kvsparse.make_config("qaq", page_requant=True)
+    with pytest.raises(TypeError, match="page_requant"):
+        kvsparse.make_config("qaq", layout="pages", page_requant=1)
+    model = tiny_model(layers=1)
+    with hf.patched(model, method="qaq", **REQ):
+        with pytest.raises(ValueError, match="page_requant=True\\) needs a dynamic cache"):
+            kvsparse.make_cache(model, batch_size=1, max_cache_len=64)
+
+
+def test_page_requant_lowers_decode_tokens_widths_never_rise_and_compacts():
+    """Decode tokens, stored at 8 bits, are lowered by the re-quantization;
+    every position stays held exactly once; no width rises; the holes are
+    compacted."""
+    model = tiny_model(layers=2)
+    ids = prompt(60)
+    widths = []
+
+    class Spy:  # widths per position after each generated token
+        def __call__(self, input_ids, scores):
+            widths.append([_by_position(layer)[2].clone() for layer in cache.layers])
+            return scores
+
+    with hf.patched(model, method="qaq", **REQ):
+        cache = kvsparse.make_cache(model)
+        model.generate(ids, max_new_tokens=14, do_sample=False, logits_processor=[Spy()],
+                       **kvsparse.cache_kwargs(model, cache))
+    T = 60 + 14 - 1
+    lowered = False
+    for i, layer in enumerate(cache.layers):
+        st = layer.storage
+        assert st.num_compactions >= 1
+        _, _, pos = qaqp.dequantize(st.st)
+        assert sorted(pos[pos >= 0].view(-1).tolist()) == sorted(list(range(T)) * st.num_heads)
+        w = _by_position(layer)[2]
+        assert (w[:, :, T - REQ["n_recent"]:] == 8).all()
+        lowered |= bool((w[:, :, 60:T - REQ["n_recent"]] < 8).any())
+        for a, b in zip(widths, widths[1:]):  # a position's widths never rise
+            n = a[i].shape[2]
+            assert (b[i][:, :, :n] <= a[i]).all()
+    assert lowered
+    assert cache.memory_report()["window"] > 0
+
+
+def test_page_requant_lowers_mean_widths_over_settled_ones():
+    """The tokens' mean widths fall below those that prefill and decode settle
+    (at this size each class's partly filled 64-slot page, not the widths,
+    decides the bytes: that is measured on the real models)."""
+    model = tiny_model(layers=2)
+    ids = prompt(60)
+    mean = {}
+    for on in (False, True):
+        with hf.patched(model, method="qaq", **dict(REQ, page_requant=on)):
+            out = greedy(model, ids, n=30, return_dict_in_generate=True)
+        w = torch.cat([_by_position(layer)[2].float() for layer in out.past_key_values.layers], dim=1)
+        mean[on] = w.mean().item()
+    assert mean[True] < mean[False]

@@ -22,6 +22,8 @@
 //   dequantize   a block per listed page
 //   attention    split-K over page ranges of each (b, hk) on tensor cores, then
 //                a merge kernel (and a p_max kernel); see the attention section.
+//   requant_take, compact: qaqp_maint_cuda.cu. Device code both files use (dtype
+//                bits, page_at, deq_elem, bound_slots): qaqp_cuda_common.cuh.
 //
 // Quantization of a group (one warp): outliers by 2 n_side rounds of a warp
 // minimum over the 48-bit rank keys of qaq.h (rank << 16 | e; a round takes

@@ -87,6 +87,18 @@ class QAQConfig(MethodConfig):
             ``alpha_v=0.02``): SmolLM2 at 2k, sigma 0.01, 38.79 (+0.7%) at
             2.64x against 39.55 at 2.46x by default; beside the outliers it
             did not help (``benchmarks/NOTES_qaq_format.md``).
+        page_requant: ``False`` (default), or ``True`` (``layout="pages"``,
+            dynamic caches only): re-quantize during decoding as the offsets
+            layout does. Every ``requant_every`` decode steps the widths of
+            the stored tokens are re-evaluated (keys from the largest
+            ``|q|^2`` since the last re-quantization, values from each
+            token's largest attention weight over those steps) and a token
+            whose class falls moves to a page of its new class
+            (:func:`kvsparse.qaqp.requantize`: dequantized and quantized
+            again, at most 1024 tokens per sequence, KV head and call); the
+            holes are reclaimed by a compaction (:func:`kvsparse.qaqp.compact`,
+            host side) every ``compact_every`` re-quantizations. Off by
+            default until it is measured on the GPU.
         cache_dtype: ``None``: the model's dtype, but float16 for a float32
             model (outliers and scales are 16-bit on every device); or
             ``"float16"``, ``"bfloat16"``, ``"float32"``.
@@ -142,6 +154,7 @@ class QAQConfig(MethodConfig):
     cache_dtype: Optional[str] = None
     layout: str = "offsets"
     key_channel_scale: Optional[str] = None
+    page_requant: bool = False
 
     def validate(self):
         super().validate()
@@ -189,6 +202,11 @@ class QAQConfig(MethodConfig):
         if self.key_channel_scale not in (None, "absmax", "sqrt"):
             raise ValueError(
                 f"kvsparse: key_channel_scale must be None, 'absmax' or 'sqrt', got {self.key_channel_scale!r}")
+        if not isinstance(self.page_requant, bool):
+            raise TypeError(f"kvsparse: page_requant must be a bool, got {type(self.page_requant).__name__}")
+        if self.page_requant and self.layout != "pages":
+            raise ValueError("kvsparse: page_requant needs layout='pages' (the offsets layout re-quantizes in "
+                             f"place already), got layout={self.layout!r}")
         if self.key_channel_scale is not None and self.layout != "pages":
             raise ValueError("kvsparse: key_channel_scale needs layout='pages' (the offsets layout has no channel "
                              f"scale), got layout={self.layout!r}")

@@ -17,11 +17,17 @@ Widths are settled once, when a token is stored:
   width;
 * a decode token is stored at the largest width (``uniform_bits`` when set).
 
-So, unlike the offsets layout, nothing is re-quantized during decoding
-(``requant_every`` and ``compact_every`` have no effect): a decode token stays
-at the largest width, and a prompt token at the widths its prefill gave it.
-Moving tokens to lower classes later (a re-quantization that leaves holes in
-pages, and a compaction) is not built yet.
+By default nothing is re-quantized during decoding (``requant_every`` and
+``compact_every`` have no effect): a decode token stays at the largest width,
+and a prompt token at the widths its prefill gave it. With
+``QAQConfig(page_requant=True)`` (dynamic caches) every ``requant_every``
+decode steps the widths are re-evaluated from QAQ's bounds over the tokens'
+stored ranges (keys: the largest ``|q|^2`` since the last re-quantization;
+values: each slot's largest attention weight over those steps, from the
+attention's ``p_max``), and the tokens whose class falls move to pages of
+their new class (:func:`kvsparse.qaqp.requantize`, which leaves holes); every
+``compact_every`` re-quantizations :func:`kvsparse.qaqp.compact` rewrites the
+layer without holes (host side).
 
 Memory: a static layer's arena is sized for every slot at the largest width
 (fixed addresses; its report counts the bytes in use); a dynamic layer's
@@ -55,6 +61,12 @@ class BinnedQuantKV(Part):
         self._room = 0  # dynamic layers: arena bytes known to be free (host bound)
         #: ``key_channel_scale``: the keys' channel scale ``s`` [B, Hkv, D] (zeros: not set yet)
         self.kscale = None
+        #: ``page_requant``: each slot's largest attention weight since the last
+        #: re-quantization [B, Hkv, maxp, 64], the largest ``|q|^2`` [B, Hkv],
+        #: decode steps and re-quantizations since the last re-quantization / compaction
+        self.win = self.q_sq = None
+        self._steps = self._requants = 0
+        self.num_compactions = 0
 
     def store_dtype(self, model_dtype):
         return self.config.store_dtype(model_dtype)
@@ -77,8 +89,15 @@ class BinnedQuantKV(Part):
     def init(self, layer):
         self.num_heads, self.head_dim = layer.num_heads, layer.head_dim
 
+    @property
+    def requant(self):
+        return self.config.page_requant and self.adaptive
+
     def allocate(self, layer, capacity):
         B, Hkv, D = layer.batch_size, self.num_heads, self.head_dim
+        if self.config.page_requant and self.static:
+            raise ValueError("kvsparse: QAQConfig(page_requant=True) needs a dynamic cache: its compaction runs "
+                             "on the host between steps; use the default cache or page_requant=False")
         n_k, n_v = self._n_out(self.config.alpha), self._n_out(self.config.value_alpha)
         maxp = -(-capacity // qaqp.PAGE) + qaqp.NCLASS
         pb = qaqp.page_bytes(D, self.width, self.width, n_k, n_v, layer.dtype)
@@ -268,7 +287,99 @@ class BinnedQuantKV(Part):
     def decode_attention(self, layer, q, scaling):
         self._flush(layer)
         qs = self._scaled_query(q) if self.kscale is not None else q
-        return qaqp.attention(qs.to(layer.dtype).contiguous(), self.st, scale=scaling).to(q.dtype)
+        qd = qs.to(layer.dtype).contiguous()
+        if not self.requant:
+            return qaqp.attention(qd, self.st, scale=scaling).to(q.dtype)
+        out, pm = qaqp.attention(qd, self.st, scale=scaling, return_p_max=True)
+        self._after_decode(layer, qs.detach(), pm, scaling)
+        return out.to(q.dtype)
+
+    # ------------------------------------------------------- re-quantization
+    def _after_decode(self, layer, q, pm, scaling):
+        """``page_requant``: the step's attention weights and ``|q|^2`` into
+        the window; re-quantizes every ``requant_every`` steps."""
+        if self.win is None or self.win.shape != pm.shape:
+            win = torch.zeros_like(pm)
+            if self.win is not None:  # the page list grew: its entries keep their places
+                m = min(self.win.shape[2], pm.shape[2])
+                win[:, :, :m] = self.win[:, :, :m]
+            self.win = win
+        torch.maximum(self.win, pm, out=self.win)
+        qs = qaq.query_sq(q.float(), self.num_heads, scaling)
+        self.q_sq = qs if self.q_sq is None else torch.maximum(self.q_sq, qs)
+        self._steps += 1
+        cfg = self.config
+        if cfg.requant_every and self._steps >= cfg.requant_every:
+            self.requantize(layer)
+            if cfg.compact_every and self._requants >= cfg.compact_every:
+                self.compact(layer)
+
+    #: at most this many tokens move per (sequence, KV head) and re-quantization
+    #: (the staging rows of qaqp.requantize); the others move at the next one
+    MAX_MOVES = 1024
+
+    def _slots(self):
+        """Per listed page and slot: (wk, wv) [B, Hkv, maxp, 1], live [B, Hkv, maxp, 64],
+        position int64, and the stored key / value scales (float32), read from the
+        page headers and regions (no dequantization)."""
+        st = self.st
+        B, Hkv, M = st.pages.shape
+        lay = qaqp.layout(self.head_dim, 0, 0, st.n_out_k, st.n_out_v, st.dtype, st.bounds)
+        rows = st.arena.view(-1, 16)
+        base = st.pages.clamp(min=0).long()  # units of 16 bytes
+        listed = (st.pages >= 0)[..., None]
+
+        def region(off, nbytes):
+            idx = base[..., None] + off // 16 + torch.arange(nbytes // 16, device=base.device)
+            return rows[idx].reshape(B, Hkv, M, nbytes)
+
+        hdr = region(0, 16)
+        wk, wv = hdr[..., 8:9], hdr[..., 9:10]
+        bits = torch.arange(64, device=base.device)
+        live = ((hdr[..., :8].long()[..., bits // 8] >> (bits % 8)) & 1).bool() & listed
+        pos = region(lay["pos"], 256).view(torch.int32).long()
+        sk = region(lay["ksz"], 256).view(torch.float16).view(B, Hkv, M, 64, 2)[..., 0].float()
+        sv = region(lay["vsz"], 256).view(torch.float16).view(B, Hkv, M, 64, 2)[..., 0].float()
+        return wk, wv, live, pos, sk, sv
+
+    @torch.no_grad()
+    def requantize(self, layer):
+        """QAQ's bounds over every stored token, and the moves to lower classes."""
+        cfg, st = self.config, self.st
+        B, Hkv, M = st.pages.shape
+        wk, wv, live, pos, sk, sv = self._slots()
+        seq_lens = layer.seq_lens.to(torch.int32)
+        T = max(int(seq_lens.max()), 1)
+        at = torch.where(live & (pos >= 0) & (pos < T), pos, T).view(B, Hkv, M * 64)
+
+        def row(x):
+            r = torch.zeros(B, Hkv, T + 1, dtype=torch.float32, device=x.device)
+            r.scatter_(2, at, x.reshape(B, Hkv, M * 64).float())
+            return r[:, :, :T].contiguous()
+
+        steps = lambda w: torch.exp2(w.float()).sub_(1.0).clamp_(min=1.0)  # noqa: E731  qaq.stored_range
+        kb = qaq.key_bits(row(sk * steps(wk)), self.q_sq.contiguous(), seq_lens, cfg.key_sigma, cfg.allowed,
+                          cfg.n_recent)
+        vb = qaq.value_bits(row(sv * steps(wv)), row(self.win), seq_lens, cfg.value_sigma, cfg.allowed,
+                            cfg.n_recent)
+        g = at.clamp(max=T - 1)
+        keep = torch.tensor(255, dtype=torch.uint8, device=g.device)
+        nk = torch.where(live, kb.gather(2, g).view(B, Hkv, M, 64), keep).contiguous()
+        nv = torch.where(live, vb.gather(2, g).view(B, Hkv, M, 64), keep).contiguous()
+        n = min(self.MAX_MOVES, T)  # no more than the tokens a sequence holds
+        # room: the moved tokens take new pages (at most one per 64 plus one per class)
+        extra = -(-n // qaqp.PAGE) + qaqp.NCLASS
+        self._ensure_room(layer, B * Hkv * extra * self._page_max(layer))
+        if int(st.n_pages.max()) + extra > M:
+            grown = torch.full((B, Hkv, M + extra), -1, dtype=torch.int32, device=st.pages.device)
+            grown[:, :, :M] = st.pages
+            self.st = st = st._replace(pages=grown)
+        qaqp.requantize(st, nk, nv, plist=st.pages[:, :, :M].contiguous(), max_moves=n)
+        qaqp.check(st)
+        self.win.zero_()
+        self.q_sq.zero_()
+        self._steps = 0
+        self._requants += 1
 
     # --------------------------------------------------------------- memory
     def memory_report(self, layer):
@@ -295,15 +406,31 @@ class BinnedQuantKV(Part):
         rep = {"codes": codes, "scale_zero": 8 * tokens + ch, "widths": 0, "offsets": 0,
                "outliers": tokens * (st.n_out_k + st.n_out_v) * (2 + torch.empty((), dtype=st.dtype).element_size()),
                "total": used + meta, "fp16": tokens * self.head_dim * 2 * 2, "arena": st.arena.numel(),
-               "allocated": st.arena.numel() + meta, "window": 0}
+               "allocated": st.arena.numel() + meta,
+               "window": self.win.numel() * 4 + self.q_sq.numel() * 4 if self.win is not None else 0}
         return _finish_report(rep)
 
     # ------------------------------------------------------ Cache API bits
     def compact(self, layer):
-        """Nothing to compact: no re-quantization leaves holes (yet)."""
+        """``page_requant``: rewrite the layer's pages without the holes that
+        re-quantization left (:func:`kvsparse.qaqp.compact`; host side, a
+        dynamic layer only). Otherwise nothing leaves holes: a no-op."""
+        if not self.requant or self.st is None or self._requants == 0:
+            return
+        self._flush(layer)
+        used = int(self.st.top.item()) * 16
+        B, Hkv = self.st.pages.shape[:2]
+        head = B * Hkv * (qaqp.NCLASS + 1) * self._page_max(layer)
+        self.st = qaqp.compact(self.st, arena_bytes=used + head)
+        self._room = 0
+        self._requants = 0
+        self.win = None
+        self.num_compactions += 1
 
     def reset(self, layer):
         self._fresh = None
+        self.win = self.q_sq = None
+        self._steps = self._requants = 0
         if self.st is not None:
             qaqp.reset(self.st)
         if self.kscale is not None:
