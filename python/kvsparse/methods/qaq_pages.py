@@ -366,9 +366,16 @@ class BinnedQuantKV(Part):
         keep = torch.tensor(255, dtype=torch.uint8, device=g.device)
         nk = torch.where(live, kb.gather(2, g).view(B, Hkv, M, 64), keep).contiguous()
         nv = torch.where(live, vb.gather(2, g).view(B, Hkv, M, 64), keep).contiguous()
-        n = min(self.MAX_MOVES, T)  # no more than the tokens a sequence holds
+        # the tokens that will move (qaqp.h section 4; a dynamic layer may sync):
+        # their count bounds the staging rows and the new pages
+        ok = lambda x: (x == 0) | (x == 1) | (x == 2) | (x == 4) | (x == 8)  # noqa: E731
+        moving = live & ok(nk) & ok(nv) & (nk <= wk) & (nv <= wv) & ((nk != wk) | (nv != wv))
+        n = min(self.MAX_MOVES, int(moving.sum(dim=(2, 3)).max()))
+        if n == 0:
+            self._done_requant()
+            return
         # room: the moved tokens take new pages (at most one per 64 plus one per class)
-        extra = -(-n // qaqp.PAGE) + qaqp.NCLASS
+        extra = -(-n // qaqp.PAGE) + min(n, qaqp.NCLASS)
         self._ensure_room(layer, B * Hkv * extra * self._page_max(layer))
         if int(st.n_pages.max()) + extra > M:
             grown = torch.full((B, Hkv, M + extra), -1, dtype=torch.int32, device=st.pages.device)
@@ -376,6 +383,9 @@ class BinnedQuantKV(Part):
             self.st = st = st._replace(pages=grown)
         qaqp.requantize(st, nk, nv, plist=st.pages[:, :, :M].contiguous(), max_moves=n)
         qaqp.check(st)
+        self._done_requant()
+
+    def _done_requant(self):
         self.win.zero_()
         self.q_sq.zero_()
         self._steps = 0
