@@ -441,6 +441,37 @@ def test_qaq_large_finite_values_within_fp16_stay_finite():
     assert torch.equal(qaq.dequantize(st_k, _lens(3))[:, :, :3], d)  # the stored tokens are untouched
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_qaqp_ops_on_a_corrupt_arena_stay_in_bounds(seed):
+    """Every paged-QAQ op over random arena bytes and random page addresses
+    (valid, out of range, misaligned into another page, -1) reads and writes
+    inside its buffers (the sanitizer CI step runs this file under ASan) and
+    returns without error."""
+    from kvsparse import qaqp
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, D, L = 2, 2, 64, 6
+    st = qaqp.alloc(B, Hkv, D, 200, dtype=torch.float16, bounds=True)
+    k = torch.randn(B, Hkv, 150, D, generator=g).half()
+    qaqp.append(st, k, k, 4, 8, torch.zeros(B, dtype=I32))
+    A = st.arena.numel() // 16
+    top = int(st.top)
+    # corrupt: random bytes over part of the used arena, and random addresses in the lists
+    n = int(torch.randint(1, max(2, 16 * top // 4), (1,), generator=g))
+    at = int(torch.randint(0, max(1, 16 * top - n), (1,), generator=g))
+    st.arena[at:at + n] = torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
+    plist = torch.randint(-3, A + 40, (B, Hkv, L), generator=g, dtype=I32)
+    plist[..., :2] = st.pages[..., :2]
+    st.pages[..., 1] = torch.randint(-2, A + 40, (B, Hkv), generator=g, dtype=I32)
+    st.n_pages.copy_(torch.randint(-1, st.pages.shape[2] + 3, (B, Hkv), generator=g, dtype=I32))
+    q = torch.randn(B, 4, D, generator=g).half()
+    qaqp.dequantize(st, plist)
+    qaqp.attention(q, st, plist, return_p_max=True)
+    nk = torch.randint(0, 256, (B, Hkv, L, 64), generator=g, dtype=torch.uint8)
+    OPS.qaqp_requant_take(st.arena, plist, nk, nk.flip(-1).contiguous(), 40, D, torch.float16, 2, 2, True)
+    qaqp.compact(st, arena_bytes=16 * top)
+    qaqp.compact(st, arena_bytes=16 * (top // 3))
+
+
 def test_no_backward_under_no_grad_or_detached():
     """kvsparse's ops refuse tensors that require grad only under grad mode."""
     a = _base()

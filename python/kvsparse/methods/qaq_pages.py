@@ -83,8 +83,10 @@ class BinnedQuantKV(Part):
     def _n_out(self, alpha):
         return qaqp.outlier_count(alpha, self.head_dim)
 
-    def _page_max(self, layer):
-        return qaqp.page_bytes(self.head_dim, self.width, self.width, self.st.n_out_k, self.st.n_out_v, layer.dtype)
+    def _page_max(self, layer, n_out=None):
+        """Bytes of the largest page (both widths at the largest): what one new page may take."""
+        n_k, n_v = n_out if n_out is not None else (self.st.n_out_k, self.st.n_out_v)
+        return qaqp.page_bytes(self.head_dim, self.width, self.width, n_k, n_v, layer.dtype)
 
     def init(self, layer):
         self.num_heads, self.head_dim = layer.num_heads, layer.head_dim
@@ -100,7 +102,7 @@ class BinnedQuantKV(Part):
                              "on the host between steps; use the default cache or page_requant=False")
         n_k, n_v = self._n_out(self.config.alpha), self._n_out(self.config.value_alpha)
         maxp = -(-capacity // qaqp.PAGE) + qaqp.NCLASS
-        pb = qaqp.page_bytes(D, self.width, self.width, n_k, n_v, layer.dtype)
+        pb = self._page_max(layer, (n_k, n_v))
         if self.static or self.st is None:
             # static: every slot at the largest width; dynamic: start with that for `capacity`
             A = B * Hkv * maxp * pb
