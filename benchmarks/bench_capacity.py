@@ -260,18 +260,27 @@ def attention_skipped():
                 m.continuation_kv = fn
 
 
-def fill_chunked(model, ids, cache, chunk, device, synthetic):
+def fill_chunked(model, ids, cache, chunk, device, synthetic, transients=None):
     """Prefill ``ids[:, :-1]`` (batch 1) into ``cache`` in chunks of ``chunk`` tokens
-    (``synthetic``: under :func:`attention_skipped`); returns the seconds per chunk."""
+    (``synthetic``: under :func:`attention_skipped`); returns the seconds per chunk.
+
+    On CUDA, ``transients`` (a list) gets each chunk's peak memory above what was allocated
+    when the chunk began (its activations and temporaries: the memory profile of the prefill;
+    the cache itself is allocated before). The peak statistics are reset per chunk, so the
+    fill's overall peak is appended last (the caller pops it)."""
     from kvsparse import _compat
 
     S = ids.shape[1]
     times = []
+    overall = peak_bytes(device)
     ctx = attention_skipped() if synthetic else contextlib.nullcontext()
     with ctx, torch.no_grad():
         for a in range(0, S - 1, chunk):
             b = min(a + chunk, S - 1)
             sync(device)
+            if transients is not None and device.type == "cuda":
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             pos = torch.arange(a, b, device=device).unsqueeze(0)
             out = model(ids[:, a:b], position_ids=pos, use_cache=True, logits_to_keep=1,
@@ -279,7 +288,14 @@ def fill_chunked(model, ids, cache, chunk, device, synthetic):
             del out
             sync(device)
             times.append(time.perf_counter() - t0)
-            print(f"  {'fill' if synthetic else 'prefill'} {b}/{S - 1}: {times[-1]:.2f} s", flush=True)
+            extra = ""
+            if transients is not None and device.type == "cuda":
+                overall = max(overall, peak_bytes(device))
+                transients.append(peak_bytes(device) - base)
+                extra = f", transient {transients[-1] / 2**30:.2f} GiB"
+            print(f"  {'fill' if synthetic else 'prefill'} {b}/{S - 1}: {times[-1]:.2f} s{extra}", flush=True)
+    if transients is not None and device.type == "cuda":
+        transients.append(overall)  # the last entry: the fill's overall peak (popped by the caller)
     return times
 
 
@@ -294,9 +310,10 @@ def run_method(model, ids, args, device, compile_ok):
     N = S + new
     reset_peak(device)
     batch = kvsparse.make_cache(model, batch_size=B, max_cache_len=N)
-    prefill, load = [], 0.0
+    prefill, load, transients = [], 0.0, []
     if args.fill != "batch":
-        prefill = fill_chunked(model, ids, batch, args.prefill_chunk, device, args.fill == "synthetic")
+        prefill = fill_chunked(model, ids, batch, args.prefill_chunk, device, args.fill == "synthetic",
+                               transients)
         load = None
     else:
         single = kvsparse.make_cache(model, batch_size=1, max_cache_len=N)
@@ -317,10 +334,12 @@ def run_method(model, ids, args, device, compile_ok):
             load += time.perf_counter() - t1
             print(f"  prefill {b + 1}/{B}: {prefill[-1]:.2f} s", flush=True)
         del single
-    prefill_peak = peak_bytes(device)
+    prefill_peak = transients.pop() if transients else peak_bytes(device)
     free(device)
     ms, gen_s = timed_generate(model, ids, batch, new, args.skip, compile_ok)
     peak = peak_bytes(device)
+    if peak is not None:
+        peak = max(peak, prefill_peak)
     for _, layer in batch.kvsparse_layers():  # generate() ran the last prompt column only, then decoded
         if layer.seq_lens.tolist() != [S - 1 + new] * B:
             raise RuntimeError(f"kvsparse cache lengths {layer.seq_lens.tolist()} after generate(), "
@@ -331,7 +350,8 @@ def run_method(model, ids, args, device, compile_ok):
     del batch
     free(device)
     return dict(B=B, prefill_s=sum(prefill), prefill_each_s=prefill, load_s=load, decode_ms=ms, generate_s=gen_s,
-                peak=peak, prefill_peak=prefill_peak, kv=rep_total if rep_total is not None else held, held=held,
+                peak=peak, prefill_peak=prefill_peak, chunk_transients=transients,
+                kv=rep_total if rep_total is not None else held, held=held,
                 kv_basis="memory_report" if rep_total is not None else "state_tensors", report_total=rep_total)
 
 
@@ -485,6 +505,7 @@ def main(argv=None):
                 decode_ms=res["decode_ms"], tok_s=res["B"] * 1000 / res["decode_ms"], generate_s=res["generate_s"],
                 peak_gib=res["peak"] / 2**30 if res["peak"] is not None else None,
                 prefill_peak_gib=res["prefill_peak"] / 2**30 if res.get("prefill_peak") is not None else None,
+                chunk_transient_gib=[t / 2**30 for t in res.get("chunk_transients") or []] or None,
                 kv_gib=res["kv"] / 2**30, kv_basis=res["kv_basis"], held_gib=res["held"] / 2**30,
                 step_read_gib=nbytes / 2**30 if nbytes is not None else None, floor_basis=basis,
                 floor_ms=floor_ms, floor_share=floor_ms / res["decode_ms"] if floor_ms else None)
@@ -536,7 +557,8 @@ def write_table(jsonl):
         f"# Capacity: B long sequences decoded from one kvsparse cache vs the largest dense batch ({r0['date']})", "",
         f"Device: {r0['device']}, torch {r0['torch']}, transformers {r0['transformers']}; copy bandwidth "
         f"{r0['bw_tbs']:.2f} TB/s. Random-weight models, greedy `generate()` of `new` tokens after S - 1 cached "
-        "tokens; `python benchmarks/bench_capacity.py` (see its docstring).", "",
+        "tokens; `python benchmarks/bench_capacity.py` (see its docstring). Chunked rows give the prefill's memory "
+        "profile: each chunk's peak above the memory allocated when it began (the cache is allocated before).", "",
         "Method rows: a static kvsparse cache prefilled sequence by sequence (one batch-1 cache, `load_sequence`), "
         "prefill = the sum of the sequences' forwards. Dense rows: transformers' StaticCache at the largest batch "
         "that fits, filled with random values instead of a prefill (decode speed does not depend on the content). "
@@ -553,11 +575,16 @@ def write_table(jsonl):
         tok, dt = r.get("tok_s"), dense_tok.get(r["run"])
         x = tok / dt if (tok and dt and r["method"] != "dense") else None
         dec = r["error"] if r.get("error") else fmt(r.get("decode_ms"), ".2f")
+        note = r.get("note", "")
+        tr = r.get("chunk_transient_gib")
+        if tr:  # the prefill's memory profile: each chunk's peak above what was allocated before it
+            note += (f"; chunk transient {tr[0]:.2f} GiB (first chunk), {tr[-1]:.2f} (last), max {max(tr):.2f}; "
+                     f"prefill peak {r['prefill_peak_gib']:.1f} GiB")
         lines.append(
             f"| {r['shape']} | {r['S']} | {r['new']} | {r['method']} | {fmt(r.get('B'), 'd')} | "
             f"{fmt(r.get('prefill_s'), '.1f')} | {dec} | {fmt(tok, '.1f')} | {fmt(x, '.2f')} | "
             f"{fmt(r.get('peak_gib'), '.1f')} | {fmt(r.get('kv_gib'), '.2f')} | {fmt(r.get('held_gib'), '.2f')} | "
-            f"{fmt(r.get('floor_ms'), '.2f')} | {fmt(r.get('floor_share'), '.2f')} | {r.get('note', '')} |")
+            f"{fmt(r.get('floor_ms'), '.2f')} | {fmt(r.get('floor_share'), '.2f')} | {note} |")
     text = "\n".join(lines) + "\n"
     with open(jsonl[: -len(".jsonl")] + ".md", "w") as f:
         f.write(text)
