@@ -61,6 +61,17 @@ void check_i32(const Tensor &t, const char *name, std::initializer_list<int64_t>
   }
 }
 
+// the checks of an op that reads a store as `dtype` (dequantize, re-quantization, compaction):
+// the dtype, head_dim and geometry; sets *dt
+ks_qaqp_geom store_geom(at::ScalarType dtype, int64_t D, int64_t n_out_k, int64_t n_out_v, bool bounds,
+                        bool cuda, ks_dtype *dt) {
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "kvsparse: dtype must be float32, float16 or bfloat16, got ", dtype);
+  check_head_dim(D, cuda);
+  *dt = dtype == at::kFloat ? KS_F32 : dtype == at::kHalf ? KS_F16 : KS_BF16;
+  return make_geom(D, n_out_k, n_out_v, bounds, dtype);
+}
+
 // plist [B, Hkv, L]: addresses (CPU: each -1 or naming a page is not required;
 // a non-page reads as empty, by the kernels' contract)
 void check_plist(const Tensor &plist, int64_t B, int64_t Hkv, const Tensor &ref,
@@ -175,17 +186,11 @@ std::tuple<Tensor, Tensor, Tensor> dequantize_impl(const Tensor &arena, const Te
                                                    int64_t D, at::ScalarType dtype, int64_t n_out_k,
                                                    int64_t n_out_v, bool bounds, bool cuda) {
   const char *op = "qaqp_dequantize";
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "kvsparse: dtype must be float32, float16 or bfloat16, got ", dtype);
-  check_head_dim(D, cuda);
-  const ks_qaqp_geom g = make_geom(D, n_out_k, n_out_v, bounds, dtype);
+  ks_dtype dt;
+  const ks_qaqp_geom g = store_geom(dtype, D, n_out_k, n_out_v, bounds, cuda, &dt);
   check_arena(arena, arena, "arena");
-  check_int32(plist, "plist");
-  check_dim(plist, 3, "plist", "[B, Hkv, L]");
-  check_contig(plist, "plist");
-  check_device(plist, "plist", arena, "arena");
+  check_i32(plist, "plist", {-1, -1, -1}, "[B, Hkv, L]", arena, "arena");
   const int64_t B = plist.size(0), Hkv = plist.size(1), L = plist.size(2);
-  const ks_dtype dt = dtype == at::kFloat ? KS_F32 : dtype == at::kHalf ? KS_F16 : KS_BF16;
   Tensor kout = at::empty({B, Hkv, L * KS_QAQP_P, D}, arena.options().dtype(dtype));
   Tensor vout = at::empty_like(kout);
   Tensor pos = at::empty({B, Hkv, L * KS_QAQP_P}, arena.options().dtype(at::kInt));
@@ -261,15 +266,10 @@ Six requant_take_impl(const Tensor &arena, const Tensor &plist, const Tensor &ne
                       const Tensor &new_wv, int64_t n, int64_t D, at::ScalarType dtype,
                       int64_t n_out_k, int64_t n_out_v, bool bounds, bool cuda) {
   const char *op = "qaqp_requant_take";
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "kvsparse: dtype must be float32, float16 or bfloat16, got ", dtype);
-  check_head_dim(D, cuda);
-  const ks_qaqp_geom g = make_geom(D, n_out_k, n_out_v, bounds, dtype);
+  ks_dtype dt;
+  const ks_qaqp_geom g = store_geom(dtype, D, n_out_k, n_out_v, bounds, cuda, &dt);
   check_arena(arena, arena, "arena");
-  check_int32(plist, "plist");
-  check_dim(plist, 3, "plist", "[B, Hkv, L]");
-  check_contig(plist, "plist");
-  check_device(plist, "plist", arena, "arena");
+  check_i32(plist, "plist", {-1, -1, -1}, "[B, Hkv, L]", arena, "arena");
   const int64_t B = plist.size(0), Hkv = plist.size(1), L = plist.size(2);
   TORCH_CHECK_VALUE(n >= 0 && n <= L * KS_QAQP_P, "kvsparse: n must be in [0, 64 * L = ", L * KS_QAQP_P,
                     "] (at most every listed slot moves), got ", n);
@@ -290,7 +290,6 @@ Six requant_take_impl(const Tensor &arena, const Tensor &plist, const Tensor &ne
   Tensor pos = at::empty({B, Hkv, n}, opt.dtype(at::kInt));
   Tensor moved = at::zeros({B, Hkv}, opt.dtype(at::kInt));
   if (B * Hkv == 0) return {kout, vout, wko, wvo, pos, moved};
-  const ks_dtype dt = dtype == at::kFloat ? KS_F32 : dtype == at::kHalf ? KS_F16 : KS_BF16;
   if (!cuda) {
     check_cpu_rc(ks_qaqp_requant_take_cpu(arena.data_ptr<uint8_t>(), arena.numel(), g, dt, B, Hkv,
                                           plist.data_ptr<int32_t>(), L, new_wk.data_ptr<uint8_t>(),
@@ -316,10 +315,8 @@ void compact_impl(const Tensor &src, const Tensor &pages_src, const Tensor &n_pa
                   const Tensor &flags, int64_t D, at::ScalarType dtype, int64_t n_out_k, int64_t n_out_v,
                   bool bounds, bool cuda) {
   const char *op = "qaqp_compact";
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "kvsparse: dtype must be float32, float16 or bfloat16, got ", dtype);
-  check_head_dim(D, cuda);
-  const ks_qaqp_geom g = make_geom(D, n_out_k, n_out_v, bounds, dtype);
+  ks_dtype dt;
+  const ks_qaqp_geom g = store_geom(dtype, D, n_out_k, n_out_v, bounds, cuda, &dt);
   check_arena(src, src, "src");
   check_arena(dst, src, "src");
   check_i32(pages_src, "pages_src", {-1, -1, -1}, "[B, Hkv, maxp_src]", src, "src");
@@ -336,7 +333,6 @@ void compact_impl(const Tensor &src, const Tensor &pages_src, const Tensor &n_pa
   check_no_overlap({{&dst, "dst"}, {&top, "top"}, {&open, "open"}, {&pages, "pages"}, {&n_pages, "n_pages"},
                     {&flags, "flags"}},
                    {{&src, "src"}, {&pages_src, "pages_src"}, {&n_pages_src, "n_pages_src"}});
-  const ks_dtype dt = dtype == at::kFloat ? KS_F32 : dtype == at::kHalf ? KS_F16 : KS_BF16;
   const int64_t maxp = pages.size(2);
   if (!cuda) {
     check_cpu_rc(ks_qaqp_compact_cpu(src.data_ptr<uint8_t>(), src.numel(), g, dt, B, Hkv,

@@ -137,9 +137,13 @@ def alloc(batch_size, num_kv_heads, head_dim, tokens, dtype=torch.float16, devic
     if A > _MAX_ARENA:
         raise ValueError(f"kvsparse: the arena of {A} bytes exceeds 32 GiB (addresses are int32 units of 16 "
                          "bytes); split the batch")
-    dev = torch.device(device)
+    return _empty_store(A, B, Hkv, maxp, torch.device(device), D, n_out_k, n_out_v, bounds, dtype)
+
+
+def _empty_store(arena_bytes, B, Hkv, maxp, dev, D, n_out_k, n_out_v, bounds, dtype):
+    """A :class:`PagedStore` with a zeroed arena of ``arena_bytes`` and no pages."""
     return PagedStore(
-        arena=torch.zeros(max(A, 16), dtype=torch.uint8, device=dev),
+        arena=torch.zeros(max(arena_bytes, 16), dtype=torch.uint8, device=dev),
         top=torch.zeros(1, dtype=torch.int64, device=dev),
         open=torch.full((B, Hkv, NCLASS), -1, dtype=torch.int32, device=dev),
         pages=torch.full((B, Hkv, maxp), -1, dtype=torch.int32, device=dev),
@@ -260,16 +264,10 @@ def compact(store, arena_bytes=None, in_place=False):
     """
     used = int(store.top.item()) * 16
     A = max(16, _up16(used if arena_bytes is None or in_place else _ops.int_arg(arena_bytes, "arena_bytes")))
-    dev = store.arena.device
     B, Hkv, maxp = store.pages.shape
-    out = PagedStore(arena=torch.zeros(A, dtype=torch.uint8, device=dev),
-                     top=torch.zeros(1, dtype=torch.int64, device=dev),
-                     open=torch.full((B, Hkv, NCLASS), -1, dtype=torch.int32, device=dev),
-                     pages=torch.full((B, Hkv, maxp), -1, dtype=torch.int32, device=dev),
-                     n_pages=torch.zeros(B, Hkv, dtype=torch.int32, device=dev),
-                     flags=store.flags.clone(),
-                     head_dim=store.head_dim, n_out_k=store.n_out_k, n_out_v=store.n_out_v, bounds=store.bounds,
-                     dtype=store.dtype)
+    out = _empty_store(A, B, Hkv, maxp, store.arena.device, store.head_dim, store.n_out_k, store.n_out_v,
+                       store.bounds, store.dtype)
+    out.flags.copy_(store.flags)
     _ops.ops.qaqp_compact(store.arena, store.pages, store.n_pages, out.arena, out.top, out.open, out.pages,
                           out.n_pages, out.flags, store.head_dim, store.dtype, *store.geom())
     if not in_place:
